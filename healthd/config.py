@@ -1,0 +1,445 @@
+"""The configuration contract: a TOML file, overridden by ``HEALTHD_*`` environment variables.
+
+One pydantic model per check kind, joined in a union discriminated on ``kind``. Every model
+forbids unknown keys and carries its defaults, so a config either loads whole and typed, or
+fails with errors that name the file, the key and the line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from healthd.secrets import Templated, collect_secrets
+
+DEFAULT_CONFIG_PATH = Path("/etc/healthd/healthd.toml")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``"500ms"``, ``"15s"``, ``"2m"``, ``"1h"`` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string such as '15s'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError(f"bad duration {value!r}: use '500ms', '15s', '2m', '1h' or seconds")
+    if seconds <= 0:
+        raise ValueError(f"duration {value!r} must be greater than zero")
+    return seconds
+
+
+#: A strictly positive duration in seconds.
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def parse_address(value: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """Split ``host:port`` (or ``[v6]:port``) into its parts, checking the port's range."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise ValueError(f"address {value!r} must be host:port")
+        host, port_text = value, str(default_port)
+    host = host.strip("[]")
+    if not host:
+        raise ValueError(f"address {value!r} has no host")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"address {value!r} has no valid port (1-65535)")
+    return host, int(port_text)
+
+
+def _check_address(value: str) -> str:
+    parse_address(value)
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CheckBase(_Strict):
+    """Settings every check kind shares. ``None`` means: take the ``[daemon]`` default."""
+
+    kind: str
+    critical: bool = False
+    interval: Duration | None = None
+    timeout: Duration | None = None
+    degraded_latency: Duration | None = None
+    failure_threshold: int = Field(default=3, ge=1)
+    recovery_threshold: int = Field(default=2, ge=1)
+    depends_on: tuple[str, ...] = ()
+    description: str = ""
+
+    @property
+    def interval_seconds(self) -> float:
+        """The effective interval; set for every component once the whole config is loaded."""
+        assert self.interval is not None
+        return self.interval
+
+    @property
+    def timeout_seconds(self) -> float:
+        """The effective deadline of one check."""
+        assert self.timeout is not None
+        return self.timeout
+
+
+# --- http ---------------------------------------------------------------------------------
+
+
+class Condition(_Strict):
+    """One test on a response body, and the severity it causes when it fails.
+
+    Exactly one of ``json`` (a dotted path such as ``checks.0.status``) or ``regex``. A ``json``
+    condition tests with ``equals``, ``min``/``max`` (numbers) or ``present``.
+    """
+
+    json_path: str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    equals: str | int | float | bool | None = None
+    min: float | None = None
+    max: float | None = None
+    present: bool | None = None
+    severity: Literal["degraded", "unhealthy"] = "unhealthy"
+    name: str | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_test(self) -> Condition:
+        if (self.json_path is None) == (self.regex is None):
+            raise ValueError("a condition needs exactly one of 'json' or 'regex'")
+        if self.regex is not None:
+            if any(v is not None for v in (self.equals, self.min, self.max, self.present)):
+                raise ValueError("a 'regex' condition takes no equals/min/max/present")
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"bad regex {self.regex!r}: {exc}") from None
+        else:
+            tests = [self.equals is not None, self.min is not None or self.max is not None]
+            tests.append(self.present is not None)
+            if sum(tests) != 1:
+                raise ValueError("a 'json' condition needs one of equals, min/max or present")
+        return self
+
+    @property
+    def label(self) -> str:
+        """A short human description, used in reasons."""
+        if self.name:
+            return self.name
+        if self.regex is not None:
+            return f"body matches /{self.regex}/"
+        if self.equals is not None:
+            return f"{self.json_path} == {self.equals!r}"
+        if self.present is not None:
+            return f"{self.json_path} {'present' if self.present else 'absent'}"
+        bounds = [f">= {self.min:g}" if self.min is not None else ""]
+        bounds.append(f"<= {self.max:g}" if self.max is not None else "")
+        return f"{self.json_path} {' and '.join(b for b in bounds if b)}"
+
+
+def _status_ranges(value: Any) -> Any:
+    """Accept ``200``, ``"2xx"``, ``"200-299"`` or a list of those."""
+    items = value if isinstance(value, list | tuple) else [value]
+    ranges: list[tuple[int, int]] = []
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool):
+            ranges.append((item, item))
+        elif isinstance(item, str) and re.fullmatch(r"[1-5]xx", item):
+            base = int(item[0]) * 100
+            ranges.append((base, base + 99))
+        elif isinstance(item, str) and (m := re.fullmatch(r"(\d{3})\s*-\s*(\d{3})", item)):
+            ranges.append((int(m.group(1)), int(m.group(2))))
+        else:
+            raise ValueError(f"bad status {item!r}: use 200, '2xx' or '200-299'")
+    for low, high in ranges:
+        if not 100 <= low <= high <= 599:
+            raise ValueError(f"status range {low}-{high} is outside 100-599")
+    return tuple(ranges)
+
+
+StatusRanges = Annotated[tuple[tuple[int, int], ...], BeforeValidator(_status_ranges)]
+
+
+class HttpCheck(CheckBase):
+    """An HTTP(S) request whose status, latency and body decide the verdict."""
+
+    kind: Literal["http"] = "http"
+    url: Templated
+    method: Literal["GET", "HEAD", "POST", "PUT", "OPTIONS"] = "GET"
+    headers: dict[str, Templated] = Field(default_factory=dict)
+    body: Templated | None = None
+    expected_status: StatusRanges = ((200, 399),)
+    conditions: tuple[Condition, ...] = ()
+    tls_verify: bool = True
+    ca_file: Path | None = None
+    follow_redirects: bool = True
+    max_redirects: int = Field(default=5, ge=0, le=30)
+    max_body_bytes: int = Field(default=1 << 20, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: Templated) -> Templated:
+        value = url.reveal()
+        if not value.startswith(("http://", "https://")) or len(value.split("://", 1)[1]) < 1:
+            raise ValueError(f"url {str(url)!r} must start with http:// or https://")
+        return url
+
+    @field_validator("ca_file")
+    @classmethod
+    def _readable_ca(cls, path: Path | None) -> Path | None:
+        if path is not None and not os.access(path, os.R_OK):
+            raise ValueError(f"CA file {str(path)!r} is not readable")
+        return path
+
+
+# --- tcp ----------------------------------------------------------------------------------
+
+
+class TcpCheck(CheckBase):
+    """A TCP connect (optionally a TLS handshake) to ``address``."""
+
+    kind: Literal["tcp"] = "tcp"
+    address: str
+    tls: bool = False
+    tls_verify: bool = True
+    server_name: str | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return _check_address(value)
+
+
+#: Every check kind. A kind is added here, in ``probes.PROBES``, and nowhere else.
+CheckConfig = Annotated[HttpCheck | TcpCheck, Field(discriminator="kind")]
+
+
+# --- daemon and the whole file ------------------------------------------------------------
+
+
+class DaemonConfig(_Strict):
+    """The ``[daemon]`` table: where healthd exports, and defaults for every component."""
+
+    metrics_address: str = "127.0.0.1:9469"
+    status_file: Path = Path("/var/lib/healthd/status.json")
+    status_file_refresh: Duration = 5.0
+    interval: Duration = 15.0
+    timeout: Duration = 5.0
+    max_concurrency: int = Field(default=64, ge=1)
+    startup_spread: Duration = 1.0
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return _check_address(value)
+
+
+class Config(BaseSettings):
+    """The whole configuration. ``HEALTHD_DAEMON__INTERVAL=10s`` overrides ``[daemon] interval``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HEALTHD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        nested_model_default_partial_update=True,
+    )
+
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    components: dict[str, CheckConfig] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file; nothing else is read.
+        return (env_settings, init_settings)
+
+    @field_validator("components")
+    @classmethod
+    def _names(cls, components: dict[str, CheckBase]) -> dict[str, CheckBase]:
+        for name in components:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name):
+                raise ValueError(f"component name {name!r}: use letters, digits, '_', '-', '.'")
+        return components
+
+    @model_validator(mode="after")
+    def _inherit_and_cross_check(self) -> Config:
+        resolved: dict[str, CheckBase] = {}
+        for name, check in self.components.items():
+            interval = check.interval or self.daemon.interval
+            timeout = check.timeout or min(self.daemon.timeout, interval)
+            if timeout > interval:
+                raise ValueError(
+                    f"components.{name}: timeout {timeout:g}s is longer than interval "
+                    f"{interval:g}s, so checks would overlap"
+                )
+            for dependency in check.depends_on:
+                if dependency not in self.components:
+                    raise ValueError(
+                        f"components.{name}.depends_on: no component named {dependency!r}"
+                    )
+            resolved[name] = check.model_copy(update={"interval": interval, "timeout": timeout})
+        _reject_cycles(resolved)
+        object.__setattr__(self, "components", resolved)
+        return self
+
+    def checks(self) -> Mapping[str, CheckBase]:
+        """The components, typed as their common base."""
+        return self.components
+
+    def secrets(self) -> set[str]:
+        """Every secret value the config resolved; the redactor scrubs them from all output."""
+        return collect_secrets(self.components)
+
+
+def _reject_cycles(checks: Mapping[str, CheckBase]) -> None:
+    visiting: set[str] = set()
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in done:
+            return
+        if name in visiting:
+            cycle = " -> ".join([*path[path.index(name) :], name])
+            raise ValueError(f"depends_on forms a cycle: {cycle}")
+        visiting.add(name)
+        for dependency in checks[name].depends_on:
+            visit(dependency, [*path, name])
+        visiting.discard(name)
+        done.add(name)
+
+    for name in checks:
+        visit(name, [])
+
+
+# --- loading and error reporting ----------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """The config cannot be used. ``problems`` are one line each: ``file:line: key: what``."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    """A validated config and where it came from."""
+
+    path: Path
+    config: Config
+
+
+def resolve_path(explicit: str | None) -> Path:
+    """``--config``, else ``$HEALTHD_CONFIG``, else the default path."""
+    return Path(explicit or os.environ.get("HEALTHD_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def load(path: Path) -> Config:
+    """Read, parse and validate ``path``; raise ``ConfigError`` naming file, key and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: config is not UTF-8: {exc.reason}"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: malformed TOML: {exc}"]) from None
+    try:
+        return Config(**data)
+    except ValidationError as exc:
+        raise ConfigError(list(_describe(path, text, exc))) from None
+
+
+def _describe(path: Path, text: str, error: ValidationError) -> Iterator[str]:
+    for item in error.errors(include_url=False):
+        loc = [str(part) for part in item["loc"]]
+        # A discriminated union puts the kind's tag into the path; the file has no such key.
+        if len(loc) >= 3 and loc[0] == "components":
+            loc = [p for i, p in enumerate(loc) if not (i == 2 and p in _KINDS)]
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "union_tag_invalid":
+            tag = (item.get("ctx") or {}).get("tag", item["input"])
+            message = f"unknown kind {tag!r}; known kinds: {', '.join(sorted(_KINDS))}"
+        elif item["type"] == "union_tag_not_found":
+            message = f"missing 'kind'; known kinds: {', '.join(sorted(_KINDS))}"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        key = ".".join(loc) or "(top level)"
+        line = _find_line(text, loc)
+        where = f"{path}:{line}" if line else str(path)
+        yield f"{where}: {key}: {message}"
+
+
+#: The ``kind`` values the union accepts, read from the models themselves.
+_KINDS = frozenset(
+    model.model_fields["kind"].default for model in get_args(get_args(CheckConfig)[0])
+)
+
+
+def _find_line(text: str, loc: list[str]) -> int | None:
+    """The line of the TOML key at ``loc``, found by reading table headers and key names.
+
+    ``tomllib`` keeps no positions, and a best effort here is worth more than no line at all.
+    """
+    if not loc:
+        return None
+    table: list[str] = []
+    best: int | None = None
+    best_depth = 0
+    header = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+    assignment = re.compile(r"^\s*([A-Za-z0-9_.\"'-]+)\s*=")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if m := header.match(line):
+            table = [p.strip().strip("\"'") for p in m.group(1).split(".")]
+            depth = _common_prefix(table, loc)
+            if depth == len(table) and depth > best_depth:
+                best, best_depth = number, depth
+            continue
+        if m := assignment.match(line):
+            key = table + [p.strip().strip("\"'") for p in m.group(1).split(".")]
+            depth = _common_prefix(key, loc)
+            if depth == len(key) and depth > best_depth:
+                best, best_depth = number, depth
+    return best
+
+
+def _common_prefix(a: list[str], b: list[str]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

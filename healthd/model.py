@@ -1,0 +1,167 @@
+"""Frozen value types that flow one way: probe -> classify -> state store -> snapshot -> exporters."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+#: JSON-safe, non-secret facts about one component, exported as ``details``.
+Details = Mapping[str, Any]
+
+#: Upper bounds of the probe duration histogram, in seconds.
+DURATION_BUCKETS_SECONDS: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+class Status(enum.IntEnum):
+    """A verdict. The integer is the value of ``healthd_component_status``: higher is worse."""
+
+    HEALTHY = 0
+    DEGRADED = 1
+    UNHEALTHY = 2
+
+    @property
+    def label(self) -> str:
+        """The lower-case name used in JSON, logs and metric label values."""
+        return self.name.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why a probe could not get what it needed from its target.
+
+    ``code`` is a stable machine-readable reason code (``timeout``, ``connection_refused``, ...);
+    ``message`` is one human line that never contains a secret.
+    """
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What one probe saw: measurements and facts, no verdict.
+
+    ``failure`` is set when the probe could not complete. ``facts`` are exported as the
+    component's ``details``, so they must be JSON-safe and free of secrets. ``payload`` carries
+    raw material a judge may need (an HTTP body, say) and is never exported.
+    """
+
+    latency_seconds: float
+    failure: Failure | None = None
+    facts: Details = field(default_factory=dict)
+    payload: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """The verdict of one check result on its own, before hysteresis is applied."""
+
+    status: Status
+    reason_code: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Histogram:
+    """Cumulative bucket counts for fixed upper bounds, plus the sum and count of observations."""
+
+    upper_bounds: tuple[float, ...]
+    buckets: tuple[int, ...]
+    sum: float = 0.0
+
+    @property
+    def count(self) -> int:
+        """How many observations were made."""
+        return self.buckets[-1] if self.buckets else 0
+
+    @classmethod
+    def empty(cls, upper_bounds: tuple[float, ...]) -> Histogram:
+        """A histogram with no observations, whose last bucket is ``+Inf``."""
+        return cls(upper_bounds, (0,) * (len(upper_bounds) + 1), 0.0)
+
+    def observe(self, value: float) -> Histogram:
+        """Return a new histogram with ``value`` added."""
+        buckets = tuple(
+            count + (1 if i == len(self.upper_bounds) or value <= self.upper_bounds[i] else 0)
+            for i, count in enumerate(self.buckets)
+        )
+        return Histogram(self.upper_bounds, buckets, self.sum + value)
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentState:
+    """Everything healthd knows about one component after its latest check.
+
+    Times ending in ``_at`` are Unix timestamps in seconds (wall clock); ``None`` means never.
+    ``checks_total`` counts completed checks by result (``success`` or a reason code), and
+    ``durations`` is the histogram of every check's latency.
+    """
+
+    name: str
+    kind: str
+    critical: bool
+    status: Status
+    reason_code: str
+    reason: str
+    latency_seconds: float
+    checked_at: float
+    since: float
+    last_success_at: float | None
+    consecutive_failures: int
+    consecutive_successes: int
+    details: Details = field(default_factory=dict)
+    checks_total: Mapping[str, int] = field(default_factory=dict)
+    durations: Histogram = field(default_factory=lambda: Histogram.empty(DURATION_BUCKETS_SECONDS))
+    depends_on: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonStats:
+    """healthd's own health: scheduler progress, status file writes and config reloads."""
+
+    started_at: float
+    scheduler_last_progress_at: float | None = None
+    lateness: Histogram = field(
+        default_factory=lambda: Histogram.empty((0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0))
+    )
+    status_file_last_write_at: float | None = None
+    status_file_write_failures_total: int = 0
+    status_file_writes_total: int = 0
+    config_last_reload_successful: bool = True
+    config_last_reload_success_at: float | None = None
+    probe_errors_total: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """An immutable picture of the whole world, taken at ``generated_at`` (Unix seconds).
+
+    ``version`` increases with every change, so exporters can cache whatever they render.
+    """
+
+    version: int
+    generated_at: float
+    overall: Status
+    components: Mapping[str, ComponentState]
+    daemon: DaemonStats
+
+    def summary(self) -> dict[str, int]:
+        """How many components are in each state, every state present."""
+        counts = {status.label: 0 for status in Status}
+        for state in self.components.values():
+            counts[state.status.label] += 1
+        return counts

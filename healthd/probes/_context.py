@@ -1,0 +1,70 @@
+"""Resources a probe keeps between runs, and the ones every check shares."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class SharedResources:
+    """Expensive objects built once per daemon and shared by every check.
+
+    Building an ``ssl.SSLContext`` from the CA bundle costs about 20 ms of CPU, so one context
+    serves every check with the same verification settings.
+    """
+
+    def __init__(self) -> None:
+        self._ssl: dict[tuple[bool, Path | None], ssl.SSLContext] = {}
+
+    def ssl_context(self, *, verify: bool = True, ca_file: Path | None = None) -> ssl.SSLContext:
+        """A client context: the system trust store, or ``ca_file``, or no verification."""
+        key = (verify, ca_file)
+        if key not in self._ssl:
+            if not verify:
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            else:
+                context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+            self._ssl[key] = context
+        return self._ssl[key]
+
+
+class ProbeContext:
+    """One check's private resources: a client or pool built on first use, closed at the end.
+
+    The scheduler creates one per check and calls ``aclose()`` when the check stops (shutdown,
+    or a reload that changes or removes it).
+    """
+
+    def __init__(self, shared: SharedResources) -> None:
+        self.shared = shared
+        self._resources: dict[str, Any] = {}
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+
+    def get(self, key: str, factory: Callable[[], T], close: Callable[[T], Awaitable[None]]) -> T:
+        """The resource stored under ``key``, built by ``factory`` the first time."""
+        if key not in self._resources:
+            resource = factory()
+            self._resources[key] = resource
+            self._closers.append(lambda: close(resource))
+        value: T = self._resources[key]
+        return value
+
+    def discard(self, key: str) -> None:
+        """Forget a resource that turned out to be broken; the next ``get`` builds a new one."""
+        self._resources.pop(key, None)
+
+    async def aclose(self) -> None:
+        """Close every resource, newest first. Errors while closing are not worth a crash."""
+        closers, self._closers = self._closers, []
+        self._resources.clear()
+        for close in reversed(closers):
+            try:
+                await close()
+            except Exception:  # noqa: S110 - closing a broken client may fail; nothing to do
+                pass

@@ -1,0 +1,53 @@
+"""Map low-level exceptions, once, to the stable reason codes of ``Failure``."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import ssl
+from collections.abc import Iterator
+
+from healthd.model import Failure
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception, its causes and contexts, and the members of exception groups."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        yield item
+        if isinstance(item, BaseExceptionGroup):
+            stack.extend(item.exceptions)
+        for linked in (item.__cause__, item.__context__):
+            if linked is not None:
+                stack.append(linked)
+
+
+def network_failure(exc: BaseException, what: str) -> Failure:
+    """The failure for a network-level exception; ``what`` names the attempt ("connect to x")."""
+    for item in _chain(exc):
+        if isinstance(item, ssl.SSLCertVerificationError):
+            reason = item.verify_message or item.reason or "verification failed"
+            return Failure("tls_error", f"{what}: TLS certificate rejected: {reason}")
+        if isinstance(item, ssl.SSLError):
+            return Failure("tls_error", f"{what}: TLS error: {item.reason or item}")
+        if isinstance(item, socket.gaierror):
+            return Failure("dns_error", f"{what}: name resolution failed: {item.strerror}")
+        if isinstance(item, ConnectionRefusedError):
+            return Failure("connection_refused", f"{what}: connection refused")
+        if isinstance(item, ConnectionResetError | BrokenPipeError):
+            return Failure("connection_reset", f"{what}: connection reset by peer")
+        if isinstance(item, TimeoutError):
+            return Failure("timeout", f"{what}: timed out")
+        if isinstance(item, OSError) and item.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            return Failure("unreachable", f"{what}: {item.strerror}")
+    return Failure("connection_error", f"{what}: {_describe(exc)}")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

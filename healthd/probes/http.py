@@ -1,0 +1,177 @@
+"""The ``http`` probe: one request, its status, latency and (capped) body.
+
+Each check owns one ``httpx.AsyncClient`` with a single keep-alive connection. A client per
+check keeps the pools small (httpcore scans its whole pool on every request), and clients are
+built once, with a shared ``SSLContext``, because building one costs about 29 ms of CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from healthd.classify import OK, failed, judge_conditions
+from healthd.config import HttpCheck
+from healthd.model import Failure, Finding, Observation, Status
+from healthd.probes._context import ProbeContext
+from healthd.probes._errors import network_failure
+
+#: The client's own deadline is this share of the check's timeout, so that the library reports
+#: which phase timed out before the scheduler's deadline cancels the probe.
+CLIENT_TIMEOUT_SHARE = 0.9
+
+
+def build_client(
+    ctx: ProbeContext,
+    *,
+    timeout_seconds: float,
+    tls_verify: bool = True,
+    ca_file: Any = None,
+    follow_redirects: bool = True,
+    max_redirects: int = 5,
+    headers: dict[str, str] | None = None,
+    connections: int = 1,
+) -> httpx.AsyncClient:
+    """A client for one check: explicit timeouts, a small pool, no proxies from the environment.
+
+    ``connections`` is how many requests the check may have in flight at once.
+    """
+    return httpx.AsyncClient(
+        verify=ctx.shared.ssl_context(verify=tls_verify, ca_file=ca_file),
+        timeout=httpx.Timeout(timeout_seconds * CLIENT_TIMEOUT_SHARE),
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+        follow_redirects=follow_redirects,
+        max_redirects=max_redirects,
+        headers=headers,
+        # A health check must see the target itself, not a proxy named by the environment.
+        trust_env=False,
+    )
+
+
+def target(method: str, url: str) -> str:
+    """``GET /api/v1/health``: how reasons name a request, without host, query or secrets."""
+    return f"{method} {urlsplit(url).path or '/'}"
+
+
+async def request(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    content: bytes | str | None = None,
+    json: Any = None,
+    max_body_bytes: int = 1 << 20,
+) -> Observation:
+    """Send one request and observe the answer.
+
+    ``facts`` get ``http_status`` and ``body_bytes``; ``payload`` is the body, at most
+    ``max_body_bytes`` long, with ``facts["body_truncated"]`` set when there was more.
+    """
+    what = target(method, url)
+    started = time.perf_counter()
+    try:
+        async with client.stream(
+            method, url, headers=headers, content=content, json=json
+        ) as response:
+            body, truncated = await _read_capped(response, max_body_bytes)
+    except httpx.HTTPError as exc:
+        return Observation(time.perf_counter() - started, failure=_failure(exc, what, client))
+    latency = time.perf_counter() - started
+    facts: dict[str, Any] = {"http_status": response.status_code, "body_bytes": len(body)}
+    if truncated:
+        facts["body_truncated"] = True
+    if response.history:
+        facts["redirects"] = len(response.history)
+    return Observation(latency, facts=facts, payload=body)
+
+
+async def _read_capped(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            # Closing the stream drops the connection: reading on would be an unbounded read.
+            return b"".join(chunks)[:limit], True
+    return b"".join(chunks), False
+
+
+def _failure(exc: httpx.HTTPError, what: str, client: httpx.AsyncClient) -> Failure:
+    if isinstance(exc, httpx.TimeoutException):
+        phase = {
+            httpx.ConnectTimeout: "connecting",
+            httpx.ReadTimeout: "waiting for the response",
+            httpx.WriteTimeout: "sending the request",
+            httpx.PoolTimeout: "waiting for a connection",
+        }.get(type(exc), "")
+        limit = client.timeout.read or client.timeout.connect or 0
+        return Failure("timeout", f"{what}: timed out {phase} (limit {limit:.3g} s)".strip())
+    if isinstance(exc, httpx.TooManyRedirects):
+        return Failure("redirect_loop", f"{what}: too many redirects")
+    if isinstance(exc, httpx.RemoteProtocolError):
+        if "without sending" in str(exc):
+            return Failure("connection_closed", f"{what}: server closed the connection early")
+        return Failure("protocol_error", f"{what}: invalid HTTP response")
+    if isinstance(exc, httpx.DecodingError):
+        return Failure("protocol_error", f"{what}: response could not be decoded")
+    if isinstance(exc, httpx.TransportError):
+        return network_failure(exc, what)
+    return Failure("http_error", f"{what}: {type(exc).__name__}")
+
+
+def status_finding(
+    what: str, observation: Observation, expected: tuple[tuple[int, int], ...]
+) -> Finding | None:
+    """Unhealthy when the status is not one of ``expected``; ``None`` when it is."""
+    status = observation.facts["http_status"]
+    if any(low <= status <= high for low, high in expected):
+        return None
+    return Finding(Status.UNHEALTHY, "http_status", f"{what} returned {status}")
+
+
+async def probe(check: HttpCheck, ctx: ProbeContext) -> Observation:
+    """Send the configured request with this check's long-lived client."""
+    client = ctx.get(
+        "client",
+        lambda: build_client(
+            ctx,
+            timeout_seconds=check.timeout_seconds,
+            tls_verify=check.tls_verify,
+            ca_file=check.ca_file,
+            follow_redirects=check.follow_redirects,
+            max_redirects=check.max_redirects,
+            headers={name: value.reveal() for name, value in check.headers.items()},
+        ),
+        lambda c: c.aclose(),
+    )
+    return await request(
+        client,
+        check.method,
+        check.url.reveal(),
+        content=check.body.reveal() if check.body is not None else None,
+        max_body_bytes=check.max_body_bytes,
+    )
+
+
+def assess(check: HttpCheck, observation: Observation) -> Finding:
+    """Status code first, then the body's conditions."""
+    if observation.failure is not None:
+        return failed(observation)
+    what = target(check.method, check.url.reveal())
+    if (bad_status := status_finding(what, observation, check.expected_status)) is not None:
+        return bad_status
+    body: bytes = observation.payload or b""
+    if check.conditions and observation.facts.get("body_truncated"):
+        return Finding(
+            Status.UNHEALTHY,
+            "body_too_large",
+            f"{what}: body is larger than {check.max_body_bytes} bytes, conditions not evaluated",
+        )
+    if (condition := judge_conditions(check.conditions, body, what)) is not None:
+        return condition
+    return Finding(Status.HEALTHY, OK, f"{what} returned {observation.facts['http_status']}")
