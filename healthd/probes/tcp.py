@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import ssl
 import time
 
 import anyio
+import anyio.abc
 
 from healthd.classify import OK, failed
 from healthd.config import TcpCheck, parse_address
-from healthd.model import Finding, Observation, Status
+from healthd.model import Failure, Finding, Observation, Status
 from healthd.probes._context import ProbeContext
 from healthd.probes._errors import network_failure
+
+#: Our deadline's share of the check's timeout, as for the http probe.
+CLIENT_TIMEOUT_SHARE = 0.9
 
 
 async def probe(check: TcpCheck, ctx: ProbeContext) -> Observation:
@@ -19,19 +24,37 @@ async def probe(check: TcpCheck, ctx: ProbeContext) -> Observation:
     what = f"connect to {check.address}"
     ssl_context = ctx.shared.ssl_context(verify=check.tls_verify) if check.tls else None
     started = time.perf_counter()
-    try:
-        stream = await anyio.connect_tcp(
-            host,
-            port,
-            tls=check.tls,
-            ssl_context=ssl_context,
-            tls_hostname=check.server_name or host,
-        )
-    except OSError as exc:
-        return Observation(time.perf_counter() - started, failure=network_failure(exc, what))
+    # Our own deadline, a little shorter than the scheduler's, so the reason can say which
+    # phase stalled (a listener that accepts but never answers a TLS hello, say).
+    phase = "during the TLS handshake" if check.tls else "connecting"
+    with anyio.move_on_after(check.timeout_seconds * CLIENT_TIMEOUT_SHARE) as deadline:
+        try:
+            stream = await _connect(check, host, port, ssl_context)
+        except (OSError, anyio.BrokenResourceError) as exc:
+            # A peer that closes during the TLS handshake surfaces as BrokenResourceError.
+            return Observation(time.perf_counter() - started, failure=network_failure(exc, what))
     latency = time.perf_counter() - started
-    await stream.aclose()
+    if deadline.cancelled_caught:
+        limit = check.timeout_seconds * CLIENT_TIMEOUT_SHARE
+        return Observation(
+            latency, failure=Failure("timeout", f"{what}: timed out {phase} (limit {limit:.3g} s)")
+        )
+    # Forcefully: a graceful TLS close waits for the peer's close_notify, which a stuck peer
+    # never sends, and a peer that already left would make it raise.
+    await anyio.aclose_forcefully(stream)
     return Observation(latency, facts={"tls": check.tls} if check.tls else {})
+
+
+async def _connect(
+    check: TcpCheck, host: str, port: int, ssl_context: ssl.SSLContext | None
+) -> anyio.abc.ByteStream:
+    if not check.tls:
+        # No TLS arguments at all: anyio starts a TLS handshake whenever it is given a host
+        # name or a context, and a plain check must not speak TLS to a plain port.
+        return await anyio.connect_tcp(host, port)
+    return await anyio.connect_tcp(
+        host, port, tls=True, ssl_context=ssl_context, tls_hostname=check.server_name or host
+    )
 
 
 def assess(check: TcpCheck, observation: Observation) -> Finding:
