@@ -1,0 +1,509 @@
+"""Real local targets whose behaviour each test controls: an HTTP/1.1 server, TLS, raw TCP.
+
+The servers run on their own asyncio loop in a daemon thread, so one instance serves a whole
+session while every test keeps its own event loop. A test tells the server what to do with
+``target.route(path, Reply(...))`` (or ``target.default = Reply(...)``) and reads back what
+happened from ``target.requests`` and ``target.connections``; the per-test fixture resets both
+and releases anything still hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import struct
+import subprocess
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+
+__all__ = [
+    "Certificate",
+    "HttpTarget",
+    "RecordedRequest",
+    "Reply",
+    "TcpListener",
+    "closed_port",
+    "http_target",
+    "http_target_server",
+    "https_target",
+    "https_target_server",
+    "tcp_listener",
+    "tcp_listener_server",
+    "tls_certificate",
+]
+
+#: What the server does once it has read a request.
+Action = Literal[
+    "respond",  # status, headers and body (after ``delay_seconds``)
+    "hang",  # read the request, then say nothing until the test ends
+    "reset",  # abort with SO_LINGER 0, so the client gets a TCP RST
+    "close",  # close cleanly without answering
+    "garbage",  # bytes that are not HTTP, then close
+    "endless",  # a chunked body that never ends
+    "trickle",  # the body one byte per ``trickle_interval_seconds``
+]
+
+_CHUNK_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the target answers to one request.
+
+    ``body_size`` streams that many filler bytes instead of ``body`` (with a Content-Length),
+    so a test can ask for 50 MB without building it in memory.
+    """
+
+    status: int = 200
+    body: bytes = b"ok"
+    headers: dict[str, str] = field(default_factory=dict)
+    action: Action = "respond"
+    delay_seconds: float = 0.0
+    body_size: int | None = None
+    trickle_interval_seconds: float = 0.2
+    garbage: bytes = b"\x00\x01\x02 this is not HTTP at all \xff\xfe\r\n\r\n"
+
+    @classmethod
+    def json(cls, text: str, status: int = 200) -> Reply:
+        """A JSON body with the right content type."""
+        return cls(status=status, body=text.encode(), headers={"Content-Type": "application/json"})
+
+    @classmethod
+    def redirect(cls, location: str, status: int = 302) -> Reply:
+        """A redirect to ``location``."""
+        return cls(status=status, body=b"", headers={"Location": location})
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the server read it; header names are lower-case."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    connection: int
+
+
+class _LoopThread:
+    """An asyncio loop running forever in a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout_seconds: float = 10) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_seconds)
+
+    def call(self, fn: Callable[[], None]) -> None:
+        self.loop.call_soon_threadsafe(fn)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
+class HttpTarget:
+    """A real HTTP/1.1 server on 127.0.0.1, port chosen by the kernel, optionally over TLS."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._ssl_context = ssl_context
+        self._lock = threading.Lock()
+        self._thread = _LoopThread()
+        self._server: asyncio.Server = self._thread.run(self._start())
+        self.port: int = self._server.sockets[0].getsockname()[1]
+        self.default = Reply()
+        self._routes: dict[str, Reply] = {}
+        self._requests: list[RecordedRequest] = []
+        self._connections = 0
+        self._open_connections = 0
+        self._body_bytes_sent = 0
+        self._release = self._thread.run(self._new_event())
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def _start(self) -> asyncio.Server:
+        return await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self._ssl_context)
+
+    @staticmethod
+    async def _new_event() -> asyncio.Event:
+        return asyncio.Event()
+
+    # --- the test's side --------------------------------------------------------------------
+
+    @property
+    def scheme(self) -> str:
+        """``http`` or ``https``."""
+        return "https" if self._ssl_context else "http"
+
+    def url(self, path: str = "/", host: str = "127.0.0.1") -> str:
+        """The URL of ``path`` on this server."""
+        return f"{self.scheme}://{host}:{self.port}{path}"
+
+    def route(self, path: str, reply: Reply) -> None:
+        """Answer requests for ``path`` (query excluded) with ``reply``."""
+        with self._lock:
+            self._routes[path] = reply
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """Every request read since the last reset."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def connections(self) -> int:
+        """How many connections were accepted since the last reset."""
+        with self._lock:
+            return self._connections
+
+    @property
+    def body_bytes_sent(self) -> int:
+        """Filler body bytes the server managed to write since the last reset."""
+        with self._lock:
+            return self._body_bytes_sent
+
+    def reset(self) -> None:
+        """Forget routes and counts, release hung handlers and drop kept-alive connections."""
+
+        def release() -> None:
+            self._release.set()
+            self._release = asyncio.Event()
+            for writer in list(self._writers):
+                writer.transport.abort()
+
+        self._thread.run(self._call(release))
+        with self._lock:
+            self.default = Reply()
+            self._routes.clear()
+            self._requests.clear()
+            self._connections = 0
+            self._body_bytes_sent = 0
+
+    @staticmethod
+    async def _call(fn: Callable[[], None]) -> None:
+        fn()
+
+    def close(self) -> None:
+        """Stop serving and end the loop thread."""
+        self.reset()
+
+        async def stop() -> None:
+            self._server.close()
+
+        self._thread.run(stop())
+        self._thread.stop()
+
+    # --- the server's side ------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with self._lock:
+            self._connections += 1
+            number = self._connections
+        self._writers.add(writer)
+        release = self._release
+        try:
+            while True:
+                request = await _read_request(reader, number)
+                if request is None:
+                    return
+                with self._lock:
+                    self._requests.append(request)
+                    reply = self._routes.get(request.path.split("?", 1)[0], self.default)
+                keep_alive = await self._act(reply, request, writer, release)
+                if not keep_alive:
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, ValueError):
+            return
+        finally:
+            self._writers.discard(writer)
+            if not writer.transport.is_closing():
+                writer.close()
+
+    async def _act(
+        self,
+        reply: Reply,
+        request: RecordedRequest,
+        writer: asyncio.StreamWriter,
+        release: asyncio.Event,
+    ) -> bool:
+        if reply.delay_seconds and await _wait(release, reply.delay_seconds):
+            return False
+        if reply.action == "hang":
+            await release.wait()
+            return False
+        if reply.action == "reset":
+            _abort_with_rst(writer)
+            return False
+        if reply.action == "close":
+            writer.close()
+            return False
+        if reply.action == "garbage":
+            writer.write(reply.garbage)
+            await writer.drain()
+            writer.close()
+            return False
+        head = [f"HTTP/1.1 {reply.status} Reason"]
+        headers = {k.lower(): v for k, v in reply.headers.items()}
+        if reply.action == "endless":
+            headers["transfer-encoding"] = "chunked"
+        else:
+            size = reply.body_size if reply.body_size is not None else len(reply.body)
+            headers.setdefault("content-length", str(size))
+        head += [f"{name}: {value}" for name, value in headers.items()]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        if request.method == "HEAD":
+            await writer.drain()
+            return True
+        if reply.action == "endless":
+            chunk = b"%x\r\n" % _CHUNK_BYTES + b"x" * _CHUNK_BYTES + b"\r\n"
+            while True:
+                writer.write(chunk)
+                await writer.drain()
+                self._count_sent(_CHUNK_BYTES)
+        elif reply.action == "trickle":
+            for byte in reply.body:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                if await _wait(release, reply.trickle_interval_seconds):
+                    return False
+        elif reply.body_size is not None:
+            remaining = reply.body_size
+            filler = b"x" * _CHUNK_BYTES
+            while remaining > 0:
+                piece = filler[: min(remaining, _CHUNK_BYTES)]
+                writer.write(piece)
+                await writer.drain()
+                remaining -= len(piece)
+                self._count_sent(len(piece))
+        else:
+            writer.write(reply.body)
+        await writer.drain()
+        return request.headers.get("connection", "").lower() != "close"
+
+    def _count_sent(self, size: int) -> None:
+        with self._lock:
+            self._body_bytes_sent += size
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> bool:
+    """Sleep ``seconds``; ``True`` if the test released the server meanwhile."""
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _abort_with_rst(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    # A zero linger time turns close() into an RST instead of a FIN.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+async def _read_request(reader: asyncio.StreamReader, connection: int) -> RecordedRequest | None:
+    line = await reader.readline()
+    if not line:
+        return None
+    method, path, _version = line.decode("latin-1").split(" ", 2)
+    headers: dict[str, str] = {}
+    while (header := await reader.readline()) not in (b"\r\n", b"\n", b""):
+        name, _, value = header.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = b""
+    if length := int(headers.get("content-length", "0")):
+        body = await reader.readexactly(length)
+    return RecordedRequest(method, path, headers, body, connection)
+
+
+# --- TLS material ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A self-signed certificate for ``localhost`` and ``127.0.0.1``; it is its own CA."""
+
+    cert_file: Path
+    key_file: Path
+
+    def server_context(self) -> ssl.SSLContext:
+        """A server-side context presenting this certificate."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
+def make_certificate(directory: Path) -> Certificate:
+    """Generate a certificate with the ``openssl`` CLI (EC keys: fast to make)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return Certificate(cert, key)
+
+
+# --- raw TCP ----------------------------------------------------------------------------------
+
+
+class TcpListener:
+    """A TCP listener on 127.0.0.1 that accepts, counts and (by default) closes at once.
+
+    With ``silent = True`` it keeps connections open and says nothing, like a stuck server.
+    """
+
+    def __init__(self) -> None:
+        self._thread = _LoopThread()
+        self._lock = threading.Lock()
+        self._server: asyncio.Server = self._thread.run(self._start())
+        self.port: int = self._server.sockets[0].getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self.silent = False
+        self._connections = 0
+        self._accepted = threading.Condition(self._lock)
+        self._held: list[asyncio.StreamWriter] = []
+
+    async def _start(self) -> asyncio.Server:
+        return await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    async def _serve(self, _reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with self._lock:
+            self._connections += 1
+            silent = self.silent
+            self._accepted.notify_all()
+        if silent:
+            self._held.append(writer)
+        else:
+            writer.close()
+
+    @property
+    def connections(self) -> int:
+        """Connections accepted since the last reset."""
+        with self._lock:
+            return self._connections
+
+    def wait_for_connections(self, count: int, timeout_seconds: float = 2.0) -> int:
+        """Wait until ``count`` connections were accepted (the client may finish first)."""
+        with self._accepted:
+            self._accepted.wait_for(lambda: self._connections >= count, timeout_seconds)
+            return self._connections
+
+    def reset(self) -> None:
+        """Close held connections and zero the count."""
+
+        async def drop() -> None:
+            for writer in self._held:
+                writer.transport.abort()
+            self._held.clear()
+
+        self._thread.run(drop())
+        with self._lock:
+            self._connections = 0
+            self.silent = False
+
+    def close(self) -> None:
+        """Stop listening and end the loop thread."""
+        self.reset()
+
+        async def stop() -> None:
+            self._server.close()
+
+        self._thread.run(stop())
+        self._thread.stop()
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port on 127.0.0.1 where nothing listens: bound (so nobody else takes it), not listening."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def http_target_server() -> Iterator[HttpTarget]:
+    """One plain HTTP target for the whole session; use ``http_target`` in tests."""
+    server = HttpTarget()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def http_target(http_target_server: HttpTarget) -> Iterator[HttpTarget]:
+    """The session's HTTP target, reset before and after the test."""
+    http_target_server.reset()
+    yield http_target_server
+    http_target_server.reset()
+
+
+@pytest.fixture(scope="session")
+def tls_certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
+    """A self-signed certificate for localhost/127.0.0.1, made once per session."""
+    return make_certificate(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def https_target_server(tls_certificate: Certificate) -> Iterator[HttpTarget]:
+    """One HTTPS target presenting ``tls_certificate``; use ``https_target`` in tests."""
+    server = HttpTarget(tls_certificate.server_context())
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def https_target(https_target_server: HttpTarget) -> Iterator[HttpTarget]:
+    """The session's HTTPS target, reset before and after the test."""
+    https_target_server.reset()
+    yield https_target_server
+    https_target_server.reset()
+
+
+@pytest.fixture(scope="session")
+def tcp_listener_server() -> Iterator[TcpListener]:
+    """One TCP listener for the whole session; use ``tcp_listener`` in tests."""
+    listener = TcpListener()
+    yield listener
+    listener.close()
+
+
+@pytest.fixture
+def tcp_listener(tcp_listener_server: TcpListener) -> Iterator[TcpListener]:
+    """The session's TCP listener, reset before and after the test."""
+    tcp_listener_server.reset()
+    yield tcp_listener_server
+    tcp_listener_server.reset()

@@ -1,0 +1,168 @@
+"""The tcp probe against a real listener, a closed port, a stuck peer and a TLS server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+import pytest_asyncio
+
+from healthd.classify import judge
+from healthd.config import TcpCheck
+from healthd.model import Finding, Observation, Status
+from healthd.probes import PROBES, ProbeContext, SharedResources
+from tests.http_target import HttpTarget, TcpListener
+
+
+@pytest_asyncio.fixture
+async def ctx() -> AsyncIterator[ProbeContext]:
+    """A fresh probe context per test, closed afterwards like the scheduler does."""
+    context = ProbeContext(SharedResources())
+    yield context
+    await context.aclose()
+
+
+def tcp_check(address: str, **settings: Any) -> TcpCheck:
+    """A check as the loaded config would have it (interval and timeout filled in)."""
+    settings.setdefault("interval", 10)
+    settings.setdefault("timeout", 1)
+    return TcpCheck(address=address, **settings)
+
+
+async def run(check: TcpCheck, ctx: ProbeContext) -> tuple[Observation, Finding]:
+    """Probe under the scheduler's deadline, then judge like the scheduler does."""
+    kind = PROBES["tcp"]
+    with anyio.fail_after(check.timeout_seconds):
+        observation = await kind.probe(check, ctx)
+    return observation, judge(check, observation, kind.assess)
+
+
+@pytest.mark.asyncio
+async def test_listener_is_healthy_after_exactly_one_connection(
+    tcp_listener: TcpListener, ctx: ProbeContext
+) -> None:
+    observation, finding = await run(tcp_check(tcp_listener.address), ctx)
+
+    assert finding == Finding(Status.HEALTHY, "ok", f"connected to {tcp_listener.address}")
+    assert observation.failure is None
+    assert observation.facts == {}
+    assert 0 < observation.latency_seconds < 1
+    assert tcp_listener.wait_for_connections(1) == 1
+
+
+@pytest.mark.asyncio
+async def test_each_probe_opens_a_fresh_connection(
+    tcp_listener: TcpListener, ctx: ProbeContext
+) -> None:
+    check = tcp_check(tcp_listener.address)
+    for _ in range(3):
+        _, finding = await run(check, ctx)
+        assert finding.status is Status.HEALTHY
+
+    assert tcp_listener.wait_for_connections(3) == 3
+
+
+@pytest.mark.asyncio
+async def test_plain_check_does_not_speak_tls_to_a_silent_server(
+    tcp_listener: TcpListener, ctx: ProbeContext
+) -> None:
+    # A server that waits for the client to talk first (redis, postgres) must still pass a
+    # plain connect check at once, not wait for a TLS answer until the deadline.
+    tcp_listener.silent = True
+    started = time.perf_counter()
+
+    _, finding = await run(tcp_check(tcp_listener.address, timeout=2), ctx)
+
+    assert finding.status is Status.HEALTHY
+    assert time.perf_counter() - started < 0.5
+
+
+@pytest.mark.asyncio
+async def test_closed_port_is_connection_refused(closed_port: int, ctx: ProbeContext) -> None:
+    address = f"127.0.0.1:{closed_port}"
+
+    observation, finding = await run(tcp_check(address), ctx)
+
+    assert finding == Finding(
+        Status.UNHEALTHY, "connection_refused", f"connect to {address}: connection refused"
+    )
+    assert observation.facts == {}
+
+
+@pytest.mark.asyncio
+async def test_unresolvable_name_is_dns_error(ctx: ProbeContext) -> None:
+    _, finding = await run(tcp_check("no-such-host.invalid:5432"), ctx)
+
+    assert finding.status is Status.UNHEALTHY
+    assert finding.reason_code == "dns_error"
+    assert finding.reason.startswith("connect to no-such-host.invalid:5432: name resolution failed")
+
+
+@pytest.mark.asyncio
+async def test_untrusted_certificate_is_tls_error(
+    https_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    address = f"127.0.0.1:{https_target.port}"
+
+    _, finding = await run(tcp_check(address, tls=True), ctx)
+
+    assert finding.status is Status.UNHEALTHY
+    assert finding.reason_code == "tls_error"
+    assert finding.reason.startswith(f"connect to {address}: TLS certificate rejected")
+
+
+@pytest.mark.asyncio
+async def test_tls_handshake_without_verification_is_healthy(
+    https_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    address = f"127.0.0.1:{https_target.port}"
+
+    observation, finding = await run(tcp_check(address, tls=True, tls_verify=False), ctx)
+
+    assert finding == Finding(Status.HEALTHY, "ok", f"TLS handshake with {address}")
+    assert observation.facts == {"tls": True}
+
+
+@pytest.mark.asyncio
+async def test_tls_check_against_a_server_that_hangs_up_is_tls_error(
+    tcp_listener: TcpListener, ctx: ProbeContext
+) -> None:
+    # The listener closes every connection at once, in the middle of the TLS hello.
+    _, finding = await run(tcp_check(tcp_listener.address, tls=True, tls_verify=False), ctx)
+
+    assert finding.status is Status.UNHEALTHY
+    assert finding.reason_code == "tls_error"
+    assert finding.reason.startswith(f"connect to {tcp_listener.address}: TLS error")
+
+
+@pytest.mark.asyncio
+async def test_tls_check_against_a_silent_server_times_out_before_the_scheduler_deadline(
+    tcp_listener: TcpListener, ctx: ProbeContext
+) -> None:
+    tcp_listener.silent = True
+    check = tcp_check(tcp_listener.address, tls=True, tls_verify=False, timeout=0.5)
+    started = time.perf_counter()
+
+    observation, finding = await run(check, ctx)
+
+    elapsed = time.perf_counter() - started
+    assert 0.4 < elapsed < 0.5
+    assert finding == Finding(
+        Status.UNHEALTHY,
+        "timeout",
+        f"connect to {tcp_listener.address}: timed out during the TLS handshake (limit 0.45 s)",
+    )
+    assert observation.failure is not None
+
+
+def test_slow_connect_is_degraded_with_the_limit_in_the_reason() -> None:
+    check = tcp_check("db.internal:5432", degraded_latency="1ms")
+
+    finding = judge(check, Observation(0.0042), PROBES["tcp"].assess)
+
+    assert finding == Finding(
+        Status.DEGRADED, "slow", "connected to db.internal:5432, but took 4.2 ms (limit 1 ms)"
+    )
