@@ -231,8 +231,88 @@ class TcpCheck(CheckBase):
         return _check_address(value)
 
 
+# --- datastores ---------------------------------------------------------------------------
+
+#: A share of a capacity, such as 0.8 of the usable connection slots.
+Ratio = Annotated[float, Field(gt=0, le=1)]
+
+
+class PostgresCheck(CheckBase):
+    """A fresh PostgreSQL connection: ``SELECT 1``, then role, saturation, lag and transactions.
+
+    ``dsn`` is a libpq URL or ``key=value`` string. The password may sit inside it as a
+    ``${env:...}``/``${file:...}`` reference, or in ``password``, which needs no URL escaping.
+    """
+
+    kind: Literal["postgres"] = "postgres"
+    dsn: Templated
+    password: Templated | None = None
+    expect_role: Literal["primary", "standby", "any"] = "primary"
+    degraded_saturation: Ratio = 0.8
+    degraded_replay_lag: Duration | None = 30.0
+    degraded_transaction_age: Duration | None = 300.0
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn(cls, dsn: Templated) -> Templated:
+        value = dsn.reveal().strip()
+        if "://" in value:
+            if not value.startswith(("postgresql://", "postgres://")):
+                raise ValueError(f"dsn {str(dsn)!r} must start with postgresql://")
+        elif "=" not in value:
+            raise ValueError(f"dsn {str(dsn)!r} is neither a URL nor key=value pairs")
+        return dsn
+
+
+class RedisCheckBase(CheckBase):
+    """Settings shared by ``redis`` and the kinds built on it: ``PING``, then ``INFO``.
+
+    ``url`` is ``redis://``, ``rediss://`` (TLS) or ``unix://``. The password may sit inside
+    it as a reference, or in ``password``, which needs no URL escaping.
+    """
+
+    url: Templated
+    password: Templated | None = None
+    username: str | None = None
+    expect_role: Literal["master", "replica", "any"] = "master"
+    degraded_memory: Ratio = 0.9
+    degraded_clients: Ratio = 0.8
+    unhealthy_master_link_down: Duration = 60.0
+    tls_verify: bool = True
+    ca_file: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, url: Templated) -> Templated:
+        if not url.reveal().startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"url {str(url)!r} must start with redis://, rediss:// or unix://")
+        return url
+
+
+class RedisCheck(RedisCheckBase):
+    """A Redis server: reachable, in the expected role, persisting, and not out of room."""
+
+    kind: Literal["redis"] = "redis"
+
+
+class FalkorDbCheck(RedisCheckBase):
+    """Everything a ``redis`` check does, plus proof that the graph module answers queries.
+
+    ``graph`` is a dedicated probe graph, created (idempotently) on a master when missing;
+    ``query`` is run on it read-only.
+    """
+
+    kind: Literal["falkordb"] = "falkordb"
+    graph: str = Field(default="healthd_probe", min_length=1)
+    query: str = "RETURN 1"
+    degraded_waiting_queries: int = Field(default=1, ge=1)
+
+
 #: Every check kind. A kind is added here, in ``probes.PROBES``, and nowhere else.
-CheckConfig = Annotated[HttpCheck | TcpCheck, Field(discriminator="kind")]
+CheckConfig = Annotated[
+    HttpCheck | TcpCheck | PostgresCheck | RedisCheck | FalkorDbCheck,
+    Field(discriminator="kind"),
+]
 
 
 # --- daemon and the whole file ------------------------------------------------------------
