@@ -23,6 +23,7 @@ from healthd.model import (
 )
 
 OK = "ok"
+RECOVERING = "recovering"
 #: ``checks_total{result=...}`` for a check whose finding was healthy or degraded.
 SUCCESS = "success"
 
@@ -206,16 +207,19 @@ def next_state(
     successes = 0 if failing else (previous.consecutive_successes + 1 if previous else 1)
 
     status, reason_code, reason = finding.status, finding.reason_code, finding.reason
-    if previous is not None:
-        if failing and previous.status is not Status.UNHEALTHY:
-            if failures < policy.failure_threshold:
-                status = Status.DEGRADED
-                reason = f"{reason} ({failures} of {policy.failure_threshold} failures)"
-        elif not failing and previous.status is Status.UNHEALTHY:
-            if successes < policy.recovery_threshold:
-                status = Status.DEGRADED
-                reason_code = "recovering"
-                reason = f"recovering {successes} of {policy.recovery_threshold}: {reason}"
+    # A component still recovering has not left unhealthy: one failure sends it straight back.
+    was_unhealthy = previous is not None and (
+        previous.status is Status.UNHEALTHY or previous.reason_code == RECOVERING
+    )
+    if previous is None:
+        pass  # no history to debounce against: the first result is taken as it is
+    elif failing and not was_unhealthy and failures < policy.failure_threshold:
+        status = Status.DEGRADED
+        reason = f"{reason} ({failures} of {policy.failure_threshold} failures)"
+    elif not failing and was_unhealthy and successes < policy.recovery_threshold:
+        status = Status.DEGRADED
+        reason_code = RECOVERING
+        reason = f"recovering {successes} of {policy.recovery_threshold}: {reason}"
 
     result = SUCCESS if not failing else finding.reason_code
     checks_total = dict(previous.checks_total) if previous else {}
@@ -239,6 +243,26 @@ def next_state(
         details=MappingProxyType(dict(observation.facts)),
         checks_total=MappingProxyType(checks_total),
         durations=durations.observe(latency),
+        depends_on=check.depends_on,
+    )
+
+
+def unchecked_state(name: str, check: CheckBase, now: float) -> ComponentState:
+    """A placeholder for a component whose first check has not completed: not fine, and
+    saying why. It carries no history, so the first real result is taken as it is."""
+    return ComponentState(
+        name=name,
+        kind=check.kind,
+        critical=check.critical,
+        status=Status.UNHEALTHY,
+        reason_code="not_checked",
+        reason="the first check has not completed yet",
+        latency_seconds=0.0,
+        checked_at=now,
+        since=now,
+        last_success_at=None,
+        consecutive_failures=0,
+        consecutive_successes=0,
         depends_on=check.depends_on,
     )
 

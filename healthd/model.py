@@ -1,4 +1,4 @@
-"""Frozen value types that flow one way: probe -> classify -> state store -> snapshot -> exporters."""
+"""Frozen value types. Data flows one way: probe -> classify -> state -> snapshot -> exporters."""
 
 from __future__ import annotations
 
@@ -139,6 +139,7 @@ class DaemonStats:
         default_factory=lambda: Histogram.empty((0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0))
     )
     status_file_last_write_at: float | None = None
+    status_file_last_write_ok: bool = True
     status_file_write_failures_total: int = 0
     status_file_writes_total: int = 0
     config_last_reload_successful: bool = True

@@ -146,6 +146,11 @@ class Redactor:
     """Replaces known secret values in text. The last line of defence for logs and exports."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._pattern: re.Pattern[str] | None = None
+        self.replace(secrets)
+
+    def replace(self, secrets: Iterable[str]) -> None:
+        """Scrub these secrets from now on (after a reload brought new ones)."""
         # Longest first, so a secret that contains another is removed whole.
         ordered = sorted({s for s in secrets if len(s) >= _MIN_SCRUB_LENGTH}, key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None

@@ -1,0 +1,182 @@
+"""The command line: ``run``, ``check``, ``config validate``, ``config show``.
+
+Exit codes follow sysexits for the daemon (78 for bad config, 75 for a busy metrics address,
+which may be transient) and the monitoring-plugin convention for ``check`` (0 healthy,
+1 degraded, 2 unhealthy, 3 healthd itself could not run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from healthd import __version__
+from healthd import config as config_module
+from healthd.config import Config, ConfigError
+from healthd.exporters import status_file
+from healthd.model import Status
+from healthd.secrets import Redactor
+from healthd.state import StateStore
+
+EX_OK = 0
+EX_SOFTWARE = 70
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+#: ``healthd check``: the monitoring-plugin exit code for "could not check".
+CHECK_UNKNOWN = 3
+
+log = logging.getLogger("healthd")
+
+
+class _Formatter(logging.Formatter):
+    """Readable or JSON log lines, always with secrets scrubbed."""
+
+    _EXTRAS = ("component", "status", "previous_status", "reason_code")
+
+    def __init__(self, redactor: Redactor, json_lines: bool) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._redactor = redactor
+        self._json = json_lines
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not self._json:
+            return self._redactor.scrub(super().format(record))
+        entry: dict[str, Any] = {
+            "time": status_file.iso_timestamp(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({k: getattr(record, k) for k in self._EXTRAS if hasattr(record, k)})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return self._redactor.scrub(json.dumps(entry, ensure_ascii=False))
+
+
+def _setup_logging(redactor: Redactor, fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(redactor, json_lines=fmt == "json"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # httpx logs every request at INFO: thousands of lines a minute and URLs that may hold secrets.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help=f"config file (default: $HEALTHD_CONFIG or {config_module.DEFAULT_CONFIG_PATH})",
+    )
+    common.add_argument("--log-format", choices=["text", "json"], default=argparse.SUPPRESS)
+    common.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default=argparse.SUPPRESS
+    )
+    parser = argparse.ArgumentParser(
+        prog="healthd", description="Health aggregation daemon.", parents=[common]
+    )
+    parser.add_argument("--version", action="version", version=f"healthd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("run", parents=[common], help="run the daemon")
+    check = commands.add_parser("check", parents=[common], help="run every check once")
+    check.add_argument("--json", action="store_true", help="print the status document")
+    config = commands.add_parser("config", help="validate or show the config")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    config_commands.add_parser("validate", parents=[common], help="exit 0 or 78 with errors")
+    config_commands.add_parser("show", parents=[common], help="the effective config, redacted")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = _parser().parse_args(argv)
+    path = config_module.resolve_path(getattr(args, "config", None))
+    redactor = Redactor()
+    _setup_logging(
+        redactor, getattr(args, "log_format", "text"), getattr(args, "log_level", "info")
+    )
+    faulthandler.enable()
+    try:
+        config = config_module.load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"healthd: {problem}", file=sys.stderr)
+        return CHECK_UNKNOWN if args.command == "check" else EX_CONFIG
+    redactor.replace(config.secrets())
+    if args.command == "config":
+        return _config_command(args.config_command, path, config)
+    if args.command == "check":
+        return _check(config, redactor, as_json=args.json)
+    return _run(path, config, redactor)
+
+
+def _config_command(command: str, path: Path, config: Config) -> int:
+    if command == "validate":
+        print(f"{path}: OK, {len(config.components)} components")
+        return EX_OK
+    shown = config.model_dump(mode="json", by_alias=True)
+    print(json.dumps(shown, indent=2, sort_keys=False))
+    return EX_OK
+
+
+def _check(config: Config, redactor: Redactor, *, as_json: bool) -> int:
+    from healthd.scheduler import Scheduler
+
+    store = StateStore()
+    scheduler = Scheduler(store, max_concurrency=config.daemon.max_concurrency)
+    try:
+        anyio.run(scheduler.run_round, config)
+    except Exception:
+        log.exception("the checks could not run")
+        return CHECK_UNKNOWN
+    snapshot = store.snapshot()
+    doc = status_file.document(snapshot, redactor)
+    if as_json:
+        print(json.dumps(doc, indent=2, ensure_ascii=False))
+    else:
+        print(_table(doc))
+    return {Status.HEALTHY: 0, Status.DEGRADED: 1, Status.UNHEALTHY: 2}[snapshot.overall]
+
+
+def _table(doc: dict[str, Any]) -> str:
+    rows = [("COMPONENT", "KIND", "STATUS", "LATENCY", "REASON")]
+    for name, entry in doc["components"].items():
+        latency = f"{entry['latency_ms']:.1f} ms"
+        rows.append((name, entry["kind"], entry["status"], latency, entry["reason"]))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[4]
+             for row in rows]  # fmt: skip
+    summary = ", ".join(f"{n} {label}" for label, n in doc["summary"].items())
+    lines.append(f"\noverall: {doc['status']} ({summary})")
+    return "\n".join(lines)
+
+
+def _run(path: Path, config: Config, redactor: Redactor) -> int:
+    from healthd.daemon import Daemon, MetricsAddressInUse, stall_file_from_env
+
+    async def run() -> None:
+        daemon = Daemon(path, config, redactor, stall_file=stall_file_from_env())
+        await daemon.run()
+
+    try:
+        anyio.run(run)
+    except MetricsAddressInUse as exc:
+        log.error("%s", exc)
+        return EX_TEMPFAIL
+    except KeyboardInterrupt:
+        return EX_OK
+    except Exception:
+        log.exception("healthd stopped on an unexpected error")
+        return EX_SOFTWARE
+    log.info("stopped")
+    return EX_OK

@@ -1,0 +1,228 @@
+"""``healthd run``: wires config, scheduler, exporters, signals and systemd together.
+
+Start-up order matters, because systemd's ``READY=1`` is a promise: bind the metrics address
+(fail fast if it is taken), run the first round of checks, write the first status file, start
+answering scrapes, and only then say ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from healthd import __version__
+from healthd import config as config_module
+from healthd.config import Config, ConfigError, parse_address
+from healthd.exporters import status_file
+from healthd.exporters.metrics import MetricsServer
+from healthd.model import ComponentState, Snapshot
+from healthd.scheduler import Scheduler
+from healthd.secrets import Redactor
+from healthd.state import StateStore
+from healthd.watchdog import Notifier, feed_watchdog
+
+log = logging.getLogger("healthd")
+
+#: Slack added to the first round's bound and the writer's progress check.
+_GRACE_SECONDS = 5.0
+
+
+class MetricsAddressInUse(Exception):
+    """The metrics address cannot be bound. Often transient, so not a config error."""
+
+
+def summary_line(snapshot: Snapshot) -> str:
+    """``7 healthy, 1 degraded, 0 unhealthy; overall degraded``: for STATUS= and logs."""
+    counts = snapshot.summary()
+    parts = ", ".join(f"{n} {label}" for label, n in counts.items())
+    return f"{parts}; overall {snapshot.overall.label}"
+
+
+class Daemon:
+    """One running healthd. ``run()`` returns when a SIGTERM or SIGINT has been handled."""
+
+    def __init__(
+        self,
+        path: Path,
+        config: Config,
+        redactor: Redactor,
+        *,
+        notifier: Notifier | None = None,
+        stall_file: Path | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._path = path
+        self._config = config
+        self._redactor = redactor
+        self._notifier = notifier or Notifier()
+        self._clock = clock
+        self.store = StateStore(clock)
+        self.store.update_daemon(config_last_reload_success_at=clock())
+        self._changed = anyio.Event()
+        self._last_write_attempt = anyio.current_time()
+        self._last_status_line = ""
+        self.scheduler = Scheduler(
+            self.store,
+            max_concurrency=config.daemon.max_concurrency,
+            startup_spread_seconds=config.daemon.startup_spread,
+            clock=clock,
+            stall_file=stall_file,
+            on_change=self._status_changed,
+        )
+        host, port = parse_address(config.daemon.metrics_address)
+        try:
+            self.metrics = MetricsServer(host, port, self.store.snapshot, __version__)
+        except OSError as exc:
+            raise MetricsAddressInUse(
+                f"cannot listen on metrics_address {config.daemon.metrics_address}: "
+                f"{exc.strerror or exc}"
+            ) from None
+
+    async def run(self) -> None:
+        """Run until SIGTERM or SIGINT; then cancel probes and write the last status."""
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._handle_signals, tg.cancel_scope)
+                tg.start_soon(self.scheduler.run, self._config)
+                await self._first_round()
+                await self._write_status()
+                self.metrics.start()
+                host, port = self.metrics.address
+                snapshot = self.store.snapshot()
+                log.info(
+                    "ready: %s; metrics on http://%s:%d/metrics, status file %s",
+                    summary_line(snapshot), host, port, self._config.daemon.status_file,
+                )  # fmt: skip
+                self._notifier.ready(summary_line(snapshot))
+                tg.start_soon(self._status_writer)
+                if self._notifier.watchdog_seconds:
+                    tg.start_soon(
+                        feed_watchdog,
+                        self._notifier,
+                        self._notifier.watchdog_seconds / 2,
+                        self.stuck,
+                    )
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._write_status()
+            self.metrics.stop()
+            self._notifier.close()
+
+    async def _first_round(self) -> None:
+        checks = self._config.checks().values()
+        bound = self._config.daemon.startup_spread + _GRACE_SECONDS
+        bound += max((c.timeout_seconds for c in checks), default=0.0)
+        with anyio.move_on_after(bound):
+            await self.scheduler.first_round_done.wait()
+        if missing := self.scheduler.mark_unchecked(self._clock()):
+            log.warning(
+                "first round took longer than %.1f s; not checked yet: %s",
+                bound,
+                ", ".join(missing),
+            )
+
+    def stuck(self) -> list[str]:
+        """What is not making progress: lagging checks, or a status writer that stopped."""
+        now = anyio.current_time()
+        problems = self.scheduler.lagging(now, _GRACE_SECONDS)
+        if (
+            now - self._last_write_attempt
+            > 2 * self._config.daemon.status_file_refresh + _GRACE_SECONDS
+        ):
+            problems.append("status file writer")
+        return problems
+
+    # --- status file -------------------------------------------------------------------------
+
+    def _status_changed(self, previous: ComponentState | None, state: ComponentState) -> None:
+        self._changed.set()
+
+    async def _status_writer(self) -> None:
+        while True:
+            with anyio.move_on_after(self._config.daemon.status_file_refresh):
+                await self._changed.wait()
+            self._changed = anyio.Event()
+            await self._write_status()
+
+    async def _write_status(self) -> None:
+        self._last_write_attempt = anyio.current_time()
+        snapshot = self.store.snapshot()
+        line = summary_line(snapshot)
+        if line != self._last_status_line:
+            self._notifier.status(line)
+            self._last_status_line = line
+        data = status_file.render(status_file.document(snapshot, self._redactor))
+        path = self._config.daemon.status_file
+        daemon = self.store.daemon()
+        try:
+            await anyio.to_thread.run_sync(status_file.write_atomic, path, data)
+        except OSError as exc:
+            if daemon.status_file_write_failures_total == 0 or daemon.status_file_last_write_ok:
+                log.error(
+                    "cannot write status file %s: %s; keeping the previous file",
+                    path, exc.strerror or exc,
+                )  # fmt: skip
+            self.store.update_daemon(
+                status_file_write_failures_total=daemon.status_file_write_failures_total + 1,
+                status_file_last_write_ok=False,
+            )
+            return
+        if not daemon.status_file_last_write_ok:
+            log.info("status file %s is being written again", path)
+        self.store.update_daemon(
+            status_file_writes_total=daemon.status_file_writes_total + 1,
+            status_file_last_write_at=self._clock(),
+            status_file_last_write_ok=True,
+        )
+
+    # --- signals and reload -------------------------------------------------------------------
+
+    async def _handle_signals(self, scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self.reload()
+                    continue
+                log.info("received %s; stopping", signal.Signals(signum).name)
+                self._notifier.stopping()
+                scope.cancel()
+                return
+
+    def reload(self) -> bool:
+        """Re-read the config; apply it if valid, else keep the running one. Returns success."""
+        self._notifier.reloading()
+        try:
+            try:
+                new = config_module.load(self._path)
+            except ConfigError as exc:
+                for problem in exc.problems:
+                    log.error("reload failed, keeping the running config: %s", problem)
+                self.store.update_daemon(config_last_reload_successful=False)
+                return False
+            if new.daemon.metrics_address != self._config.daemon.metrics_address:
+                log.warning("metrics_address changed; it takes effect at the next restart")
+            self._redactor.replace(new.secrets())
+            self._config = new
+            self.scheduler.apply(new)
+            self.store.update_daemon(
+                config_last_reload_successful=True, config_last_reload_success_at=self._clock()
+            )
+            log.info("reloaded %s: %d components", self._path, len(new.components))
+            self._changed.set()
+            return True
+        finally:
+            self._notifier.ready(self._last_status_line or "reloaded")
+
+
+def stall_file_from_env() -> Path | None:
+    """The test hook that makes each check block the loop while a file exists."""
+    value = os.environ.get("HEALTHD_TEST_STALL_FILE")
+    return Path(value) if value else None

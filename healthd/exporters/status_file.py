@@ -1,0 +1,113 @@
+"""The JSON status file: rendered from a snapshot, replaced atomically, never left half-written.
+
+nginx serves this file to people and tools. A reader must never see a partial document, and a
+failed write must never destroy the last good one: write a temp file in the same directory,
+fsync it, rename it over the old one, then fsync the directory so the rename survives a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from healthd.classify import unhealthy_dependencies
+from healthd.model import ComponentState, Snapshot
+from healthd.secrets import Redactor
+
+SCHEMA_VERSION = 1
+#: ``full`` shows reasons and details; ``summary`` leaves out what could reveal internal
+#: addresses, for a file served to the public.
+DetailLevel = Literal["full", "summary"]
+
+
+def iso_timestamp(unix_seconds: float | None) -> str | None:
+    """RFC 3339 in UTC with milliseconds: ``2026-11-21T23:00:00.123Z``."""
+    if unix_seconds is None:
+        return None
+    moment = datetime.fromtimestamp(unix_seconds, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def document(
+    snapshot: Snapshot, redactor: Redactor | None = None, details: DetailLevel = "full"
+) -> dict[str, Any]:
+    """The status document for ``snapshot``, with every secret scrubbed."""
+    components = {
+        name: _component(state, snapshot, details)
+        for name, state in sorted(snapshot.components.items())
+    }
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "generated_at": iso_timestamp(snapshot.generated_at),
+        "status": snapshot.overall.label,
+        "summary": snapshot.summary(),
+        "components": components,
+    }
+    return redactor.scrub_tree(doc) if redactor is not None else doc
+
+
+def _component(state: ComponentState, snapshot: Snapshot, details: DetailLevel) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "kind": state.kind,
+        "status": state.status.label,
+        "critical": state.critical,
+        "reason_code": state.reason_code,
+    }
+    if details == "summary":
+        entry["checked_at"] = iso_timestamp(state.checked_at)
+        entry["since"] = iso_timestamp(state.since)
+        return entry
+    entry.update(
+        reason=state.reason,
+        latency_ms=round(state.latency_seconds * 1000, 1),
+        checked_at=iso_timestamp(state.checked_at),
+        since=iso_timestamp(state.since),
+        last_success_at=iso_timestamp(state.last_success_at),
+        consecutive_failures=state.consecutive_failures,
+        details=dict(state.details),
+    )
+    if blocked := unhealthy_dependencies(state, snapshot.components):
+        entry["unhealthy_dependencies"] = list(blocked)
+    return entry
+
+
+def render(doc: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON with a trailing newline."""
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old file or the new one, whole.
+
+    Raises ``OSError`` on failure, after removing its temp file; the old file is untouched.
+    """
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fchmod(tmp.fileno(), mode)
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Without this the rename may be lost in a crash; some filesystems refuse, which is fine.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,284 @@
+"""The scheduler: one loop per check, drift-free, deadline-bound, and blind to protocols.
+
+Each check starts at ``t0 + offset + k * interval``; the offset is a deterministic jitter from
+the component's name, which staggers the first round and keeps the phase of every later one.
+A loop runs its probe inline, so a check can never overlap itself, and a probe that overruns
+its interval skips the ticks it missed instead of bunching them up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+
+from healthd import classify
+from healthd.config import CheckBase, Config
+from healthd.model import ComponentState, Failure, Observation, Status
+from healthd.probes import PROBES, ProbeContext, ProbeKind, SharedResources
+from healthd.state import STALE_INTERVALS, StateStore
+
+log = logging.getLogger("healthd.scheduler")
+
+
+def phase_offset(name: str, interval_seconds: float, spread_seconds: float) -> float:
+    """Where in ``[0, min(spread, interval))`` a component's checks start: stable per name."""
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    fraction = int.from_bytes(digest, "big") / 2**64
+    return fraction * min(spread_seconds, interval_seconds)
+
+
+def stale_after(check: CheckBase) -> float:
+    """How old a component's last result may get before its verdict is ``stale``."""
+    return STALE_INTERVALS * check.interval_seconds + check.timeout_seconds
+
+
+@dataclass
+class _Running:
+    check: CheckBase
+    scope: anyio.CancelScope
+    #: Loop time of the last completed check; the watchdog reads it to judge progress.
+    last_completed: float
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
+class Scheduler:
+    """Runs every configured check on its own interval and records the results in ``store``.
+
+    :param store: where states go.
+    :param max_concurrency: how many probes may be in flight at once.
+    :param startup_spread_seconds: the first round is staggered over this much time.
+    :param probes: the kind -> probe table; tests may pass their own.
+    :param on_change: called with the old and new state whenever a status changes.
+    :param stall_file: a test hook: while this file exists, each check blocks the event loop,
+        as a stuck synchronous call would, so tests can prove the watchdog notices.
+    """
+
+    def __init__(
+        self,
+        store: StateStore,
+        *,
+        max_concurrency: int = 64,
+        startup_spread_seconds: float = 1.0,
+        probes: Mapping[str, ProbeKind] = PROBES,
+        shared: SharedResources | None = None,
+        clock: Callable[[], float] = time.time,
+        stall_file: Path | None = None,
+        on_change: Callable[[ComponentState | None, ComponentState], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._limiter = anyio.CapacityLimiter(max_concurrency)
+        self._spread = startup_spread_seconds
+        self._probes = probes
+        self._shared = shared or SharedResources()
+        self._clock = clock
+        self._stall_file = stall_file
+        self._on_change = on_change
+        self._running: dict[str, _Running] = {}
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._first_round_pending: set[str] = set()
+        self.first_round_done = anyio.Event()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, config: Config) -> None:
+        """Run until cancelled. ``first_round_done`` is set once every check has run once."""
+        async with anyio.create_task_group() as tg:
+            self._task_group = tg
+            self._first_round_pending = set(config.checks())
+            if not self._first_round_pending:
+                self.first_round_done.set()
+            self.apply(config)
+            await anyio.sleep_forever()
+
+    def apply(self, config: Config) -> None:
+        """Bring the running checks in line with ``config``.
+
+        Unchanged checks keep running with their history; changed ones restart with a fresh
+        history, new ones start at once, removed ones stop and their state is dropped.
+        """
+        assert self._task_group is not None, "apply() needs run() to be running"
+        self._limiter.total_tokens = config.daemon.max_concurrency
+        wanted = config.checks()
+        for name, running in list(self._running.items()):
+            if wanted.get(name) != running.check:
+                running.scope.cancel()
+                del self._running[name]
+                self._store.remove(name)
+        start = anyio.current_time()
+        for name, check in wanted.items():
+            if name not in self._running:
+                scope = anyio.CancelScope()
+                self._running[name] = _Running(check, scope, last_completed=start)
+                offset = phase_offset(name, check.interval_seconds, self._spread)
+                self._task_group.start_soon(self._loop, name, check, start + offset, scope)
+
+    def lagging(self, now: float, grace_seconds: float = 5.0) -> list[str]:
+        """Checks that have not completed within two intervals and a timeout: a stuck loop."""
+        return [
+            name
+            for name, running in self._running.items()
+            if now - running.last_completed
+            > 2 * running.check.interval_seconds + running.check.timeout_seconds + grace_seconds
+        ]
+
+    # --- one check ---------------------------------------------------------------------------
+
+    async def _loop(
+        self, name: str, check: CheckBase, first_start: float, scope: anyio.CancelScope
+    ) -> None:
+        ctx = ProbeContext(self._shared)
+        kind = self._probes[check.kind]
+        interval = check.interval_seconds
+        try:
+            with scope:
+                next_start = first_start
+                while True:
+                    await anyio.sleep_until(next_start)
+                    await self.run_once(name, check, kind, ctx, scheduled=next_start)
+                    now = anyio.current_time()
+                    running = self._running.get(name)
+                    if running is not None and running.check is check:
+                        running.last_completed = now
+                    self._first_round_complete(name)
+                    next_start += interval
+                    if next_start <= now:
+                        # Overran (or the loop was stalled): keep the phase, skip missed ticks.
+                        next_start += math.ceil((now - next_start) / interval) * interval
+        finally:
+            with anyio.CancelScope(shield=True):
+                await ctx.aclose()
+
+    def _first_round_complete(self, name: str) -> None:
+        if name in self._first_round_pending:
+            self._first_round_pending.discard(name)
+            if not self._first_round_pending:
+                self.first_round_done.set()
+
+    async def run_once(
+        self,
+        name: str,
+        check: CheckBase,
+        kind: ProbeKind,
+        ctx: ProbeContext,
+        *,
+        scheduled: float | None = None,
+    ) -> ComponentState:
+        """Probe once under the concurrency limit and the check's deadline; record the result."""
+        async with self._limiter:
+            if self._stall_file is not None:
+                self._stall_while_file_exists(self._stall_file)
+            started = anyio.current_time()
+            if scheduled is not None:
+                daemon = self._store.daemon()
+                self._store.update_daemon(lateness=daemon.lateness.observe(started - scheduled))
+            observation = await self._observe(name, check, kind, ctx, started)
+        # A check cancelled by a reload while its probe finished must not record a stale result.
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        finding = classify.judge(check, observation, kind.assess)
+        previous = self._store.get(name)
+        if previous is not None and not previous.checks_total:
+            previous = None  # a placeholder for a check that never ran is no history
+        state = classify.next_state(
+            previous,
+            name=name,
+            check=check,
+            finding=finding,
+            observation=observation,
+            now=self._clock(),
+        )
+        self._store.record(state, stale_after_seconds=stale_after(check))
+        if previous is None or previous.status is not state.status:
+            _log_change(previous, state)
+            if self._on_change is not None:
+                self._on_change(previous, state)
+        return state
+
+    def mark_unchecked(self, now: float) -> list[str]:
+        """Give every check that has not completed yet a placeholder state, so that it is
+        reported as not checked instead of silently missing. Returns their names."""
+        missing = []
+        for name, running in self._running.items():
+            if self._store.get(name) is None:
+                missing.append(name)
+                self._store.record(
+                    classify.unchecked_state(name, running.check, now),
+                    stale_after_seconds=stale_after(running.check),
+                )
+        return missing
+
+    async def _observe(
+        self, name: str, check: CheckBase, kind: ProbeKind, ctx: ProbeContext, started: float
+    ) -> Observation:
+        timeout = check.timeout_seconds
+        try:
+            with anyio.fail_after(timeout):
+                return await kind.probe(check, ctx)
+        except TimeoutError:
+            return Observation(
+                anyio.current_time() - started,
+                failure=Failure("timeout", f"no answer within {classify.format_seconds(timeout)}"),
+            )
+        except Exception as exc:
+            # A bug in a probe is healthd's failure, not the target's: say so, and never let it
+            # pass for a healthy check. The traceback goes to the log once per occurrence.
+            log.exception("probe for component %s failed unexpectedly", name)
+            daemon = self._store.daemon()
+            self._store.update_daemon(probe_errors_total=daemon.probe_errors_total + 1)
+            await ctx.aclose()
+            return Observation(
+                anyio.current_time() - started,
+                failure=Failure(
+                    "probe_error", f"healthd could not run the check: {type(exc).__name__}"
+                ),
+            )
+
+    async def run_round(self, config: Config) -> None:
+        """Run every check once, concurrently, as ``healthd check`` does: no loops."""
+
+        async def one(name: str, check: CheckBase) -> None:
+            ctx = ProbeContext(self._shared)
+            try:
+                await self.run_once(name, check, self._probes[check.kind], ctx)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await ctx.aclose()
+
+        self._limiter.total_tokens = config.daemon.max_concurrency
+        async with anyio.create_task_group() as tg:
+            for name, check in config.checks().items():
+                tg.start_soon(one, name, check)
+
+    @staticmethod
+    def _stall_while_file_exists(path: Path) -> None:
+        while path.exists():
+            time.sleep(0.05)
+
+
+def _log_change(previous: ComponentState | None, state: ComponentState) -> None:
+    before = previous.status.label if previous else "unknown"
+    level = logging.INFO
+    if state.status is not Status.HEALTHY and (previous is None or state.status > previous.status):
+        level = logging.WARNING
+    log.log(
+        level,
+        "component %s is %s (was %s): %s",
+        state.name,
+        state.status.label,
+        before,
+        state.reason,
+        extra={
+            "component": state.name,
+            "status": state.status.label,
+            "previous_status": before,
+            "reason_code": state.reason_code,
+        },
+    )
