@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -203,7 +204,28 @@ class HttpCheck(CheckBase):
         value = url.reveal()
         if not value.startswith(("http://", "https://")) or len(value.split("://", 1)[1]) < 1:
             raise ValueError(f"url {str(url)!r} must start with http:// or https://")
+        # A bad port or host would otherwise surface as a crash inside the probe, every run.
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - parsing the port is the check
+        except ValueError as exc:
+            raise ValueError(f"url {str(url)!r} is not valid: {exc}") from None
+        if not parts.hostname:
+            raise ValueError(f"url {str(url)!r} has no host")
         return url
+
+    @field_validator("headers")
+    @classmethod
+    def _header_values(cls, headers: dict[str, Templated]) -> dict[str, Templated]:
+        # HTTP only carries printable ASCII; the error names the header, never its value.
+        for name, value in headers.items():
+            if not re.fullmatch(r"[!-~]+", name) or ":" in name:
+                raise ValueError(f"header name {name!r} is not a valid HTTP token")
+            if not re.fullmatch(r"[\t -~]*", value.reveal()):
+                raise ValueError(
+                    f"header {name!r}: value must be printable ASCII without line breaks"
+                )
+        return headers
 
     @field_validator("ca_file")
     @classmethod

@@ -11,6 +11,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
 import httpx
 
 from healthd.classify import OK, failed, judge_conditions
@@ -22,6 +23,10 @@ from healthd.probes._errors import network_failure
 #: The client's own deadline is this share of the check's timeout, so that the library reports
 #: which phase timed out before the scheduler's deadline cancels the probe.
 CLIENT_TIMEOUT_SHARE = 0.9
+#: httpx's timeouts bound each read, not the whole exchange, so a target trickling one byte at
+#: a time would never time out. One deadline for the whole request, between the per-phase
+#: deadlines and the scheduler's, catches that and still names it as a timeout.
+TOTAL_TIMEOUT_SHARE = 0.95
 
 
 def build_client(
@@ -45,7 +50,9 @@ def build_client(
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
         follow_redirects=follow_redirects,
         max_redirects=max_redirects,
-        headers=headers,
+        # Ask for the body as is: we cap and judge raw bytes, and a compressed body would both
+        # fail every condition and let a small read expand into a huge one.
+        headers={"Accept-Encoding": "identity", **(headers or {})},
         # A health check must see the target itself, not a proxy named by the environment.
         trust_env=False,
     )
@@ -72,15 +79,22 @@ async def request(
     ``max_body_bytes`` long, with ``facts["body_truncated"]`` set when there was more.
     """
     what = target(method, url)
+    limit_seconds = (client.timeout.read or 0) / CLIENT_TIMEOUT_SHARE * TOTAL_TIMEOUT_SHARE
     started = time.perf_counter()
-    try:
-        async with client.stream(
-            method, url, headers=headers, content=content, json=json
-        ) as response:
-            body, truncated = await _read_capped(response, max_body_bytes)
-    except httpx.HTTPError as exc:
-        return Observation(time.perf_counter() - started, failure=_failure(exc, what, client))
+    with anyio.move_on_after(limit_seconds or None) as deadline:
+        try:
+            async with client.stream(
+                method, url, headers=headers, content=content, json=json
+            ) as response:
+                body, truncated = await _read_capped(response, max_body_bytes)
+        except httpx.HTTPError as exc:
+            return Observation(time.perf_counter() - started, failure=_failure(exc, what, client))
     latency = time.perf_counter() - started
+    if deadline.cancelled_caught:
+        message = (
+            f"{what}: timed out before the response was complete (limit {limit_seconds:.3g} s)"
+        )
+        return Observation(latency, failure=Failure("timeout", message))
     facts: dict[str, Any] = {"http_status": response.status_code, "body_bytes": len(body)}
     if truncated:
         facts["body_truncated"] = True
@@ -117,6 +131,9 @@ def _failure(exc: httpx.HTTPError, what: str, client: httpx.AsyncClient) -> Fail
         if "without sending" in str(exc):
             return Failure("connection_closed", f"{what}: server closed the connection early")
         return Failure("protocol_error", f"{what}: invalid HTTP response")
+    if isinstance(exc, httpx.LocalProtocolError):
+        # h11 quotes the offending header value, which may be a secret: never pass it on.
+        return Failure("invalid_request", f"{what}: request is not valid HTTP (check headers)")
     if isinstance(exc, httpx.DecodingError):
         return Failure("protocol_error", f"{what}: response could not be decoded")
     if isinstance(exc, httpx.TransportError):
