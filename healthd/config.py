@@ -350,6 +350,9 @@ class DaemonConfig(_Strict):
     timeout: Duration = 5.0
     max_concurrency: int = Field(default=64, ge=1)
     startup_spread: Duration = 1.0
+    #: ``full`` writes reasons and details; ``summary`` leaves out everything that could reveal
+    #: internal addresses (reasons, details, latencies), for a status file served to the public.
+    status_details: Literal["full", "summary"] = "full"
 
     @field_validator("metrics_address")
     @classmethod

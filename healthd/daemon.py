@@ -69,6 +69,10 @@ class Daemon:
         self._changed = anyio.Event()
         self._last_write_attempt = anyio.current_time()
         self._last_status_line = ""
+        # READY=1 is a promise; a SIGHUP before it is kept for later, so that a reload's
+        # READY=1 can never announce a daemon whose first round has not finished.
+        self._ready = False
+        self._reload_requested = False
         self.scheduler = Scheduler(
             self.store,
             max_concurrency=config.daemon.max_concurrency,
@@ -102,6 +106,9 @@ class Daemon:
                     summary_line(snapshot), host, port, self._config.daemon.status_file,
                 )  # fmt: skip
                 self._notifier.ready(summary_line(snapshot))
+                self._ready = True
+                if self._reload_requested:
+                    self.reload()
                 tg.start_soon(self._status_writer)
                 if self._notifier.watchdog_seconds:
                     tg.start_soon(
@@ -130,7 +137,11 @@ class Daemon:
             )
 
     def stuck(self) -> list[str]:
-        """What is not making progress: lagging checks, or a status writer that stopped."""
+        """What is not making progress: lagging checks, or a status writer that stopped.
+
+        The writer counts as alive while it keeps *attempting* writes: a full disk is reported
+        through metrics and the log, because a restart by the watchdog would not empty it.
+        """
         now = anyio.current_time()
         problems = self.scheduler.lagging(now, _GRACE_SECONDS)
         if (
@@ -159,7 +170,8 @@ class Daemon:
         if line != self._last_status_line:
             self._notifier.status(line)
             self._last_status_line = line
-        data = status_file.render(status_file.document(snapshot, self._redactor))
+        doc = status_file.document(snapshot, self._redactor, self._config.daemon.status_details)
+        data = status_file.render(doc)
         path = self._config.daemon.status_file
         daemon = self.store.daemon()
         try:
@@ -189,7 +201,11 @@ class Daemon:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    self.reload()
+                    if self._ready:
+                        self.reload()
+                    else:
+                        log.info("received SIGHUP while starting; reloading once ready")
+                        self._reload_requested = True
                     continue
                 log.info("received %s; stopping", signal.Signals(signum).name)
                 self._notifier.stopping()
@@ -197,7 +213,14 @@ class Daemon:
                 return
 
     def reload(self) -> bool:
-        """Re-read the config; apply it if valid, else keep the running one. Returns success."""
+        """Re-read the config; apply it if valid, else keep the running one. Returns success.
+
+        Unchanged components keep their state (hysteresis counters, ``since``); new ones
+        start at once; removed ones stop and their metric series go with them. systemd hears
+        ``RELOADING=1`` with ``MONOTONIC_USEC=`` first and ``READY=1`` when it is over, whatever
+        the outcome, as ``Type=notify-reload`` expects.
+        """
+        self._reload_requested = False
         self._notifier.reloading()
         try:
             try:
