@@ -321,13 +321,14 @@ class FalkorDbCheck(RedisCheckBase):
     """Everything a ``redis`` check does, plus proof that the graph module answers queries.
 
     ``graph`` is a dedicated probe graph, created (idempotently) on a master when missing;
-    ``query`` is run on it read-only.
+    ``query`` is run on it read-only. A queue of waiting queries that has grown to at least
+    ``degraded_waiting_queries`` since the previous probe is degraded.
     """
 
     kind: Literal["falkordb"] = "falkordb"
     graph: str = Field(default="healthd_probe", min_length=1)
     query: str = "RETURN 1"
-    degraded_waiting_queries: int = Field(default=1, ge=1)
+    degraded_waiting_queries: int = Field(default=5, ge=1)
 
 
 #: Every check kind. A kind is added here, in ``probes.PROBES``, and nowhere else.

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from healthd.model import Finding, Observation
-from healthd.probes import http, tcp
+from healthd.probes import falkordb, http, postgres, redis, tcp
 from healthd.probes._context import ProbeContext, SharedResources
 
 
@@ -30,6 +30,9 @@ class ProbeKind:
 PROBES: dict[str, ProbeKind] = {
     "http": ProbeKind(http.probe, http.assess),
     "tcp": ProbeKind(tcp.probe, tcp.assess),
+    "postgres": ProbeKind(postgres.probe, postgres.assess),
+    "redis": ProbeKind(redis.probe, redis.assess),
+    "falkordb": ProbeKind(falkordb.probe, falkordb.assess),
 }
 
 __all__ = ["PROBES", "ProbeContext", "ProbeKind", "SharedResources"]

@@ -1,0 +1,255 @@
+"""The ``postgres`` probe: a fresh connection, ``SELECT 1``, then the server's own account.
+
+A pooled connection that survived a dead server proves nothing, so every probe connects
+anew, in autocommit, as ``application_name=healthd``. After ``SELECT 1`` one more round trip
+reads the role (``pg_is_in_recovery()``), connection saturation, standby replay lag and the
+age of the oldest open transaction. ``assess`` turns those facts into a verdict.
+
+Deadlines: psycopg raises any ``connect_timeout`` under 2 s to 2 s (and waits 130 s when it is
+unset), so the client gets an explicit timeout, and the scheduler's ``fail_after`` enforces
+anything shorter. Cancelling an async connect abandons the half-open ``PGconn``, which closes
+its socket when it is collected.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+import psycopg
+
+from healthd.classify import OK, failed, format_seconds, worst
+from healthd.config import PostgresCheck
+from healthd.model import Failure, Finding, Observation, Status
+from healthd.probes._context import ProbeContext
+from healthd.secrets import Redactor
+
+#: The client's own connect timeout is this share of the check's timeout (but at least 2 s,
+#: psycopg's floor), so the library can name the phase before the scheduler cancels.
+CLIENT_TIMEOUT_SHARE = 0.9
+_CONNECT_TIMEOUT_FLOOR_SECONDS = 2
+
+#: One round trip for everything the verdict needs. ``reserved_connections`` exists from
+#: PostgreSQL 16 on; ``current_setting(..., true)`` gives NULL before that. Replay lag is zero
+#: when everything received has been replayed: ``now() - pg_last_xact_replay_timestamp()``
+#: alone grows without bound on a standby of an idle primary.
+_STATE_QUERY = """
+SELECT
+    pg_is_in_recovery(),
+    current_setting('server_version'),
+    current_database(),
+    current_setting('max_connections')::int,
+    current_setting('superuser_reserved_connections')::int
+        + coalesce(current_setting('reserved_connections', true), '0')::int,
+    (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'),
+    CASE WHEN pg_is_in_recovery() THEN
+        CASE WHEN pg_last_wal_receive_lsn() IS NOT NULL
+                  AND pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn() THEN 0.0
+             ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8
+        END
+    END,
+    (SELECT extract(epoch FROM now() - min(xact_start))::float8
+       FROM pg_stat_activity
+      WHERE state <> 'idle' AND backend_type = 'client backend' AND pid <> pg_backend_pid())
+"""
+
+#: SQLSTATEs with a meaning of their own. Everything else is ``query_error``.
+SQLSTATE_CODES: dict[str, str] = {
+    "57P03": "not_ready",  # cannot_connect_now: starting up, shutting down, recovery
+    "53300": "saturated",  # too_many_connections
+    "28P01": "auth_failed",  # invalid_password
+    "28000": "auth_failed",  # invalid_authorization_specification (pg_hba, unknown role)
+    "3D000": "database_missing",  # invalid_catalog_name
+    "57P01": "admin_shutdown",
+    "57P02": "crash_shutdown",
+    "57014": "timeout",  # query_canceled, e.g. by statement_timeout
+}
+
+#: At connect time libpq gives no SQLSTATE, only the server's (English) message, so these
+#: fragments are matched in order. The first group mirrors ``SQLSTATE_CODES``.
+MESSAGE_CODES: tuple[tuple[str, str], ...] = (
+    ("the database system is starting up", "not_ready"),
+    ("the database system is shutting down", "not_ready"),
+    ("the database system is not yet accepting connections", "not_ready"),
+    ("the database system is not accepting connections", "not_ready"),
+    ("the database system is in recovery mode", "not_ready"),
+    ("too many clients already", "saturated"),
+    ("remaining connection slots are reserved", "saturated"),
+    ("too many connections for", "saturated"),
+    ("password authentication failed", "auth_failed"),
+    ("no pg_hba.conf entry", "auth_failed"),
+    ("pg_hba.conf rejects connection", "auth_failed"),
+    ("no password supplied", "auth_failed"),
+    ("authentication failed", "auth_failed"),
+    ('role "', "auth_failed"),  # role "x" does not exist: 28000
+    ("does not exist", "database_missing"),  # database "x" does not exist: 3D000
+    ("terminating connection due to administrator command", "admin_shutdown"),
+    ("crash of another server process", "crash_shutdown"),
+    ("connection refused", "connection_refused"),
+    ("timeout expired", "timeout"),
+    ("could not translate host name", "dns_error"),
+    ("name or service not known", "dns_error"),
+    ("no route to host", "unreachable"),
+    ("network is unreachable", "unreachable"),
+    ("server closed the connection unexpectedly", "connection_reset"),
+    ("connection reset", "connection_reset"),
+    ("ssl", "tls_error"),
+)
+
+#: Failures that mean "too busy", not "down": the server answered, and will again.
+DEGRADED_FAILURES = frozenset({"saturated"})
+
+
+def failure_code(sqlstate: str | None, message: str) -> str:
+    """The reason code for a psycopg error: by SQLSTATE where there is one, else by message."""
+    if sqlstate and sqlstate in SQLSTATE_CODES:
+        return SQLSTATE_CODES[sqlstate]
+    text = message.lower()
+    for fragment, code in MESSAGE_CODES:
+        if fragment in text:
+            return code
+    return "query_error" if sqlstate else "connection_error"
+
+
+def _server_message(exc: psycopg.Error) -> str:
+    """The useful line of an error: the server's ``FATAL:`` text if there is one."""
+    text = str(exc).strip()
+    if "FATAL:" in text:
+        text = text.rsplit("FATAL:", 1)[1]
+    elif "failed:" in text:
+        text = text.rsplit("failed:", 1)[1]
+    return " ".join(text.split("\n", 1)[0].split())
+
+
+def _failure(exc: psycopg.Error, what: str, redactor: Redactor) -> Failure:
+    message = redactor.scrub(_server_message(exc))
+    return Failure(failure_code(exc.sqlstate, str(exc)), f"{what}: {message}")
+
+
+def _secrets(check: PostgresCheck) -> tuple[str, ...]:
+    return check.dsn.secrets + (check.password.secrets if check.password else ())
+
+
+def connect_timeout_seconds(check: PostgresCheck) -> int:
+    """libpq's whole-second ``connect_timeout`` for this check, never under psycopg's floor."""
+    share = int(check.timeout_seconds * CLIENT_TIMEOUT_SHARE)
+    return max(_CONNECT_TIMEOUT_FLOOR_SECONDS, share)
+
+
+async def probe(check: PostgresCheck, ctx: ProbeContext) -> Observation:
+    """Connect fresh, ``SELECT 1``, read the server's state, close."""
+    what = "postgres"
+    redactor = Redactor(_secrets(check))
+    params: dict[str, Any] = {
+        "autocommit": True,
+        "application_name": "healthd",
+        "connect_timeout": connect_timeout_seconds(check),
+        # Probes run two fixed statements once per connection: preparing them is waste.
+        "prepare_threshold": None,
+    }
+    if check.password is not None:
+        params["password"] = check.password.reveal()
+    facts: dict[str, Any] = {}
+    started = time.perf_counter()
+    try:
+        conn = await psycopg.AsyncConnection.connect(check.dsn.reveal(), **params)
+    except psycopg.Error as exc:
+        return Observation(
+            time.perf_counter() - started, failure=_failure(exc, f"{what} connect", redactor)
+        )
+    facts["connect_seconds"] = round(time.perf_counter() - started, 6)
+    try:
+        cursor = await conn.execute("SELECT 1")
+        await cursor.fetchone()
+        cursor = await conn.execute(_STATE_QUERY)
+        row = await cursor.fetchone()
+    except psycopg.Error as exc:
+        return Observation(
+            time.perf_counter() - started,
+            failure=_failure(exc, f"{what} query", redactor),
+            facts=facts,
+        )
+    finally:
+        # Closing only sends a Terminate and drops the socket; it must happen even when the
+        # deadline has cancelled us, or a frozen server would keep the connection.
+        with anyio.CancelScope(shield=True):
+            await conn.close()
+    latency = time.perf_counter() - started
+    assert row is not None
+    facts.update(state_facts(row))
+    return Observation(latency, facts=facts)
+
+
+def state_facts(row: tuple[Any, ...]) -> dict[str, Any]:
+    """Name the columns of ``_STATE_QUERY`` and derive saturation."""
+    in_recovery, version, database, max_connections, reserved, used, lag, oldest = row
+    usable = max(int(max_connections) - int(reserved), 1)
+    return {
+        "server_version": str(version),
+        "database": str(database),
+        "in_recovery": bool(in_recovery),
+        "role": "standby" if in_recovery else "primary",
+        "max_connections": int(max_connections),
+        "connections_used": int(used),
+        "connections_usable": usable,
+        "saturation": round(int(used) / usable, 4),
+        "replay_lag_seconds": None if lag is None else round(max(float(lag), 0.0), 3),
+        "longest_transaction_seconds": None if oldest is None else round(float(oldest), 3),
+    }
+
+
+def assess(check: PostgresCheck, observation: Observation) -> Finding:
+    """Role first (a wrong role is unhealthy), then saturation, replay lag, long transactions."""
+    failure = observation.failure
+    if failure is not None:
+        status = Status.DEGRADED if failure.code in DEGRADED_FAILURES else Status.UNHEALTHY
+        return failed(observation, status)
+    facts = observation.facts
+    role = facts["role"]
+    if check.expect_role != "any" and role != check.expect_role:
+        return Finding(
+            Status.UNHEALTHY,
+            "wrong_role",
+            f"server is a {role}, expected a {check.expect_role}",
+        )
+    used, usable = facts["connections_used"], facts["connections_usable"]
+    connections = f"{used} of {usable} connections"
+    findings = []
+    if facts["saturation"] > check.degraded_saturation:
+        findings.append(
+            Finding(
+                Status.DEGRADED,
+                "saturated",
+                f"{connections} in use ({facts['saturation']:.0%}, "
+                f"limit {check.degraded_saturation:.0%})",
+            )
+        )
+    lag = facts.get("replay_lag_seconds")
+    lag_limit = check.degraded_replay_lag
+    if lag_limit is not None and lag is not None and lag > lag_limit:
+        findings.append(
+            Finding(
+                Status.DEGRADED,
+                "replication_lag",
+                f"standby replay is {format_seconds(lag)} behind "
+                f"(limit {format_seconds(lag_limit)})",
+            )
+        )
+    oldest = facts.get("longest_transaction_seconds")
+    limit = check.degraded_transaction_age
+    if limit is not None and oldest is not None and oldest > limit:
+        findings.append(
+            Finding(
+                Status.DEGRADED,
+                "long_transaction",
+                f"a transaction has been open for {format_seconds(oldest)} "
+                f"(limit {format_seconds(limit)})",
+            )
+        )
+    healthy = Finding(
+        Status.HEALTHY,
+        OK,
+        f"SELECT 1 ok on PostgreSQL {facts['server_version']} {role}, {connections}",
+    )
+    return worst(findings, healthy)

@@ -1,0 +1,339 @@
+"""The ``redis`` probe: a fresh connection, ``PING``, then ``INFO`` on the same connection.
+
+``PING`` answers while writes fail, so the verdict also reads ``INFO``: the role, the last
+background save and AOF write, memory against ``maxmemory``, clients against ``maxclients``
+and, on a replica, the link to its master.
+
+Each check keeps one ``redis.asyncio.Connection`` object and opens a new socket with it per
+probe: a fresh socket is the honest liveness check, and reusing the object skips the
+constructor's cost (PERF-NOTES). redis-py sets no socket timeout and retries by default, so
+both are explicit here. The ``falkordb`` kind builds on ``observe`` and ``assess_server``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import anyio
+import redis
+from redis.asyncio.connection import AbstractConnection, SSLConnection, parse_url
+from redis.backoff import NoBackoff
+from redis.driver_info import DriverInfo
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    ConnectionError,
+    MasterDownError,
+    NoPermissionError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TimeoutError,
+)
+from redis.retry import Retry
+
+import healthd
+from healthd.classify import OK, failed, format_seconds, worst
+from healthd.config import RedisCheck, RedisCheckBase
+from healthd.model import Failure, Finding, Observation, Status
+from healthd.probes._context import ProbeContext
+from healthd.probes._errors import network_failure
+from healthd.secrets import Redactor
+
+#: The socket timeouts are this share of the check's timeout, so that redis-py reports the
+#: phase that hung before the scheduler's deadline cancels the probe.
+CLIENT_TIMEOUT_SHARE = 0.9
+
+#: Built once: otherwise redis-py looks up its own version in package metadata per connection.
+_DRIVER_INFO = DriverInfo(lib_version=redis.__version__).add_upstream_driver(
+    "healthd", healthd.__version__.split("+")[0]
+)
+
+#: Error replies that say "busy, come back later" rather than "broken".
+_REPLY_CODES: tuple[tuple[str, str], ...] = (
+    ("BUSY", "busy"),
+    ("MISCONF", "persistence_failing"),
+    ("MASTERDOWN", "master_down"),
+    ("READONLY", "wrong_role"),
+    ("LOADING", "loading"),
+    ("NOAUTH", "auth_failed"),
+    ("WRONGPASS", "auth_failed"),
+)
+
+#: Failures that mean "too busy", not "down".
+DEGRADED_FAILURES = frozenset({"saturated"})
+
+#: What ``then`` gets after ``INFO``: the open connection, the parsed ``INFO`` and the facts
+#: to add to. It may raise ``RedisError``; that becomes the observation's failure.
+Then = Callable[[AbstractConnection, Mapping[str, Any], dict[str, Any]], Awaitable[None]]
+
+
+def build_connection(check: RedisCheckBase) -> AbstractConnection:
+    """A connection object for ``check``: explicit timeouts, no retries, RESP2, no HELLO."""
+    kwargs: dict[str, Any] = dict(parse_url(check.url.reveal()))
+    connection_class = kwargs.pop("connection_class", redis.asyncio.Connection)
+    if check.password is not None:
+        kwargs["password"] = check.password.reveal()
+    if check.username is not None:
+        kwargs["username"] = check.username
+    if connection_class is SSLConnection:
+        kwargs["ssl_cert_reqs"] = "required" if check.tls_verify else "none"
+        kwargs["ssl_check_hostname"] = check.tls_verify
+        if check.ca_file is not None:
+            kwargs["ssl_ca_certs"] = str(check.ca_file)
+    client_timeout = check.timeout_seconds * CLIENT_TIMEOUT_SHARE
+    kwargs.update(
+        socket_timeout=client_timeout,
+        socket_connect_timeout=client_timeout,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+        # RESP2 authenticates with AUTH alone; RESP3 would add a HELLO round trip.
+        protocol=2,
+        driver_info=_DRIVER_INFO,
+        health_check_interval=0,
+    )
+    connection: AbstractConnection = connection_class(**kwargs)
+    return connection
+
+
+async def _disconnect(connection: AbstractConnection) -> None:
+    await connection.disconnect(nowait=True)
+
+
+def _secrets(check: RedisCheckBase) -> tuple[str, ...]:
+    return check.url.secrets + (check.password.secrets if check.password else ())
+
+
+def failure_for(exc: RedisError, what: str, redactor: Redactor) -> Failure:
+    """Map a redis-py exception to a reason code.
+
+    ``AuthenticationError`` and ``BusyLoadingError`` subclass ``ConnectionError``, so they are
+    matched before it; error replies are matched by their prefix.
+    """
+    message = redactor.scrub(" ".join(str(exc).split()))
+    if isinstance(exc, AuthenticationError):
+        return Failure("auth_failed", f"{what}: authentication failed: {message}")
+    if isinstance(exc, BusyLoadingError):
+        return Failure("loading", f"{what}: server is loading its dataset into memory")
+    if isinstance(exc, MasterDownError):
+        return Failure("master_down", f"{what}: replica lost its master and serves no data")
+    if isinstance(exc, ReadOnlyError):
+        return Failure("wrong_role", f"{what}: server is read-only (a replica): {message}")
+    if isinstance(exc, NoPermissionError):
+        return Failure("permission_denied", f"{what}: the user may not run this: {message}")
+    if isinstance(exc, TimeoutError):
+        return Failure("timeout", f"{what}: timed out: {message}")
+    if isinstance(exc, ConnectionError):
+        if "max number of clients reached" in message:
+            return Failure("saturated", f"{what}: max number of clients reached")
+        return network_failure(exc, what)
+    if isinstance(exc, ResponseError):
+        reply = str(exc)
+        status = getattr(exc, "status_code", None) or reply.split(" ", 1)[0]
+        for prefix, code in _REPLY_CODES:
+            if status == prefix or reply.startswith(prefix):
+                return Failure(code, f"{what}: {message}")
+        return Failure("error_reply", f"{what}: error reply: {message}")
+    return Failure("protocol_error", f"{what}: {type(exc).__name__}: {message}")
+
+
+def parse_info(raw: bytes | str) -> dict[str, Any]:
+    """``INFO`` text as a dict of strings; ``module`` lines become ``modules``, a name->version
+    dict, because there is one such line per loaded module."""
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+    info: dict[str, Any] = {}
+    modules: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#") or ":" not in line:
+            continue
+        key, _, value = line.partition(":")
+        if key == "module":
+            fields = dict(part.partition("=")[::2] for part in value.split(","))
+            if "name" in fields:
+                modules[fields["name"]] = fields.get("ver", "")
+        else:
+            info[key] = value
+    info["modules"] = modules
+    return info
+
+
+def _int(info: Mapping[str, Any], key: str) -> int | None:
+    try:
+        return int(info[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def _ratio(used: int | None, limit: int | None) -> float | None:
+    if used is None or not limit:
+        return None
+    return round(used / limit, 4)
+
+
+def server_facts(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The facts a verdict needs from ``INFO``; a limit of 0 means none, so no ratio."""
+    role = "replica" if info.get("role") == "slave" else info.get("role")
+    used_memory, maxmemory = _int(info, "used_memory"), _int(info, "maxmemory")
+    clients, maxclients = _int(info, "connected_clients"), _int(info, "maxclients")
+    facts: dict[str, Any] = {
+        "redis_version": info.get("redis_version"),
+        "uptime_seconds": _int(info, "uptime_in_seconds"),
+        "role": role,
+        "used_memory": used_memory,
+        "maxmemory": maxmemory,
+        "memory_ratio": _ratio(used_memory, maxmemory),
+        "maxmemory_policy": info.get("maxmemory_policy"),
+        "connected_clients": clients,
+        "maxclients": maxclients,
+        "clients_ratio": _ratio(clients, maxclients),
+        "blocked_clients": _int(info, "blocked_clients"),
+        "rdb_last_bgsave_status": info.get("rdb_last_bgsave_status"),
+        "aof_enabled": info.get("aof_enabled") == "1",
+        "aof_last_write_status": info.get("aof_last_write_status"),
+        "loading": info.get("loading") == "1",
+        "modules": sorted(info.get("modules", {})),
+    }
+    if role == "replica":
+        facts["master_link_status"] = info.get("master_link_status")
+        facts["master_link_down_since_seconds"] = _int(info, "master_link_down_since_seconds")
+        facts["master_sync_in_progress"] = info.get("master_sync_in_progress") == "1"
+    else:
+        facts["connected_replicas"] = _int(info, "connected_slaves")
+    return facts
+
+
+async def _command(connection: AbstractConnection, *args: Any) -> Any:
+    await connection.send_command(*args)
+    return await connection.read_response()
+
+
+async def observe(
+    check: RedisCheckBase, ctx: ProbeContext, *, what: str = "redis", then: Then | None = None
+) -> Observation:
+    """Connect fresh, ``PING``, ``INFO``, then ``then`` on the same connection; disconnect.
+
+    Failures keep whatever facts were gathered before them.
+    """
+    connection = ctx.get("connection", lambda: build_connection(check), _disconnect)
+    facts: dict[str, Any] = {}
+    started = time.perf_counter()
+    try:
+        try:
+            await connection.connect()  # type: ignore[no-untyped-call]
+            facts["connect_seconds"] = round(time.perf_counter() - started, 6)
+            await _command(connection, "PING")
+            info = parse_info(await _command(connection, "INFO"))
+            facts.update(server_facts(info))
+            if then is not None:
+                await then(connection, info, facts)
+        finally:
+            # Dropping the socket never waits on the server; shielded so that a deadline
+            # cannot leave it open to a frozen server.
+            with anyio.CancelScope(shield=True):
+                await connection.disconnect(nowait=True)
+    except RedisError as exc:
+        failure = failure_for(exc, what, Redactor(_secrets(check)))
+        return Observation(time.perf_counter() - started, failure=failure, facts=facts)
+    return Observation(time.perf_counter() - started, facts=facts)
+
+
+async def probe(check: RedisCheck, ctx: ProbeContext) -> Observation:
+    """``PING`` and ``INFO`` on a fresh connection."""
+    return await observe(check, ctx)
+
+
+def assess_server(check: RedisCheckBase, observation: Observation) -> list[Finding]:
+    """Findings about the server itself, most important first; empty when all is well.
+
+    A failure of the probe is the only finding when there is one.
+    """
+    failure = observation.failure
+    if failure is not None:
+        status = Status.DEGRADED if failure.code in DEGRADED_FAILURES else Status.UNHEALTHY
+        return [failed(observation, status)]
+    facts = observation.facts
+    role = facts.get("role")
+    if check.expect_role != "any" and role != check.expect_role:
+        return [
+            Finding(
+                Status.UNHEALTHY,
+                "wrong_role",
+                f"server is a {role}, expected a {check.expect_role}",
+            )
+        ]
+    findings: list[Finding] = []
+    if role == "replica" and facts.get("master_link_status") != "up":
+        findings.append(_master_link_finding(check, facts))
+    failing = [
+        name
+        for name in ("rdb_last_bgsave_status", "aof_last_write_status")
+        if facts.get(name) == "err"
+    ]
+    if failing:
+        what = " and ".join(
+            "the last background save" if n.startswith("rdb") else "the last AOF write"
+            for n in failing
+        )
+        findings.append(
+            Finding(
+                Status.DEGRADED,
+                "persistence_failing",
+                f"{what} failed: writes may be refused (MISCONF)",
+            )
+        )
+    memory = facts.get("memory_ratio")
+    if memory is not None and memory > check.degraded_memory:
+        findings.append(
+            Finding(
+                Status.DEGRADED,
+                "memory_high",
+                f"memory at {memory:.0%} of maxmemory ({facts['used_memory']} of "
+                f"{facts['maxmemory']} bytes, limit {check.degraded_memory:.0%})",
+            )
+        )
+    clients = facts.get("clients_ratio")
+    if clients is not None and clients > check.degraded_clients:
+        findings.append(
+            Finding(
+                Status.DEGRADED,
+                "clients_high",
+                f"{facts['connected_clients']} of {facts['maxclients']} clients connected "
+                f"({clients:.0%}, limit {check.degraded_clients:.0%})",
+            )
+        )
+    return findings
+
+
+def _master_link_finding(check: RedisCheckBase, facts: Mapping[str, Any]) -> Finding:
+    """Degraded while the link is briefly down or syncing; unhealthy once down too long.
+
+    A replica that never reached its master reports ``-1``; its link has then been down
+    for as long as it has been up.
+    """
+    if facts.get("master_sync_in_progress"):
+        return Finding(Status.DEGRADED, "replica_syncing", "replica is syncing from its master")
+    down = facts.get("master_link_down_since_seconds")
+    if down is None or down < 0:
+        down = facts.get("uptime_seconds")
+    limit = check.unhealthy_master_link_down
+    if down is not None and down >= limit:
+        return Finding(
+            Status.UNHEALTHY,
+            "master_link_down",
+            f"link to master down for {format_seconds(down)} (limit {format_seconds(limit)})",
+        )
+    since = f" for {format_seconds(down)}" if down else ""
+    return Finding(Status.DEGRADED, "master_link_down", f"link to master down{since}")
+
+
+def healthy_reason(facts: Mapping[str, Any]) -> str:
+    """``PONG from redis 8.2.3 master``."""
+    return f"PONG from redis {facts.get('redis_version')} {facts.get('role')}"
+
+
+def assess(check: RedisCheck, observation: Observation) -> Finding:
+    """The worst server finding, or healthy."""
+    healthy = Finding(Status.HEALTHY, OK, healthy_reason(observation.facts))
+    return worst(assess_server(check, observation), healthy)
