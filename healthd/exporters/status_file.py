@@ -111,3 +111,48 @@ def _fsync_directory(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def age_seconds(path: Path, now: float) -> float:
+    """How old the document at ``path`` is, by its ``generated_at``.
+
+    Raises ``OSError`` when it cannot be read and ``ValueError`` when it is not a status
+    document, so a caller can tell "healthd is stuck" from "healthd never wrote anything".
+    """
+    doc = json.loads(path.read_bytes())
+    generated_at = doc.get("generated_at") if isinstance(doc, dict) else None
+    if not isinstance(generated_at, str):
+        raise ValueError("no generated_at")
+    moment = datetime.strptime(generated_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    return now - moment.timestamp()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m healthd.exporters.status_file [--max-age 60] PATH``: is healthd alive?
+
+    Exit 0 when the file was generated within ``--max-age`` seconds, 1 otherwise. This is a
+    container ``HEALTHCHECK``: it fails when healthd itself is stuck, never because a
+    component is unhealthy (healthd reporting an outage is healthd working).
+    """
+    import argparse
+    import sys
+    import time
+
+    parser = argparse.ArgumentParser(prog="python -m healthd.exporters.status_file")
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--max-age", type=float, default=60.0, metavar="SECONDS")
+    args = parser.parse_args(argv)
+    try:
+        age = age_seconds(args.path, time.time())
+    except (OSError, ValueError) as exc:
+        print(f"status file {args.path} is not usable: {exc}", file=sys.stderr)
+        return 1
+    if age > args.max_age:
+        print(f"status file {args.path} is {age:.0f} s old (limit {args.max_age:g} s)")
+        return 1
+    print(f"status file {args.path} is {age:.1f} s old")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
