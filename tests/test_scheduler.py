@@ -1,0 +1,309 @@
+"""The scheduler: deadlines, no self-overlap, drift-free intervals, concurrency and reload."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from healthd.config import Config
+from healthd.model import ComponentState, Observation, Status
+from healthd.probes import PROBES, ProbeContext, ProbeKind
+from healthd.probes import tcp as tcp_probe
+from healthd.scheduler import Scheduler, phase_offset
+from healthd.state import StateStore
+from tests.http_target import HttpTarget, Reply
+
+
+def _config(components: dict[str, dict[str, Any]], **daemon: Any) -> Config:
+    return Config(daemon={"startup_spread": 0.001, **daemon}, components=components)
+
+
+def _tcp(interval: float, timeout: float | None = None) -> dict[str, Any]:
+    return {
+        "kind": "tcp",
+        "address": "127.0.0.1:9",
+        "interval": interval,
+        "timeout": timeout or interval,
+    }
+
+
+class _Recorder:
+    """A probe table whose ``tcp`` probe is a test-controlled coroutine."""
+
+    def __init__(self, body: Callable[[str], Any]) -> None:
+        self.body = body
+        self.starts: dict[str, list[float]] = {}
+        self.in_flight: dict[str, int] = {}
+        self.max_in_flight: dict[str, int] = {}
+
+    async def probe(self, check: Any, ctx: ProbeContext) -> Observation:
+        name = check.description
+        self.starts.setdefault(name, []).append(anyio.current_time())
+        self.in_flight[name] = self.in_flight.get(name, 0) + 1
+        self.max_in_flight[name] = max(self.max_in_flight.get(name, 0), self.in_flight[name])
+        try:
+            await self.body(name)
+        finally:
+            self.in_flight[name] -= 1
+        return Observation(0.001)
+
+    @property
+    def table(self) -> dict[str, ProbeKind]:
+        return {**PROBES, "tcp": ProbeKind(self.probe, tcp_probe.assess)}
+
+
+def _named(interval: float, timeout: float | None = None, name: str = "x") -> dict[str, Any]:
+    return {**_tcp(interval, timeout), "description": name}
+
+
+async def _run_until(scheduler: Scheduler, config: Config, done: anyio.Event, limit: float) -> None:
+    with anyio.fail_after(limit):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(scheduler.run, config)
+            await done.wait()
+            tg.cancel_scope.cancel()
+
+
+@pytest.mark.asyncio
+async def test_check_never_overlaps_itself_when_probe_outlasts_interval() -> None:
+    done = anyio.Event()
+
+    async def slow(name: str) -> None:
+        # Each run takes three intervals' worth, but is cut by the deadline at one interval.
+        if len(recorder.starts[name]) >= 6:
+            done.set()
+        await anyio.sleep(0.15)
+
+    recorder = _Recorder(slow)
+    store = StateStore()
+    scheduler = Scheduler(store, probes=recorder.table)
+    config = _config({"a": _named(0.05, name="a")})
+    await _run_until(scheduler, config, done, limit=5)
+    assert recorder.max_in_flight["a"] == 1
+    state = store.get("a")
+    assert state is not None
+    assert state.reason_code == "timeout"
+    starts = recorder.starts["a"]
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    # A run that overran skips the ticks it missed rather than bunching them up.
+    assert all(gap >= 0.05 * 0.9 for gap in gaps), gaps
+
+
+@pytest.mark.asyncio
+async def test_intervals_do_not_drift_over_many_runs() -> None:
+    done = anyio.Event()
+    runs = 30
+    interval = 0.04
+
+    async def uneven(name: str) -> None:
+        n = len(recorder.starts[name])
+        if n >= runs:
+            done.set()
+        # Probes take a varying share of the interval; the start times must not care.
+        await anyio.sleep((n % 4) * interval / 5)
+
+    recorder = _Recorder(uneven)
+    scheduler = Scheduler(StateStore(), probes=recorder.table)
+    await _run_until(scheduler, _config({"a": _named(interval, name="a")}), done, limit=10)
+    starts = recorder.starts["a"][:runs]
+    first = starts[0]
+    ticks = [round((s - first) / interval) for s in starts]
+    phase_errors = [s - (first + t * interval) for s, t in zip(starts, ticks, strict=True)]
+    # Every start sits on the grid first + k * interval, late only by event-loop latency; a
+    # drifting loop (sleeping "interval" after each run) would be off by the probe times summed.
+    assert max(abs(e) for e in phase_errors) < 0.012, phase_errors
+    assert abs(phase_errors[-1]) < 0.012
+    # A tick is skipped only if the machine stalled; nearly all of them are kept.
+    assert ticks[-1] - (runs - 1) <= 2, ticks
+
+
+@pytest.mark.asyncio
+async def test_hung_target_times_out_without_delaying_others(http_target: HttpTarget) -> None:
+    http_target.route("/hang", Reply(action="hang"))
+    http_target.route("/fast", Reply(body=b"ok"))
+    hung_done = anyio.Event()
+    fast_results: list[ComponentState] = []
+
+    def changed(previous: ComponentState | None, state: ComponentState) -> None:
+        if state.name == "hung":
+            hung_done.set()
+
+    store = StateStore()
+    config = _config(
+        {
+            "hung": {
+                "kind": "http",
+                "url": http_target.url("/hang"),
+                "interval": 5,
+                "timeout": 0.5,
+            },
+            "fast": {"kind": "http", "url": http_target.url("/fast"), "interval": 0.05},
+        }
+    )
+    scheduler = Scheduler(store, on_change=changed)
+    started = anyio.current_time()
+    with anyio.fail_after(3):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(scheduler.run, config)
+            while not hung_done.is_set():
+                await anyio.sleep(0.01)
+                if (state := store.get("fast")) is not None:
+                    fast_results.append(state)
+            tg.cancel_scope.cancel()
+    elapsed = anyio.current_time() - started
+    hung = store.get("hung")
+    assert hung is not None
+    assert hung.status is Status.UNHEALTHY
+    assert hung.reason_code == "timeout"
+    # The deadline holds: the probe gave up within its 0.5 s, not later.
+    assert 0.4 <= hung.latency_seconds <= 0.6
+    assert elapsed < 1.0
+    fast_checks = {s.checked_at for s in fast_results if s.status is Status.HEALTHY}
+    # While the hung probe waited, the fast check kept its 50 ms rhythm.
+    assert len(fast_checks) >= 6
+    lateness = store.daemon().lateness
+    assert lateness.count >= 6
+    late_buckets = dict(zip(lateness.upper_bounds, lateness.buckets, strict=False))
+    # Nothing waited on the hung probe: every start was late by far less than its 0.5 s.
+    assert late_buckets[0.1] == lateness.count
+
+
+@pytest.mark.asyncio
+async def test_max_concurrency_bounds_probes_in_flight() -> None:
+    in_flight = 0
+    peak = 0
+    done = anyio.Event()
+    finished = 0
+
+    async def body(name: str) -> None:
+        nonlocal in_flight, peak, finished
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await anyio.sleep(0.02)
+        in_flight -= 1
+        finished += 1
+        if finished >= 12:
+            done.set()
+
+    recorder = _Recorder(body)
+    scheduler = Scheduler(StateStore(), max_concurrency=2, probes=recorder.table)
+    config = _config({f"c{i}": _named(1, name=f"c{i}") for i in range(12)}, max_concurrency=2)
+    await _run_until(scheduler, config, done, limit=5)
+    assert peak == 2
+
+
+@pytest.mark.asyncio
+async def test_first_round_event_waits_for_every_check() -> None:
+    release = anyio.Event()
+
+    async def body(name: str) -> None:
+        if name == "slow":
+            await release.wait()
+
+    recorder = _Recorder(body)
+    store = StateStore()
+    scheduler = Scheduler(store, probes=recorder.table)
+    config = _config({"quick": _named(5, 1, "quick"), "slow": _named(5, 1, "slow")})
+    with anyio.fail_after(3):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(scheduler.run, config)
+            while store.get("quick") is None:
+                await anyio.sleep(0.005)
+            assert not scheduler.first_round_done.is_set()
+            release.set()
+            await scheduler.first_round_done.wait()
+            assert store.get("slow") is not None
+            tg.cancel_scope.cancel()
+
+
+@pytest.mark.asyncio
+async def test_probe_bug_is_reported_as_probe_error_never_as_healthy() -> None:
+    async def broken(name: str) -> None:
+        raise RuntimeError("bug in probe")
+
+    recorder = _Recorder(broken)
+    store = StateStore()
+    scheduler = Scheduler(store, probes=recorder.table)
+    await scheduler.run_round(_config({"a": _named(5, 1, "a")}))
+    state = store.get("a")
+    assert state is not None
+    assert state.status is Status.UNHEALTHY
+    assert state.reason_code == "probe_error"
+    assert store.daemon().probe_errors_total == 1
+
+
+@pytest.mark.asyncio
+async def test_cancelling_the_scheduler_cancels_probes_in_flight_promptly() -> None:
+    started = anyio.Event()
+    cancelled = anyio.Event()
+
+    async def forever(name: str) -> None:
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            cancelled.set()
+            raise
+
+    recorder = _Recorder(forever)
+    scheduler = Scheduler(StateStore(), probes=recorder.table)
+    with anyio.fail_after(2):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(scheduler.run, _config({"a": _named(60, 60, "a")}))
+            await started.wait()
+            tg.cancel_scope.cancel()
+    assert cancelled.is_set()
+
+
+@pytest.mark.asyncio
+async def test_apply_keeps_unchanged_history_restarts_changed_and_drops_removed() -> None:
+    async def quick(name: str) -> None:
+        return None
+
+    recorder = _Recorder(quick)
+    store = StateStore()
+    scheduler = Scheduler(store, probes=recorder.table)
+    first = _config({"keep": _named(5, 1, "keep"), "drop": _named(5, 1, "drop")})
+    with anyio.fail_after(3):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(scheduler.run, first)
+            await scheduler.first_round_done.wait()
+            kept = store.get("keep")
+            scheduler.apply(_config({"keep": _named(5, 1, "keep"), "new": _named(5, 1, "new")}))
+            while store.get("new") is None:
+                await anyio.sleep(0.005)
+            assert store.get("keep") is kept
+            assert store.get("drop") is None
+            assert len(recorder.starts["keep"]) == 1
+            tg.cancel_scope.cancel()
+
+
+def test_phase_offset_is_stable_and_within_the_spread() -> None:
+    offsets = {name: phase_offset(name, 15, 1.0) for name in ("api", "db", "redis", "mlflow")}
+    assert offsets == {name: phase_offset(name, 15, 1.0) for name in offsets}
+    assert all(0 <= o < 1.0 for o in offsets.values())
+    assert len(set(offsets.values())) == len(offsets)
+    assert phase_offset("api", 0.1, 1.0) < 0.1
+
+
+def test_stale_components_are_reported_unhealthy_not_left_as_they_were() -> None:
+    now = [1000.0]
+    store = StateStore(clock=lambda: now[0])
+    state = ComponentState(
+        name="api", kind="http", critical=True, status=Status.HEALTHY, reason_code="ok",
+        reason="GET / returned 200", latency_seconds=0.01, checked_at=1000.0, since=900.0,
+        last_success_at=1000.0, consecutive_failures=0, consecutive_successes=5,
+    )  # fmt: skip
+    store.record(state, stale_after_seconds=35)
+    assert store.snapshot().components["api"].status is Status.HEALTHY
+    now[0] = 1036.0
+    snapshot = store.snapshot()
+    stale = snapshot.components["api"]
+    assert (stale.status, stale.reason_code) == (Status.UNHEALTHY, "stale")
+    assert "no check completed for 36 s" in stale.reason
+    assert snapshot.overall is Status.UNHEALTHY
+    # The stored state itself is untouched: a fresh result repairs the verdict at once.
+    assert store.get("api") is state
