@@ -1,3 +1,4 @@
 """Shared fixtures. Server fixtures live in their own modules and are re-exported here."""
 
+from tests.datastores import *  # noqa: F403
 from tests.http_target import *  # noqa: F403

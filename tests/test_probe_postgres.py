@@ -1,0 +1,530 @@
+"""The postgres probe against real PostgreSQL servers, and its pure verdicts in tables."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+
+from healthd import classify
+from healthd.config import PostgresCheck
+from healthd.model import ComponentState, Failure, Finding, Observation, Status
+from healthd.probes import ProbeContext, SharedResources
+from healthd.probes.postgres import assess, connect_timeout_seconds, failure_code
+from tests.datastores import (
+    PG_PASSWORD,
+    PG_PASSWORD_USER,
+    PG_PROBE_USER,
+    PostgresServer,
+    run_check,
+    wait_until,
+)
+
+
+def _check(dsn: str, **settings: Any) -> PostgresCheck:
+    settings.setdefault("timeout", 2.0)
+    settings.setdefault("interval", 10.0)
+    return PostgresCheck(dsn=dsn, **settings)
+
+
+async def _probe(check: PostgresCheck) -> tuple[Observation, Finding]:
+    ctx = ProbeContext(SharedResources())
+    try:
+        return await run_check(check, ctx)
+    finally:
+        await ctx.aclose()
+
+
+def _states(check: PostgresCheck, findings: Iterable[Finding]) -> list[ComponentState]:
+    """Feed findings through the hysteresis, starting from no history."""
+    states: list[ComponentState] = []
+    previous = None
+    for now, finding in enumerate(findings):
+        previous = classify.next_state(
+            previous,
+            name="db",
+            check=check,
+            finding=finding,
+            observation=Observation(0.01),
+            now=float(now),
+        )
+        states.append(previous)
+    return states
+
+
+# --- real servers ---------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_healthy_primary_reports_role_connections_and_version(
+    pg_primary: PostgresServer,
+) -> None:
+    observation, finding = await _probe(_check(pg_primary.dsn(user=PG_PROBE_USER)))
+
+    assert (finding.status, finding.reason_code) == (Status.HEALTHY, "ok")
+    facts = observation.facts
+    assert facts["role"] == "primary"
+    assert facts["in_recovery"] is False
+    assert facts["server_version"].split(".")[0].isdigit()
+    assert facts["max_connections"] == 20
+    assert facts["connections_usable"] == 17  # 20 minus 3 reserved for superusers
+    assert facts["connections_used"] >= 1  # the probe itself
+    assert facts["replay_lag_seconds"] is None
+    assert "primary" in finding.reason
+
+
+@pytest.mark.asyncio
+async def test_probe_connects_fresh_and_leaves_no_connection_behind(
+    pg_primary: PostgresServer,
+) -> None:
+    check = _check(pg_primary.dsn(user=PG_PROBE_USER))
+    ctx = ProbeContext(SharedResources())
+    for _ in range(3):
+        _, finding = await run_check(check, ctx)
+        assert finding.status is Status.HEALTHY
+    await ctx.aclose()
+
+    rows = pg_primary.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'healthd'"
+    )
+    assert rows == [(0,)]
+    # Every probe opened its own session: three backends were started for healthd.
+    logins = pg_primary.execute("SELECT count(*) FROM pg_stat_activity")
+    assert logins[0][0] >= 1
+
+
+@pytest.mark.asyncio
+async def test_password_from_environment_authenticates(
+    pg_primary: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HEALTHD_TEST_PG_PASSWORD", PG_PASSWORD)
+    check = _check(
+        pg_primary.dsn(user=PG_PASSWORD_USER), password="${env:HEALTHD_TEST_PG_PASSWORD}"
+    )
+
+    observation, finding = await _probe(check)
+
+    assert finding.status is Status.HEALTHY, finding
+    assert PG_PASSWORD not in repr(observation) + repr(finding) + str(check)
+
+
+@pytest.mark.asyncio
+async def test_password_from_file_inside_the_url_authenticates(
+    pg_primary: PostgresServer, tmp_path: Path
+) -> None:
+    secret = tmp_path / "pg-password"
+    secret.write_text(PG_PASSWORD + "\n")
+    check = _check(pg_primary.url(PG_PASSWORD_USER, password=f"${{file:{secret}}}"))
+
+    observation, finding = await _probe(check)
+
+    assert finding.status is Status.HEALTHY, finding
+    assert PG_PASSWORD not in repr(observation) + repr(finding) + str(check)
+
+
+@pytest.mark.asyncio
+async def test_wrong_password_is_auth_failed_without_showing_the_password(
+    pg_primary: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    wrong = "not-the-Password-77"
+    caplog.set_level("DEBUG")
+    check = _check(pg_primary.url(PG_PASSWORD_USER, password=wrong))
+
+    observation, finding = await _probe(check)
+
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "auth_failed")
+    assert "password authentication failed" in finding.reason
+    exported = repr(observation) + repr(finding) + str(check) + caplog.text
+    assert wrong not in exported
+    assert PG_PASSWORD not in exported
+
+
+@pytest.mark.asyncio
+async def test_missing_database_is_unhealthy(pg_primary: PostgresServer) -> None:
+    check = _check(pg_primary.dsn(user=PG_PROBE_USER, dbname="no_such_db"))
+
+    _, finding = await _probe(check)
+
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "database_missing")
+    assert "no_such_db" in finding.reason
+
+
+@pytest.mark.asyncio
+async def test_exhausted_connection_slots_are_saturated_until_released(
+    pg_primary: PostgresServer,
+) -> None:
+    check = _check(pg_primary.dsn(user=PG_PROBE_USER))
+    held: list[psycopg.Connection[Any]] = []
+    try:
+        # Fill every slot a non-superuser may take; the next connection is refused with 53300.
+        refusal = ""
+        for _ in range(30):
+            try:
+                held.append(psycopg.connect(pg_primary.dsn(user=PG_PROBE_USER)))
+            except psycopg.OperationalError as exc:
+                refusal = str(exc)
+                break
+        assert "reserved" in refusal
+        _, finding = await _probe(check)
+        assert (finding.status, finding.reason_code) == (Status.DEGRADED, "saturated")
+    finally:
+        for conn in held:
+            conn.close()
+
+    _, finding = await _probe(check)
+    assert finding.status is Status.HEALTHY
+
+
+@pytest.mark.asyncio
+async def test_saturation_above_threshold_is_degraded(pg_primary: PostgresServer) -> None:
+    check = _check(pg_primary.dsn(user=PG_PROBE_USER), degraded_saturation=0.8)
+    # 15 held plus the probe make 16 of 17 usable slots: 94 %.
+    with pg_primary.held_connections(15):
+        observation, finding = await _probe(check)
+
+    assert (finding.status, finding.reason_code) == (Status.DEGRADED, "saturated")
+    assert observation.facts["connections_used"] >= 16
+    assert observation.facts["saturation"] > 0.8
+    _, finding = await _probe(check)
+    assert finding.status is Status.HEALTHY
+
+
+@pytest.mark.asyncio
+async def test_long_transaction_is_degraded_until_it_ends(pg_primary: PostgresServer) -> None:
+    check = _check(pg_primary.dsn(user=PG_PROBE_USER), degraded_transaction_age="1ms")
+    with psycopg.connect(pg_primary.dsn()) as conn:  # not autocommit: a transaction stays open
+        conn.execute("SELECT txid_current()")
+        observation, finding = await _probe(check)
+        assert (finding.status, finding.reason_code) == (Status.DEGRADED, "long_transaction")
+        assert observation.facts["longest_transaction_seconds"] > 0.001
+        conn.rollback()
+        _, finding = await _probe(check)
+        assert finding.status is Status.HEALTHY
+
+
+@pytest.mark.asyncio
+async def test_standby_where_primary_is_expected_is_wrong_role(
+    pg_standby: PostgresServer,
+) -> None:
+    observation, finding = await _probe(_check(pg_standby.dsn(), expect_role="primary"))
+
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "wrong_role")
+    assert observation.facts["in_recovery"] is True
+    assert observation.facts["role"] == "standby"
+    _, as_standby = await _probe(_check(pg_standby.dsn(), expect_role="standby"))
+    assert as_standby.status is Status.HEALTHY
+    _, as_any = await _probe(_check(pg_standby.dsn(), expect_role="any"))
+    assert as_any.status is Status.HEALTHY
+
+
+def _replayed_everything(standby: PostgresServer) -> bool:
+    rows = standby.execute(
+        "SELECT pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn() "
+        "AND pg_last_xact_replay_timestamp() IS NOT NULL"
+    )
+    return bool(rows[0][0])
+
+
+def _received_ahead_of_replay(standby: PostgresServer) -> bool:
+    rows = standby.execute("SELECT pg_last_wal_receive_lsn() > pg_last_wal_replay_lsn()")
+    return bool(rows[0][0])
+
+
+@pytest.mark.asyncio
+async def test_replay_lag_above_threshold_is_degraded_until_caught_up(
+    pg_primary: PostgresServer, pg_standby: PostgresServer
+) -> None:
+    check = _check(pg_standby.dsn(), expect_role="standby", degraded_replay_lag="1ms")
+    pg_primary.execute("CREATE TABLE IF NOT EXISTS lag_probe (n int)")
+    pg_primary.execute("INSERT INTO lag_probe VALUES (1)")
+    wait_until(lambda: _replayed_everything(pg_standby), what="the standby to catch up")
+    observation, finding = await _probe(check)
+    assert observation.facts["replay_lag_seconds"] == 0.0
+    assert finding.status is Status.HEALTHY
+
+    pg_standby.execute("SELECT pg_wal_replay_pause()")
+    pg_primary.execute("INSERT INTO lag_probe VALUES (2)")
+    wait_until(lambda: _received_ahead_of_replay(pg_standby), what="WAL the standby holds back")
+    observation, finding = await _probe(check)
+    assert (finding.status, finding.reason_code) == (Status.DEGRADED, "replication_lag")
+    assert observation.facts["replay_lag_seconds"] > 0.001
+
+    pg_standby.execute("SELECT pg_wal_replay_resume()")
+    wait_until(lambda: _replayed_everything(pg_standby), what="the standby to catch up")
+    _, finding = await _probe(check)
+    assert finding.status is Status.HEALTHY
+
+
+@pytest.mark.asyncio
+async def test_standby_not_accepting_connections_is_not_ready_until_hot(
+    pg_standby: PostgresServer,
+) -> None:
+    check = _check(pg_standby.dsn(), expect_role="standby")
+    pg_standby.stop()
+    # A standby without hot_standby is up and replaying, but rejects sessions with 57P03.
+    pg_standby.start(wait=False, hot_standby="off")
+    pg_standby.wait_for(
+        lambda error: error is not None and "not accepting connections" in str(error),
+        "rejecting connections as a cold standby",
+    )
+
+    _, finding = await _probe(check)
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "not_ready")
+
+    pg_standby.stop()
+    pg_standby.start()
+    _, finding = await _probe(check)
+    assert finding.status is Status.HEALTHY
+
+
+@pytest.mark.asyncio
+async def test_killed_server_is_refused_then_recovers_through_hysteresis(
+    pg_victim: PostgresServer,
+) -> None:
+    check = _check(pg_victim.dsn(), failure_threshold=3, recovery_threshold=2)
+    findings = [(await _probe(check))[1]]
+    pg_victim.kill()
+    for _ in range(3):
+        findings.append((await _probe(check))[1])
+    pg_victim.start()
+    for _ in range(2):
+        findings.append((await _probe(check))[1])
+
+    assert [f.reason_code for f in findings[1:4]] == ["connection_refused"] * 3
+    states = _states(check, findings)
+    assert [s.status for s in states] == [
+        Status.HEALTHY,
+        Status.DEGRADED,  # 1 of 3 failures
+        Status.DEGRADED,  # 2 of 3
+        Status.UNHEALTHY,
+        Status.DEGRADED,  # recovering 1 of 2
+        Status.HEALTHY,
+    ]
+    assert states[3].reason_code == "connection_refused"
+    assert states[4].reason_code == "recovering"
+
+
+@pytest.mark.asyncio
+async def test_frozen_server_times_out_within_deadline_without_delaying_others(
+    pg_victim: PostgresServer, pg_primary: PostgresServer
+) -> None:
+    frozen_check = _check(pg_victim.dsn(), timeout=0.5)
+    healthy_check = _check(pg_primary.dsn(user=PG_PROBE_USER), timeout=2.0)
+    results: dict[str, tuple[Observation, Finding, float]] = {}
+
+    async def timed(name: str, check: PostgresCheck) -> None:
+        started = time.perf_counter()
+        observation, finding = await _probe(check)
+        results[name] = (observation, finding, time.perf_counter() - started)
+
+    pg_victim.freeze()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(timed, "frozen", frozen_check)
+            tg.start_soon(timed, "healthy", healthy_check)
+    finally:
+        pg_victim.thaw()
+
+    _, frozen, frozen_seconds = results["frozen"]
+    assert (frozen.status, frozen.reason_code) == (Status.UNHEALTHY, "timeout")
+    # psycopg would wait at least 2 s (its connect_timeout floor); the deadline holds.
+    assert 0.5 <= frozen_seconds < 0.9
+    _, healthy, healthy_seconds = results["healthy"]
+    assert healthy.status is Status.HEALTHY
+    assert healthy_seconds < 0.5
+
+    pg_victim.wait_ready()
+    _, finding = await _probe(frozen_check)
+    assert finding.status is Status.HEALTHY
+
+
+# --- pure judgement ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "message", "code"),
+    [
+        ("57P03", "the database system is starting up", "not_ready"),
+        ("53300", "sorry, too many clients already", "saturated"),
+        ("28P01", "password authentication failed", "auth_failed"),
+        ("28000", "no pg_hba.conf entry", "auth_failed"),
+        ("3D000", 'database "x" does not exist', "database_missing"),
+        ("57P01", "terminating connection due to administrator command", "admin_shutdown"),
+        ("57P02", "terminating connection because of crash", "crash_shutdown"),
+        ("57014", "canceling statement due to statement timeout", "timeout"),
+        ("42601", "syntax error", "query_error"),
+        (None, "FATAL:  the database system is starting up", "not_ready"),
+        (None, "FATAL:  the database system is shutting down", "not_ready"),
+        (None, "FATAL:  the database system is not accepting connections", "not_ready"),
+        (None, "FATAL:  sorry, too many clients already", "saturated"),
+        (None, "FATAL:  remaining connection slots are reserved for roles with ...", "saturated"),
+        (None, 'FATAL:  password authentication failed for user "u"', "auth_failed"),
+        (None, 'FATAL:  no pg_hba.conf entry for host "1.2.3.4"', "auth_failed"),
+        (None, 'FATAL:  role "ghost" does not exist', "auth_failed"),
+        (None, 'FATAL:  database "ghost" does not exist', "database_missing"),
+        (None, "FATAL:  terminating connection due to administrator command", "admin_shutdown"),
+        (None, "failed: Connection refused\n\tIs the server running", "connection_refused"),
+        (None, "connection timeout expired", "timeout"),
+        (None, 'could not translate host name "nowhere" to address', "dns_error"),
+        (None, "server closed the connection unexpectedly", "connection_reset"),
+        (None, "something nobody has seen before", "connection_error"),
+    ],
+)
+def test_failure_codes_by_sqlstate_then_message(
+    sqlstate: str | None, message: str, code: str
+) -> None:
+    assert failure_code(sqlstate, message) == code
+
+
+def _facts(**overrides: Any) -> dict[str, Any]:
+    facts: dict[str, Any] = {
+        "server_version": "18.1",
+        "in_recovery": False,
+        "role": "primary",
+        "max_connections": 100,
+        "connections_used": 10,
+        "connections_usable": 97,
+        "saturation": 0.1031,
+        "replay_lag_seconds": None,
+        "longest_transaction_seconds": None,
+    }
+    facts.update(overrides)
+    return facts
+
+
+_STANDBY = {"in_recovery": True, "role": "standby", "replay_lag_seconds": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("settings", "observation", "status", "code"),
+    [
+        ({}, Observation(0.01, facts=_facts()), Status.HEALTHY, "ok"),
+        (
+            {"expect_role": "standby"},
+            Observation(0.01, facts=_facts()),
+            Status.UNHEALTHY,
+            "wrong_role",
+        ),
+        ({}, Observation(0.01, facts=_facts(**_STANDBY)), Status.UNHEALTHY, "wrong_role"),
+        ({"expect_role": "any"}, Observation(0.01, facts=_facts(**_STANDBY)), Status.HEALTHY, "ok"),
+        (
+            {"expect_role": "standby", "degraded_replay_lag": 30},
+            Observation(0.01, facts=_facts(**{**_STANDBY, "replay_lag_seconds": 31.0})),
+            Status.DEGRADED,
+            "replication_lag",
+        ),
+        (
+            {"expect_role": "standby", "degraded_replay_lag": 30},
+            Observation(0.01, facts=_facts(**{**_STANDBY, "replay_lag_seconds": 29.0})),
+            Status.HEALTHY,
+            "ok",
+        ),
+        (
+            {"expect_role": "standby", "degraded_replay_lag": None},
+            Observation(0.01, facts=_facts(**{**_STANDBY, "replay_lag_seconds": 9999.0})),
+            Status.HEALTHY,
+            "ok",
+        ),
+        (
+            {},
+            Observation(0.01, facts=_facts(connections_used=80, saturation=0.8247)),
+            Status.DEGRADED,
+            "saturated",
+        ),
+        (
+            {"degraded_saturation": 0.9},
+            Observation(0.01, facts=_facts(connections_used=80, saturation=0.8247)),
+            Status.HEALTHY,
+            "ok",
+        ),
+        (
+            {"degraded_transaction_age": 300},
+            Observation(0.01, facts=_facts(longest_transaction_seconds=301.0)),
+            Status.DEGRADED,
+            "long_transaction",
+        ),
+        (
+            {"degraded_transaction_age": None},
+            Observation(0.01, facts=_facts(longest_transaction_seconds=99999.0)),
+            Status.HEALTHY,
+            "ok",
+        ),
+        (
+            # A wrong role outranks every degraded finding.
+            {"expect_role": "standby"},
+            Observation(0.01, facts=_facts(saturation=0.99, longest_transaction_seconds=1e6)),
+            Status.UNHEALTHY,
+            "wrong_role",
+        ),
+        (
+            {},
+            Observation(0.01, failure=Failure("saturated", "too many clients")),
+            Status.DEGRADED,
+            "saturated",
+        ),
+        *[
+            (
+                {},
+                Observation(0.01, failure=Failure(code, "x")),
+                Status.UNHEALTHY,
+                code,
+            )
+            for code in (
+                "not_ready",
+                "auth_failed",
+                "database_missing",
+                "admin_shutdown",
+                "crash_shutdown",
+                "connection_refused",
+                "timeout",
+            )
+        ],
+    ],
+)
+def test_assess_table(
+    settings: dict[str, Any], observation: Observation, status: Status, code: str
+) -> None:
+    finding = assess(_check("host=db", **settings), observation)
+    assert (finding.status, finding.reason_code) == (status, code)
+
+
+def _failure(code: str) -> Finding:
+    return assess(_check("host=db"), Observation(0.01, failure=Failure(code, code)))
+
+
+def test_not_ready_is_degraded_at_first_then_unhealthy_at_the_failure_threshold() -> None:
+    check = _check("host=db", failure_threshold=3)
+    healthy = assess(check, Observation(0.01, facts=_facts()))
+    states = _states(check, [healthy, *[_failure("not_ready")] * 3])
+    assert [s.status for s in states] == [
+        Status.HEALTHY,
+        Status.DEGRADED,
+        Status.DEGRADED,
+        Status.UNHEALTHY,
+    ]
+    assert states[1].reason.endswith("(1 of 3 failures)")
+    assert states[3].reason_code == "not_ready"
+
+
+def test_too_many_connections_stays_degraded_however_long_it_lasts() -> None:
+    check = _check("host=db", failure_threshold=2)
+    states = _states(check, [_failure("saturated")] * 5)
+    assert {s.status for s in states} == {Status.DEGRADED}
+    assert {s.reason_code for s in states} == {"saturated"}
+
+
+def test_connect_timeout_never_goes_below_psycopgs_two_second_floor() -> None:
+    assert connect_timeout_seconds(_check("host=db", timeout=0.5)) == 2
+    assert connect_timeout_seconds(_check("host=db", timeout=10.0)) == 9
+
+
+def test_dsn_must_be_a_postgres_url_or_key_value_pairs() -> None:
+    with pytest.raises(ValueError, match="postgresql://"):
+        _check("mysql://u:p@h/db")
+    with pytest.raises(ValueError, match="key=value"):
+        _check("just-a-host")
