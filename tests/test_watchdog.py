@@ -1,0 +1,194 @@
+"""sd_notify and the watchdog, end to end: a real datagram socket, a real ``healthd run``.
+
+The daemon runs with ``WATCHDOG_USEC=1 s`` and checks every 0.3 s, so half-interval pings
+arrive every 0.5 s and a stall shows within a second.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import signal
+import statistics
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from healthd.watchdog import Notifier
+from tests.healthd_process import HealthdProcess, NotifySocket, TcpTarget, free_port, write_config
+
+_WATCHDOG_USEC = 1_000_000
+_STATUS = re.compile(r"^\d+ healthy, \d+ degraded, \d+ unhealthy; overall \w+$")
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[NotifySocket]:
+    sock = NotifySocket()
+    yield sock
+    sock.close()
+
+
+@pytest.fixture
+def target() -> Iterator[TcpTarget]:
+    tcp = TcpTarget()
+    yield tcp
+    tcp.stop()
+
+
+def _config(tmp_path: Path, target: TcpTarget, **daemon: object) -> tuple[Path, int]:
+    port = free_port()
+    settings: dict[str, object] = {
+        "metrics_address": f"127.0.0.1:{port}",
+        "status_file": str(tmp_path / "state" / "status.json"),
+        "status_file_refresh": "1s",
+        "interval": "300ms",
+        "timeout": "200ms",
+        "startup_spread": "50ms",
+        **daemon,
+    }
+    components = {"db": {"kind": "tcp", "address": target.address, "critical": True}}
+    return write_config(tmp_path / "healthd.toml", settings, components), port
+
+
+def _metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+        return str(response.read().decode())
+
+
+# --- the protocol, in-process ----------------------------------------------------------------
+
+
+def test_notifier_does_nothing_without_notify_socket() -> None:
+    notifier = Notifier(environ={})
+    assert not notifier.enabled
+    assert notifier.send(READY=1) is False
+    assert notifier.watchdog_seconds is None
+
+
+def test_notifier_reaches_an_abstract_socket() -> None:
+    sock = NotifySocket(abstract=True)
+    try:
+        notifier = Notifier(environ={"NOTIFY_SOCKET": sock.address})
+        assert notifier.send(READY=1, STATUS="all fine")
+        message = sock.wait_for(lambda m: "READY" in m, 2)
+        assert message.fields == {"READY": "1", "STATUS": "all fine"}
+        notifier.close()
+    finally:
+        sock.close()
+
+
+def test_watchdog_interval_is_ignored_when_meant_for_another_pid() -> None:
+    other = {"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}
+    assert Notifier(environ=other).watchdog_seconds is None
+    assert Notifier(environ={"WATCHDOG_USEC": "2000000"}).watchdog_seconds == 2.0
+    assert Notifier(environ={"WATCHDOG_USEC": "0"}).watchdog_seconds is None
+
+
+def test_reloading_carries_the_monotonic_clock(notify_socket: NotifySocket) -> None:
+    notifier = Notifier(environ={"NOTIFY_SOCKET": notify_socket.address})
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    notifier.reloading()
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    message = notify_socket.wait_for(lambda m: "RELOADING" in m, 2)
+    assert message.fields["RELOADING"] == "1"
+    assert before <= int(message.fields["MONOTONIC_USEC"]) <= after
+    notifier.close()
+
+
+# --- end to end ------------------------------------------------------------------------------
+
+
+def test_ready_only_after_first_round_metrics_and_status_file_then_pings_at_half_interval(
+    tmp_path: Path, notify_socket: NotifySocket, target: TcpTarget
+) -> None:
+    config, port = _config(tmp_path, target)
+    status_file = tmp_path / "state" / "status.json"
+    env = {"NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": str(_WATCHDOG_USEC)}
+    daemon = HealthdProcess(config, env=env, watchdog_pid="self")
+    try:
+        ready = notify_socket.wait_for(lambda m: "READY" in m, 15)
+        # The promises behind READY=1: a written status file with a checked component, and a
+        # metrics server that answers.
+        assert status_file.stat().st_mtime <= time.time()
+        assert '"db":{"kind":"tcp","status":"healthy"' in status_file.read_text()
+        assert 'healthd_component_up{component="db",kind="tcp"} 1.0' in _metrics(port)
+        assert _STATUS.match(ready.fields["STATUS"]), ready.fields
+        before_ready = [m for m in notify_socket.messages if m.at < ready.at]
+        assert not [m for m in before_ready if "WATCHDOG" in m or "READY" in m]
+
+        notify_socket.wait_for(lambda m: "WATCHDOG" in m, 4, after=ready.at + 2.0)
+        pings = notify_socket.pings(ready.at - 0.01, ready.at + 2.0)
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
+        assert len(pings) >= 4, pings
+        assert 0.4 <= statistics.median(gaps) <= 0.6, gaps
+        assert max(gaps) < 0.9, gaps
+
+        # A change of verdict is announced in STATUS= (the first failure is only degraded).
+        target.stop()
+        changed = notify_socket.wait_for(
+            lambda m: "STATUS" in m and "1 degraded" in m.fields["STATUS"], 5, after=ready.at
+        )
+        assert _STATUS.match(changed.fields["STATUS"])
+
+        stop_sent = time.monotonic()
+        assert daemon.stop() == 0
+        stopping = notify_socket.wait_for(lambda m: "STOPPING" in m, 2, after=stop_sent)
+        assert stopping.fields["STOPPING"] == "1"
+    finally:
+        daemon.stop()
+
+
+def test_watchdog_pings_stop_while_the_loop_is_stalled_and_resume_after(
+    tmp_path: Path, notify_socket: NotifySocket, target: TcpTarget
+) -> None:
+    stall = tmp_path / "stall"
+    config, _ = _config(tmp_path, target)
+    env = {
+        "NOTIFY_SOCKET": notify_socket.address,
+        "WATCHDOG_USEC": str(_WATCHDOG_USEC),
+        "HEALTHD_TEST_STALL_FILE": str(stall),
+    }
+    daemon = HealthdProcess(config, env=env, watchdog_pid="self")
+    try:
+        ready = notify_socket.wait_for(lambda m: "READY" in m, 15)
+        notify_socket.wait_for(lambda m: "WATCHDOG" in m, 3, after=ready.at + 1.0)
+
+        stall.touch()
+        stalled_at = time.monotonic()
+        # The next check (within one 0.3 s interval) blocks the loop; allow one ping in flight.
+        time.sleep(2.0)
+        silent_from = stalled_at + 0.9
+        stall.unlink()
+        recovered_at = time.monotonic()
+        assert notify_socket.pings(silent_from, recovered_at) == []
+
+        first = notify_socket.wait_for(lambda m: "WATCHDOG" in m, 2, after=recovered_at)
+        assert first.at - recovered_at < 0.8
+        notify_socket.wait_for(lambda m: "WATCHDOG" in m, 3, after=recovered_at + 1.2)
+        after = notify_socket.pings(recovered_at, recovered_at + 1.2)
+        assert len(after) >= 2, after
+        assert daemon.process.poll() is None
+    finally:
+        stall.unlink(missing_ok=True)
+        daemon.stop()
+
+
+def test_no_watchdog_pings_when_watchdog_pid_names_another_process(
+    tmp_path: Path, notify_socket: NotifySocket, target: TcpTarget
+) -> None:
+    config, _ = _config(tmp_path, target)
+    env = {"NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": str(_WATCHDOG_USEC)}
+    daemon = HealthdProcess(config, env=env, watchdog_pid="1")
+    try:
+        ready = notify_socket.wait_for(lambda m: "READY" in m, 15)
+        # Wait for something that happens well after the first ping would have been sent.
+        target.stop()
+        notify_socket.wait_for(lambda m: "degraded" in m.fields.get("STATUS", ""), 5, ready.at)
+        daemon.signal(signal.SIGTERM)
+        notify_socket.wait_for(lambda m: "STOPPING" in m, 5, after=ready.at)
+        assert notify_socket.pings() == []
+    finally:
+        daemon.stop()
