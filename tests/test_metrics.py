@@ -1,0 +1,213 @@
+"""The /metrics endpoint: exact names, label sets and values, parsed as Prometheus parses them."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from healthd.exporters.metrics import MetricsServer
+from healthd.model import ComponentState, Histogram, Status
+from healthd.state import StateStore
+
+NOW = 1_800_000_000.0
+
+
+def _state(name: str, kind: str, status: Status, **fields: object) -> ComponentState:
+    values: dict[str, object] = {
+        "name": name,
+        "kind": kind,
+        "critical": False,
+        "status": status,
+        "reason_code": "ok" if status is Status.HEALTHY else "timeout",
+        "reason": "r",
+        "latency_seconds": 0.25,
+        "checked_at": NOW,
+        "since": NOW - 60,
+        "last_success_at": NOW if status is not Status.UNHEALTHY else None,
+        "consecutive_failures": 0 if status is not Status.UNHEALTHY else 3,
+        "consecutive_successes": 0,
+        "checks_total": {"success": 7, "timeout": 3},
+        "durations": Histogram.empty((0.1, 1.0)).observe(0.25).observe(0.05),
+    }
+    values.update(fields)
+    return ComponentState(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def store() -> StateStore:
+    store = StateStore(clock=lambda: NOW)
+    store.record(_state("api", "http", Status.DEGRADED, critical=True), stale_after_seconds=60)
+    store.record(_state("db", "tcp", Status.UNHEALTHY), stale_after_seconds=60)
+    store.record(_state("cache", "tcp", Status.HEALTHY), stale_after_seconds=60)
+    return store
+
+
+@pytest.fixture
+def server(store: StateStore) -> Iterator[MetricsServer]:
+    server = MetricsServer("127.0.0.1", 0, store.snapshot, "1.2.3")
+    server.start()
+    yield server
+    server.stop()
+
+
+def _scrape(server: MetricsServer) -> tuple[str, dict[str, list[Sample]]]:
+    host, port = server.address
+    response = httpx.get(f"http://{host}:{port}/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples: dict[str, list[Sample]] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(sample)
+    return response.text, samples
+
+
+def _value(samples: dict[str, list[Sample]], name: str, **labels: str) -> float:
+    matches = [
+        s.value for s in samples[name] if all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+    assert len(matches) == 1, (name, labels, samples.get(name))
+    return matches[0]
+
+
+def test_component_gauges_have_the_contracted_names_labels_and_values(
+    server: MetricsServer,
+) -> None:
+    _, samples = _scrape(server)
+    assert _value(samples, "healthd_component_up", component="api", kind="http") == 1
+    assert _value(samples, "healthd_component_up", component="db", kind="tcp") == 0
+    assert _value(samples, "healthd_component_status", component="api", kind="http") == 1
+    assert _value(samples, "healthd_component_status", component="db", kind="tcp") == 2
+    assert _value(samples, "healthd_component_status", component="cache", kind="tcp") == 0
+    for name in (
+        "healthd_component_last_check_timestamp_seconds",
+        "healthd_component_last_change_timestamp_seconds",
+        "healthd_component_check_duration_seconds",
+        "healthd_component_consecutive_failures",
+    ):
+        assert {frozenset(s.labels.items()) for s in samples[name]} == {
+            frozenset({("component", c)}) for c in ("api", "db", "cache")
+        }, name
+    assert _value(samples, "healthd_component_last_check_timestamp_seconds", component="db") == NOW
+    assert _value(samples, "healthd_component_last_change_timestamp_seconds", component="db") == (
+        NOW - 60
+    )
+    assert _value(samples, "healthd_component_check_duration_seconds", component="api") == 0.25
+    assert _value(samples, "healthd_component_consecutive_failures", component="db") == 3
+    # A component that never succeeded has no last-success series, rather than a fake 0.
+    last_success = {s.labels["component"] for s in samples[
+        "healthd_component_last_success_timestamp_seconds"
+    ]}  # fmt: skip
+    assert last_success == {"api", "cache"}
+    assert _value(samples, "healthd_component_critical", component="api") == 1
+    assert _value(samples, "healthd_component_reason_info", component="db", reason_code="timeout")
+
+
+def test_state_set_has_all_three_states_for_every_component(server: MetricsServer) -> None:
+    _, samples = _scrape(server)
+    series = samples["healthd_component_state"]
+    assert len(series) == 9
+    for component, kind, current in (
+        ("api", "http", "degraded"),
+        ("db", "tcp", "unhealthy"),
+        ("cache", "tcp", "healthy"),
+    ):
+        for state in ("healthy", "degraded", "unhealthy"):
+            value = _value(
+                samples,
+                "healthd_component_state",
+                component=component,
+                kind=kind,
+                healthd_component_state=state,
+            )
+            assert value == (1 if state == current else 0)
+
+
+def test_counters_histograms_and_daemon_metrics(server: MetricsServer) -> None:
+    text, samples = _scrape(server)
+    assert "# TYPE healthd_checks_total counter" in text
+    assert (
+        _value(samples, "healthd_checks_total", component="api", kind="http", result="success") == 7
+    )
+    assert (
+        _value(samples, "healthd_checks_total", component="db", kind="tcp", result="timeout") == 3
+    )
+    assert "# TYPE healthd_check_duration_seconds histogram" in text
+    assert _value(samples, "healthd_check_duration_seconds_bucket", component="api", le="0.1") == 1
+    assert _value(samples, "healthd_check_duration_seconds_bucket", component="api", le="+Inf") == 2
+    assert _value(samples, "healthd_check_duration_seconds_count", component="api") == 2
+    assert _value(samples, "healthd_check_duration_seconds_sum", component="api") == 0.3
+    # db is unhealthy but not critical: overall degraded, still "up".
+    assert _value(samples, "healthd_overall_status") == 1
+    assert _value(samples, "healthd_overall_up") == 1
+    assert _value(samples, "healthd_components", status="unhealthy") == 1
+    assert _value(samples, "healthd_build_info", version="1.2.3") == 1
+    assert _value(samples, "healthd_scheduler_last_progress_timestamp_seconds") == NOW
+    assert "healthd_scheduler_lateness_seconds_bucket" in samples
+    assert _value(samples, "healthd_config_last_reload_successful") == 1
+    assert _value(samples, "healthd_status_file_write_failures_total") == 0
+    assert "process_cpu_seconds_total" in samples
+
+
+def test_critical_unhealthy_component_makes_overall_down(store: StateStore) -> None:
+    store.record(_state("api", "http", Status.UNHEALTHY, critical=True), stale_after_seconds=60)
+    server = MetricsServer("127.0.0.1", 0, store.snapshot, "1.2.3")
+    server.start()
+    try:
+        _, samples = _scrape(server)
+    finally:
+        server.stop()
+    assert _value(samples, "healthd_overall_status") == 2
+    assert _value(samples, "healthd_overall_up") == 0
+
+
+def test_removed_component_series_disappear(server: MetricsServer, store: StateStore) -> None:
+    store.remove("db")
+    _, samples = _scrape(server)
+    components = {s.labels.get("component") for family in samples.values() for s in family}
+    assert "db" not in components
+    assert "api" in components
+
+
+def test_unchanged_snapshot_is_rendered_once(server: MetricsServer, store: StateStore) -> None:
+    first = server.exposition()
+    calls = 0
+    original = store.snapshot
+
+    def counting():  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return original()
+
+    server._source = counting
+    again = server.exposition()
+    # Same version: the cached text is served; only the cheap process metrics are appended.
+    assert calls == 1
+    assert again.split(b"# HELP process_")[0] == first.split(b"# HELP process_")[0]
+
+
+def test_unknown_paths_are_404(server: MetricsServer) -> None:
+    host, port = server.address
+    assert httpx.get(f"http://{host}:{port}/nope").status_code == 404
+
+
+def test_binding_a_busy_address_fails_at_construction(server: MetricsServer) -> None:
+    host, port = server.address
+    with pytest.raises(OSError, match="in use"):
+        MetricsServer(host, port, lambda: None, "x")  # type: ignore[arg-type,return-value]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is installed by the README")
+def test_promtool_check_metrics_reports_no_problems(server: MetricsServer) -> None:
+    text, _ = _scrape(server)
+    result = subprocess.run(
+        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == ""
