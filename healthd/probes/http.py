@@ -22,11 +22,12 @@ from healthd.probes._errors import network_failure
 
 #: The client's own deadline is this share of the check's timeout, so that the library reports
 #: which phase timed out before the scheduler's deadline cancels the probe.
-CLIENT_TIMEOUT_SHARE = 0.9
+CLIENT_TIMEOUT_SHARE = 0.85
 #: httpx's timeouts bound each read, not the whole exchange, so a target trickling one byte at
 #: a time would never time out. One deadline for the whole request, between the per-phase
-#: deadlines and the scheduler's, catches that and still names it as a timeout.
-TOTAL_TIMEOUT_SHARE = 0.95
+#: deadlines and the scheduler's, catches that and still names it as a timeout. The gap to the
+#: scheduler's deadline leaves room for building the client (SSL context) on the first run.
+TOTAL_TIMEOUT_SHARE = 0.9
 
 
 def build_client(
@@ -72,16 +73,21 @@ async def request(
     content: bytes | str | None = None,
     json: Any = None,
     max_body_bytes: int = 1 << 20,
+    total_timeout_seconds: float | None = None,
 ) -> Observation:
     """Send one request and observe the answer.
 
     ``facts`` get ``http_status`` and ``body_bytes``; ``payload`` is the body, at most
     ``max_body_bytes`` long, with ``facts["body_truncated"]`` set when there was more.
+    ``total_timeout_seconds`` bounds the whole exchange; by default it is derived from the
+    client's timeout.
     """
     what = target(method, url)
-    limit_seconds = (client.timeout.read or 0) / CLIENT_TIMEOUT_SHARE * TOTAL_TIMEOUT_SHARE
+    limit_seconds = total_timeout_seconds
+    if limit_seconds is None and client.timeout.read is not None:
+        limit_seconds = client.timeout.read / CLIENT_TIMEOUT_SHARE * TOTAL_TIMEOUT_SHARE
     started = time.perf_counter()
-    with anyio.move_on_after(limit_seconds or None) as deadline:
+    with anyio.move_on_after(limit_seconds) as deadline:
         try:
             async with client.stream(
                 method, url, headers=headers, content=content, json=json
@@ -90,7 +96,7 @@ async def request(
         except httpx.HTTPError as exc:
             return Observation(time.perf_counter() - started, failure=_failure(exc, what, client))
     latency = time.perf_counter() - started
-    if deadline.cancelled_caught:
+    if deadline.cancelled_caught and limit_seconds is not None:
         message = (
             f"{what}: timed out before the response was complete (limit {limit_seconds:.3g} s)"
         )
@@ -153,6 +159,8 @@ def status_finding(
 
 async def probe(check: HttpCheck, ctx: ProbeContext) -> Observation:
     """Send the configured request with this check's long-lived client."""
+    # The scheduler's deadline runs from here: building the client on the first run counts.
+    started = time.perf_counter()
     client = ctx.get(
         "client",
         lambda: build_client(
@@ -172,6 +180,8 @@ async def probe(check: HttpCheck, ctx: ProbeContext) -> Observation:
         check.url.reveal(),
         content=check.body.reveal() if check.body is not None else None,
         max_body_bytes=check.max_body_bytes,
+        total_timeout_seconds=check.timeout_seconds * TOTAL_TIMEOUT_SHARE
+        - (time.perf_counter() - started),
     )
 
 
