@@ -124,6 +124,7 @@ class HttpTarget:
         self._requests: list[RecordedRequest] = []
         self._connections = 0
         self._open_connections = 0
+        self._idle = threading.Condition(self._lock)
         self._body_bytes_sent = 0
         self._release = self._thread.run(self._new_event())
         self._writers: set[asyncio.StreamWriter] = set()
@@ -169,6 +170,11 @@ class HttpTarget:
         with self._lock:
             return self._body_bytes_sent
 
+    def wait_until_idle(self, timeout_seconds: float = 2.0) -> bool:
+        """Wait until the server has finished with every connection; ``False`` on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._open_connections == 0, timeout_seconds)
+
     def reset(self) -> None:
         """Forget routes and counts, release hung handlers and drop kept-alive connections."""
 
@@ -205,6 +211,7 @@ class HttpTarget:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with self._lock:
             self._connections += 1
+            self._open_connections += 1
             number = self._connections
         self._writers.add(writer)
         release = self._release
@@ -219,12 +226,18 @@ class HttpTarget:
                 keep_alive = await self._act(reply, request, writer, release)
                 if not keep_alive:
                     return
+        except _NotHttp:
+            writer.write(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+            return
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, ValueError):
             return
         finally:
             self._writers.discard(writer)
             if not writer.transport.is_closing():
                 writer.close()
+            with self._lock:
+                self._open_connections -= 1
+                self._idle.notify_all()
 
     async def _act(
         self,
@@ -308,10 +321,18 @@ def _abort_with_rst(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
+class _NotHttp(ValueError):
+    """The client did not speak HTTP (a TLS hello on the plain port, say)."""
+
+
 async def _read_request(reader: asyncio.StreamReader, connection: int) -> RecordedRequest | None:
-    line = await reader.readline()
-    if not line:
+    first = await reader.read(1)
+    if not first:
         return None
+    if not first.isalpha():
+        # Answer at once, as nginx does, instead of waiting for a line end that may never come.
+        raise _NotHttp
+    line = first + await reader.readline()
     method, path, _version = line.decode("latin-1").split(" ", 2)
     headers: dict[str, str] = {}
     while (header := await reader.readline()) not in (b"\r\n", b"\n", b""):

@@ -1,0 +1,601 @@
+"""The http probe and its judge against a real local HTTP(S) server doing what each test says."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+import pytest_asyncio
+
+from healthd.classify import judge
+from healthd.config import HttpCheck
+from healthd.model import Finding, Observation, Status
+from healthd.probes import PROBES, ProbeContext, SharedResources
+from tests.http_target import Certificate, HttpTarget, Reply
+
+PATH = "/api/v1/health"
+WHAT = f"GET {PATH}"
+
+
+@pytest_asyncio.fixture
+async def ctx() -> AsyncIterator[ProbeContext]:
+    """A fresh probe context per test, closed afterwards like the scheduler does."""
+    context = ProbeContext(SharedResources())
+    yield context
+    await context.aclose()
+
+
+def http_check(url: str, **settings: Any) -> HttpCheck:
+    """A check as the loaded config would have it (interval and timeout filled in)."""
+    settings.setdefault("interval", 10)
+    settings.setdefault("timeout", 1)
+    return HttpCheck(url=url, **settings)
+
+
+async def run(check: HttpCheck, ctx: ProbeContext) -> tuple[Observation, Finding]:
+    """Probe under the scheduler's deadline, then judge like the scheduler does."""
+    kind = PROBES["http"]
+    with anyio.fail_after(check.timeout_seconds):
+        observation = await kind.probe(check, ctx)
+    return observation, judge(check, observation, kind.assess)
+
+
+# --- status codes ---------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_ok_response_is_healthy_with_status_and_size_in_details(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    http_target.route(PATH, Reply(body=b'{"status": "ok"}'))
+
+    observation, finding = await run(http_check(http_target.url(PATH)), ctx)
+
+    assert finding == Finding(Status.HEALTHY, "ok", f"{WHAT} returned 200")
+    assert observation.facts == {"http_status": 200, "body_bytes": 16}
+    assert [(r.method, r.path) for r in http_target.requests] == [("GET", PATH)]
+
+
+@pytest.mark.parametrize(
+    ("status", "settings", "expected"),
+    [
+        pytest.param(503, {}, Status.UNHEALTHY, id="503-unhealthy"),
+        pytest.param(404, {}, Status.UNHEALTHY, id="404-unhealthy"),
+        pytest.param(500, {}, Status.UNHEALTHY, id="500-unhealthy"),
+        pytest.param(204, {}, Status.HEALTHY, id="204-in-default-range"),
+        pytest.param(399, {}, Status.HEALTHY, id="399-top-of-default-range"),
+        pytest.param(400, {}, Status.UNHEALTHY, id="400-just-outside-default-range"),
+        pytest.param(503, {"expected_status": [503]}, Status.HEALTHY, id="503-when-expected"),
+        pytest.param(204, {"expected_status": "200-203"}, Status.UNHEALTHY, id="outside-range"),
+        pytest.param(
+            302, {"expected_status": ["2xx"], "follow_redirects": False}, Status.UNHEALTHY, id="3xx"
+        ),
+        pytest.param(302, {"follow_redirects": False}, Status.HEALTHY, id="unfollowed-redirect"),
+    ],
+)
+@pytest.mark.asyncio
+async def test_status_code_decides_against_expected_ranges(
+    http_target: HttpTarget,
+    ctx: ProbeContext,
+    status: int,
+    settings: dict[str, Any],
+    expected: Status,
+) -> None:
+    http_target.route(PATH, Reply(status=status, body=b"", headers={"Location": "/elsewhere"}))
+
+    observation, finding = await run(http_check(http_target.url(PATH), **settings), ctx)
+
+    assert finding.status is expected
+    assert finding.reason_code == ("ok" if expected is Status.HEALTHY else "http_status")
+    assert finding.reason == f"{WHAT} returned {status}"
+    assert observation.facts["http_status"] == status
+
+
+@pytest.mark.asyncio
+async def test_method_body_and_headers_reach_the_server(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    check = http_check(
+        http_target.url(PATH),
+        method="POST",
+        body='{"ping": 1}',
+        headers={"X-Probe": "healthd", "Content-Type": "application/json"},
+    )
+
+    _, finding = await run(check, ctx)
+
+    assert finding == Finding(Status.HEALTHY, "ok", f"POST {PATH} returned 200")
+    (received,) = http_target.requests
+    assert received.method == "POST"
+    assert received.body == b'{"ping": 1}'
+    assert received.headers["x-probe"] == "healthd"
+    assert received.headers["content-type"] == "application/json"
+
+
+@pytest.mark.asyncio
+async def test_head_request_is_healthy_without_a_body(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    observation, finding = await run(http_check(http_target.url(PATH), method="HEAD"), ctx)
+
+    assert finding == Finding(Status.HEALTHY, "ok", f"HEAD {PATH} returned 200")
+    assert observation.facts == {"http_status": 200, "body_bytes": 0}
+    assert http_target.requests[0].method == "HEAD"
+
+
+@pytest.mark.asyncio
+async def test_body_is_requested_uncompressed_so_conditions_see_plain_json(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    http_target.route(PATH, Reply.json('{"status": "ok"}'))
+    check = http_check(http_target.url(PATH), conditions=[{"json": "status", "equals": "ok"}])
+
+    _, finding = await run(check, ctx)
+
+    assert finding.status is Status.HEALTHY
+    assert http_target.requests[0].headers["accept-encoding"] == "identity"
+
+
+# --- connections: reuse and no retries ------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_repeated_probes_reuse_one_keep_alive_connection(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    check = http_check(http_target.url(PATH))
+    for _ in range(3):
+        _, finding = await run(check, ctx)
+        assert finding.status is Status.HEALTHY
+
+    assert len(http_target.requests) == 3
+    assert http_target.connections == 1
+
+
+@pytest.mark.asyncio
+async def test_connection_dropped_between_probes_is_not_a_failure(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    check = http_check(http_target.url(PATH))
+    await run(check, ctx)
+    http_target.reset()  # the server closes the idle kept-alive connection
+    assert http_target.wait_until_idle()
+
+    _, finding = await run(check, ctx)
+
+    assert finding.status is Status.HEALTHY
+    assert http_target.connections == 1  # counted since the reset: a fresh connection
+
+
+@pytest.mark.asyncio
+async def test_failed_request_is_not_retried(http_target: HttpTarget, ctx: ProbeContext) -> None:
+    http_target.route(PATH, Reply(action="reset"))
+
+    await run(http_check(http_target.url(PATH)), ctx)
+
+    assert len(http_target.requests) == 1
+    assert http_target.connections == 1
+
+
+# --- faults ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reply", "code", "reason"),
+    [
+        pytest.param(
+            Reply(action="reset"), "connection_reset", "connection reset by peer", id="reset"
+        ),
+        pytest.param(
+            Reply(action="close"),
+            "connection_closed",
+            "server closed the connection early",
+            id="close-without-answer",
+        ),
+        pytest.param(
+            Reply(action="garbage"), "protocol_error", "invalid HTTP response", id="garbage"
+        ),
+        pytest.param(
+            Reply(action="garbage", garbage=b"HTTP/1.1 2OO OK\r\n\r\n"),
+            "protocol_error",
+            "invalid HTTP response",
+            id="bad-status-line",
+        ),
+    ],
+)
+@pytest.mark.asyncio
+async def test_broken_target_is_unhealthy_with_its_reason_code(
+    http_target: HttpTarget, ctx: ProbeContext, reply: Reply, code: str, reason: str
+) -> None:
+    http_target.route(PATH, reply)
+
+    observation, finding = await run(http_check(http_target.url(PATH)), ctx)
+
+    assert finding == Finding(Status.UNHEALTHY, code, f"{WHAT}: {reason}")
+    assert observation.facts == {}
+
+
+@pytest.mark.asyncio
+async def test_refused_connection_is_connection_refused(
+    closed_port: int, ctx: ProbeContext
+) -> None:
+    _, finding = await run(http_check(f"http://127.0.0.1:{closed_port}/ready"), ctx)
+
+    assert finding == Finding(
+        Status.UNHEALTHY, "connection_refused", "GET /ready: connection refused"
+    )
+
+
+@pytest.mark.asyncio
+async def test_unresolvable_host_is_dns_error(ctx: ProbeContext) -> None:
+    _, finding = await run(http_check("http://no-such-host.invalid/health"), ctx)
+
+    assert finding.status is Status.UNHEALTHY
+    assert finding.reason_code == "dns_error"
+    assert finding.reason.startswith("GET /health: name resolution failed")
+
+
+@pytest.mark.asyncio
+async def test_hung_target_times_out_inside_the_probe_before_the_scheduler_deadline(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    check = http_check(http_target.url(PATH), timeout=1)
+    await run(check, ctx)  # build the client first, so only the request is timed
+    http_target.route(PATH, Reply(action="hang"))
+    started = time.perf_counter()
+
+    observation, finding = await run(check, ctx)
+
+    # The read timeout (0.85 x timeout) fires before the scheduler's deadline would.
+    assert 0.8 < time.perf_counter() - started < 0.95
+    assert finding == Finding(
+        Status.UNHEALTHY, "timeout", f"{WHAT}: timed out waiting for the response (limit 0.85 s)"
+    )
+    assert observation.facts == {}
+
+
+@pytest.mark.asyncio
+async def test_trickling_target_times_out_on_the_whole_exchange(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    check = http_check(http_target.url(PATH), timeout=1)
+    await run(check, ctx)  # build the client first, so only the request is timed
+    # Each byte arrives well within the read timeout; only a deadline on the whole exchange
+    # notices that the response never completes.
+    http_target.route(PATH, Reply(action="trickle", body=b"x" * 100, trickle_interval_seconds=0.05))
+    started = time.perf_counter()
+
+    _, finding = await run(check, ctx)
+
+    assert 0.85 < time.perf_counter() - started < 1
+    assert finding == Finding(
+        Status.UNHEALTHY,
+        "timeout",
+        f"{WHAT}: timed out before the response was complete (limit 0.9 s)",
+    )
+
+
+@pytest.mark.asyncio
+async def test_probe_cancelled_by_the_scheduler_leaves_the_client_usable(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    check = http_check(http_target.url(PATH), timeout=2)
+    http_target.route(PATH, Reply(action="hang"))
+    with pytest.raises(TimeoutError), anyio.fail_after(0.1):
+        await PROBES["http"].probe(check, ctx)
+
+    http_target.route(PATH, Reply())
+    _, finding = await run(check, ctx)
+
+    assert finding == Finding(Status.HEALTHY, "ok", f"{WHAT} returned 200")
+
+
+@pytest.mark.asyncio
+async def test_slow_answer_is_degraded_with_latency_and_limit_in_the_reason(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    http_target.route(PATH, Reply(delay_seconds=0.06))
+
+    observation, finding = await run(
+        http_check(http_target.url(PATH), degraded_latency="50ms"), ctx
+    )
+
+    assert observation.latency_seconds >= 0.06
+    assert finding.status is Status.DEGRADED
+    assert finding.reason_code == "slow"
+    assert re.fullmatch(
+        rf"{WHAT} returned 200, but took \d+(\.\d+)? ms \(limit 50 ms\)", finding.reason
+    )
+
+
+# --- bodies: caps and conditions ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        pytest.param(Reply(body_size=50_000_000), id="50MB-content-length"),
+        pytest.param(Reply(action="endless"), id="endless-chunked"),
+    ],
+)
+@pytest.mark.asyncio
+async def test_huge_body_is_read_only_up_to_the_cap(
+    http_target: HttpTarget, ctx: ProbeContext, reply: Reply
+) -> None:
+    http_target.route(PATH, reply)
+    cap = 64 * 1024
+    started = time.perf_counter()
+
+    observation, finding = await run(http_check(http_target.url(PATH), max_body_bytes=cap), ctx)
+
+    assert time.perf_counter() - started < 0.5
+    assert finding == Finding(Status.HEALTHY, "ok", f"{WHAT} returned 200")
+    assert observation.facts == {"http_status": 200, "body_bytes": cap, "body_truncated": True}
+    assert len(observation.payload) == cap
+    # The probe hung up instead of draining: the server could not send everything.
+    assert http_target.wait_until_idle()
+    assert http_target.body_bytes_sent < 20_000_000
+
+
+@pytest.mark.asyncio
+async def test_body_exactly_at_the_cap_is_not_truncated(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    http_target.route(PATH, Reply(body=b"y" * 1000))
+
+    observation, _ = await run(http_check(http_target.url(PATH), max_body_bytes=1000), ctx)
+
+    assert observation.facts == {"http_status": 200, "body_bytes": 1000}
+
+
+@pytest.mark.asyncio
+async def test_conditions_on_a_truncated_body_are_not_evaluated(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    http_target.route(PATH, Reply(action="endless"))
+    check = http_check(http_target.url(PATH), max_body_bytes=1000, conditions=[{"regex": "x"}])
+
+    _, finding = await run(check, ctx)
+
+    assert finding == Finding(
+        Status.UNHEALTHY,
+        "body_too_large",
+        f"{WHAT}: body is larger than 1000 bytes, conditions not evaluated",
+    )
+
+
+HEALTH_JSON = '{"status": "ok", "db": {"lag_seconds": 12.5}, "checks": [{"name": "db"}]}'
+
+
+@pytest.mark.parametrize(
+    ("body", "conditions", "expected"),
+    [
+        pytest.param(
+            HEALTH_JSON,
+            [
+                {"json": "status", "equals": "ok"},
+                {"json": "db.lag_seconds", "max": 30},
+                {"json": "checks.0.name", "present": True},
+                {"regex": '"status":\\s*"ok"'},
+            ],
+            Finding(Status.HEALTHY, "ok", f"{WHAT} returned 200"),
+            id="all-hold",
+        ),
+        pytest.param(
+            HEALTH_JSON.replace('"ok"', '"down"'),
+            [{"json": "status", "equals": "ok"}],
+            Finding(
+                Status.UNHEALTHY,
+                "condition_failed",
+                f"{WHAT}: condition failed: status == 'ok' (got 'down')",
+            ),
+            id="equals-fails-unhealthy",
+        ),
+        pytest.param(
+            HEALTH_JSON,
+            [{"json": "db.lag_seconds", "max": 10, "severity": "degraded"}],
+            Finding(
+                Status.DEGRADED,
+                "condition_failed",
+                f"{WHAT}: condition failed: db.lag_seconds <= 10 (got 12.5)",
+            ),
+            id="max-fails-degraded",
+        ),
+        pytest.param(
+            HEALTH_JSON,
+            [{"json": "db.lag_seconds", "min": 20, "name": "replication caught up"}],
+            Finding(
+                Status.UNHEALTHY,
+                "condition_failed",
+                f"{WHAT}: condition failed: replication caught up (got 12.5)",
+            ),
+            id="min-fails-with-name",
+        ),
+        pytest.param(
+            HEALTH_JSON,
+            [{"json": "checks.1.name", "present": True}],
+            Finding(
+                Status.UNHEALTHY,
+                "condition_failed",
+                f"{WHAT}: condition failed: checks.1.name present (absent)",
+            ),
+            id="present-fails",
+        ),
+        pytest.param(
+            "<html>maintenance</html>",
+            [{"json": "status", "equals": "ok"}],
+            Finding(
+                Status.UNHEALTHY,
+                "condition_failed",
+                f"{WHAT}: condition failed: status == 'ok' (body is not JSON)",
+            ),
+            id="not-json",
+        ),
+        pytest.param(
+            "<html>maintenance</html>",
+            [{"regex": "^OK$"}],
+            Finding(
+                Status.UNHEALTHY,
+                "condition_failed",
+                f"{WHAT}: condition failed: body matches /^OK$/ (no match)",
+            ),
+            id="regex-fails",
+        ),
+        pytest.param(
+            HEALTH_JSON.replace('"ok"', '"down"'),
+            [
+                {"json": "db.lag_seconds", "max": 1, "severity": "degraded"},
+                {"json": "status", "equals": "ok"},
+            ],
+            Finding(
+                Status.UNHEALTHY,
+                "condition_failed",
+                f"{WHAT}: condition failed: status == 'ok' (got 'down')",
+            ),
+            id="unhealthy-outranks-degraded",
+        ),
+    ],
+)
+@pytest.mark.asyncio
+async def test_body_conditions_decide_with_their_severity(
+    http_target: HttpTarget,
+    ctx: ProbeContext,
+    body: str,
+    conditions: list[dict[str, Any]],
+    expected: Finding,
+) -> None:
+    http_target.route(PATH, Reply.json(body))
+
+    _, finding = await run(http_check(http_target.url(PATH), conditions=conditions), ctx)
+
+    assert finding == expected
+
+
+@pytest.mark.asyncio
+async def test_status_failure_wins_over_conditions(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    http_target.route(PATH, Reply.json('{"status": "down"}', status=500))
+    check = http_check(http_target.url(PATH), conditions=[{"json": "status", "equals": "ok"}])
+
+    _, finding = await run(check, ctx)
+
+    assert finding == Finding(Status.UNHEALTHY, "http_status", f"{WHAT} returned 500")
+
+
+# --- redirects ------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_redirect_is_followed_and_counted(http_target: HttpTarget, ctx: ProbeContext) -> None:
+    http_target.route("/old", Reply.redirect(PATH, status=301))
+
+    observation, finding = await run(http_check(http_target.url("/old")), ctx)
+
+    assert finding == Finding(Status.HEALTHY, "ok", "GET /old returned 200")
+    assert observation.facts == {"http_status": 200, "body_bytes": 2, "redirects": 1}
+    assert [r.path for r in http_target.requests] == ["/old", PATH]
+
+
+@pytest.mark.asyncio
+async def test_redirect_loop_is_redirect_loop_after_max_redirects(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    http_target.route("/a", Reply.redirect("/b"))
+    http_target.route("/b", Reply.redirect("/a"))
+
+    _, finding = await run(http_check(http_target.url("/a"), max_redirects=3), ctx)
+
+    assert finding == Finding(Status.UNHEALTHY, "redirect_loop", "GET /a: too many redirects")
+    assert [r.path for r in http_target.requests] == ["/a", "/b", "/a", "/b"]
+
+
+# --- TLS ------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_untrusted_certificate_is_tls_error(
+    https_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    _, finding = await run(http_check(https_target.url(PATH)), ctx)
+
+    assert finding.status is Status.UNHEALTHY
+    assert finding.reason_code == "tls_error"
+    assert finding.reason.startswith(f"{WHAT}: TLS certificate rejected")
+    assert https_target.requests == []
+
+
+@pytest.mark.asyncio
+async def test_certificate_signed_by_the_configured_ca_file_is_trusted(
+    https_target: HttpTarget, tls_certificate: Certificate, ctx: ProbeContext
+) -> None:
+    check = http_check(https_target.url(PATH, host="localhost"), ca_file=tls_certificate.cert_file)
+
+    _, finding = await run(check, ctx)
+
+    assert finding == Finding(Status.HEALTHY, "ok", f"{WHAT} returned 200")
+
+
+@pytest.mark.asyncio
+async def test_tls_verify_off_accepts_an_untrusted_certificate(
+    https_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    _, finding = await run(http_check(https_target.url(PATH), tls_verify=False), ctx)
+
+    assert finding == Finding(Status.HEALTHY, "ok", f"{WHAT} returned 200")
+
+
+@pytest.mark.asyncio
+async def test_https_url_on_a_plain_http_port_is_tls_error(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    url = f"https://127.0.0.1:{http_target.port}{PATH}"
+
+    _, finding = await run(http_check(url, tls_verify=False), ctx)
+
+    assert finding.status is Status.UNHEALTHY
+    assert finding.reason_code == "tls_error"
+
+
+# --- secrets --------------------------------------------------------------------------------
+
+SECRET = "s3cr3t-t0ken-value"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        pytest.param(Reply(), id="healthy"),
+        pytest.param(Reply(status=401), id="http-status"),
+        pytest.param(Reply(action="reset"), id="reset"),
+        pytest.param(Reply.json('{"ok": false}'), id="condition-failed"),
+    ],
+)
+@pytest.mark.asyncio
+async def test_secret_header_and_query_reach_the_server_but_never_the_verdict(
+    http_target: HttpTarget,
+    ctx: ProbeContext,
+    monkeypatch: pytest.MonkeyPatch,
+    reply: Reply,
+) -> None:
+    monkeypatch.setenv("HEALTHD_TEST_TOKEN", SECRET)
+    http_target.route(PATH, reply)
+    check = http_check(
+        http_target.url(PATH) + "?key=${env:HEALTHD_TEST_TOKEN}",
+        headers={"Authorization": "Bearer ${env:HEALTHD_TEST_TOKEN}"},
+        conditions=[{"json": "ok", "equals": True}],
+    )
+
+    observation, finding = await run(check, ctx)
+
+    received = http_target.requests[0]
+    assert received.headers["authorization"] == f"Bearer {SECRET}"
+    assert received.path == f"{PATH}?key={SECRET}"
+    assert SECRET not in finding.reason
+    assert SECRET not in repr(observation.facts)
+    assert SECRET not in str(check.url)
+    assert finding.reason.startswith(WHAT)
