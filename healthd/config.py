@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -331,9 +332,163 @@ class FalkorDbCheck(RedisCheckBase):
     degraded_waiting_queries: int = Field(default=5, ge=1)
 
 
+# --- service presets ----------------------------------------------------------------------
+
+
+def _request_path(value: str) -> str:
+    # A path is appended to the base URL as is: no spaces, fragments or line breaks.
+    if not re.fullmatch(r"/[!-~]*", value) or "#" in value:
+        raise ValueError(f"path {value!r} must start with '/' and be printable ASCII without '#'")
+    return value
+
+
+#: A request path, optionally with a query, appended to a service's base URL.
+RequestPath = Annotated[str, AfterValidator(_request_path)]
+#: A ``Host`` header: a name or an address, with an optional port.
+_HOST_HEADER = r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d+)?"
+
+
+class ServiceCheckBase(CheckBase):
+    """Settings every service preset shares: the service's base URL and how to reach it.
+
+    ``url`` is the base (scheme, host, port and an optional prefix); each preset appends its
+    documented paths, every one of which can be overridden. ``headers`` go with every request,
+    for credentials that a proxy in front of the service may want.
+    """
+
+    url: Templated
+    headers: dict[str, Templated] = Field(default_factory=dict)
+    tls_verify: bool = True
+    ca_file: Path | None = None
+    max_body_bytes: int = Field(default=256 * 1024, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _base_url(cls, url: Templated) -> Templated:
+        return HttpCheck._http_url(url)
+
+    @field_validator("headers")
+    @classmethod
+    def _service_headers(cls, headers: dict[str, Templated]) -> dict[str, Templated]:
+        return HttpCheck._header_values(headers)
+
+    @field_validator("ca_file")
+    @classmethod
+    def _service_ca(cls, path: Path | None) -> Path | None:
+        return HttpCheck._readable_ca(path)
+
+
+class ApiCheck(ServiceCheckBase):
+    """The platform's FastAPI service: ``/health`` for liveness, then its own health report,
+    whose ``agents_available`` must reach ``expected_agents``."""
+
+    kind: Literal["api"] = "api"
+    liveness_path: RequestPath = "/health"
+    health_path: RequestPath = "/api/v1/health"
+    expected_agents: int = Field(default=11, ge=0)
+
+
+class MlflowCheck(ServiceCheckBase):
+    """An MLflow tracking server: ``/health`` for liveness, ``/version`` for details, and an
+    experiment search that proves the backend store works.
+
+    ``username``/``password`` enable basic auth. ``host`` is the ``Host`` header to send when
+    the server's ``--allowed-hosts`` does not include the address healthd connects to.
+    """
+
+    kind: Literal["mlflow"] = "mlflow"
+    health_path: RequestPath = "/health"
+    version_path: RequestPath = "/version"
+    search_path: RequestPath = "/api/2.0/mlflow/experiments/search"
+    username: Templated | None = None
+    password: Templated | None = None
+    host: str | None = None
+    degraded_search_latency: Duration | None = 2.0
+
+    @field_validator("host")
+    @classmethod
+    def _host_header(cls, host: str | None) -> str | None:
+        if host is not None and not re.fullmatch(_HOST_HEADER, host):
+            raise ValueError(f"host {host!r} must be a host name or address, optionally :port")
+        return host
+
+    @model_validator(mode="after")
+    def _credentials_in_pairs(self) -> MlflowCheck:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("basic auth needs both 'username' and 'password'")
+        return self
+
+
+class BentomlCheck(ServiceCheckBase):
+    """A BentoML service: ``/livez`` for liveness, ``/readyz`` for readiness and, when
+    ``metrics`` is on, the share of 5xx responses between two probes from ``/metrics``."""
+
+    kind: Literal["bentoml"] = "bentoml"
+    livez_path: RequestPath = "/livez"
+    readyz_path: RequestPath = "/readyz"
+    metrics: bool = False
+    metrics_path: RequestPath = "/metrics"
+    degraded_error_rate: Ratio = 0.05
+    #: Fewer requests than this between two probes say nothing about an error rate.
+    min_requests: int = Field(default=20, ge=1)
+
+
+class OpikCheck(ServiceCheckBase):
+    """Opik: the backend at ``url`` (``:8080``) and, when ``ui_url`` is set, the UI and the
+    backend as the UI proxies it (``:5173``)."""
+
+    kind: Literal["opik"] = "opik"
+    ui_url: Templated | None = None
+    ping_path: RequestPath = "/is-alive/ping"
+    version_path: RequestPath = "/is-alive/ver"
+    health_check_path: RequestPath = "/health-check?name=all"
+    ui_path: RequestPath = "/"
+    ui_ping_path: RequestPath = "/api/is-alive/ping"
+
+    @field_validator("ui_url")
+    @classmethod
+    def _ui_url(cls, url: Templated | None) -> Templated | None:
+        return None if url is None else HttpCheck._http_url(url)
+
+
+class SupabaseCheck(ServiceCheckBase):
+    """Supabase through its Kong gateway: GoTrue's health and PostgREST, optionally Storage and
+    one table read.
+
+    ``api_key`` goes in the ``apikey`` header, and also as ``Authorization: Bearer`` when it is
+    a legacy JWT key (``legacy_key``; by default, when the key looks like a JWT).
+    """
+
+    kind: Literal["supabase"] = "supabase"
+    api_key: Templated
+    legacy_key: bool | None = None
+    auth_path: RequestPath = "/auth/v1/health"
+    rest_path: RequestPath = "/rest/v1/"
+    storage: bool = False
+    storage_path: RequestPath = "/storage/v1/status"
+    table: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    select: str = Field(default="*", pattern=r"^[A-Za-z0-9_*,]+$")
+
+    @field_validator("api_key")
+    @classmethod
+    def _printable_key(cls, key: Templated) -> Templated:
+        if not re.fullmatch(r"[!-~]+", key.reveal()):
+            raise ValueError("api_key must be printable ASCII without spaces")
+        return key
+
+
 #: Every check kind. A kind is added here, in ``probes.PROBES``, and nowhere else.
 CheckConfig = Annotated[
-    HttpCheck | TcpCheck | PostgresCheck | RedisCheck | FalkorDbCheck,
+    HttpCheck
+    | TcpCheck
+    | PostgresCheck
+    | RedisCheck
+    | FalkorDbCheck
+    | ApiCheck
+    | MlflowCheck
+    | BentomlCheck
+    | OpikCheck
+    | SupabaseCheck,
     Field(discriminator="kind"),
 ]
 

@@ -15,7 +15,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from healthd.model import Finding, Observation
-from healthd.probes import falkordb, http, postgres, redis, tcp
+from healthd.probes import (
+    api,
+    bentoml,
+    falkordb,
+    http,
+    mlflow,
+    opik,
+    postgres,
+    redis,
+    supabase,
+    tcp,
+)
 from healthd.probes._context import ProbeContext, SharedResources
 
 
@@ -33,6 +44,11 @@ PROBES: dict[str, ProbeKind] = {
     "postgres": ProbeKind(postgres.probe, postgres.assess),
     "redis": ProbeKind(redis.probe, redis.assess),
     "falkordb": ProbeKind(falkordb.probe, falkordb.assess),
+    "api": ProbeKind(api.probe, api.assess),
+    "mlflow": ProbeKind(mlflow.probe, mlflow.assess),
+    "bentoml": ProbeKind(bentoml.probe, bentoml.assess),
+    "opik": ProbeKind(opik.probe, opik.assess),
+    "supabase": ProbeKind(supabase.probe, supabase.assess),
 }
 
 __all__ = ["PROBES", "ProbeContext", "ProbeKind", "SharedResources"]
