@@ -85,7 +85,7 @@ class _Running:
 async def _run_daemon(tmp_path: Path, target: TcpTarget) -> AsyncIterator[_Running]:
     """A daemon with ``steady`` (a live target, slow to go unhealthy) and ``old``."""
     settings = _daemon_settings(tmp_path)
-    components = {
+    components: dict[str, dict[str, Any]] = {
         "steady": {"kind": "tcp", "address": target.address, "failure_threshold": 1000},
         "old": {"kind": "tcp", "address": target.address},
     }
@@ -204,7 +204,8 @@ async def _scenario_invalid_reload_keeps_the_old_config_logs_once_and_sets_the_m
     stamp = re.search(
         r"^healthd_config_last_reload_success_timestamp_seconds (\S+)$", metrics, re.M
     )
-    assert stamp is not None and float(stamp.group(1)) >= good_reload_at
+    assert stamp is not None
+    assert float(stamp.group(1)) >= good_reload_at
 
     caplog.set_level(logging.ERROR, logger="healthd")
     running.path.write_text(running.path.read_text() + "\n[components.broken]\nkind = 'tcp'\n")
