@@ -6,6 +6,7 @@ Nothing here does I/O or reads a clock; callers pass ``now``. Every function is 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -66,8 +67,11 @@ def check_latency(check: CheckBase, observation: Observation, finding: Finding) 
 
 
 def format_seconds(seconds: float) -> str:
-    """``1.4 s``, ``250 ms``: short and human."""
-    if seconds >= 1:
+    """``1.4 s``, ``250 ms``, ``1200 s``: short and human."""
+    # ``.3g`` turns 1000 and more into exponent notation: 999.9 ms is "1 s", 1200 s stays so.
+    if seconds >= 100:
+        return f"{seconds:.0f} s"
+    if seconds >= 0.9995:
         return f"{seconds:.3g} s"
     return f"{seconds * 1000:.3g} ms"
 
@@ -123,7 +127,8 @@ def condition_failure(condition: Condition, body: bytes, document: Any) -> str |
         return "absent"
     if condition.equals is not None:
         return None if _same(value, condition.equals) else f"got {_short(value)}"
-    if not isinstance(value, int | float) or isinstance(value, bool):
+    # NaN (which Python's JSON parser accepts) compares false with every bound: reject it.
+    if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value):
         return f"got {_short(value)}, not a number"
     if condition.min is not None and value < condition.min:
         return f"got {value:g}"
