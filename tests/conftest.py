@@ -2,3 +2,4 @@
 
 from tests.datastores import *  # noqa: F403
 from tests.http_target import *  # noqa: F403
+from tests.services import *  # noqa: F403

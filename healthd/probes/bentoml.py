@@ -9,8 +9,9 @@ Requests, concurrently, as BentoML's server defines them (``_bentoml_impl/server
 - ``GET /metrics`` (when ``metrics`` is on): the ``*_request_total`` counters. Between two
   probes, the share of 5xx responses becomes ``details["error_rate"]``; above
   ``degraded_error_rate`` (with at least ``min_requests`` requests) it is degraded
-  ``error_rate``. BentoML does not count its own probe endpoints, so healthd's requests do not
-  dilute the rate.
+  ``error_rate``. BentoML counts its probe endpoints too (a ``/readyz`` 503 is a 5xx), so
+  requests to ``/livez``, ``/readyz``, ``/healthz`` and ``/metrics`` are left out: the rate is
+  about the service's own APIs.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ async def probe(check: BentomlCheck, ctx: ProbeContext) -> Observation:
     if not check.metrics:
         return observation
     metrics = _preset.exchanges(observation)["metrics"]
-    counts = _request_counts(metrics.body) if metrics.ok else None
+    probes = {check.livez_path, check.readyz_path, check.metrics_path, "/healthz"}
+    counts = _request_counts(metrics.body, probes) if metrics.ok else None
     if counts is None:
         return observation
     previous = ctx.get("counts", _Counts, _forget)
@@ -61,8 +63,9 @@ async def probe(check: BentomlCheck, ctx: ProbeContext) -> Observation:
     return _preset.with_facts(observation, **facts)
 
 
-def _request_counts(text: bytes) -> tuple[float, float] | None:
-    """All requests and 5xx responses so far, from the ``*_request_total`` counters."""
+def _request_counts(text: bytes, excluded: set[str]) -> tuple[float, float] | None:
+    """All API requests and 5xx responses so far, from the ``*_request_total`` counters,
+    leaving out the ``excluded`` endpoints."""
     requests = errors = 0.0
     found = False
     try:
@@ -74,6 +77,8 @@ def _request_counts(text: bytes) -> tuple[float, float] | None:
                 if not sample.name.endswith("_total") or code is None:
                     continue
                 found = True
+                if sample.labels.get("endpoint") in excluded:
+                    continue
                 requests += sample.value
                 if code.startswith("5"):
                     errors += sample.value

@@ -1,0 +1,158 @@
+"""The ``api`` preset against a local server speaking the platform API's documented contract."""
+
+from __future__ import annotations
+
+import pytest
+
+from healthd.config import ApiCheck
+from healthd.model import Status
+from tests.http_target import HttpTarget, Reply
+from tests.services import component, serve_api
+
+
+def _check(target: HttpTarget, **overrides: object) -> ApiCheck:
+    settings: dict[str, object] = {"url": target.url(), "interval": 10, "timeout": 2}
+    settings.update(overrides)
+    return ApiCheck.model_validate(settings)
+
+
+@pytest.mark.asyncio
+async def test_healthy_report_is_healthy_with_version_and_both_requests_in_details(
+    http_target: HttpTarget,
+) -> None:
+    serve_api(http_target)
+    async with component(_check(http_target)) as api:
+        state = await api.check_once()
+    assert state.status is Status.HEALTHY
+    assert state.reason_code == "ok"
+    assert state.details["version"] == "3.0.0"
+    assert state.details["database"] == "connected"
+    assert state.details["agents_available"] == 11
+    requests = state.details["requests"]
+    assert list(requests) == ["liveness", "health"]
+    assert requests["liveness"]["http_status"] == 200
+    assert requests["health"]["http_status"] == 200
+    assert {r.path for r in http_target.requests} == {"/health", "/api/v1/health"}
+
+
+@pytest.mark.asyncio
+async def test_disconnected_database_is_degraded_then_recovers(http_target: HttpTarget) -> None:
+    serve_api(http_target, status="degraded", database="disconnected")
+    async with component(_check(http_target)) as api:
+        state = await api.check_once()
+        assert state.status is Status.DEGRADED
+        assert state.reason_code == "database_disconnected"
+        assert "database 'disconnected'" in state.reason
+        assert "reports degraded" in state.reason
+        assert state.details["database"] == "disconnected"
+
+        serve_api(http_target)
+        state = await api.check_once()
+    assert state.status is Status.HEALTHY
+    assert state.details["database"] == "connected"
+
+
+@pytest.mark.asyncio
+async def test_fewer_agents_than_expected_is_degraded(http_target: HttpTarget) -> None:
+    serve_api(http_target, agents=9)
+    async with component(_check(http_target)) as api:
+        state = await api.check_once()
+    assert state.status is Status.DEGRADED
+    assert state.reason_code == "agents_missing"
+    assert "9 of 11 agents" in state.reason
+
+
+@pytest.mark.asyncio
+async def test_expected_agent_count_is_configurable(http_target: HttpTarget) -> None:
+    serve_api(http_target, agents=4)
+    async with component(_check(http_target, expected_agents=4)) as api:
+        state = await api.check_once()
+    assert state.status is Status.HEALTHY
+
+
+@pytest.mark.asyncio
+async def test_reported_unhealthy_is_unhealthy(http_target: HttpTarget) -> None:
+    serve_api(http_target, status="unhealthy", database="disconnected", agents=0)
+    async with component(_check(http_target)) as api:
+        state = await api.check_once()
+    assert state.status is Status.UNHEALTHY
+    assert state.reason_code == "reported_unhealthy"
+
+
+@pytest.mark.asyncio
+async def test_report_that_is_not_json_is_unhealthy(http_target: HttpTarget) -> None:
+    serve_api(http_target)
+    http_target.route("/api/v1/health", Reply(body=b"<html>maintenance</html>"))
+    async with component(_check(http_target)) as api:
+        state = await api.check_once()
+    assert state.status is Status.UNHEALTHY
+    assert state.reason_code == "not_json"
+
+
+@pytest.mark.asyncio
+async def test_report_error_status_is_unhealthy_even_with_a_json_body(
+    http_target: HttpTarget,
+) -> None:
+    serve_api(http_target, status="unhealthy", http_status=503)
+    async with component(_check(http_target)) as api:
+        state = await api.check_once()
+    assert state.status is Status.UNHEALTHY
+    assert state.reason_code == "http_status"
+    assert state.reason == "GET /api/v1/health returned 503"
+    assert state.details["requests"]["health"]["http_status"] == 503
+
+
+@pytest.mark.asyncio
+async def test_liveness_failing_is_unhealthy_and_named(http_target: HttpTarget) -> None:
+    serve_api(http_target)
+    http_target.route("/health", Reply(action="reset"))
+    async with component(_check(http_target)) as api:
+        state = await api.check_once()
+    assert state.status is Status.UNHEALTHY
+    assert state.reason_code in {"connection_reset", "connection_closed"}
+    assert state.reason.startswith("GET /health:")
+    assert "error" in state.details["requests"]["liveness"]
+    assert state.details["requests"]["health"]["http_status"] == 200
+
+
+@pytest.mark.asyncio
+async def test_unreachable_api_is_unhealthy(closed_port: int) -> None:
+    check = ApiCheck(url=f"http://127.0.0.1:{closed_port}", interval=10, timeout=2)
+    async with component(check) as api:
+        state = await api.check_once()
+    assert state.status is Status.UNHEALTHY
+    assert state.reason_code == "connection_refused"
+    assert state.details["requests"]["health"]["error"] == "connection_refused"
+
+
+@pytest.mark.asyncio
+async def test_paths_can_be_overridden(http_target: HttpTarget) -> None:
+    http_target.route("/livez", Reply.json('{"status": "ok"}'))
+    http_target.route(
+        "/v2/health",
+        Reply.json(
+            '{"status": "healthy", "version": "4.0.0", "database": "connected", '
+            '"agents_available": 11}'
+        ),
+    )
+    check = _check(http_target, liveness_path="/livez", health_path="/v2/health")
+    async with component(check) as api:
+        state = await api.check_once()
+    assert state.status is Status.HEALTHY
+    assert state.details["version"] == "4.0.0"
+
+
+@pytest.mark.asyncio
+async def test_one_kept_alive_client_serves_every_check(http_target: HttpTarget) -> None:
+    serve_api(http_target)
+    async with component(_check(http_target)) as api:
+        for _ in range(3):
+            assert (await api.check_once()).status is Status.HEALTHY
+    # Two requests in flight per check: two connections, reused by every later check.
+    assert len(http_target.requests) == 6
+    assert http_target.connections == 2
+
+
+def test_path_overrides_must_be_absolute() -> None:
+    with pytest.raises(ValueError, match="must start with '/'"):
+        ApiCheck(url="http://127.0.0.1:8000", health_path="api/v1/health")
