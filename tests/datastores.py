@@ -36,6 +36,8 @@ import anyio
 import psycopg
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from healthd import classify
 from healthd.config import CheckBase
@@ -482,6 +484,8 @@ class RedisServer:
         argv += ["--dir", str(self.data_dir), "--save", "", "--appendonly", "no"]
         argv += ["--enable-debug-command", "local", "--enable-protected-configs", "yes"]
         argv += ["--daemonize", "no", "--logfile", ""]
+        # A replica's full sync would otherwise wait 5 s for more replicas to join it.
+        argv += ["--repl-diskless-sync-delay", "0"]
         if self.password is not None:
             argv += ["--requirepass", self.password]
         if self.falkordb:
@@ -517,6 +521,8 @@ class RedisServer:
             password=self.password,
             socket_timeout=5,
             decode_responses=True,
+            # redis-py retries with backoff by default; a test wants the first answer.
+            retry=Retry(NoBackoff(), 0),
             **kwargs,
         )
 

@@ -20,7 +20,6 @@ import anyio
 import redis
 from redis.asyncio.connection import AbstractConnection, SSLConnection, parse_url
 from redis.backoff import NoBackoff
-from redis.driver_info import DriverInfo
 from redis.exceptions import (
     AuthenticationError,
     BusyLoadingError,
@@ -34,7 +33,6 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
-import healthd
 from healthd.classify import OK, failed, format_seconds, worst
 from healthd.config import RedisCheck, RedisCheckBase
 from healthd.model import Failure, Finding, Observation, Status
@@ -46,10 +44,6 @@ from healthd.secrets import Redactor
 #: phase that hung before the scheduler's deadline cancels the probe.
 CLIENT_TIMEOUT_SHARE = 0.9
 
-#: Built once: otherwise redis-py looks up its own version in package metadata per connection.
-_DRIVER_INFO = DriverInfo(lib_version=redis.__version__).add_upstream_driver(
-    "healthd", healthd.__version__.split("+")[0]
-)
 
 #: Error replies that say "busy, come back later" rather than "broken".
 _REPLY_CODES: tuple[tuple[str, str], ...] = (
@@ -91,7 +85,10 @@ def build_connection(check: RedisCheckBase) -> AbstractConnection:
         retry_on_timeout=False,
         # RESP2 authenticates with AUTH alone; RESP3 would add a HELLO round trip.
         protocol=2,
-        driver_info=_DRIVER_INFO,
+        # No CLIENT SETINFO: redis-py pipelines it before reading anything, and a server at
+        # maxclients answers those writes with a reset that hides its own "max number of
+        # clients reached". Passing None also skips the per-connection metadata lookup.
+        driver_info=None,
         health_check_interval=0,
     )
     connection: AbstractConnection = connection_class(**kwargs)
@@ -233,6 +230,9 @@ async def observe(
             # cannot leave it open to a frozen server.
             with anyio.CancelScope(shield=True):
                 await connection.disconnect(nowait=True)
+                # asyncio closes the socket on the loop's next turn: let that happen before
+                # returning, so a probe that has returned holds no connection.
+                await anyio.lowlevel.checkpoint()
     except RedisError as exc:
         failure = failure_for(exc, what, Redactor(_secrets(check)))
         return Observation(time.perf_counter() - started, failure=failure, facts=facts)
