@@ -558,7 +558,7 @@ class Config(BaseSettings):
             timeout = check.timeout or min(self.daemon.timeout, interval)
             if timeout > interval:
                 raise ValueError(
-                    f"components.{name}: timeout {timeout:g}s is longer than interval "
+                    f"components.{name}.timeout: timeout {timeout:g}s is longer than interval "
                     f"{interval:g}s, so checks would overlap"
                 )
             for dependency in check.depends_on:
@@ -589,7 +589,7 @@ def _reject_cycles(checks: Mapping[str, CheckBase]) -> None:
             return
         if name in visiting:
             cycle = " -> ".join([*path[path.index(name) :], name])
-            raise ValueError(f"depends_on forms a cycle: {cycle}")
+            raise ValueError(f"components.{name}.depends_on: dependencies form a cycle: {cycle}")
         visiting.add(name)
         for dependency in checks[name].depends_on:
             visit(dependency, [*path, name])
@@ -649,6 +649,9 @@ def _describe(path: Path, text: str, error: ValidationError) -> Iterator[str]:
         if len(loc) >= 3 and loc[0] == "components":
             loc = [p for i, p in enumerate(loc) if not (i == 2 and p in _KINDS)]
         message = item["msg"].removeprefix("Value error, ")
+        # Cross-field checks run on the whole model; their message starts with the key at fault.
+        if not loc and (keyed := re.match(r"^([\w.-]+): (.*)$", message, re.S)):
+            loc, message = keyed.group(1).split("."), keyed.group(2)
         if item["type"] == "extra_forbidden":
             message = "unknown key"
         elif item["type"] == "union_tag_invalid":
