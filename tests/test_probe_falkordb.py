@@ -1,0 +1,304 @@
+"""The falkordb probe against real FalkorDB (Redis 8 with the graph module), and its verdicts."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+from healthd.config import FalkorDbCheck
+from healthd.model import Failure, Finding, Observation, Status
+from healthd.probes import ProbeContext, SharedResources
+from healthd.probes.falkordb import assess, module_version
+from tests.datastores import (
+    FALKORDB_PASSWORD,
+    REDIS_PASSWORD,
+    RedisServer,
+    run_check,
+    wait_until,
+)
+
+
+def _check(url: str, **settings: Any) -> FalkorDbCheck:
+    settings.setdefault("timeout", 2.0)
+    settings.setdefault("interval", 10.0)
+    return FalkorDbCheck(url=url, **settings)
+
+
+async def _probe(check: FalkorDbCheck) -> tuple[Observation, Finding]:
+    ctx = ProbeContext(SharedResources())
+    try:
+        return await run_check(check, ctx)
+    finally:
+        await ctx.aclose()
+
+
+@pytest.fixture
+def password_env(monkeypatch: pytest.MonkeyPatch) -> str:
+    """FalkorDB's password in the environment, as a config references it."""
+    monkeypatch.setenv("HEALTHD_TEST_FALKORDB_PASSWORD", FALKORDB_PASSWORD)
+    return "${env:HEALTHD_TEST_FALKORDB_PASSWORD}"
+
+
+@pytest.fixture
+def falkordb_replica(falkordb: RedisServer) -> Iterator[RedisServer]:
+    """A FalkorDB replica of the session's FalkorDB, linked and in sync."""
+    replica = RedisServer(
+        "falkordb-replica",
+        falkordb.user,
+        password=FALKORDB_PASSWORD,
+        falkordb=True,
+        replica_of=falkordb,
+    )
+    replica.start()
+    wait_until(lambda: _link_up(replica), what="the FalkorDB replica's link")
+    yield replica
+    replica.stop()
+    shutil.rmtree(replica.data_dir, ignore_errors=True)
+
+
+def _link_up(replica: RedisServer) -> bool:
+    with replica.client() as client:
+        return bool(client.info("replication").get("master_link_status") == "up")
+
+
+def _probe_nodes(server: RedisServer, graph: str = "healthd_probe") -> int:
+    with server.client() as client:
+        if not client.exists(graph):
+            return 0
+        reply = client.execute_command("GRAPH.RO_QUERY", graph, "MATCH (n) RETURN count(n)")
+        return int(reply[1][0][0])
+
+
+@pytest.mark.asyncio
+async def test_healthy_falkordb_answers_a_graph_query(
+    falkordb: RedisServer, password_env: str
+) -> None:
+    check = _check(falkordb.url(), password=password_env)
+
+    observation, finding = await _probe(check)
+
+    assert (finding.status, finding.reason_code) == (Status.HEALTHY, "ok"), finding
+    facts = observation.facts
+    assert facts["graph_module_version"].count(".") == 2
+    assert "graph" in facts["modules"]
+    assert facts["role"] == "master"
+    assert facts["query_seconds"] >= 0
+    assert facts["waiting_queries"] == 0
+    assert "FalkorDB" in finding.reason
+    assert FALKORDB_PASSWORD not in repr(observation) + repr(finding) + str(check)
+
+
+@pytest.mark.asyncio
+async def test_probe_graph_is_created_once_however_often_and_concurrently_probed(
+    falkordb: RedisServer, password_env: str
+) -> None:
+    check = _check(falkordb.url(), password=password_env)
+    first, _ = await _probe(check)
+    assert first.facts["probe_graph"] == "created"
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(_probe, check)
+    again, finding = await _probe(check)
+
+    assert again.facts["probe_graph"] == "exists"
+    assert finding.status is Status.HEALTHY
+    assert _probe_nodes(falkordb) == 1
+
+
+@pytest.mark.asyncio
+async def test_plain_redis_configured_as_falkordb_is_module_missing(
+    redis_main: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HEALTHD_TEST_REDIS_PASSWORD", REDIS_PASSWORD)
+    check = _check(redis_main.url(), password="${env:HEALTHD_TEST_REDIS_PASSWORD}")
+
+    observation, finding = await _probe(check)
+
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "module_missing")
+    assert observation.facts["graph_module_version"] is None
+    with redis_main.client() as client:
+        assert client.exists("healthd_probe") == 0  # nothing was written to it
+
+
+@pytest.mark.asyncio
+async def test_broken_query_is_graph_query_failed(falkordb: RedisServer, password_env: str) -> None:
+    check = _check(falkordb.url(), password=password_env)
+    await _probe(check)  # creates the probe graph
+    broken = _check(falkordb.url(), password=password_env, query="THIS IS NOT CYPHER")
+
+    observation, finding = await _probe(broken)
+
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "graph_query_failed")
+    assert "graph_error" in observation.facts
+
+
+@pytest.mark.asyncio
+async def test_replica_is_never_written_to_and_reports_a_missing_probe_graph(
+    falkordb: RedisServer, falkordb_replica: RedisServer, password_env: str
+) -> None:
+    on_replica = _check(falkordb_replica.url(), password=password_env, expect_role="replica")
+
+    observation, finding = await _probe(on_replica)
+
+    assert (finding.status, finding.reason_code) == (Status.DEGRADED, "probe_graph_missing")
+    assert observation.facts["probe_graph"] == "missing"
+    assert _probe_nodes(falkordb_replica) == 0
+
+    # Once the master has created it, the replica serves the probe graph read-only.
+    _, on_master = await _probe(_check(falkordb.url(), password=password_env))
+    assert on_master.status is Status.HEALTHY
+    wait_until(lambda: _probe_nodes(falkordb_replica) == 1, what="the graph to replicate")
+    _, finding = await _probe(on_replica)
+    assert (finding.status, finding.reason_code) == (Status.HEALTHY, "ok")
+
+
+@pytest.mark.asyncio
+async def test_falkordb_replica_where_master_is_expected_is_wrong_role(
+    falkordb_replica: RedisServer, password_env: str
+) -> None:
+    _, finding = await _probe(_check(falkordb_replica.url(), password=password_env))
+
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "wrong_role")
+
+
+@pytest.mark.asyncio
+async def test_wrong_password_is_auth_failed(falkordb: RedisServer) -> None:
+    check = _check(falkordb.url("wrong-Password-999"))
+
+    observation, finding = await _probe(check)
+
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "auth_failed")
+    exported = repr(observation) + repr(finding)
+    assert "wrong-Password-999" not in exported
+    assert FALKORDB_PASSWORD not in exported
+
+
+# --- pure judgement ---------------------------------------------------------------------------
+
+
+def _facts(**overrides: Any) -> dict[str, Any]:
+    facts: dict[str, Any] = {
+        "redis_version": "8.2.3",
+        "uptime_seconds": 100,
+        "role": "master",
+        "memory_ratio": None,
+        "clients_ratio": 0.001,
+        "rdb_last_bgsave_status": "ok",
+        "aof_last_write_status": "ok",
+        "modules": ["graph"],
+        "graph_module_version": "4.16.3",
+        "probe_graph": "exists",
+        "query_seconds": 0.0004,
+        "waiting_queries": 0,
+        "waiting_queries_previous": 0,
+    }
+    facts.update(overrides)
+    return facts
+
+
+@pytest.mark.parametrize(
+    ("settings", "observation", "status", "code"),
+    [
+        ({}, Observation(0.01, facts=_facts()), Status.HEALTHY, "ok"),
+        (
+            {},
+            Observation(0.01, facts=_facts(modules=[], graph_module_version=None)),
+            Status.UNHEALTHY,
+            "module_missing",
+        ),
+        (
+            {},
+            Observation(0.01, facts=_facts(graph_error="errMsg: Invalid input")),
+            Status.UNHEALTHY,
+            "graph_query_failed",
+        ),
+        (
+            {"expect_role": "replica"},
+            Observation(0.01, facts=_facts(role="replica", master_link_status="up")),
+            Status.HEALTHY,
+            "ok",
+        ),
+        (
+            {"expect_role": "replica"},
+            Observation(
+                0.01, facts=_facts(role="replica", master_link_status="up", probe_graph="missing")
+            ),
+            Status.DEGRADED,
+            "probe_graph_missing",
+        ),
+        (
+            {"degraded_waiting_queries": 5},
+            Observation(0.01, facts=_facts(waiting_queries=6, waiting_queries_previous=2)),
+            Status.DEGRADED,
+            "queries_waiting",
+        ),
+        (
+            # A long queue that is draining is not degraded.
+            {"degraded_waiting_queries": 5},
+            Observation(0.01, facts=_facts(waiting_queries=6, waiting_queries_previous=9)),
+            Status.HEALTHY,
+            "ok",
+        ),
+        (
+            # Growing, but still short.
+            {"degraded_waiting_queries": 5},
+            Observation(0.01, facts=_facts(waiting_queries=3, waiting_queries_previous=1)),
+            Status.HEALTHY,
+            "ok",
+        ),
+        (
+            # The first probe has no previous count: a long queue counts as grown from zero.
+            {"degraded_waiting_queries": 5},
+            Observation(0.01, facts=_facts(waiting_queries=7, waiting_queries_previous=None)),
+            Status.DEGRADED,
+            "queries_waiting",
+        ),
+        (
+            # Redis findings carry over: a failing save is degraded here too.
+            {},
+            Observation(0.01, facts=_facts(rdb_last_bgsave_status="err")),
+            Status.DEGRADED,
+            "persistence_failing",
+        ),
+        (
+            # An unhealthy graph outranks a degraded server.
+            {},
+            Observation(
+                0.01,
+                facts=_facts(rdb_last_bgsave_status="err", graph_module_version=None, modules=[]),
+            ),
+            Status.UNHEALTHY,
+            "module_missing",
+        ),
+        (
+            {},
+            Observation(0.01, facts=_facts(role="replica")),
+            Status.UNHEALTHY,
+            "wrong_role",
+        ),
+        (
+            {},
+            Observation(0.01, failure=Failure("busy", "BUSY")),
+            Status.UNHEALTHY,
+            "busy",
+        ),
+    ],
+)
+def test_assess_table(
+    settings: dict[str, Any], observation: Observation, status: Status, code: str
+) -> None:
+    finding = assess(_check("redis://graph:6379", **settings), observation)
+    assert (finding.status, finding.reason_code) == (status, code)
+
+
+@pytest.mark.parametrize(
+    ("encoded", "version"),
+    [("41603", "4.16.3"), ("20811", "2.8.11"), (None, None), ("dev", "dev")],
+)
+def test_module_version_is_decoded(encoded: str | None, version: str | None) -> None:
+    assert module_version(encoded) == version
