@@ -139,11 +139,36 @@ def _wait_ready(process: subprocess.Popen[bytes], url: str, log: Path) -> None:
     pytest.fail(f"server behind {url} did not become ready:\n{tail}")
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``: servers such as BentoML's put workers in sessions of their
+    own, out of reach of a signal to the server's process group."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _signal_all(process: subprocess.Popen[bytes], signum: int) -> None:
+    """Send ``signum`` to the server and every process below it."""
+    for pid in [process.pid, *_descendants(process.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
 def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is not None:
         return
+    workers = _descendants(process.pid)
+    _signal_all(process, signal.SIGCONT)  # a stopped process would never see SIGTERM
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGCONT)  # a stopped group would never see SIGTERM
         os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(15)
@@ -151,6 +176,9 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(5)
+    for pid in workers:  # whatever the server did not take down with it
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _require(module: str) -> None:
@@ -222,7 +250,7 @@ class BentoServer:
     """``bentoml serve`` of ``tests/bento_service`` on a free port.
 
     ``set_ready(False)`` makes the service's ``__is_ready__`` return false; ``pause()`` stops
-    the whole process group (SIGSTOP), as a hung server would look; ``resume()`` continues it.
+    the server and its workers (SIGSTOP), as a hung server would look; ``resume()`` continues.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -262,12 +290,12 @@ class BentoServer:
             return client.post(f"{self.url}/echo", json={"text": text}).status_code
 
     def pause(self) -> None:
-        """SIGSTOP every process of the server."""
-        os.killpg(self.process.pid, signal.SIGSTOP)
+        """SIGSTOP the server and its workers."""
+        _signal_all(self.process, signal.SIGSTOP)
 
     def resume(self) -> None:
-        """SIGCONT every process of the server."""
-        os.killpg(self.process.pid, signal.SIGCONT)
+        """SIGCONT the server and its workers."""
+        _signal_all(self.process, signal.SIGCONT)
 
     def close(self) -> None:
         """Stop the server."""

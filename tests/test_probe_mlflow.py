@@ -1,0 +1,141 @@
+"""The ``mlflow`` preset against a real MLflow server, and auth failures from a local target."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from healthd.config import MlflowCheck
+from healthd.model import Status
+from tests.http_target import HttpTarget, Reply
+from tests.services import MlflowServer, component
+
+
+def _check(url: str, **overrides: object) -> MlflowCheck:
+    settings: dict[str, object] = {"url": url, "interval": 10, "timeout": 5}
+    settings.update(overrides)
+    return MlflowCheck.model_validate(settings)
+
+
+@pytest.mark.asyncio
+@pytest.mark.slow
+async def test_working_server_is_healthy_with_its_version(mlflow_service: MlflowServer) -> None:
+    async with component(_check(mlflow_service.url, host=MlflowServer.HOST)) as mlflow:
+        state = await mlflow.check_once()
+    assert state.status is Status.HEALTHY, state.reason
+    assert state.reason_code == "ok"
+    assert state.details["version"].startswith("3.")
+    requests = state.details["requests"]
+    assert [requests[name]["http_status"] for name in ("health", "version", "search")] == [
+        200,
+        200,
+        200,
+    ]
+
+
+@pytest.mark.asyncio
+@pytest.mark.slow
+async def test_broken_backend_store_degrades_while_health_stays_up_then_recovers(
+    mlflow_service: MlflowServer,
+) -> None:
+    async with component(_check(mlflow_service.url, host=MlflowServer.HOST)) as mlflow:
+        assert (await mlflow.check_once()).status is Status.HEALTHY
+        mlflow_service.break_store()
+        state = await mlflow.check_once()
+        assert state.status is Status.DEGRADED
+        assert state.reason_code == "search_failed"
+        assert state.reason.startswith("backend store: POST /api/2.0/mlflow/experiments/search")
+        assert state.details["requests"]["health"]["http_status"] == 200
+        assert state.details["requests"]["search"]["http_status"] >= 400
+
+        mlflow_service.repair_store()
+        state = await mlflow.check_once()
+    assert state.status is Status.HEALTHY
+    assert state.reason_code == "ok"
+
+
+@pytest.mark.asyncio
+@pytest.mark.slow
+async def test_unknown_host_header_is_degraded_host_rejected(mlflow_service: MlflowServer) -> None:
+    # Without ``host``, the client sends 127.0.0.1:port, which the server does not allow.
+    async with component(_check(mlflow_service.url)) as mlflow:
+        state = await mlflow.check_once()
+    assert state.status is Status.DEGRADED
+    assert state.reason_code == "host_rejected"
+    assert "--allowed-hosts" in state.reason
+    assert state.details["requests"]["search"]["http_status"] == 403
+    assert state.details["requests"]["health"]["http_status"] == 200
+
+
+@pytest.mark.asyncio
+@pytest.mark.slow
+async def test_slow_search_is_degraded(mlflow_service: MlflowServer) -> None:
+    check = _check(mlflow_service.url, host=MlflowServer.HOST, degraded_search_latency="1ms")
+    async with component(check) as mlflow:
+        state = await mlflow.check_once()
+    assert state.status is Status.DEGRADED
+    assert state.reason_code == "slow"
+    assert "limit 1 ms" in state.reason
+
+
+@pytest.mark.asyncio
+@pytest.mark.slow
+async def test_stopped_server_is_unhealthy(mlflow_server: MlflowServer, closed_port: int) -> None:
+    # A server that is gone refuses connections: liveness fails, whatever the search says.
+    async with component(_check(f"http://127.0.0.1:{closed_port}")) as mlflow:
+        state = await mlflow.check_once()
+    assert state.status is Status.UNHEALTHY
+    assert state.reason_code == "connection_refused"
+    assert state.reason.startswith("GET /health")
+
+
+@pytest.mark.asyncio
+async def test_rejected_credentials_are_degraded_auth_failed_and_never_shown(
+    http_target: HttpTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TEST_PASSWORD", "hunter2-secret-pw")
+    http_target.route("/health", Reply(body=b"OK"))
+    http_target.route("/version", Reply(body=b"3.17.2"))
+    http_target.route(
+        "/api/2.0/mlflow/experiments/search",
+        Reply(
+            status=401, body=b"You are not authenticated.", headers={"WWW-Authenticate": "Basic"}
+        ),
+    )
+    check = _check(http_target.url(), username="healthd", password="${env:MLFLOW_TEST_PASSWORD}")
+    async with component(check) as mlflow:
+        state = await mlflow.check_once()
+    assert state.status is Status.DEGRADED
+    assert state.reason_code == "auth_failed"
+    assert state.details["version"] == "3.17.2"
+    search = next(r for r in http_target.requests if r.path.endswith("/search"))
+    expected = base64.b64encode(b"healthd:hunter2-secret-pw").decode()
+    assert search.headers["authorization"] == f"Basic {expected}"
+    assert search.body == b'{"max_results":1}'
+    shown = f"{state.reason} {state.details}"
+    assert "hunter2" not in shown
+    assert expected not in shown
+
+
+@pytest.mark.asyncio
+async def test_forbidden_search_is_degraded_auth_failed(http_target: HttpTarget) -> None:
+    http_target.route("/health", Reply(body=b"OK"))
+    http_target.route("/api/2.0/mlflow/experiments/search", Reply(status=403, body=b"denied"))
+    async with component(_check(http_target.url())) as mlflow:
+        state = await mlflow.check_once()
+    assert state.status is Status.DEGRADED
+    assert state.reason_code == "auth_failed"
+
+
+@pytest.mark.asyncio
+async def test_configured_host_header_is_sent(http_target: HttpTarget) -> None:
+    http_target.default = Reply(body=b"OK")
+    async with component(_check(http_target.url(), host="mlflow.internal:5000")) as mlflow:
+        await mlflow.check_once()
+    assert {r.headers["host"] for r in http_target.requests} == {"mlflow.internal:5000"}
+
+
+def test_basic_auth_needs_both_username_and_password() -> None:
+    with pytest.raises(ValueError, match="both 'username' and 'password'"):
+        MlflowCheck(url="http://127.0.0.1:5000", username="healthd")
