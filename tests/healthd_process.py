@@ -170,9 +170,7 @@ def _toml_value(value: Any) -> str:
     return f'"{text}"'
 
 
-def write_config(
-    path: Path, daemon: Mapping[str, Any], components: Mapping[str, Mapping[str, Any]]
-) -> Path:
+def write_config(path: Path, daemon: Mapping[str, Any], components: Mapping[str, Any]) -> Path:
     """Write a healthd TOML config (flat tables only) and return its path."""
     lines = ["[daemon]", *(f"{k} = {_toml_value(v)}" for k, v in daemon.items())]
     for name, settings in components.items():
