@@ -1,0 +1,128 @@
+"""The ``opik`` preset against local servers answering as Opik's backend and UI document.
+
+Opik needs MySQL, ClickHouse and Redis and cannot run here; ``serve_opik_backend`` and
+``serve_opik_ui`` reproduce its ``IsAliveResource``, Dropwizard ``/health-check`` and nginx
+answers, failure shapes included.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from healthd.config import OpikCheck
+from healthd.model import Status
+from tests.http_target import HttpTarget, Reply
+from tests.services import component, serve_opik_backend, serve_opik_ui
+
+
+def _check(backend: HttpTarget, ui: HttpTarget | None = None, **overrides: object) -> OpikCheck:
+    settings: dict[str, object] = {"url": backend.url(), "interval": 10, "timeout": 2}
+    if ui is not None:
+        settings["ui_url"] = ui.url()
+    settings.update(overrides)
+    return OpikCheck.model_validate(settings)
+
+
+@pytest.mark.asyncio
+async def test_healthy_backend_and_ui_are_healthy_with_version(
+    http_target: HttpTarget, ui_target: HttpTarget
+) -> None:
+    serve_opik_backend(http_target)
+    serve_opik_ui(ui_target)
+    async with component(_check(http_target, ui_target)) as opik:
+        state = await opik.check_once()
+    assert state.status is Status.HEALTHY
+    assert state.reason_code == "ok"
+    assert state.reason == "Opik 1.9.5 backend and UI healthy"
+    assert state.details["version"] == "1.9.5"
+    assert state.details["failing_checks"] == []
+    assert list(state.details["requests"]) == ["ping", "version", "health_check", "ui", "ui_ping"]
+    assert {r.path for r in ui_target.requests} == {"/", "/api/is-alive/ping"}
+    assert "/health-check?name=all" in {r.path for r in http_target.requests}
+
+
+@pytest.mark.asyncio
+async def test_backend_500_is_unhealthy_naming_the_failing_checks_then_recovers(
+    http_target: HttpTarget, ui_target: HttpTarget
+) -> None:
+    serve_opik_backend(http_target, failing=("clickhouse", "redis"))
+    serve_opik_ui(ui_target, proxy="unhealthy")
+    async with component(_check(http_target, ui_target, recovery_threshold=1)) as opik:
+        state = await opik.check_once()
+        assert state.status is Status.UNHEALTHY
+        assert state.reason_code == "backend_unhealthy"
+        assert "failing: clickhouse, redis" in state.reason
+        assert state.details["failing_checks"] == ["clickhouse", "redis"]
+        assert state.details["requests"]["ping"]["http_status"] == 500
+
+        serve_opik_backend(http_target)
+        serve_opik_ui(ui_target)
+        state = await opik.check_once()
+    assert state.status is Status.HEALTHY
+    assert state.details["failing_checks"] == []
+
+
+@pytest.mark.asyncio
+async def test_failing_non_critical_check_is_degraded_and_named(http_target: HttpTarget) -> None:
+    serve_opik_backend(http_target, failing=("clickhouse-readonly-freeform-sql",), critical=False)
+    async with component(_check(http_target)) as opik:
+        state = await opik.check_once()
+    assert state.status is Status.DEGRADED
+    assert state.reason_code == "subcheck_failed"
+    assert "clickhouse-readonly-freeform-sql" in state.reason
+
+
+@pytest.mark.asyncio
+async def test_unreachable_backend_is_unhealthy(ui_target: HttpTarget, closed_port: int) -> None:
+    serve_opik_ui(ui_target, proxy="no_upstream")
+    check = OpikCheck(
+        url=f"http://127.0.0.1:{closed_port}", ui_url=ui_target.url(), interval=10, timeout=2
+    )
+    async with component(check) as opik:
+        state = await opik.check_once()
+    assert state.status is Status.UNHEALTHY
+    assert state.reason_code == "connection_refused"
+    assert state.reason.startswith("backend: GET /is-alive/ping")
+
+
+@pytest.mark.asyncio
+async def test_ui_proxy_failing_while_backend_is_fine_is_degraded(
+    http_target: HttpTarget, ui_target: HttpTarget
+) -> None:
+    serve_opik_backend(http_target)
+    serve_opik_ui(ui_target, proxy="no_upstream")
+    async with component(_check(http_target, ui_target)) as opik:
+        state = await opik.check_once()
+    assert state.status is Status.DEGRADED
+    assert state.reason_code == "ui_proxy_failed"
+    assert "GET /api/is-alive/ping returned 502" in state.reason
+    assert state.details["requests"]["ui_ping"]["http_status"] == 502
+    assert state.details["requests"]["ping"]["http_status"] == 200
+
+
+@pytest.mark.asyncio
+async def test_ui_down_while_backend_is_fine_is_degraded(
+    http_target: HttpTarget, closed_port: int
+) -> None:
+    serve_opik_backend(http_target)
+    check = _check(http_target, ui_url=f"http://127.0.0.1:{closed_port}")
+    async with component(check) as opik:
+        state = await opik.check_once()
+    assert state.status is Status.DEGRADED
+    assert state.reason_code == "ui_down"
+    assert state.details["requests"]["ui"]["error"] == "connection_refused"
+
+
+@pytest.mark.asyncio
+async def test_backend_that_hangs_is_unhealthy_timeout(http_target: HttpTarget) -> None:
+    serve_opik_backend(http_target)
+    http_target.route("/is-alive/ping", Reply(action="hang"))
+    async with component(_check(http_target, timeout="300ms")) as opik:
+        state = await opik.check_once()
+    assert state.status is Status.UNHEALTHY
+    assert state.reason_code == "timeout"
+
+
+def test_ui_url_must_be_http() -> None:
+    with pytest.raises(ValueError, match="must start with http"):
+        OpikCheck(url="http://127.0.0.1:8080", ui_url="127.0.0.1:5173")
