@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import pwd
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,7 @@ from healthd import classify
 from healthd.config import CheckBase
 from healthd.model import Failure, Finding, Observation
 from healthd.probes import PROBES, ProbeContext
+from tests.daemon_proc import running_healthd
 
 __all__ = [
     "FALKORDB_PASSWORD",
@@ -50,6 +54,7 @@ __all__ = [
     "PG_PASSWORD_USER",
     "PG_PROBE_USER",
     "REDIS_PASSWORD",
+    "DaemonOutput",
     "PostgresServer",
     "RedisServer",
     "falkordb",
@@ -68,6 +73,7 @@ __all__ = [
     "redis_victim",
     "redis_victim_server",
     "run_check",
+    "run_daemon_once",
     "wait_until",
 ]
 
@@ -115,6 +121,68 @@ async def run_check(check: CheckBase, ctx: ProbeContext) -> tuple[Observation, F
             failure=Failure("timeout", f"no answer within {check.timeout_seconds} s"),
         )
     return observation, classify.judge(check, observation, kind.assess)
+
+
+@dataclass(frozen=True)
+class DaemonOutput:
+    """Everything a real ``healthd run`` exported after its first round of checks."""
+
+    status: dict[str, Any]
+    status_text: str
+    metrics: str
+    logs: str
+    check_json: str
+
+    def everything(self) -> str:
+        """All output in one string, for "this secret appears nowhere" assertions."""
+        return "\n".join((self.status_text, self.metrics, self.logs, self.check_json))
+
+
+def run_daemon_once(
+    tmp_path: Path, components_toml: str, env: dict[str, str] | None = None
+) -> DaemonOutput:
+    """Run ``healthd check --json``, then ``healthd run`` until READY (first round done); return
+    the status file, a metrics scrape and the debug logs of both."""
+    port = free_port()
+    status_path = tmp_path / "status.json"
+    config = tmp_path / "healthd.toml"
+    config.write_text(
+        "[daemon]\n"
+        f'metrics_address = "127.0.0.1:{port}"\n'
+        f'status_file = "{status_path}"\n'
+        'startup_spread = "10ms"\n'
+        'interval = "2s"\n'
+        'timeout = "1s"\n\n' + components_toml
+    )
+    # Both at once: each spends most of its time importing.
+    argv = [sys.executable, "-m", "healthd", "--config", str(config), "check", "--json"]
+    check = subprocess.Popen(
+        [*argv, "--log-level", "debug"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        with running_healthd(config, tmp_path, env or {}, "--log-level", "debug") as daemon:
+            daemon.wait_for("READY", "1")
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                metrics = reply.read().decode()
+            status_text = status_path.read_text()
+            _, logs = daemon.stop()
+        check_json, check_logs = check.communicate(timeout=30)
+    finally:
+        if check.poll() is None:
+            check.kill()
+            check.communicate()
+    assert check.returncode in (0, 1, 2), check_logs
+    return DaemonOutput(
+        status=json.loads(status_text),
+        status_text=status_text,
+        metrics=metrics,
+        logs=logs + check_logs,
+        check_json=check_json,
+    )
 
 
 # --- processes -------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -18,6 +19,7 @@ from tests.datastores import (
     REDIS_PASSWORD,
     RedisServer,
     run_check,
+    run_daemon_once,
     wait_until,
 )
 
@@ -302,3 +304,36 @@ def test_assess_table(
 )
 def test_module_version_is_decoded(encoded: str | None, version: str | None) -> None:
     assert module_version(encoded) == version
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+def test_daemon_reports_falkordb_verdicts_without_showing_any_password(
+    falkordb: RedisServer, redis_main: RedisServer, tmp_path: Path
+) -> None:
+    credentials = tmp_path / "credentials"
+    credentials.mkdir(mode=0o700)
+    (credentials / "falkordb_password").write_text(FALKORDB_PASSWORD)
+    (credentials / "redis_password").write_text(REDIS_PASSWORD)
+    components = f"""
+[components.graph]
+kind = "falkordb"
+url = "{falkordb.url()}"
+password = "${{credential:falkordb_password}}"
+
+[components.not_a_graph]
+kind = "falkordb"
+url = "{redis_main.url()}"
+password = "${{credential:redis_password}}"
+"""
+
+    out = run_daemon_once(tmp_path, components, {"CREDENTIALS_DIRECTORY": str(credentials)})
+
+    states = out.status["components"]
+    assert (states["graph"]["status"], states["graph"]["reason_code"]) == ("healthy", "ok")
+    assert states["graph"]["details"]["graph_module_version"]
+    assert states["not_a_graph"]["reason_code"] == "module_missing"
+    assert 'healthd_component_status{component="graph",kind="falkordb"} 0.0' in out.metrics
+    assert FALKORDB_PASSWORD not in out.everything()
+    assert REDIS_PASSWORD not in out.everything()

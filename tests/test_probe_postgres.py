@@ -22,6 +22,7 @@ from tests.datastores import (
     PG_PROBE_USER,
     PostgresServer,
     run_check,
+    run_daemon_once,
     wait_until,
 )
 
@@ -528,3 +529,41 @@ def test_dsn_must_be_a_postgres_url_or_key_value_pairs() -> None:
         _check("mysql://u:p@h/db")
     with pytest.raises(ValueError, match="key=value"):
         _check("just-a-host")
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+def test_daemon_reports_postgres_verdicts_without_showing_any_password(
+    pg_primary: PostgresServer, tmp_path: Path
+) -> None:
+    credentials = tmp_path / "credentials"
+    credentials.mkdir(mode=0o700)
+    (credentials / "postgres_password").write_text(PG_PASSWORD)
+    wrong = "Wrong-pg-Password-4242"
+    components = f"""
+[components.db]
+kind = "postgres"
+dsn = "{pg_primary.dsn(user=PG_PASSWORD_USER)}"
+password = "${{credential:postgres_password}}"
+
+[components.db_wrong_password]
+kind = "postgres"
+dsn = "{pg_primary.url(PG_PASSWORD_USER, password="${env:HEALTHD_TEST_WRONG}")}"
+
+[components.db_missing]
+kind = "postgres"
+dsn = "{pg_primary.dsn(user=PG_PROBE_USER, dbname="nowhere")}"
+"""
+    env = {"CREDENTIALS_DIRECTORY": str(credentials), "HEALTHD_TEST_WRONG": wrong}
+
+    out = run_daemon_once(tmp_path, components, env)
+
+    states = out.status["components"]
+    assert (states["db"]["status"], states["db"]["reason_code"]) == ("healthy", "ok")
+    assert states["db"]["details"]["role"] == "primary"
+    assert states["db_wrong_password"]["reason_code"] == "auth_failed"
+    assert states["db_missing"]["reason_code"] == "database_missing"
+    assert 'healthd_component_status{component="db",kind="postgres"} 0.0' in out.metrics
+    assert PG_PASSWORD not in out.everything()
+    assert wrong not in out.everything()

@@ -6,6 +6,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -19,7 +20,13 @@ from healthd.model import ComponentState, Failure, Finding, Observation, Status
 from healthd.probes import ProbeContext, SharedResources
 from healthd.probes.redis import assess, failure_for, parse_info, server_facts
 from healthd.secrets import Redactor
-from tests.datastores import REDIS_PASSWORD, RedisServer, run_check, wait_until
+from tests.datastores import (
+    REDIS_PASSWORD,
+    RedisServer,
+    run_check,
+    run_daemon_once,
+    wait_until,
+)
 
 
 def _check(url: str, **settings: Any) -> RedisCheck:
@@ -560,3 +567,34 @@ def test_loading_is_degraded_then_unhealthy_at_the_failure_threshold() -> None:
         Status.DEGRADED,
         Status.UNHEALTHY,
     ]
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+def test_daemon_reports_redis_verdicts_without_showing_any_password(
+    redis_main: RedisServer, tmp_path: Path
+) -> None:
+    secret = tmp_path / "redis-password"
+    secret.write_text(REDIS_PASSWORD + "\n")
+    wrong = "Wrong-redis-Password-77"
+    components = f"""
+[components.cache]
+kind = "redis"
+url = "{redis_main.url()}"
+password = "${{file:{secret}}}"
+
+[components.cache_wrong_password]
+kind = "redis"
+url = "redis://:${{env:HEALTHD_TEST_WRONG}}@127.0.0.1:{redis_main.port}/0"
+"""
+
+    out = run_daemon_once(tmp_path, components, {"HEALTHD_TEST_WRONG": wrong})
+
+    states = out.status["components"]
+    assert (states["cache"]["status"], states["cache"]["reason_code"]) == ("healthy", "ok")
+    assert states["cache"]["details"]["role"] == "master"
+    assert states["cache_wrong_password"]["reason_code"] == "auth_failed"
+    assert 'healthd_component_status{component="cache",kind="redis"} 0.0' in out.metrics
+    assert REDIS_PASSWORD not in out.everything()
+    assert wrong not in out.everything()
