@@ -662,9 +662,29 @@ def _describe(path: Path, text: str, error: ValidationError) -> Iterator[str]:
         elif item["type"] == "missing":
             message = "required key is missing"
         key = ".".join(loc) or "(top level)"
-        line = _find_line(text, loc)
-        where = f"{path}:{line}" if line else str(path)
+        if (variable := _overriding_variable(loc)) is not None:
+            # The value came from the environment: a line of the file would mislead.
+            where = f"{path}: ${variable}"
+        elif line := _find_line(text, loc):
+            where = f"{path}:{line}"
+        else:
+            where = str(path)
         yield f"{where}: {key}: {message}"
+
+
+def _overriding_variable(loc: list[str]) -> str | None:
+    """The ``HEALTHD_*`` variable that set the key at ``loc`` (or a table around it), if any."""
+    if not loc:
+        return None
+    wanted = [part.lower() for part in loc]
+    for name in os.environ:
+        upper = name.upper()
+        if not upper.startswith("HEALTHD_") or upper == "HEALTHD_CONFIG":
+            continue
+        path = name[len("HEALTHD_") :].lower().split("__")
+        if path == wanted[: len(path)]:
+            return name
+    return None
 
 
 #: The ``kind`` values the union accepts, read from the models themselves.
@@ -683,21 +703,34 @@ def _find_line(text: str, loc: list[str]) -> int | None:
     table: list[str] = []
     best: int | None = None
     best_depth = 0
-    header = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-    assignment = re.compile(r"^\s*([A-Za-z0-9_.\"'-]+)\s*=")
+    header = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+    assignment = re.compile(r"^\s*((?:\"[^\"]*\"|'[^']*'|[A-Za-z0-9_.\s-])+?)\s*=")
+    # ``[[a.b]]`` opens element 0, 1, ... of the array ``a.b``; pydantic's path counts the same.
+    arrays: dict[tuple[str, ...], int] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         if m := header.match(line):
-            table = [p.strip().strip("\"'") for p in m.group(1).split(".")]
+            table = _split_key(m.group(2))
+            if m.group(1) == "[[":
+                arrays[tuple(table)] = index = arrays.get(tuple(table), -1) + 1
+                table = [*table, str(index)]
             depth = _common_prefix(table, loc)
             if depth == len(table) and depth > best_depth:
                 best, best_depth = number, depth
             continue
         if m := assignment.match(line):
-            key = table + [p.strip().strip("\"'") for p in m.group(1).split(".")]
+            key = table + _split_key(m.group(1))
             depth = _common_prefix(key, loc)
             if depth == len(key) and depth > best_depth:
                 best, best_depth = number, depth
     return best
+
+
+_KEY_PART = re.compile(r"""\s*(?:"([^"]*)"|'([^']*)'|([A-Za-z0-9_-]+))\s*(?:\.|$)""")
+
+
+def _split_key(text: str) -> list[str]:
+    """``components."api.v1".url`` -> ``["components", "api.v1", "url"]``."""
+    return [a or b or c for a, b, c in _KEY_PART.findall(text)]
 
 
 def _common_prefix(a: list[str], b: list[str]) -> int:
