@@ -19,6 +19,7 @@ from tests.http_target import Certificate, HttpTarget, Reply
 
 PATH = "/api/v1/health"
 WHAT = f"GET {PATH}"
+SECRET = "s3cr3t-t0ken-value"
 
 
 @pytest_asyncio.fixture
@@ -514,6 +515,37 @@ async def test_redirect_loop_is_redirect_loop_after_max_redirects(
     assert [r.path for r in http_target.requests] == ["/a", "/b", "/a", "/b"]
 
 
+@pytest.mark.parametrize(
+    ("landing_host", "kept"),
+    [
+        pytest.param("127.0.0.1", True, id="same-origin-keeps-headers"),
+        pytest.param("localhost", False, id="other-origin-drops-headers"),
+    ],
+)
+@pytest.mark.asyncio
+async def test_configured_headers_never_follow_a_redirect_to_another_origin(
+    http_target: HttpTarget,
+    ctx: ProbeContext,
+    monkeypatch: pytest.MonkeyPatch,
+    landing_host: str,
+    kept: bool,
+) -> None:
+    monkeypatch.setenv("HEALTHD_TEST_TOKEN", SECRET)
+    http_target.route("/old", Reply.redirect(http_target.url("/landing", host=landing_host)))
+    check = http_check(
+        http_target.url("/old"),
+        headers={"X-Api-Key": "${env:HEALTHD_TEST_TOKEN}", "Authorization": "Bearer x"},
+    )
+
+    _, finding = await run(check, ctx)
+
+    assert finding == Finding(Status.HEALTHY, "ok", "GET /old returned 200")
+    first, landing = http_target.requests
+    assert first.headers["x-api-key"] == SECRET
+    assert ("x-api-key" in landing.headers) is kept
+    assert ("authorization" in landing.headers) is kept
+
+
 # --- TLS ------------------------------------------------------------------------------------
 
 
@@ -562,8 +594,6 @@ async def test_https_url_on_a_plain_http_port_is_tls_error(
 
 
 # --- secrets --------------------------------------------------------------------------------
-
-SECRET = "s3cr3t-t0ken-value"
 
 
 @pytest.mark.parametrize(

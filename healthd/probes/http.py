@@ -8,6 +8,7 @@ built once, with a shared ``SSLContext``, because building one costs about 29 ms
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -56,7 +57,38 @@ def build_client(
         headers={"Accept-Encoding": "identity", **(headers or {})},
         # A health check must see the target itself, not a proxy named by the environment.
         trust_env=False,
+        event_hooks={"request": [_keep_headers_home(list(headers or {}))]},
     )
+
+
+#: A request extension holding where the probe meant to go, and the names of its own headers.
+_HOME = "healthd_home"
+
+
+def _same_site(home: httpx.URL, url: httpx.URL) -> bool:
+    # As httpx does for Authorization: same origin, or the same host upgraded to https.
+    if home.host != url.host:
+        return False
+    if home.scheme == url.scheme:
+        return home.port == url.port
+    return home.scheme == "http" and url.scheme == "https" and url.port in (None, 443)
+
+
+def _keep_headers_home(client_headers: list[str]) -> Callable[[httpx.Request], Awaitable[None]]:
+    """A hook that drops configured headers from a redirect to another site.
+
+    httpx only strips ``Authorization``; an API key in any other header would follow a
+    redirect anywhere. Configured headers are meant for the configured target alone.
+    """
+
+    async def hook(request: httpx.Request) -> None:
+        home = request.extensions.get(_HOME)
+        if home is None or _same_site(home[0], request.url):
+            return
+        for name in (*client_headers, *home[1]):
+            request.headers.pop(name, None)
+
+    return hook
 
 
 def target(method: str, url: str) -> str:
@@ -90,7 +122,12 @@ async def request(
     with anyio.move_on_after(limit_seconds) as deadline:
         try:
             async with client.stream(
-                method, url, headers=headers, content=content, json=json
+                method,
+                url,
+                headers=headers,
+                content=content,
+                json=json,
+                extensions={_HOME: (httpx.URL(url), list(headers or {}))},
             ) as response:
                 body, truncated = await _read_capped(response, max_body_bytes)
         except httpx.HTTPError as exc:
