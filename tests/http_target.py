@@ -36,6 +36,7 @@ __all__ = [
     "tcp_listener",
     "tcp_listener_server",
     "tls_certificate",
+    "unresponsive_port",
 ]
 
 #: What the server does once it has read a request.
@@ -471,6 +472,26 @@ def closed_port() -> Iterator[int]:
         yield sock.getsockname()[1]
     finally:
         sock.close()
+
+
+@pytest.fixture
+def unresponsive_port() -> Iterator[int]:
+    """A port on 127.0.0.1 whose accept queue is full, so a new connect hangs (SYN dropped).
+
+    Listening with a backlog of 0 admits one queued connection; this fixture makes it, and
+    never accepts. It is how a stuck or overloaded host looks to a client: no refusal, no
+    answer.
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port), timeout=2)
+    try:
+        yield port
+    finally:
+        filler.close()
+        listener.close()
 
 
 # --- fixtures ---------------------------------------------------------------------------------

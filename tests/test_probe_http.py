@@ -22,10 +22,14 @@ WHAT = f"GET {PATH}"
 SECRET = "s3cr3t-t0ken-value"
 
 
+#: Shared like the daemon shares them: an SSL context costs ~25 ms to build, per test.
+_SHARED = SharedResources()
+
+
 @pytest_asyncio.fixture
 async def ctx() -> AsyncIterator[ProbeContext]:
     """A fresh probe context per test, closed afterwards like the scheduler does."""
-    context = ProbeContext(SharedResources())
+    context = ProbeContext(_SHARED)
     yield context
     await context.aclose()
 
@@ -238,6 +242,27 @@ async def test_unresolvable_host_is_dns_error(ctx: ProbeContext) -> None:
     assert finding.status is Status.UNHEALTHY
     assert finding.reason_code == "dns_error"
     assert finding.reason.startswith("GET /health: name resolution failed")
+
+
+@pytest.mark.asyncio
+async def test_connect_that_gets_no_answer_is_a_timeout(
+    unresponsive_port: int, ctx: ProbeContext
+) -> None:
+    started = time.perf_counter()
+
+    observation, finding = await run(
+        http_check(f"http://127.0.0.1:{unresponsive_port}/ready", timeout=0.5), ctx
+    )
+
+    assert time.perf_counter() - started < 0.5
+    assert finding.status is Status.UNHEALTHY
+    assert finding.reason_code == "timeout"
+    # A fresh client's set-up counts against the deadline, so either limit may fire first.
+    assert finding.reason in {
+        "GET /ready: timed out connecting (limit 0.425 s)",
+        "GET /ready: timed out before the response was complete (limit 0.45 s)",
+    }
+    assert observation.facts == {}
 
 
 @pytest.mark.asyncio

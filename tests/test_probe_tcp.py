@@ -16,11 +16,14 @@ from healthd.model import Finding, Observation, Status
 from healthd.probes import PROBES, ProbeContext, SharedResources
 from tests.http_target import HttpTarget, TcpListener
 
+#: Shared like the daemon shares them: an SSL context costs ~25 ms to build, per test.
+_SHARED = SharedResources()
+
 
 @pytest_asyncio.fixture
 async def ctx() -> AsyncIterator[ProbeContext]:
     """A fresh probe context per test, closed afterwards like the scheduler does."""
-    context = ProbeContext(SharedResources())
+    context = ProbeContext(_SHARED)
     yield context
     await context.aclose()
 
@@ -156,6 +159,21 @@ async def test_tls_check_against_a_silent_server_times_out_before_the_scheduler_
         f"connect to {tcp_listener.address}: timed out during the TLS handshake (limit 0.9 s)",
     )
     assert observation.failure is not None
+
+
+@pytest.mark.asyncio
+async def test_connect_that_gets_no_answer_times_out_before_the_scheduler_deadline(
+    unresponsive_port: int, ctx: ProbeContext
+) -> None:
+    address = f"127.0.0.1:{unresponsive_port}"
+    started = time.perf_counter()
+
+    _, finding = await run(tcp_check(address, timeout=0.5), ctx)
+
+    assert 0.4 < time.perf_counter() - started < 0.5
+    assert finding == Finding(
+        Status.UNHEALTHY, "timeout", f"connect to {address}: timed out connecting (limit 0.45 s)"
+    )
 
 
 def test_slow_connect_is_degraded_with_the_limit_in_the_reason() -> None:

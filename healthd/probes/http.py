@@ -106,20 +106,23 @@ async def request(
     json: Any = None,
     max_body_bytes: int = 1 << 20,
     total_timeout_seconds: float | None = None,
+    spent_seconds: float = 0.0,
 ) -> Observation:
     """Send one request and observe the answer.
 
     ``facts`` get ``http_status`` and ``body_bytes``; ``payload`` is the body, at most
     ``max_body_bytes`` long, with ``facts["body_truncated"]`` set when there was more.
     ``total_timeout_seconds`` bounds the whole exchange; by default it is derived from the
-    client's timeout.
+    client's timeout. ``spent_seconds`` is how much of it the caller already used (building the
+    client, say); reasons still quote the whole limit.
     """
     what = target(method, url)
     limit_seconds = total_timeout_seconds
     if limit_seconds is None and client.timeout.read is not None:
         limit_seconds = client.timeout.read / CLIENT_TIMEOUT_SHARE * TOTAL_TIMEOUT_SHARE
     started = time.perf_counter()
-    with anyio.move_on_after(limit_seconds) as deadline:
+    remaining = None if limit_seconds is None else limit_seconds - spent_seconds
+    with anyio.move_on_after(remaining) as deadline:
         try:
             async with client.stream(
                 method,
@@ -217,8 +220,8 @@ async def probe(check: HttpCheck, ctx: ProbeContext) -> Observation:
         check.url.reveal(),
         content=check.body.reveal() if check.body is not None else None,
         max_body_bytes=check.max_body_bytes,
-        total_timeout_seconds=check.timeout_seconds * TOTAL_TIMEOUT_SHARE
-        - (time.perf_counter() - started),
+        total_timeout_seconds=check.timeout_seconds * TOTAL_TIMEOUT_SHARE,
+        spent_seconds=time.perf_counter() - started,
     )
 
 
