@@ -15,6 +15,7 @@ from healthd import classify
 from healthd.config import PostgresCheck
 from healthd.model import ComponentState, Failure, Finding, Observation, Status
 from healthd.probes import ProbeContext, SharedResources
+from healthd.probes import postgres as postgres_probe
 from healthd.probes.postgres import assess, connect_timeout_seconds, failure_code
 from tests.datastores import (
     PG_PASSWORD,
@@ -90,13 +91,11 @@ async def test_probe_connects_fresh_and_leaves_no_connection_behind(
         assert finding.status is Status.HEALTHY
     await ctx.aclose()
 
-    rows = pg_primary.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'healthd'"
-    )
-    assert rows == [(0,)]
-    # Every probe opened its own session: three backends were started for healthd.
-    logins = pg_primary.execute("SELECT count(*) FROM pg_stat_activity")
-    assert logins[0][0] >= 1
+    # Closing sends Terminate; the backend exits a moment later, so poll without blocking.
+    sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'healthd'"
+    with anyio.fail_after(2):
+        while pg_primary.execute(sessions) != [(0,)]:
+            await anyio.sleep(0.01)
 
 
 @pytest.mark.asyncio
@@ -342,6 +341,27 @@ async def test_frozen_server_times_out_within_deadline_without_delaying_others(
     pg_victim.wait_ready()
     _, finding = await _probe(frozen_check)
     assert finding.status is Status.HEALTHY
+
+
+@pytest.mark.asyncio
+async def test_query_that_hangs_is_cut_at_the_deadline_and_its_session_ends(
+    pg_primary: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server that accepts the session but never answers the query: psycopg, cancelled, would
+    # spend up to 10 s asking the server to cancel; the deadline must still hold.
+    monkeypatch.setattr(postgres_probe, "_STATE_QUERY", "SELECT pg_sleep(30)")
+    check = _check(pg_primary.dsn(user=PG_PROBE_USER), timeout=0.5)
+
+    started = time.perf_counter()
+    _, finding = await _probe(check)
+    elapsed = time.perf_counter() - started
+
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "timeout")
+    assert elapsed < 0.5 + 0.3
+    sleeping = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'"
+    with anyio.fail_after(5):
+        while pg_primary.execute(sleeping + " AND state = 'active'") != [(0,)]:
+            await anyio.sleep(0.01)
 
 
 # --- pure judgement ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The ``postgres`` probe: a fresh connection, ``SELECT 1``, then the server's own account.
 
 A pooled connection that survived a dead server proves nothing, so every probe connects
-anew, in autocommit, as ``application_name=healthd``. After ``SELECT 1`` one more round trip
+anew, in autocommit, as ``application_name=healthd``. One more round trip runs ``SELECT 1`` and
 reads the role (``pg_is_in_recovery()``), connection saturation, standby replay lag and the
 age of the oldest open transaction. ``assess`` turns those facts into a verdict.
 
@@ -131,6 +131,23 @@ def _secrets(check: PostgresCheck) -> tuple[str, ...]:
     return check.dsn.secrets + (check.password.secrets if check.password else ())
 
 
+def _script(check: PostgresCheck) -> str:
+    """``SELECT 1`` and the state query in one round trip (the simple protocol runs several
+    statements per message), in a read-only transaction whose ``statement_timeout`` makes the
+    server itself give up when the check's deadline passes.
+
+    Without it, a query the deadline abandoned would keep its backend busy on the server: psycopg
+    closes the connection, but the server only notices once the query ends. ``SET LOCAL`` dies
+    with the transaction, so nothing leaks into a pooled server connection (pgbouncer,
+    Supavisor).
+    """
+    timeout_ms = max(1, round(check.timeout_seconds * 1000))
+    return (
+        f"BEGIN READ ONLY; SET LOCAL statement_timeout = {timeout_ms}; "
+        f"SELECT 1; {_STATE_QUERY.strip()}; COMMIT"
+    )
+
+
 def connect_timeout_seconds(check: PostgresCheck) -> int:
     """libpq's whole-second ``connect_timeout`` for this check, never under psycopg's floor."""
     share = int(check.timeout_seconds * CLIENT_TIMEOUT_SHARE)
@@ -138,14 +155,14 @@ def connect_timeout_seconds(check: PostgresCheck) -> int:
 
 
 async def probe(check: PostgresCheck, ctx: ProbeContext) -> Observation:
-    """Connect fresh, ``SELECT 1``, read the server's state, close."""
+    """Connect fresh; ``SELECT 1`` and read the server's state in one round trip; close."""
     what = "postgres"
     redactor = Redactor(_secrets(check))
     params: dict[str, Any] = {
         "autocommit": True,
         "application_name": "healthd",
         "connect_timeout": connect_timeout_seconds(check),
-        # Probes run two fixed statements once per connection: preparing them is waste.
+        # One script per connection: preparing statements would be waste.
         "prepare_threshold": None,
     }
     if check.password is not None:
@@ -160,10 +177,14 @@ async def probe(check: PostgresCheck, ctx: ProbeContext) -> Observation:
         )
     facts["connect_seconds"] = round(time.perf_counter() - started, 6)
     try:
-        cursor = await conn.execute("SELECT 1")
-        await cursor.fetchone()
-        cursor = await conn.execute(_STATE_QUERY)
-        row = await cursor.fetchone()
+        cursor = await conn.execute(_script(check))
+        rows = []
+        while True:
+            if cursor.description is not None:
+                rows.append(await cursor.fetchone())
+            if not cursor.nextset():
+                break
+        liveness, row = rows
     except psycopg.Error as exc:
         return Observation(
             time.perf_counter() - started,
@@ -176,6 +197,7 @@ async def probe(check: PostgresCheck, ctx: ProbeContext) -> Observation:
         with anyio.CancelScope(shield=True):
             await conn.close()
     latency = time.perf_counter() - started
+    assert liveness == (1,)
     assert row is not None
     facts.update(state_facts(row))
     return Observation(latency, facts=facts)
