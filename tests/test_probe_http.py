@@ -210,6 +210,21 @@ async def test_failed_request_is_not_retried(http_target: HttpTarget, ctx: Probe
             "invalid HTTP response",
             id="bad-status-line",
         ),
+        pytest.param(
+            Reply(action="garbage", garbage=b"HTTP/1.1 200 OK\r\nX-Filler: " + b"a" * 1_000_000),
+            "protocol_error",
+            "invalid HTTP response",
+            id="endless-header-is-capped",
+        ),
+        pytest.param(
+            Reply(
+                action="garbage",
+                garbage=b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            ),
+            "protocol_error",
+            "invalid HTTP response",
+            id="bad-chunk-size",
+        ),
     ],
 )
 @pytest.mark.asyncio
@@ -654,3 +669,19 @@ async def test_secret_header_and_query_reach_the_server_but_never_the_verdict(
     assert SECRET not in repr(observation.facts)
     assert SECRET not in str(check.url)
     assert finding.reason.startswith(WHAT)
+
+
+@pytest.mark.asyncio
+async def test_secret_in_the_url_path_is_named_by_its_template(
+    http_target: HttpTarget, ctx: ProbeContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HEALTHD_TEST_TOKEN", SECRET)
+    http_target.route(f"/hooks/{SECRET}/health", Reply(status=503))
+    check = http_check(http_target.url("/hooks/${env:HEALTHD_TEST_TOKEN}/health"))
+
+    _, finding = await run(check, ctx)
+
+    assert http_target.requests[0].path == f"/hooks/{SECRET}/health"
+    assert finding == Finding(
+        Status.UNHEALTHY, "http_status", "GET /hooks/${env:HEALTHD_TEST_TOKEN}/health returned 503"
+    )

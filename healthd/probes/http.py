@@ -107,6 +107,7 @@ async def request(
     max_body_bytes: int = 1 << 20,
     total_timeout_seconds: float | None = None,
     spent_seconds: float = 0.0,
+    what: str | None = None,
 ) -> Observation:
     """Send one request and observe the answer.
 
@@ -114,9 +115,10 @@ async def request(
     ``max_body_bytes`` long, with ``facts["body_truncated"]`` set when there was more.
     ``total_timeout_seconds`` bounds the whole exchange; by default it is derived from the
     client's timeout. ``spent_seconds`` is how much of it the caller already used (building the
-    client, say); reasons still quote the whole limit.
+    client, say); reasons still quote the whole limit. ``what`` names the request in reasons
+    (default: ``target(method, url)``).
     """
-    what = target(method, url)
+    what = what or target(method, url)
     limit_seconds = total_timeout_seconds
     if limit_seconds is None and client.timeout.read is not None:
         limit_seconds = client.timeout.read / CLIENT_TIMEOUT_SHARE * TOTAL_TIMEOUT_SHARE
@@ -222,14 +224,23 @@ async def probe(check: HttpCheck, ctx: ProbeContext) -> Observation:
         max_body_bytes=check.max_body_bytes,
         total_timeout_seconds=check.timeout_seconds * TOTAL_TIMEOUT_SHARE,
         spent_seconds=time.perf_counter() - started,
+        what=_safe_target(check),
     )
+
+
+def _safe_target(check: HttpCheck) -> str:
+    """``target`` of the check's URL, from its template when a secret sits in the path."""
+    what = target(check.method, check.url.reveal())
+    if any(secret in what for secret in check.url.secrets):
+        return target(check.method, str(check.url))
+    return what
 
 
 def assess(check: HttpCheck, observation: Observation) -> Finding:
     """Status code first, then the body's conditions."""
     if observation.failure is not None:
         return failed(observation)
-    what = target(check.method, check.url.reveal())
+    what = _safe_target(check)
     if (bad_status := status_finding(what, observation, check.expected_status)) is not None:
         return bad_status
     body: bytes = observation.payload or b""
