@@ -20,8 +20,9 @@ import httpx
 import pytest
 
 from healthd.config import SupabaseCheck
-from healthd.model import Status
-from healthd.probes.supabase import is_legacy_key
+from healthd.model import Failure, Observation, Status
+from healthd.probes._preset import Exchange
+from healthd.probes.supabase import assess, is_legacy_key
 from tests.http_target import HttpTarget, Reply
 from tests.services import component, free_port, serve_supabase
 
@@ -277,3 +278,41 @@ def _scrape_when_ready(process: subprocess.Popen[str], url: str) -> str:
             if response.status_code == 200:
                 return response.text
     pytest.fail("healthd never served its metrics")
+
+
+# --- the verdict table, judged purely ----------------------------------------------------------
+
+
+def _observed(**statuses: int | str) -> Observation:
+    """An observation whose requests got these statuses, or (a string) failed with that code."""
+    recorded = {}
+    for name, status in statuses.items():
+        if isinstance(status, str):
+            outcome = Observation(0.01, failure=Failure(status, f"GET /{name}: {status}"))
+        else:
+            outcome = Observation(0.01, facts={"http_status": status}, payload=b"{}")
+        recorded[name] = Exchange(f"GET /{name}", outcome)
+    return Observation(0.01, facts={"requests": {}}, payload=recorded)
+
+
+@pytest.mark.parametrize(
+    ("statuses", "expected_status", "expected_code"),
+    [
+        ({"auth": 200, "rest": 200}, Status.HEALTHY, "ok"),
+        ({"auth": 502, "rest": 200}, Status.DEGRADED, "auth_down"),
+        ({"auth": 200, "rest": 503}, Status.DEGRADED, "rest_down"),
+        ({"auth": 502, "rest": 502}, Status.UNHEALTHY, "services_down"),
+        ({"auth": "timeout", "rest": 502}, Status.UNHEALTHY, "services_down"),
+        ({"auth": "timeout", "rest": "connection_refused"}, Status.UNHEALTHY, "timeout"),
+        ({"auth": 401, "rest": 401}, Status.DEGRADED, "auth_failed"),
+        ({"auth": 401, "rest": 502}, Status.DEGRADED, "auth_failed"),
+        ({"auth": 200, "rest": 200, "storage": 500}, Status.DEGRADED, "storage_down"),
+        ({"auth": 200, "rest": 200, "table": 404}, Status.DEGRADED, "table_read_failed"),
+    ],
+)
+def test_verdict_table(
+    statuses: dict[str, int | str], expected_status: Status, expected_code: str
+) -> None:
+    check = SupabaseCheck(url="http://127.0.0.1:54321", api_key=NEW_KEY, table="todos")
+    finding = assess(check, _observed(**statuses))
+    assert (finding.status, finding.reason_code) == (expected_status, expected_code)
