@@ -105,9 +105,9 @@ def assess(check: OpikCheck, observation: Observation) -> Finding:
                 ui_finding.reason_code,
                 f"backend is healthy, but the UI fails: {ui_finding.reason}",
             )
-    version = observation.facts.get("version")
-    parts = "backend" + (" and UI" if check.ui_url is not None else "")
-    return Finding(Status.HEALTHY, OK, f"Opik {version or ''} {parts} healthy".replace("  ", " "))
+    name = " ".join(("Opik", observation.facts.get("version", ""))).strip()
+    parts = "backend and UI" if check.ui_url is not None else "backend"
+    return Finding(Status.HEALTHY, OK, f"{name} {parts} healthy")
 
 
 def _healthy(ex: _preset.Exchange) -> bool | None:
