@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import enum
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,29 +79,36 @@ class Finding:
 
 @dataclass(frozen=True, slots=True)
 class Histogram:
-    """Cumulative bucket counts for fixed upper bounds, plus the sum and count of observations."""
+    """Observations counted into buckets with fixed upper bounds (the last one ``+Inf``).
+
+    ``counts`` holds each bucket's own count; ``buckets`` gives Prometheus's cumulative view.
+    Observing is a bisect and a tuple copy, because it happens on every check.
+    """
 
     upper_bounds: tuple[float, ...]
-    buckets: tuple[int, ...]
+    counts: tuple[int, ...]
     sum: float = 0.0
 
     @property
     def count(self) -> int:
         """How many observations were made."""
-        return self.buckets[-1] if self.buckets else 0
+        return sum(self.counts)
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """Cumulative counts: observations less than or equal to each bound, then ``+Inf``."""
+        return tuple(itertools.accumulate(self.counts))
 
     @classmethod
     def empty(cls, upper_bounds: tuple[float, ...]) -> Histogram:
-        """A histogram with no observations, whose last bucket is ``+Inf``."""
+        """A histogram with no observations."""
         return cls(upper_bounds, (0,) * (len(upper_bounds) + 1), 0.0)
 
     def observe(self, value: float) -> Histogram:
         """Return a new histogram with ``value`` added."""
-        buckets = tuple(
-            count + (1 if i == len(self.upper_bounds) or value <= self.upper_bounds[i] else 0)
-            for i, count in enumerate(self.buckets)
-        )
-        return Histogram(self.upper_bounds, buckets, self.sum + value)
+        counts = list(self.counts)
+        counts[bisect.bisect_left(self.upper_bounds, value)] += 1
+        return Histogram(self.upper_bounds, tuple(counts), self.sum + value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,9 @@ class StateStore:
         self._components: dict[str, ComponentState] = {}
         self._stale_after: dict[str, float] = {}
         self._daemon = DaemonStats(started_at=clock())
+        # Updated on every check, so kept as plain fields and folded into DaemonStats on read.
+        self._progress_at: float | None = None
+        self._lateness = self._daemon.lateness
         self._version = 0
 
     def get(self, name: str) -> ComponentState | None:
@@ -42,10 +45,13 @@ class StateStore:
         with self._lock:
             self._components[state.name] = state
             self._stale_after[state.name] = stale_after_seconds
-            self._daemon = dataclasses.replace(
-                self._daemon, scheduler_last_progress_at=state.checked_at
-            )
+            self._progress_at = state.checked_at
             self._version += 1
+
+    def observe_lateness(self, seconds: float) -> None:
+        """Count how late a check started compared with its schedule."""
+        with self._lock:
+            self._lateness = self._lateness.observe(seconds)
 
     def remove(self, name: str) -> None:
         """Forget a component that the config no longer has; its series disappear with it."""
@@ -62,7 +68,13 @@ class StateStore:
 
     def daemon(self) -> DaemonStats:
         """healthd's own statistics as they are now."""
-        return self._daemon
+        with self._lock:
+            return self._daemon_stats()
+
+    def _daemon_stats(self) -> DaemonStats:
+        return dataclasses.replace(
+            self._daemon, scheduler_last_progress_at=self._progress_at, lateness=self._lateness
+        )
 
     def snapshot(self) -> Snapshot:
         """A frozen picture of everything, with stale components marked unhealthy."""
@@ -70,7 +82,7 @@ class StateStore:
         with self._lock:
             components = dict(self._components)
             stale_after = dict(self._stale_after)
-            daemon = self._daemon
+            daemon = self._daemon_stats()
             version = self._version
         for name, state in components.items():
             limit = stale_after[name]

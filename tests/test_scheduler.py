@@ -113,10 +113,12 @@ async def test_intervals_do_not_drift_over_many_runs() -> None:
     first = starts[0]
     ticks = [round((s - first) / interval) for s in starts]
     phase_errors = [s - (first + t * interval) for s, t in zip(starts, ticks, strict=True)]
-    # Every start sits on the grid first + k * interval, late only by event-loop latency; a
-    # drifting loop (sleeping "interval" after each run) would be off by the probe times summed.
-    assert max(abs(e) for e in phase_errors) < 0.012, phase_errors
-    assert abs(phase_errors[-1]) < 0.012
+    # Every start sits on the grid first + k * interval, late only by event-loop latency. A
+    # drifting loop (sleeping "interval" after each run) would add the probe times up, and its
+    # starts would land all over the grid (errors spread across +-interval/2 = 20 ms).
+    errors = sorted(abs(e) for e in phase_errors)
+    assert errors[len(errors) // 2] < 0.003, phase_errors
+    assert errors[int(len(errors) * 0.9)] < 0.008, phase_errors
     # A tick is skipped only if the machine stalled; nearly all of them are kept.
     assert ticks[-1] - (runs - 1) <= 2, ticks
 
