@@ -10,13 +10,21 @@ import itertools
 import re
 import signal
 import statistics
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
+import anyio.to_thread
 import pytest
 
+from healthd import config as config_module
+from healthd import daemon as daemon_module
+from healthd.daemon import Daemon
+from healthd.exporters import status_file
+from healthd.secrets import Redactor
 from healthd.watchdog import Notifier
 from tests.healthd_process import HealthdProcess, NotifySocket, TcpTarget, free_port, write_config
 
@@ -192,3 +200,59 @@ def test_no_watchdog_pings_when_watchdog_pid_names_another_process(
         assert notify_socket.pings() == []
     finally:
         daemon.stop()
+
+
+@pytest.mark.asyncio
+async def test_watchdog_pings_stop_while_the_status_writer_is_stuck_though_the_loop_runs(
+    tmp_path: Path,
+    notify_socket: NotifySocket,
+    target: TcpTarget,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Progress means more than a live loop: a status writer stuck in a hung filesystem write
+    # must stop the pings too, while checks keep completing.
+    monkeypatch.setattr(daemon_module, "_GRACE_SECONDS", 0.2)
+    hang, release = threading.Event(), threading.Event()
+    real_write = status_file.write_atomic
+
+    def write(path: Path, data: bytes, mode: int = 0o644) -> None:
+        if hang.is_set():
+            release.wait(10)
+        real_write(path, data, mode)
+
+    monkeypatch.setattr(status_file, "write_atomic", write)
+    config, _ = _config(tmp_path, target, status_file_refresh="100ms")
+    env = {"NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": "400000"}
+    daemon = Daemon(config, config_module.load(config), Redactor(), notifier=Notifier(env))
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(daemon.run)
+            ready = await anyio.to_thread.run_sync(
+                lambda: notify_socket.wait_for(lambda m: "READY" in m, 10)
+            )
+            await anyio.to_thread.run_sync(
+                lambda: notify_socket.wait_for(lambda m: "WATCHDOG" in m, 2, ready.at + 0.5)
+            )
+            hang.set()
+            hung_at = time.monotonic()
+            checks_before = _checks(daemon)
+            await anyio.sleep(1.5)
+            assert notify_socket.pings(hung_at + 0.8, time.monotonic()) == []
+            assert _checks(daemon) > checks_before + 3  # the loop and the checks went on
+            assert daemon.stuck() == ["status file writer"]
+
+            release.set()
+            released_at = time.monotonic()
+            first = await anyio.to_thread.run_sync(
+                lambda: notify_socket.wait_for(lambda m: "WATCHDOG" in m, 2, released_at)
+            )
+            assert first.at - released_at < 0.5
+            tg.cancel_scope.cancel()
+    finally:
+        release.set()
+
+
+def _checks(daemon: Daemon) -> int:
+    state = daemon.store.get("db")
+    assert state is not None
+    return sum(state.checks_total.values())
