@@ -13,7 +13,13 @@ from tests.services import MlflowServer, component
 
 
 def _check(url: str, **overrides: object) -> MlflowCheck:
-    settings: dict[str, object] = {"url": url, "interval": 10, "timeout": 5}
+    # Generous limits: these tests are about answers, not speed, and CI machines are busy.
+    settings: dict[str, object] = {
+        "url": url,
+        "interval": 30,
+        "timeout": 20,
+        "degraded_search_latency": 15,
+    }
     settings.update(overrides)
     return MlflowCheck.model_validate(settings)
 
