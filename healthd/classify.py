@@ -103,7 +103,8 @@ def parse_json(body: bytes) -> tuple[Any, str | None]:
     """The parsed body, or ``(None, why it is not JSON)``."""
     try:
         return json.loads(body), None
-    except (UnicodeDecodeError, ValueError) as exc:
+    # A target can nest arrays deeper than the parser's recursion limit: garbage, not a crash.
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         return None, f"body is not JSON ({type(exc).__name__})"
 
 

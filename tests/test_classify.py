@@ -504,6 +504,12 @@ def cond(**fields: Any) -> Condition:
             id="named-condition",
         ),
         pytest.param(
+            [cond(json="status", equals="ok")],
+            b"[" * 200_000,
+            (U, "status == 'ok' (body is not JSON)"),
+            id="nesting-deeper-than-the-parser-goes",
+        ),
+        pytest.param(
             [cond(json="lag", max=100)],
             b'{"lag": NaN}',
             (U, "lag <= 100 (got NaN, not a number)"),

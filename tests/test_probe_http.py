@@ -477,6 +477,16 @@ HEALTH_JSON = '{"status": "ok", "db": {"lag_seconds": 12.5}, "checks": [{"name":
             id="not-json",
         ),
         pytest.param(
+            "[" * 200_000,
+            [{"json": "status", "equals": "ok"}],
+            Finding(
+                Status.UNHEALTHY,
+                "condition_failed",
+                f"{WHAT}: condition failed: status == 'ok' (body is not JSON)",
+            ),
+            id="nested-too-deep-to-parse",
+        ),
+        pytest.param(
             "<html>maintenance</html>",
             [{"regex": "^OK$"}],
             Finding(
