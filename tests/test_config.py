@@ -397,6 +397,16 @@ def test_bad_address_is_rejected(text: str) -> None:
         ),
         pytest.param(
             """
+            [components.api]
+            kind = "http"
+            url = "https://api/"
+            ca_file = "/nonexistent/ca.pem"
+            """,
+            "{path}:4: components.api.ca_file: CA file '/nonexistent/ca.pem' is not readable",
+            id="unreadable-ca-file",
+        ),
+        pytest.param(
+            """
             components.db = { kind = "tcp", address = "db" }
             """,
             "{path}:1: components.db.address: address 'db' must be host:port",
