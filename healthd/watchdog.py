@@ -105,6 +105,8 @@ async def feed_watchdog(
         problems = stuck()
         if not problems:
             notifier.watchdog()
+            if warned:
+                log.warning("progress again; feeding the watchdog")
             warned = False
         elif not warned:
             log.error("not feeding the watchdog: no progress in %s", ", ".join(problems))

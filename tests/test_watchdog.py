@@ -208,6 +208,7 @@ async def test_watchdog_pings_stop_while_the_status_writer_is_stuck_though_the_l
     notify_socket: NotifySocket,
     target: TcpTarget,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Progress means more than a live loop: a status writer stuck in a hung filesystem write
     # must stop the pings too, while checks keep completing.
@@ -248,6 +249,11 @@ async def test_watchdog_pings_stop_while_the_status_writer_is_stuck_though_the_l
             )
             assert first.at - released_at < 0.5
             tg.cancel_scope.cancel()
+        messages = [r.getMessage() for r in caplog.records if r.name == "healthd.watchdog"]
+        assert messages == [
+            "not feeding the watchdog: no progress in status file writer",
+            "progress again; feeding the watchdog",
+        ]
     finally:
         release.set()
 
