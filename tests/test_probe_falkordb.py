@@ -140,6 +140,32 @@ async def test_broken_query_is_graph_query_failed(falkordb: RedisServer, passwor
 
 
 @pytest.mark.asyncio
+async def test_slow_graph_query_is_stopped_by_falkordb_at_the_check_timeout(
+    falkordb: RedisServer, password_env: str
+) -> None:
+    await _probe(_check(falkordb.url(), password=password_env))  # creates the probe graph
+    slow = _check(
+        falkordb.url(),
+        password=password_env,
+        timeout=0.4,
+        # Ten billion rows streamed from two small lists: endless in CPU, tiny in memory.
+        query="UNWIND range(1, 100000) AS a UNWIND range(1, 100000) AS b RETURN count(b)",
+    )
+
+    observation, finding = await _probe(slow)
+
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "timeout")
+    assert observation.facts.get("graph_error") == "Query timed out", (observation, finding)
+
+    def running_queries() -> list[Any]:
+        with falkordb.client() as client:
+            return list(client.execute_command("GRAPH.INFO")[1])
+
+    # FalkorDB gave up by itself: nothing of the query is left running on the server.
+    wait_until(lambda: running_queries() == [], timeout_seconds=2, what="no running query")
+
+
+@pytest.mark.asyncio
 async def test_replica_is_never_written_to_and_reports_a_missing_probe_graph(
     falkordb: RedisServer, falkordb_replica: RedisServer, password_env: str
 ) -> None:
@@ -218,6 +244,12 @@ def _facts(**overrides: Any) -> dict[str, Any]:
             Observation(0.01, facts=_facts(graph_error="errMsg: Invalid input")),
             Status.UNHEALTHY,
             "graph_query_failed",
+        ),
+        (
+            {},
+            Observation(0.01, facts=_facts(graph_error="Query timed out")),
+            Status.UNHEALTHY,
+            "timeout",
         ),
         (
             {"expect_role": "replica"},

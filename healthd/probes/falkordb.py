@@ -28,6 +28,8 @@ from healthd.probes.redis import assess_server, healthy_reason, observe
 GRAPH_MODULE = "graph"
 #: Idempotent: running it twice, or from two healthd instances at once, leaves one node.
 _CREATE_PROBE_GRAPH = "MERGE (:HealthdProbe {id: 1})"
+#: The graph query's server-side ``TIMEOUT`` is this share of the check's timeout.
+QUERY_TIMEOUT_SHARE = 0.5
 #: The error FalkorDB replies when a graph key does not exist.
 _EMPTY_KEY = "empty key"
 
@@ -78,9 +80,11 @@ async def probe(check: FalkorDbCheck, ctx: ProbeContext) -> Observation:
         facts["graph_module_version"] = module_version(encoded)
         if encoded is None:
             return  # a plain Redis: assess says module_missing
+        # FalkorDB's own limit, so that a query the deadline abandons stops on the server too.
+        query = ("GRAPH.RO_QUERY", check.graph, check.query, "TIMEOUT", _timeout_ms(check))
         started = time.perf_counter()
         try:
-            await _command(connection, "GRAPH.RO_QUERY", check.graph, check.query)
+            await _command(connection, *query)
             facts["probe_graph"] = "exists"
         except ResponseError as exc:
             if _EMPTY_KEY not in str(exc):
@@ -94,7 +98,7 @@ async def probe(check: FalkorDbCheck, ctx: ProbeContext) -> Observation:
             await _command(connection, "GRAPH.QUERY", check.graph, _CREATE_PROBE_GRAPH)
             facts["probe_graph"] = "created"
             started = time.perf_counter()
-            await _command(connection, "GRAPH.RO_QUERY", check.graph, check.query)
+            await _command(connection, *query)
         facts["query_seconds"] = round(time.perf_counter() - started, 6)
         try:
             waiting = _waiting_queries(await _command(connection, "GRAPH.INFO"))
@@ -105,6 +109,11 @@ async def probe(check: FalkorDbCheck, ctx: ProbeContext) -> Observation:
         memory.waiting_queries = waiting
 
     return await observe(check, ctx, what="falkordb", then=graph)
+
+
+def _timeout_ms(check: FalkorDbCheck) -> int:
+    """Below the socket timeout, so FalkorDB's own "Query timed out" arrives first."""
+    return max(1, round(check.timeout_seconds * QUERY_TIMEOUT_SHARE * 1000))
 
 
 def _is_query_error(exc: ResponseError) -> bool:
@@ -143,7 +152,8 @@ def _graph_findings(check: FalkorDbCheck, facts: Mapping[str, Any]) -> list[Find
             )
         ]
     if (error := facts.get("graph_error")) is not None:
-        return [Finding(Status.UNHEALTHY, "graph_query_failed", f"graph query failed: {error}")]
+        code = "timeout" if "timed out" in str(error) else "graph_query_failed"
+        return [Finding(Status.UNHEALTHY, code, f"graph query failed: {error}")]
     if facts.get("probe_graph") == "missing":
         return [
             Finding(
