@@ -107,8 +107,18 @@ class _LoopThread:
         self.loop.call_soon_threadsafe(fn)
 
     def stop(self) -> None:
+        """Cancel what still runs (handlers of hung requests), then stop and close the loop."""
+
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.run(cancel_all())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+        self.loop.close()
 
 
 class HttpTarget:
