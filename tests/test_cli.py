@@ -8,6 +8,7 @@ import socket
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from healthd import __version__
@@ -39,11 +40,52 @@ def test_version_prints_the_package_version() -> None:
     assert result.stdout.strip() == f"healthd {__version__}"
 
 
-def test_platform_config_validates() -> None:
-    config = Path(__file__).parent.parent / "config" / "healthd.toml"
-    result = healthd_cli("--config", str(config), "config", "validate")
+REPO = Path(__file__).parent.parent
+PLATFORM_CONFIG = REPO / "config" / "healthd.toml"
+EXAMPLE_CREDENTIALS = {"CREDENTIALS_DIRECTORY": str(REPO / "config" / "credentials.example")}
+
+
+def test_platform_config_validates_with_its_credentials() -> None:
+    result = healthd_cli(
+        "--config", str(PLATFORM_CONFIG), "config", "validate", env=EXAMPLE_CREDENTIALS
+    )
     assert result.returncode == 0, result.stderr
-    assert "OK" in result.stdout
+    assert result.stdout.strip() == f"{PLATFORM_CONFIG}: OK, 8 components"
+
+
+def test_platform_config_without_its_credentials_is_a_config_error() -> None:
+    result = healthd_cli(
+        "--config", str(PLATFORM_CONFIG), "config", "validate", env={"CREDENTIALS_DIRECTORY": ""}
+    )
+    assert result.returncode == EX_CONFIG
+    assert "needs $CREDENTIALS_DIRECTORY" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_platform_layout_runs_where_nothing_runs_and_says_why(tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **EXAMPLE_CREDENTIALS,
+        "HEALTHD_DAEMON__METRICS_ADDRESS": f"127.0.0.1:{port}",
+        "HEALTHD_DAEMON__STATUS_FILE": str(tmp_path / "status.json"),
+        "HEALTHD_DAEMON__STARTUP_SPREAD": "10ms",
+    }
+    with running_healthd(PLATFORM_CONFIG, tmp_path, env) as healthd:
+        ready = healthd.wait_for("READY", "1")
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        code, stderr = healthd.stop()
+    assert code == 0, stderr
+    assert ready["STATUS"] == "0 healthy, 0 degraded, 8 unhealthy; overall unhealthy"
+    doc = json.loads((tmp_path / "status.json").read_bytes())
+    assert len(doc["components"]) == 8
+    for name, component in doc["components"].items():
+        # Nothing of the platform listens here: each says so in its own words, not "ok".
+        assert component["status"] == "unhealthy", name
+        assert component["reason_code"] == "connection_refused", (name, component)
+        assert (
+            f'healthd_component_up{{component="{name}",kind="{component["kind"]}"}} 0.0' in metrics
+        )
+    assert "placeholder-" not in stderr + metrics + json.dumps(doc)
 
 
 BAD_CONFIGS = {
