@@ -48,6 +48,8 @@ Action = Literal[
     "garbage",  # bytes that are not HTTP, then close
     "endless",  # a chunked body that never ends
     "trickle",  # the body one byte per ``trickle_interval_seconds``
+    "reset_mid_body",  # headers and half the body, then a TCP RST
+    "close_mid_body",  # headers and half the body, then a clean close (short of Content-Length)
 ]
 
 _CHUNK_BYTES = 64 * 1024
@@ -291,6 +293,14 @@ class HttpTarget:
                 writer.write(chunk)
                 await writer.drain()
                 self._count_sent(_CHUNK_BYTES)
+        elif reply.action in ("reset_mid_body", "close_mid_body"):
+            writer.write(reply.body[: len(reply.body) // 2])
+            await writer.drain()
+            if reply.action == "reset_mid_body":
+                _abort_with_rst(writer)
+            else:
+                writer.close()
+            return False
         elif reply.action == "trickle":
             for byte in reply.body:
                 writer.write(bytes([byte]))

@@ -202,6 +202,18 @@ async def test_failed_request_is_not_retried(http_target: HttpTarget, ctx: Probe
             id="close-without-answer",
         ),
         pytest.param(
+            Reply(action="reset_mid_body", body=b"x" * 100_000),
+            "connection_reset",
+            "connection reset by peer",
+            id="reset-mid-body",
+        ),
+        pytest.param(
+            Reply(action="close_mid_body", body=b"x" * 1000),
+            "connection_closed",
+            "server closed the connection early",
+            id="close-mid-body",
+        ),
+        pytest.param(
             Reply(action="garbage"), "protocol_error", "invalid HTTP response", id="garbage"
         ),
         pytest.param(
