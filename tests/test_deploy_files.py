@@ -96,6 +96,17 @@ def test_unit_declares_what_the_issue_asks_for() -> None:
     assert "\nPrivateNetwork=" not in text
 
 
+def test_unit_loads_every_credential_the_shipped_config_refers_to() -> None:
+    config = (REPO / "config" / "healthd.toml").read_text()
+    active = "\n".join(line for line in config.splitlines() if not line.lstrip().startswith("#"))
+    wanted = set(re.findall(r"\$\{credential:([^}]+)\}", active))
+    loaded = dict(re.findall(r"^LoadCredential=([^:\n]+):(\S+)$", UNIT.read_text(), re.M))
+    assert wanted
+    assert wanted <= set(loaded), wanted - set(loaded)
+    for name in wanted:
+        assert loaded[name] == f"/etc/healthd/credentials/{name}"
+
+
 # --- Prometheus ----------------------------------------------------------------------------
 
 
