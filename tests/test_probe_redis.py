@@ -390,6 +390,29 @@ async def test_replica_whose_master_is_gone_is_degraded_until_the_master_returns
     assert finding.status is Status.HEALTHY
 
 
+@pytest.mark.asyncio
+async def test_replica_serving_no_stale_data_without_its_master_is_master_down(
+    redis_replication: tuple[RedisServer, RedisServer], password_env: str
+) -> None:
+    master, replica = redis_replication
+    check = _check(replica.url(), password=password_env, expect_role="replica")
+    with replica.client() as client:
+        client.config_set("replica-serve-stale-data", "no")
+    try:
+        master.kill()
+        wait_until(lambda: _link_status(replica) == "down", what="the replica to notice")
+        _, finding = await _probe(check)
+        assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "master_down")
+
+        master.start()
+        wait_until(lambda: _link_status(replica) == "up", what="the replica to reconnect")
+        _, finding = await _probe(check)
+        assert finding.status is Status.HEALTHY
+    finally:
+        with replica.client() as client:
+            client.config_set("replica-serve-stale-data", "yes")
+
+
 # --- pure judgement ---------------------------------------------------------------------------
 
 
