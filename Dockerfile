@@ -23,7 +23,10 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     # Inside a container the metrics port must listen beyond loopback to be published.
     HEALTHD_DAEMON__METRICS_ADDRESS=0.0.0.0:9469 \
-    HEALTHD_CONFIG=/etc/healthd/healthd.toml
+    HEALTHD_CONFIG=/etc/healthd/healthd.toml \
+    # ${credential:NAME} reads $CREDENTIALS_DIRECTORY/NAME; Docker and Compose secrets are
+    # mounted at /run/secrets/NAME, so the same config works unchanged.
+    CREDENTIALS_DIRECTORY=/run/secrets
 
 # A fixed numeric id, so that volume ownership and runAsNonRoot checks need no passwd lookup.
 RUN groupadd --system --gid 10001 healthd \
