@@ -553,6 +553,31 @@ def test_env_override_error_names_the_variable_not_a_file_line(
     )
 
 
+def test_env_override_that_breaks_a_cross_check_names_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HEALTHD_COMPONENTS__API__TIMEOUT", "45s")
+    path = write(tmp_path, BASE)
+
+    (problem,) = problems(path)
+
+    assert problem.startswith(
+        f"{path}: $HEALTHD_COMPONENTS__API__TIMEOUT: components.api.timeout: timeout 45s is "
+        "longer than interval 30s"
+    )
+
+
+def test_file_errors_keep_their_line_while_another_key_is_overridden(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HEALTHD_COMPONENTS__API__TIMEOUT", "1s")
+    path = write(tmp_path, BASE.replace('address = "db:5432"', 'address = "db"'))
+
+    (problem,) = problems(path)
+
+    assert problem.startswith(f"{path}:11: components.db.address: address 'db' must be host:port")
+
+
 def test_healthd_config_variable_is_not_taken_for_a_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
