@@ -178,6 +178,12 @@ class HttpTarget:
             return self._connections
 
     @property
+    def open_connections(self) -> int:
+        """Connections the server is still serving (kept alive, or mid-request)."""
+        with self._lock:
+            return self._open_connections
+
+    @property
     def body_bytes_sent(self) -> int:
         """Filler body bytes the server managed to write since the last reset."""
         with self._lock:

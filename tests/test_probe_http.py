@@ -177,6 +177,19 @@ async def test_connection_dropped_between_probes_is_not_a_failure(
 
 
 @pytest.mark.asyncio
+async def test_closing_the_context_closes_the_kept_alive_connection(
+    http_target: HttpTarget,
+) -> None:
+    ctx = ProbeContext(_SHARED)
+    await run(http_check(http_target.url(PATH)), ctx)
+    assert http_target.open_connections == 1  # kept alive between runs
+
+    await ctx.aclose()
+
+    assert http_target.wait_until_idle()
+
+
+@pytest.mark.asyncio
 async def test_failed_request_is_not_retried(http_target: HttpTarget, ctx: ProbeContext) -> None:
     http_target.route(PATH, Reply(action="reset"))
 
