@@ -204,6 +204,8 @@ class HttpTarget:
                 writer.transport.abort()
 
         self._thread.run(self._call(release))
+        # Let released handlers finish, so counts start from a quiet server.
+        self.wait_until_idle()
         with self._lock:
             self.default = Reply()
             self._routes.clear()
