@@ -105,9 +105,6 @@ class _LoopThread:
     def run(self, coro: Coroutine[Any, Any, Any], timeout_seconds: float = 10) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_seconds)
 
-    def call(self, fn: Callable[[], None]) -> None:
-        self.loop.call_soon_threadsafe(fn)
-
     def stop(self) -> None:
         """Cancel what still runs (handlers of hung requests), then stop and close the loop."""
 
