@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -394,11 +395,18 @@ async def test_huge_body_is_read_only_up_to_the_cap(
 ) -> None:
     http_target.route(PATH, reply)
     cap = 64 * 1024
+    check = http_check(http_target.url(PATH), max_body_bytes=cap)
     started = time.perf_counter()
-
-    observation, finding = await run(http_check(http_target.url(PATH), max_body_bytes=cap), ctx)
+    tracemalloc.start()
+    try:
+        observation, finding = await run(check, ctx)
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
 
     assert time.perf_counter() - started < 0.5
+    # Building the client and both ends' buffers take ~3 MB; reading the body would take 50+.
+    assert peak_bytes < 8_000_000
     assert finding == Finding(Status.HEALTHY, "ok", f"{WHAT} returned 200")
     assert observation.facts == {"http_status": 200, "body_bytes": cap, "body_truncated": True}
     assert len(observation.payload) == cap
