@@ -379,6 +379,8 @@ async def test_query_that_hangs_is_cut_at_the_deadline_and_its_session_ends(
         ("57P02", "terminating connection because of crash", "crash_shutdown"),
         ("57014", "canceling statement due to statement timeout", "timeout"),
         ("42601", "syntax error", "query_error"),
+        # A SQLSTATE wins over the message: this is no missing database.
+        ("42P01", 'relation "x" does not exist', "query_error"),
         (None, "FATAL:  the database system is starting up", "not_ready"),
         (None, "FATAL:  the database system is shutting down", "not_ready"),
         (None, "FATAL:  the database system is not accepting connections", "not_ready"),

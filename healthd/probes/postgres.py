@@ -103,13 +103,13 @@ DEGRADED_FAILURES = frozenset({"saturated"})
 
 def failure_code(sqlstate: str | None, message: str) -> str:
     """The reason code for a psycopg error: by SQLSTATE where there is one, else by message."""
-    if sqlstate and sqlstate in SQLSTATE_CODES:
-        return SQLSTATE_CODES[sqlstate]
+    if sqlstate:
+        return SQLSTATE_CODES.get(sqlstate, "query_error")
     text = message.lower()
     for fragment, code in MESSAGE_CODES:
         if fragment in text:
             return code
-    return "query_error" if sqlstate else "connection_error"
+    return "connection_error"
 
 
 def _server_message(exc: psycopg.Error) -> str:
@@ -122,13 +122,11 @@ def _server_message(exc: psycopg.Error) -> str:
     return " ".join(text.split("\n", 1)[0].split())
 
 
-def _failure(exc: psycopg.Error, what: str, redactor: Redactor) -> Failure:
-    message = redactor.scrub(_server_message(exc))
+def _failure(exc: psycopg.Error, what: str, check: PostgresCheck) -> Failure:
+    # libpq never echoes a password, but a DSN fragment in a message could carry one.
+    secrets = check.dsn.secrets + (check.password.secrets if check.password else ())
+    message = Redactor(secrets).scrub(_server_message(exc))
     return Failure(failure_code(exc.sqlstate, str(exc)), f"{what}: {message}")
-
-
-def _secrets(check: PostgresCheck) -> tuple[str, ...]:
-    return check.dsn.secrets + (check.password.secrets if check.password else ())
 
 
 def _script(check: PostgresCheck) -> str:
@@ -157,7 +155,6 @@ def connect_timeout_seconds(check: PostgresCheck) -> int:
 async def probe(check: PostgresCheck, ctx: ProbeContext) -> Observation:
     """Connect fresh; ``SELECT 1`` and read the server's state in one round trip; close."""
     what = "postgres"
-    redactor = Redactor(_secrets(check))
     params: dict[str, Any] = {
         "autocommit": True,
         "application_name": "healthd",
@@ -173,7 +170,7 @@ async def probe(check: PostgresCheck, ctx: ProbeContext) -> Observation:
         conn = await psycopg.AsyncConnection.connect(check.dsn.reveal(), **params)
     except psycopg.Error as exc:
         return Observation(
-            time.perf_counter() - started, failure=_failure(exc, f"{what} connect", redactor)
+            time.perf_counter() - started, failure=_failure(exc, f"{what} connect", check)
         )
     facts["connect_seconds"] = round(time.perf_counter() - started, 6)
     try:
@@ -188,7 +185,7 @@ async def probe(check: PostgresCheck, ctx: ProbeContext) -> Observation:
     except psycopg.Error as exc:
         return Observation(
             time.perf_counter() - started,
-            failure=_failure(exc, f"{what} query", redactor),
+            failure=_failure(exc, f"{what} query", check),
             facts=facts,
         )
     finally:
@@ -197,8 +194,10 @@ async def probe(check: PostgresCheck, ctx: ProbeContext) -> Observation:
         with anyio.CancelScope(shield=True):
             await conn.close()
     latency = time.perf_counter() - started
-    assert liveness == (1,)
-    assert row is not None
+    if liveness != (1,) or row is None:
+        # Something between us and PostgreSQL answers, but not as PostgreSQL would.
+        failure = Failure("protocol_error", f"{what}: SELECT 1 returned {liveness!r}")
+        return Observation(latency, failure=failure, facts=facts)
     facts.update(state_facts(row))
     return Observation(latency, facts=facts)
 
