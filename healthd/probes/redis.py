@@ -44,8 +44,7 @@ from healthd.secrets import Redactor
 #: phase that hung before the scheduler's deadline cancels the probe.
 CLIENT_TIMEOUT_SHARE = 0.9
 
-
-#: Error replies that say "busy, come back later" rather than "broken".
+#: Error replies with a meaning of their own, by their first word; the rest are ``error_reply``.
 _REPLY_CODES: tuple[tuple[str, str], ...] = (
     ("BUSY", "busy"),
     ("MISCONF", "persistence_failing"),
