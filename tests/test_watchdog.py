@@ -262,3 +262,21 @@ def _checks(daemon: Daemon) -> int:
     state = daemon.store.get("db")
     assert state is not None
     return sum(state.checks_total.values())
+
+
+def test_a_watchdog_abort_leaves_python_stacks_in_the_log(
+    tmp_path: Path, notify_socket: NotifySocket, target: TcpTarget
+) -> None:
+    # systemd's watchdog kills with SIGABRT; faulthandler must turn that into stacks.
+    config, _ = _config(tmp_path, target)
+    daemon = HealthdProcess(config, env={"NOTIFY_SOCKET": notify_socket.address})
+    try:
+        notify_socket.wait_for(lambda m: "READY" in m, 15)
+        daemon.signal(signal.SIGABRT)
+        assert daemon.process.wait(10) == -signal.SIGABRT
+        log = daemon.log()
+        assert "Fatal Python error: Aborted" in log
+        assert "Current thread" in log
+        assert 'File "' in log
+    finally:
+        daemon.stop()
