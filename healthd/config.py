@@ -639,10 +639,12 @@ def load(path: Path) -> Config:
     try:
         return Config(**data)
     except ValidationError as exc:
-        raise ConfigError(list(_describe(path, text, exc))) from None
+        raise ConfigError(list(_describe(path, text, exc, data))) from None
 
 
-def _describe(path: Path, text: str, error: ValidationError) -> Iterator[str]:
+def _describe(
+    path: Path, text: str, error: ValidationError, data: Mapping[str, Any]
+) -> Iterator[str]:
     for item in error.errors(include_url=False):
         loc = [str(part) for part in item["loc"]]
         # A discriminated union puts the kind's tag into the path; the file has no such key.
@@ -662,7 +664,7 @@ def _describe(path: Path, text: str, error: ValidationError) -> Iterator[str]:
         elif item["type"] == "missing":
             message = "required key is missing"
         key = ".".join(loc) or "(top level)"
-        if (variable := _overriding_variable(loc)) is not None:
+        if (variable := _overriding_variable(loc, data)) is not None:
             # The value came from the environment: a line of the file would mislead.
             where = f"{path}: ${variable}"
         elif line := _find_line(text, loc):
@@ -672,11 +674,14 @@ def _describe(path: Path, text: str, error: ValidationError) -> Iterator[str]:
         yield f"{where}: {key}: {message}"
 
 
-def _overriding_variable(loc: list[str]) -> str | None:
-    """The ``HEALTHD_*`` variable that set the key at ``loc`` (or a table around it), if any."""
+def _overriding_variable(loc: list[str], data: Mapping[str, Any]) -> str | None:
+    """The ``HEALTHD_*`` variable that set the key at ``loc`` (or a table around it), or that
+    created a table on the way to ``loc`` which the file does not have; ``None`` otherwise."""
     if not loc:
         return None
     wanted = [part.lower() for part in loc]
+    # loc[:known] is in the file; loc[known] (if any) is not, so someone else made it.
+    known = _depth_in_file(data, loc)
     for name in os.environ:
         upper = name.upper()
         if not upper.startswith("HEALTHD_") or upper == "HEALTHD_CONFIG":
@@ -684,7 +689,20 @@ def _overriding_variable(loc: list[str]) -> str | None:
         path = name[len("HEALTHD_") :].lower().split("__")
         if path == wanted[: len(path)]:
             return name
+        # Variable names are case-insensitive, so HEALTHD_COMPONENTS__API__X makes a component
+        # "api" even when the file's is "Api"; that new table then fails on its own.
+        if known < len(wanted) and path[: known + 1] == wanted[: known + 1]:
+            return name
     return None
+
+
+def _depth_in_file(data: Mapping[str, Any], loc: list[str]) -> int:
+    node: Any = data
+    for depth, part in enumerate(loc):
+        if not isinstance(node, Mapping) or part not in node:
+            return depth
+        node = node[part]
+    return len(loc)
 
 
 #: The ``kind`` values the union accepts, read from the models themselves.

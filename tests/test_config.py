@@ -578,6 +578,25 @@ def test_file_errors_keep_their_line_while_another_key_is_overridden(
     assert problem.startswith(f"{path}:11: components.db.address: address 'db' must be host:port")
 
 
+@pytest.mark.parametrize(
+    ("variable", "key"),
+    [
+        # Variable names are case-insensitive: this makes a new component "api", not "API".
+        pytest.param("HEALTHD_COMPONENTS__API__TIMEOUT", "components.api", id="case-mismatch"),
+        pytest.param("HEALTHD_COMPONENTS__NEW__KIND", "components.new.url", id="env-only-table"),
+    ],
+)
+def test_component_made_by_an_env_variable_is_blamed_on_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, key: str
+) -> None:
+    monkeypatch.setenv(variable, "http" if variable.endswith("KIND") else "1s")
+    path = write(tmp_path, '[components.API]\nkind = "http"\nurl = "http://api/"\n')
+
+    (problem,) = problems(path)
+
+    assert problem.startswith(f"{path}: ${variable}: {key}: ")
+
+
 def test_healthd_config_variable_is_not_taken_for_a_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
