@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -282,16 +283,9 @@ def test_unhealthy_dependencies_names_only_unhealthy_direct_dependencies() -> No
         "cache": component(D, critical=False, name="cache"),
         "queue": component(U, critical=False, name="queue"),
     }
-    api = replace_depends(component(U, critical=True, name="api"), ("db", "cache", "missing"))
+    api = replace(component(U, critical=True, name="api"), depends_on=("db", "cache", "missing"))
 
     assert unhealthy_dependencies(api, states) == ("db",)
-
-
-def replace_depends(state: ComponentState, depends_on: tuple[str, ...]) -> ComponentState:
-    """``state`` with other dependencies."""
-    from dataclasses import replace
-
-    return replace(state, depends_on=depends_on)
 
 
 # --- latency --------------------------------------------------------------------------------
