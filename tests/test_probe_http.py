@@ -586,6 +586,55 @@ async def test_redirect_is_followed_and_counted(http_target: HttpTarget, ctx: Pr
 
 
 @pytest.mark.asyncio
+async def test_redirect_is_followed_on_every_run_without_sending_anything_twice(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    http_target.route("/old", Reply.redirect(PATH, status=301))
+    check = http_check(http_target.url("/old"))
+
+    for _ in range(3):
+        observation, finding = await run(check, ctx)
+        assert finding == Finding(Status.HEALTHY, "ok", "GET /old returned 200")
+        assert observation.facts["redirects"] == 1
+
+    assert [r.path for r in http_target.requests] == ["/old", PATH] * 3
+
+
+@pytest.mark.asyncio
+async def test_target_that_starts_redirecting_later_is_followed(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    http_target.route(PATH, Reply(body=b"ok"))
+    check = http_check(http_target.url(PATH))
+    for _ in range(2):
+        observation, _ = await run(check, ctx)
+        assert "redirects" not in observation.facts
+
+    # The request is now known not to redirect and goes the short way; the target changes.
+    http_target.route(PATH, Reply.redirect("/moved", status=302))
+    http_target.route("/moved", Reply(status=503))
+    observation, finding = await run(check, ctx)
+
+    assert finding == Finding(Status.UNHEALTHY, "http_status", f"{WHAT} returned 503")
+    assert observation.facts["redirects"] == 1
+    assert [r.path for r in http_target.requests][-3:] == [PATH, PATH, "/moved"]
+
+
+@pytest.mark.asyncio
+async def test_redirect_not_followed_when_disabled_is_judged_as_it_is(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    http_target.route(PATH, Reply.redirect("/elsewhere", status=302))
+    check = http_check(http_target.url(PATH), follow_redirects=False, expected_status="2xx")
+
+    observation, finding = await run(check, ctx)
+
+    assert finding == Finding(Status.UNHEALTHY, "http_status", f"{WHAT} returned 302")
+    assert "redirects" not in observation.facts
+    assert [r.path for r in http_target.requests] == [PATH]
+
+
+@pytest.mark.asyncio
 async def test_redirect_loop_is_redirect_loop_after_max_redirects(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:

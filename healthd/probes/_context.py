@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -55,16 +56,11 @@ class ProbeContext:
         value: T = self._resources[key]
         return value
 
-    def discard(self, key: str) -> None:
-        """Forget a resource that turned out to be broken; the next ``get`` builds a new one."""
-        self._resources.pop(key, None)
-
     async def aclose(self) -> None:
         """Close every resource, newest first. Errors while closing are not worth a crash."""
         closers, self._closers = self._closers, []
         self._resources.clear()
         for close in reversed(closers):
-            try:
+            # Closing a client whose connection already broke may fail; there is nothing to do.
+            with contextlib.suppress(Exception):
                 await close()
-            except Exception:  # noqa: S110 - closing a broken client may fail; nothing to do
-                pass

@@ -31,13 +31,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import httpx
 
 from healthd.classify import parse_json
 from healthd.config import ServiceCheckBase
 from healthd.model import Finding, Observation, Status
 from healthd.probes._context import ProbeContext
-from healthd.probes.http import build_client, request, status_finding, target
+from healthd.probes.http import ProbeClient, build_client, request, status_finding, target
 
 #: 2xx: what every documented endpoint of the presets answers when it is fine.
 SUCCESS_STATUS: tuple[tuple[int, int], ...] = ((200, 299),)
@@ -164,7 +163,7 @@ async def exchange(
     return Observation(latency, facts=facts, payload=ordered)
 
 
-async def _close(client: httpx.AsyncClient) -> None:
+async def _close(client: ProbeClient) -> None:
     await client.aclose()
 
 

