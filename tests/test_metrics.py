@@ -8,10 +8,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from healthd.exporters.metrics import MetricsServer
+from healthd.exporters.metrics import MetricsServer, SnapshotCollector, exposition
 from healthd.model import ComponentState, Histogram, Status
 from healthd.state import StateStore
 
@@ -211,3 +212,20 @@ def test_promtool_check_metrics_reports_no_problems(server: MetricsServer) -> No
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == ""
+
+
+def test_collector_offers_the_same_samples_to_a_registry(store: StateStore) -> None:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(store.snapshot, "1.2.3"))
+    via_registry = {
+        (s.name, frozenset(s.labels.items()), s.value)
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+    }
+    direct = {
+        (s.name, frozenset(s.labels.items()), s.value)
+        for family in text_string_to_metric_families(exposition(store.snapshot(), "1.2.3").decode())
+        for s in family.samples
+    }
+    assert via_registry == direct
+    assert ("healthd_overall_status", frozenset(), 1.0) in direct
