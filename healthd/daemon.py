@@ -7,6 +7,7 @@ answering scrapes, and only then say ready.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -98,6 +99,7 @@ class Daemon:
                 tg.start_soon(self.scheduler.run, self._config)
                 await self._first_round()
                 await self._write_status()
+                _freeze_startup_objects()
                 self.metrics.start()
                 host, port = self.metrics.address
                 snapshot = self.store.snapshot()
@@ -243,6 +245,18 @@ class Daemon:
             return True
         finally:
             self._notifier.ready(self._last_status_line or "reloaded")
+
+
+def _freeze_startup_objects() -> None:
+    """Move everything alive after start-up out of the garbage collector's sight.
+
+    Modules, config models and one HTTP client per check make a large heap that never becomes
+    garbage, yet every full collection walked it: with 1,000 checks a second, 17 full
+    collections in 25 s paused the event loop for up to 185 ms each (1.8 s in all), and every
+    probe in flight counted the pause as latency.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def stall_file_from_env() -> Path | None:
