@@ -198,10 +198,9 @@ class Scheduler:
         try:
             if self._stall_file is not None:
                 self._stall_while_file_exists(self._stall_file)
-            started = anyio.current_time()
             if scheduled is not None:
-                self._store.observe_lateness(started - scheduled)
-            observation = await self._observe(name, check, kind, ctx, started)
+                self._store.observe_lateness(anyio.current_time() - scheduled)
+            observation = await self._observe(name, check, kind, ctx)
         finally:
             self._limiter.release()
         # A check cancelled by a reload while its probe finished must not record a stale result.
@@ -239,30 +238,13 @@ class Scheduler:
         return missing
 
     async def _observe(
-        self, name: str, check: CheckBase, kind: ProbeKind, ctx: ProbeContext, started: float
+        self, name: str, check: CheckBase, kind: ProbeKind, ctx: ProbeContext
     ) -> Observation:
-        timeout = check.timeout_seconds
-        try:
-            with anyio.fail_after(timeout):
-                return await kind.probe(check, ctx)
-        except TimeoutError:
-            return Observation(
-                anyio.current_time() - started,
-                failure=Failure("timeout", f"no answer within {classify.format_seconds(timeout)}"),
-            )
-        except Exception as exc:
-            # A bug in a probe is healthd's failure, not the target's: say so, and never let it
-            # pass for a healthy check. The traceback goes to the log once per occurrence.
-            log.exception("probe for component %s failed unexpectedly", name)
+        observation = await observe(check, kind, ctx, name=name)
+        if observation.failure is not None and observation.failure.code == PROBE_ERROR:
             daemon = self._store.daemon()
             self._store.update_daemon(probe_errors_total=daemon.probe_errors_total + 1)
-            await ctx.aclose()
-            return Observation(
-                anyio.current_time() - started,
-                failure=Failure(
-                    "probe_error", f"healthd could not run the check: {type(exc).__name__}"
-                ),
-            )
+        return observation
 
     async def run_round(self, config: Config) -> None:
         """Run every check once, concurrently, as ``healthd check`` does: no loops."""
@@ -284,6 +266,36 @@ class Scheduler:
     def _stall_while_file_exists(path: Path) -> None:
         while path.exists():
             time.sleep(0.05)
+
+
+#: The reason code of a check that healthd itself failed to run.
+PROBE_ERROR = "probe_error"
+
+
+async def observe(
+    check: CheckBase, kind: ProbeKind, ctx: ProbeContext, *, name: str = ""
+) -> Observation:
+    """Probe once under the check's deadline. Every outcome is an observation: a deadline that
+    passes is ``timeout``, and a bug in the probe is ``probe_error`` (logged with its
+    traceback), never a healthy check. Cancellation from outside passes through."""
+    timeout = check.timeout_seconds
+    started = anyio.current_time()
+    try:
+        with anyio.fail_after(timeout):
+            return await kind.probe(check, ctx)
+    except TimeoutError:
+        return Observation(
+            anyio.current_time() - started,
+            failure=Failure("timeout", f"no answer within {classify.format_seconds(timeout)}"),
+        )
+    except Exception as exc:
+        log.exception("probe for component %s failed unexpectedly", name or check.kind)
+        # Whatever the probe built may be half-broken: the next run starts from scratch.
+        await ctx.aclose()
+        return Observation(
+            anyio.current_time() - started,
+            failure=Failure(PROBE_ERROR, f"healthd could not run the check: {type(exc).__name__}"),
+        )
 
 
 def _log_change(previous: ComponentState | None, state: ComponentState) -> None:

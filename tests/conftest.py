@@ -2,4 +2,5 @@
 
 from tests.datastores import *  # noqa: F403
 from tests.http_target import *  # noqa: F403
+from tests.probing import *  # noqa: F403
 from tests.services import *  # noqa: F403

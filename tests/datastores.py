@@ -37,17 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anyio
 import psycopg
 import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from healthd import classify
-from healthd.config import CheckBase
-from healthd.model import Failure, Finding, Observation
-from healthd.probes import PROBES, ProbeContext
 from tests.daemon_proc import running_healthd
 
 __all__ = [
@@ -74,7 +69,6 @@ __all__ = [
     "redis_replication_servers",
     "redis_victim",
     "redis_victim_server",
-    "run_check",
     "run_daemon_once",
     "wait_until",
 ]
@@ -108,21 +102,6 @@ def wait_until(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_seconds} s waiting for {what}")
         time.sleep(0.01)
-
-
-async def run_check(check: CheckBase, ctx: ProbeContext) -> tuple[Observation, Finding]:
-    """Probe and judge once, the way the scheduler does: under the check's own deadline."""
-    kind = PROBES[check.kind]
-    started = time.perf_counter()
-    try:
-        with anyio.fail_after(check.timeout_seconds):
-            observation = await kind.probe(check, ctx)
-    except TimeoutError:
-        observation = Observation(
-            time.perf_counter() - started,
-            failure=Failure("timeout", f"no answer within {check.timeout_seconds} s"),
-        )
-    return observation, classify.judge(check, observation, kind.assess)
 
 
 @dataclass(frozen=True)

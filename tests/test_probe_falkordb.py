@@ -11,31 +11,22 @@ import anyio
 import pytest
 
 from healthd.config import FalkorDbCheck
-from healthd.model import Failure, Finding, Observation, Status
-from healthd.probes import ProbeContext, SharedResources
+from healthd.model import Failure, Observation, Status
 from healthd.probes.falkordb import assess, module_version
 from tests.datastores import (
     FALKORDB_PASSWORD,
     REDIS_PASSWORD,
     RedisServer,
-    run_check,
     run_daemon_once,
     wait_until,
 )
+from tests.probing import probe_once
 
 
 def _check(url: str, **settings: Any) -> FalkorDbCheck:
     settings.setdefault("timeout", 2.0)
     settings.setdefault("interval", 10.0)
     return FalkorDbCheck(url=url, **settings)
-
-
-async def _probe(check: FalkorDbCheck) -> tuple[Observation, Finding]:
-    ctx = ProbeContext(SharedResources())
-    try:
-        return await run_check(check, ctx)
-    finally:
-        await ctx.aclose()
 
 
 @pytest.fixture
@@ -81,7 +72,7 @@ async def test_healthy_falkordb_answers_a_graph_query(
 ) -> None:
     check = _check(falkordb.url(), password=password_env)
 
-    observation, finding = await _probe(check)
+    observation, finding = await probe_once(check)
 
     assert (finding.status, finding.reason_code) == (Status.HEALTHY, "ok"), finding
     facts = observation.facts
@@ -99,13 +90,13 @@ async def test_probe_graph_is_created_once_however_often_and_concurrently_probed
     falkordb: RedisServer, password_env: str
 ) -> None:
     check = _check(falkordb.url(), password=password_env)
-    first, _ = await _probe(check)
+    first, _ = await probe_once(check)
     assert first.facts["probe_graph"] == "created"
 
     async with anyio.create_task_group() as tg:
         for _ in range(4):
-            tg.start_soon(_probe, check)
-    again, finding = await _probe(check)
+            tg.start_soon(probe_once, check)
+    again, finding = await probe_once(check)
 
     assert again.facts["probe_graph"] == "exists"
     assert finding.status is Status.HEALTHY
@@ -119,7 +110,7 @@ async def test_plain_redis_configured_as_falkordb_is_module_missing(
     monkeypatch.setenv("HEALTHD_TEST_REDIS_PASSWORD", REDIS_PASSWORD)
     check = _check(redis_main.url(), password="${env:HEALTHD_TEST_REDIS_PASSWORD}")
 
-    observation, finding = await _probe(check)
+    observation, finding = await probe_once(check)
 
     assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "module_missing")
     assert observation.facts["graph_module_version"] is None
@@ -130,10 +121,10 @@ async def test_plain_redis_configured_as_falkordb_is_module_missing(
 @pytest.mark.asyncio
 async def test_broken_query_is_graph_query_failed(falkordb: RedisServer, password_env: str) -> None:
     check = _check(falkordb.url(), password=password_env)
-    await _probe(check)  # creates the probe graph
+    await probe_once(check)  # creates the probe graph
     broken = _check(falkordb.url(), password=password_env, query="THIS IS NOT CYPHER")
 
-    observation, finding = await _probe(broken)
+    observation, finding = await probe_once(broken)
 
     assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "graph_query_failed")
     assert "graph_error" in observation.facts
@@ -143,7 +134,7 @@ async def test_broken_query_is_graph_query_failed(falkordb: RedisServer, passwor
 async def test_slow_graph_query_is_stopped_by_falkordb_at_the_check_timeout(
     falkordb: RedisServer, password_env: str
 ) -> None:
-    await _probe(_check(falkordb.url(), password=password_env))  # creates the probe graph
+    await probe_once(_check(falkordb.url(), password=password_env))  # creates the probe graph
     slow = _check(
         falkordb.url(),
         password=password_env,
@@ -152,7 +143,7 @@ async def test_slow_graph_query_is_stopped_by_falkordb_at_the_check_timeout(
         query="UNWIND range(1, 100000) AS a UNWIND range(1, 100000) AS b RETURN count(b)",
     )
 
-    observation, finding = await _probe(slow)
+    observation, finding = await probe_once(slow)
 
     assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "timeout")
     assert observation.facts.get("graph_error") == "Query timed out", (observation, finding)
@@ -171,17 +162,17 @@ async def test_replica_is_never_written_to_and_reports_a_missing_probe_graph(
 ) -> None:
     on_replica = _check(falkordb_replica.url(), password=password_env, expect_role="replica")
 
-    observation, finding = await _probe(on_replica)
+    observation, finding = await probe_once(on_replica)
 
     assert (finding.status, finding.reason_code) == (Status.DEGRADED, "probe_graph_missing")
     assert observation.facts["probe_graph"] == "missing"
     assert _probe_nodes(falkordb_replica) == 0
 
     # Once the master has created it, the replica serves the probe graph read-only.
-    _, on_master = await _probe(_check(falkordb.url(), password=password_env))
+    _, on_master = await probe_once(_check(falkordb.url(), password=password_env))
     assert on_master.status is Status.HEALTHY
     wait_until(lambda: _probe_nodes(falkordb_replica) == 1, what="the graph to replicate")
-    _, finding = await _probe(on_replica)
+    _, finding = await probe_once(on_replica)
     assert (finding.status, finding.reason_code) == (Status.HEALTHY, "ok")
 
 
@@ -189,7 +180,7 @@ async def test_replica_is_never_written_to_and_reports_a_missing_probe_graph(
 async def test_falkordb_replica_where_master_is_expected_is_wrong_role(
     falkordb_replica: RedisServer, password_env: str
 ) -> None:
-    _, finding = await _probe(_check(falkordb_replica.url(), password=password_env))
+    _, finding = await probe_once(_check(falkordb_replica.url(), password=password_env))
 
     assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "wrong_role")
 
@@ -198,7 +189,7 @@ async def test_falkordb_replica_where_master_is_expected_is_wrong_role(
 async def test_wrong_password_is_auth_failed(falkordb: RedisServer) -> None:
     check = _check(falkordb.url("wrong-Password-999"))
 
-    observation, finding = await _probe(check)
+    observation, finding = await probe_once(check)
 
     assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "auth_failed")
     exported = repr(observation) + repr(finding)

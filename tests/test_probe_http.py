@@ -5,34 +5,20 @@ from __future__ import annotations
 import re
 import time
 import tracemalloc
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import pytest
-import pytest_asyncio
 
-from healthd.classify import judge
 from healthd.config import HttpCheck
-from healthd.model import Finding, Observation, Status
+from healthd.model import Finding, Status
 from healthd.probes import PROBES, ProbeContext, SharedResources
 from tests.http_target import Certificate, HttpTarget, Reply
+from tests.probing import run_check
 
 PATH = "/api/v1/health"
 WHAT = f"GET {PATH}"
 SECRET = "s3cr3t-t0ken-value"
-
-
-#: Shared like the daemon shares them: an SSL context costs ~25 ms to build, per test.
-_SHARED = SharedResources()
-
-
-@pytest_asyncio.fixture
-async def ctx() -> AsyncIterator[ProbeContext]:
-    """A fresh probe context per test, closed afterwards like the scheduler does."""
-    context = ProbeContext(_SHARED)
-    yield context
-    await context.aclose()
 
 
 def http_check(url: str, **settings: Any) -> HttpCheck:
@@ -40,14 +26,6 @@ def http_check(url: str, **settings: Any) -> HttpCheck:
     settings.setdefault("interval", 10)
     settings.setdefault("timeout", 1)
     return HttpCheck(url=url, **settings)
-
-
-async def run(check: HttpCheck, ctx: ProbeContext) -> tuple[Observation, Finding]:
-    """Probe under the scheduler's deadline, then judge like the scheduler does."""
-    kind = PROBES["http"]
-    with anyio.fail_after(check.timeout_seconds):
-        observation = await kind.probe(check, ctx)
-    return observation, judge(check, observation, kind.assess)
 
 
 # --- status codes ---------------------------------------------------------------------------
@@ -59,7 +37,7 @@ async def test_ok_response_is_healthy_with_status_and_size_in_details(
 ) -> None:
     http_target.route(PATH, Reply(body=b'{"status": "ok"}'))
 
-    observation, finding = await run(http_check(http_target.url(PATH)), ctx)
+    observation, finding = await run_check(http_check(http_target.url(PATH)), ctx)
 
     assert finding == Finding(Status.HEALTHY, "ok", f"{WHAT} returned 200")
     assert observation.facts == {"http_status": 200, "body_bytes": 16}
@@ -93,7 +71,7 @@ async def test_status_code_decides_against_expected_ranges(
 ) -> None:
     http_target.route(PATH, Reply(status=status, body=b"", headers={"Location": "/elsewhere"}))
 
-    observation, finding = await run(http_check(http_target.url(PATH), **settings), ctx)
+    observation, finding = await run_check(http_check(http_target.url(PATH), **settings), ctx)
 
     assert finding.status is expected
     assert finding.reason_code == ("ok" if expected is Status.HEALTHY else "http_status")
@@ -112,7 +90,7 @@ async def test_method_body_and_headers_reach_the_server(
         headers={"X-Probe": "healthd", "Content-Type": "application/json"},
     )
 
-    _, finding = await run(check, ctx)
+    _, finding = await run_check(check, ctx)
 
     assert finding == Finding(Status.HEALTHY, "ok", f"POST {PATH} returned 200")
     (received,) = http_target.requests
@@ -126,7 +104,7 @@ async def test_method_body_and_headers_reach_the_server(
 async def test_head_request_is_healthy_without_a_body(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
-    observation, finding = await run(http_check(http_target.url(PATH), method="HEAD"), ctx)
+    observation, finding = await run_check(http_check(http_target.url(PATH), method="HEAD"), ctx)
 
     assert finding == Finding(Status.HEALTHY, "ok", f"HEAD {PATH} returned 200")
     assert observation.facts == {"http_status": 200, "body_bytes": 0}
@@ -140,7 +118,7 @@ async def test_body_is_requested_uncompressed_so_conditions_see_plain_json(
     http_target.route(PATH, Reply.json('{"status": "ok"}'))
     check = http_check(http_target.url(PATH), conditions=[{"json": "status", "equals": "ok"}])
 
-    _, finding = await run(check, ctx)
+    _, finding = await run_check(check, ctx)
 
     assert finding.status is Status.HEALTHY
     assert http_target.requests[0].headers["accept-encoding"] == "identity"
@@ -155,7 +133,7 @@ async def test_repeated_probes_reuse_one_keep_alive_connection(
 ) -> None:
     check = http_check(http_target.url(PATH))
     for _ in range(3):
-        _, finding = await run(check, ctx)
+        _, finding = await run_check(check, ctx)
         assert finding.status is Status.HEALTHY
 
     assert len(http_target.requests) == 3
@@ -167,11 +145,11 @@ async def test_connection_dropped_between_probes_is_not_a_failure(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
     check = http_check(http_target.url(PATH))
-    await run(check, ctx)
+    await run_check(check, ctx)
     http_target.reset()  # the server closes the idle kept-alive connection
     assert http_target.wait_until_idle()
 
-    _, finding = await run(check, ctx)
+    _, finding = await run_check(check, ctx)
 
     assert finding.status is Status.HEALTHY
     assert http_target.connections == 1  # counted since the reset: a fresh connection
@@ -181,8 +159,8 @@ async def test_connection_dropped_between_probes_is_not_a_failure(
 async def test_closing_the_context_closes_the_kept_alive_connection(
     http_target: HttpTarget,
 ) -> None:
-    ctx = ProbeContext(_SHARED)
-    await run(http_check(http_target.url(PATH)), ctx)
+    ctx = ProbeContext(SharedResources())
+    await run_check(http_check(http_target.url(PATH)), ctx)
     assert http_target.open_connections == 1  # kept alive between runs
 
     await ctx.aclose()
@@ -194,7 +172,7 @@ async def test_closing_the_context_closes_the_kept_alive_connection(
 async def test_failed_request_is_not_retried(http_target: HttpTarget, ctx: ProbeContext) -> None:
     http_target.route(PATH, Reply(action="reset"))
 
-    await run(http_check(http_target.url(PATH)), ctx)
+    await run_check(http_check(http_target.url(PATH)), ctx)
 
     assert len(http_target.requests) == 1
     assert http_target.connections == 1
@@ -259,7 +237,7 @@ async def test_broken_target_is_unhealthy_with_its_reason_code(
 ) -> None:
     http_target.route(PATH, reply)
 
-    observation, finding = await run(http_check(http_target.url(PATH)), ctx)
+    observation, finding = await run_check(http_check(http_target.url(PATH)), ctx)
 
     assert finding == Finding(Status.UNHEALTHY, code, f"{WHAT}: {reason}")
     assert observation.facts == {}
@@ -269,7 +247,7 @@ async def test_broken_target_is_unhealthy_with_its_reason_code(
 async def test_refused_connection_is_connection_refused(
     closed_port: int, ctx: ProbeContext
 ) -> None:
-    _, finding = await run(http_check(f"http://127.0.0.1:{closed_port}/ready"), ctx)
+    _, finding = await run_check(http_check(f"http://127.0.0.1:{closed_port}/ready"), ctx)
 
     assert finding == Finding(
         Status.UNHEALTHY, "connection_refused", "GET /ready: connection refused"
@@ -278,7 +256,7 @@ async def test_refused_connection_is_connection_refused(
 
 @pytest.mark.asyncio
 async def test_unresolvable_host_is_dns_error(ctx: ProbeContext) -> None:
-    _, finding = await run(http_check("http://no-such-host.invalid/health"), ctx)
+    _, finding = await run_check(http_check("http://no-such-host.invalid/health"), ctx)
 
     assert finding.status is Status.UNHEALTHY
     assert finding.reason_code == "dns_error"
@@ -291,7 +269,7 @@ async def test_connect_that_gets_no_answer_is_a_timeout(
 ) -> None:
     started = time.perf_counter()
 
-    observation, finding = await run(
+    observation, finding = await run_check(
         http_check(f"http://127.0.0.1:{unresponsive_port}/ready", timeout=0.5), ctx
     )
 
@@ -311,11 +289,11 @@ async def test_hung_target_times_out_inside_the_probe_before_the_scheduler_deadl
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
     check = http_check(http_target.url(PATH), timeout=1)
-    await run(check, ctx)  # build the client first, so only the request is timed
+    await run_check(check, ctx)  # build the client first, so only the request is timed
     http_target.route(PATH, Reply(action="hang"))
     started = time.perf_counter()
 
-    observation, finding = await run(check, ctx)
+    observation, finding = await run_check(check, ctx)
 
     # The read timeout (0.85 x timeout) fires before the scheduler's deadline would.
     assert 0.8 < time.perf_counter() - started < 0.95
@@ -330,13 +308,13 @@ async def test_trickling_target_times_out_on_the_whole_exchange(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
     check = http_check(http_target.url(PATH), timeout=1)
-    await run(check, ctx)  # build the client first, so only the request is timed
+    await run_check(check, ctx)  # build the client first, so only the request is timed
     # Each byte arrives well within the read timeout; only a deadline on the whole exchange
     # notices that the response never completes.
     http_target.route(PATH, Reply(action="trickle", body=b"x" * 100, trickle_interval_seconds=0.05))
     started = time.perf_counter()
 
-    _, finding = await run(check, ctx)
+    _, finding = await run_check(check, ctx)
 
     assert 0.85 < time.perf_counter() - started < 1
     assert finding == Finding(
@@ -356,7 +334,7 @@ async def test_probe_cancelled_by_the_scheduler_leaves_the_client_usable(
         await PROBES["http"].probe(check, ctx)
 
     http_target.route(PATH, Reply())
-    _, finding = await run(check, ctx)
+    _, finding = await run_check(check, ctx)
 
     assert finding == Finding(Status.HEALTHY, "ok", f"{WHAT} returned 200")
 
@@ -367,7 +345,7 @@ async def test_slow_answer_is_degraded_with_latency_and_limit_in_the_reason(
 ) -> None:
     http_target.route(PATH, Reply(delay_seconds=0.06))
 
-    observation, finding = await run(
+    observation, finding = await run_check(
         http_check(http_target.url(PATH), degraded_latency="50ms"), ctx
     )
 
@@ -399,7 +377,7 @@ async def test_huge_body_is_read_only_up_to_the_cap(
     started = time.perf_counter()
     tracemalloc.start()
     try:
-        observation, finding = await run(check, ctx)
+        observation, finding = await run_check(check, ctx)
         _, peak_bytes = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -421,7 +399,7 @@ async def test_body_exactly_at_the_cap_is_not_truncated(
 ) -> None:
     http_target.route(PATH, Reply(body=b"y" * 1000))
 
-    observation, _ = await run(http_check(http_target.url(PATH), max_body_bytes=1000), ctx)
+    observation, _ = await run_check(http_check(http_target.url(PATH), max_body_bytes=1000), ctx)
 
     assert observation.facts == {"http_status": 200, "body_bytes": 1000}
 
@@ -433,7 +411,7 @@ async def test_conditions_on_a_truncated_body_are_not_evaluated(
     http_target.route(PATH, Reply(action="endless"))
     check = http_check(http_target.url(PATH), max_body_bytes=1000, conditions=[{"regex": "x"}])
 
-    _, finding = await run(check, ctx)
+    _, finding = await run_check(check, ctx)
 
     assert finding == Finding(
         Status.UNHEALTHY,
@@ -554,7 +532,7 @@ async def test_body_conditions_decide_with_their_severity(
 ) -> None:
     http_target.route(PATH, Reply.json(body))
 
-    _, finding = await run(http_check(http_target.url(PATH), conditions=conditions), ctx)
+    _, finding = await run_check(http_check(http_target.url(PATH), conditions=conditions), ctx)
 
     assert finding == expected
 
@@ -566,7 +544,7 @@ async def test_status_failure_wins_over_conditions(
     http_target.route(PATH, Reply.json('{"status": "down"}', status=500))
     check = http_check(http_target.url(PATH), conditions=[{"json": "status", "equals": "ok"}])
 
-    _, finding = await run(check, ctx)
+    _, finding = await run_check(check, ctx)
 
     assert finding == Finding(Status.UNHEALTHY, "http_status", f"{WHAT} returned 500")
 
@@ -578,7 +556,7 @@ async def test_status_failure_wins_over_conditions(
 async def test_redirect_is_followed_and_counted(http_target: HttpTarget, ctx: ProbeContext) -> None:
     http_target.route("/old", Reply.redirect(PATH, status=301))
 
-    observation, finding = await run(http_check(http_target.url("/old")), ctx)
+    observation, finding = await run_check(http_check(http_target.url("/old")), ctx)
 
     assert finding == Finding(Status.HEALTHY, "ok", "GET /old returned 200")
     assert observation.facts == {"http_status": 200, "body_bytes": 2, "redirects": 1}
@@ -593,7 +571,7 @@ async def test_redirect_is_followed_on_every_run_without_sending_anything_twice(
     check = http_check(http_target.url("/old"))
 
     for _ in range(3):
-        observation, finding = await run(check, ctx)
+        observation, finding = await run_check(check, ctx)
         assert finding == Finding(Status.HEALTHY, "ok", "GET /old returned 200")
         assert observation.facts["redirects"] == 1
 
@@ -607,13 +585,13 @@ async def test_target_that_starts_redirecting_later_is_followed(
     http_target.route(PATH, Reply(body=b"ok"))
     check = http_check(http_target.url(PATH))
     for _ in range(2):
-        observation, _ = await run(check, ctx)
+        observation, _ = await run_check(check, ctx)
         assert "redirects" not in observation.facts
 
     # The request is now known not to redirect and goes the short way; the target changes.
     http_target.route(PATH, Reply.redirect("/moved", status=302))
     http_target.route("/moved", Reply(status=503))
-    observation, finding = await run(check, ctx)
+    observation, finding = await run_check(check, ctx)
 
     assert finding == Finding(Status.UNHEALTHY, "http_status", f"{WHAT} returned 503")
     assert observation.facts["redirects"] == 1
@@ -627,7 +605,7 @@ async def test_redirect_not_followed_when_disabled_is_judged_as_it_is(
     http_target.route(PATH, Reply.redirect("/elsewhere", status=302))
     check = http_check(http_target.url(PATH), follow_redirects=False, expected_status="2xx")
 
-    observation, finding = await run(check, ctx)
+    observation, finding = await run_check(check, ctx)
 
     assert finding == Finding(Status.UNHEALTHY, "http_status", f"{WHAT} returned 302")
     assert "redirects" not in observation.facts
@@ -641,7 +619,7 @@ async def test_redirect_loop_is_redirect_loop_after_max_redirects(
     http_target.route("/a", Reply.redirect("/b"))
     http_target.route("/b", Reply.redirect("/a"))
 
-    _, finding = await run(http_check(http_target.url("/a"), max_redirects=3), ctx)
+    _, finding = await run_check(http_check(http_target.url("/a"), max_redirects=3), ctx)
 
     assert finding == Finding(Status.UNHEALTHY, "redirect_loop", "GET /a: too many redirects")
     assert [r.path for r in http_target.requests] == ["/a", "/b", "/a", "/b"]
@@ -669,7 +647,7 @@ async def test_configured_headers_never_follow_a_redirect_to_another_origin(
         headers={"X-Api-Key": "${env:HEALTHD_TEST_TOKEN}", "Authorization": "Bearer x"},
     )
 
-    _, finding = await run(check, ctx)
+    _, finding = await run_check(check, ctx)
 
     assert finding == Finding(Status.HEALTHY, "ok", "GET /old returned 200")
     first, landing = http_target.requests
@@ -685,7 +663,7 @@ async def test_configured_headers_never_follow_a_redirect_to_another_origin(
 async def test_untrusted_certificate_is_tls_error(
     https_target: HttpTarget, ctx: ProbeContext
 ) -> None:
-    _, finding = await run(http_check(https_target.url(PATH)), ctx)
+    _, finding = await run_check(http_check(https_target.url(PATH)), ctx)
 
     assert finding.status is Status.UNHEALTHY
     assert finding.reason_code == "tls_error"
@@ -699,7 +677,7 @@ async def test_certificate_signed_by_the_configured_ca_file_is_trusted(
 ) -> None:
     check = http_check(https_target.url(PATH, host="localhost"), ca_file=tls_certificate.cert_file)
 
-    _, finding = await run(check, ctx)
+    _, finding = await run_check(check, ctx)
 
     assert finding == Finding(Status.HEALTHY, "ok", f"{WHAT} returned 200")
 
@@ -708,7 +686,7 @@ async def test_certificate_signed_by_the_configured_ca_file_is_trusted(
 async def test_tls_verify_off_accepts_an_untrusted_certificate(
     https_target: HttpTarget, ctx: ProbeContext
 ) -> None:
-    _, finding = await run(http_check(https_target.url(PATH), tls_verify=False), ctx)
+    _, finding = await run_check(http_check(https_target.url(PATH), tls_verify=False), ctx)
 
     assert finding == Finding(Status.HEALTHY, "ok", f"{WHAT} returned 200")
 
@@ -719,7 +697,7 @@ async def test_https_url_on_a_plain_http_port_is_tls_error(
 ) -> None:
     url = f"https://127.0.0.1:{http_target.port}{PATH}"
 
-    _, finding = await run(http_check(url, tls_verify=False), ctx)
+    _, finding = await run_check(http_check(url, tls_verify=False), ctx)
 
     assert finding.status is Status.UNHEALTHY
     assert finding.reason_code == "tls_error"
@@ -752,7 +730,7 @@ async def test_secret_header_and_query_reach_the_server_but_never_the_verdict(
         conditions=[{"json": "ok", "equals": True}],
     )
 
-    observation, finding = await run(check, ctx)
+    observation, finding = await run_check(check, ctx)
 
     received = http_target.requests[0]
     assert received.headers["authorization"] == f"Bearer {SECRET}"
@@ -771,7 +749,7 @@ async def test_secret_in_the_url_path_is_named_by_its_template(
     http_target.route(f"/hooks/{SECRET}/health", Reply(status=503))
     check = http_check(http_target.url("/hooks/${env:HEALTHD_TEST_TOKEN}/health"))
 
-    _, finding = await run(check, ctx)
+    _, finding = await run_check(check, ctx)
 
     assert http_target.requests[0].path == f"/hooks/{SECRET}/health"
     assert finding == Finding(

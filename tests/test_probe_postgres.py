@@ -22,24 +22,16 @@ from tests.datastores import (
     PG_PASSWORD_USER,
     PG_PROBE_USER,
     PostgresServer,
-    run_check,
     run_daemon_once,
     wait_until,
 )
+from tests.probing import probe_once, run_check
 
 
 def _check(dsn: str, **settings: Any) -> PostgresCheck:
     settings.setdefault("timeout", 2.0)
     settings.setdefault("interval", 10.0)
     return PostgresCheck(dsn=dsn, **settings)
-
-
-async def _probe(check: PostgresCheck) -> tuple[Observation, Finding]:
-    ctx = ProbeContext(SharedResources())
-    try:
-        return await run_check(check, ctx)
-    finally:
-        await ctx.aclose()
 
 
 def _states(check: PostgresCheck, findings: Iterable[Finding]) -> list[ComponentState]:
@@ -66,7 +58,7 @@ def _states(check: PostgresCheck, findings: Iterable[Finding]) -> list[Component
 async def test_healthy_primary_reports_role_connections_and_version(
     pg_primary: PostgresServer,
 ) -> None:
-    observation, finding = await _probe(_check(pg_primary.dsn(user=PG_PROBE_USER)))
+    observation, finding = await probe_once(_check(pg_primary.dsn(user=PG_PROBE_USER)))
 
     assert (finding.status, finding.reason_code) == (Status.HEALTHY, "ok")
     facts = observation.facts
@@ -107,7 +99,7 @@ async def test_password_from_environment_authenticates(
         pg_primary.dsn(user=PG_PASSWORD_USER), password="${env:HEALTHD_TEST_PG_PASSWORD}"
     )
 
-    observation, finding = await _probe(check)
+    observation, finding = await probe_once(check)
 
     assert finding.status is Status.HEALTHY, finding
     assert PG_PASSWORD not in repr(observation) + repr(finding) + str(check)
@@ -121,7 +113,7 @@ async def test_password_from_file_inside_the_url_authenticates(
     secret.write_text(PG_PASSWORD + "\n")
     check = _check(pg_primary.url(PG_PASSWORD_USER, password=f"${{file:{secret}}}"))
 
-    observation, finding = await _probe(check)
+    observation, finding = await probe_once(check)
 
     assert finding.status is Status.HEALTHY, finding
     assert PG_PASSWORD not in repr(observation) + repr(finding) + str(check)
@@ -135,7 +127,7 @@ async def test_wrong_password_is_auth_failed_without_showing_the_password(
     caplog.set_level("DEBUG")
     check = _check(pg_primary.url(PG_PASSWORD_USER, password=wrong))
 
-    observation, finding = await _probe(check)
+    observation, finding = await probe_once(check)
 
     assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "auth_failed")
     assert "password authentication failed" in finding.reason
@@ -148,7 +140,7 @@ async def test_wrong_password_is_auth_failed_without_showing_the_password(
 async def test_missing_database_is_unhealthy(pg_primary: PostgresServer) -> None:
     check = _check(pg_primary.dsn(user=PG_PROBE_USER, dbname="no_such_db"))
 
-    _, finding = await _probe(check)
+    _, finding = await probe_once(check)
 
     assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "database_missing")
     assert "no_such_db" in finding.reason
@@ -170,13 +162,13 @@ async def test_exhausted_connection_slots_are_saturated_until_released(
                 refusal = str(exc)
                 break
         assert "reserved" in refusal
-        _, finding = await _probe(check)
+        _, finding = await probe_once(check)
         assert (finding.status, finding.reason_code) == (Status.DEGRADED, "saturated")
     finally:
         for conn in held:
             conn.close()
 
-    _, finding = await _probe(check)
+    _, finding = await probe_once(check)
     assert finding.status is Status.HEALTHY
 
 
@@ -185,12 +177,12 @@ async def test_saturation_above_threshold_is_degraded(pg_primary: PostgresServer
     check = _check(pg_primary.dsn(user=PG_PROBE_USER), degraded_saturation=0.8)
     # 15 held plus the probe make 16 of 17 usable slots: 94 %.
     with pg_primary.held_connections(15):
-        observation, finding = await _probe(check)
+        observation, finding = await probe_once(check)
 
     assert (finding.status, finding.reason_code) == (Status.DEGRADED, "saturated")
     assert observation.facts["connections_used"] >= 16
     assert observation.facts["saturation"] > 0.8
-    _, finding = await _probe(check)
+    _, finding = await probe_once(check)
     assert finding.status is Status.HEALTHY
 
 
@@ -199,11 +191,11 @@ async def test_long_transaction_is_degraded_until_it_ends(pg_primary: PostgresSe
     check = _check(pg_primary.dsn(user=PG_PROBE_USER), degraded_transaction_age="1ms")
     with psycopg.connect(pg_primary.dsn()) as conn:  # not autocommit: a transaction stays open
         conn.execute("SELECT txid_current()")
-        observation, finding = await _probe(check)
+        observation, finding = await probe_once(check)
         assert (finding.status, finding.reason_code) == (Status.DEGRADED, "long_transaction")
         assert observation.facts["longest_transaction_seconds"] > 0.001
         conn.rollback()
-        _, finding = await _probe(check)
+        _, finding = await probe_once(check)
         assert finding.status is Status.HEALTHY
 
 
@@ -211,14 +203,14 @@ async def test_long_transaction_is_degraded_until_it_ends(pg_primary: PostgresSe
 async def test_standby_where_primary_is_expected_is_wrong_role(
     pg_standby: PostgresServer,
 ) -> None:
-    observation, finding = await _probe(_check(pg_standby.dsn(), expect_role="primary"))
+    observation, finding = await probe_once(_check(pg_standby.dsn(), expect_role="primary"))
 
     assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "wrong_role")
     assert observation.facts["in_recovery"] is True
     assert observation.facts["role"] == "standby"
-    _, as_standby = await _probe(_check(pg_standby.dsn(), expect_role="standby"))
+    _, as_standby = await probe_once(_check(pg_standby.dsn(), expect_role="standby"))
     assert as_standby.status is Status.HEALTHY
-    _, as_any = await _probe(_check(pg_standby.dsn(), expect_role="any"))
+    _, as_any = await probe_once(_check(pg_standby.dsn(), expect_role="any"))
     assert as_any.status is Status.HEALTHY
 
 
@@ -243,20 +235,20 @@ async def test_replay_lag_above_threshold_is_degraded_until_caught_up(
     pg_primary.execute("CREATE TABLE IF NOT EXISTS lag_probe (n int)")
     pg_primary.execute("INSERT INTO lag_probe VALUES (1)")
     wait_until(lambda: _replayed_everything(pg_standby), what="the standby to catch up")
-    observation, finding = await _probe(check)
+    observation, finding = await probe_once(check)
     assert observation.facts["replay_lag_seconds"] == 0.0
     assert finding.status is Status.HEALTHY
 
     pg_standby.execute("SELECT pg_wal_replay_pause()")
     pg_primary.execute("INSERT INTO lag_probe VALUES (2)")
     wait_until(lambda: _received_ahead_of_replay(pg_standby), what="WAL the standby holds back")
-    observation, finding = await _probe(check)
+    observation, finding = await probe_once(check)
     assert (finding.status, finding.reason_code) == (Status.DEGRADED, "replication_lag")
     assert observation.facts["replay_lag_seconds"] > 0.001
 
     pg_standby.execute("SELECT pg_wal_replay_resume()")
     wait_until(lambda: _replayed_everything(pg_standby), what="the standby to catch up")
-    _, finding = await _probe(check)
+    _, finding = await probe_once(check)
     assert finding.status is Status.HEALTHY
 
 
@@ -273,12 +265,12 @@ async def test_standby_not_accepting_connections_is_not_ready_until_hot(
         "rejecting connections as a cold standby",
     )
 
-    _, finding = await _probe(check)
+    _, finding = await probe_once(check)
     assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "not_ready")
 
     pg_standby.stop()
     pg_standby.start()
-    _, finding = await _probe(check)
+    _, finding = await probe_once(check)
     assert finding.status is Status.HEALTHY
 
 
@@ -287,13 +279,13 @@ async def test_killed_server_is_refused_then_recovers_through_hysteresis(
     pg_victim: PostgresServer,
 ) -> None:
     check = _check(pg_victim.dsn(), failure_threshold=3, recovery_threshold=2)
-    findings = [(await _probe(check))[1]]
+    findings = [(await probe_once(check))[1]]
     pg_victim.kill()
     for _ in range(3):
-        findings.append((await _probe(check))[1])
+        findings.append((await probe_once(check))[1])
     pg_victim.start()
     for _ in range(2):
-        findings.append((await _probe(check))[1])
+        findings.append((await probe_once(check))[1])
 
     assert [f.reason_code for f in findings[1:4]] == ["connection_refused"] * 3
     states = _states(check, findings)
@@ -319,7 +311,7 @@ async def test_frozen_server_times_out_within_deadline_without_delaying_others(
 
     async def timed(name: str, check: PostgresCheck) -> None:
         started = time.perf_counter()
-        observation, finding = await _probe(check)
+        observation, finding = await probe_once(check)
         results[name] = (observation, finding, time.perf_counter() - started)
 
     pg_victim.freeze()
@@ -339,7 +331,7 @@ async def test_frozen_server_times_out_within_deadline_without_delaying_others(
     assert healthy_seconds < 0.5
 
     pg_victim.wait_ready()
-    _, finding = await _probe(frozen_check)
+    _, finding = await probe_once(frozen_check)
     assert finding.status is Status.HEALTHY
 
 
@@ -353,7 +345,7 @@ async def test_query_that_hangs_is_cut_at_the_deadline_and_its_session_ends(
     check = _check(pg_primary.dsn(user=PG_PROBE_USER), timeout=0.5)
 
     started = time.perf_counter()
-    _, finding = await _probe(check)
+    _, finding = await probe_once(check)
     elapsed = time.perf_counter() - started
 
     assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "timeout")

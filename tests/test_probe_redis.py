@@ -23,24 +23,16 @@ from healthd.secrets import Redactor
 from tests.datastores import (
     REDIS_PASSWORD,
     RedisServer,
-    run_check,
     run_daemon_once,
     wait_until,
 )
+from tests.probing import probe_once, run_check
 
 
 def _check(url: str, **settings: Any) -> RedisCheck:
     settings.setdefault("timeout", 1.0)
     settings.setdefault("interval", 10.0)
     return RedisCheck(url=url, **settings)
-
-
-async def _probe(check: RedisCheck) -> tuple[Observation, Finding]:
-    ctx = ProbeContext(SharedResources())
-    try:
-        return await run_check(check, ctx)
-    finally:
-        await ctx.aclose()
 
 
 def _states(check: RedisCheck, findings: Iterable[Finding]) -> list[ComponentState]:
@@ -77,7 +69,7 @@ async def test_healthy_master_reports_info_facts(
     caplog.set_level("DEBUG")
     check = _check(redis_main.url(), password=password_env)
 
-    observation, finding = await _probe(check)
+    observation, finding = await probe_once(check)
 
     assert (finding.status, finding.reason_code) == (Status.HEALTHY, "ok")
     facts = observation.facts
@@ -99,7 +91,7 @@ async def test_password_inside_the_url_from_the_environment_authenticates(
 ) -> None:
     check = _check(f"redis://:{password_env}@127.0.0.1:{redis_main.port}/0")
 
-    observation, finding = await _probe(check)
+    observation, finding = await probe_once(check)
 
     assert finding.status is Status.HEALTHY, finding
     assert REDIS_PASSWORD not in repr(observation) + repr(finding) + str(check)
@@ -141,7 +133,7 @@ async def test_wrong_or_missing_password_is_auth_failed(
     caplog.set_level("DEBUG")
     check = _check(redis_main.url(password))
 
-    observation, finding = await _probe(check)
+    observation, finding = await probe_once(check)
 
     assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "auth_failed")
     exported = repr(observation) + repr(finding) + str(check) + caplog.text
@@ -155,13 +147,13 @@ async def test_killed_server_is_refused_then_recovers_through_hysteresis(
     redis_victim: RedisServer,
 ) -> None:
     check = _check(redis_victim.url(), failure_threshold=3, recovery_threshold=2)
-    findings = [(await _probe(check))[1]]
+    findings = [(await probe_once(check))[1]]
     redis_victim.kill()
     for _ in range(3):
-        findings.append((await _probe(check))[1])
+        findings.append((await probe_once(check))[1])
     redis_victim.start()
     for _ in range(2):
-        findings.append((await _probe(check))[1])
+        findings.append((await probe_once(check))[1])
 
     assert [f.reason_code for f in findings[1:4]] == ["connection_refused"] * 3
     assert [s.status for s in _states(check, findings)] == [
@@ -184,7 +176,7 @@ async def test_frozen_server_times_out_within_deadline_without_delaying_others(
 
     async def timed(name: str, check: RedisCheck) -> None:
         started = time.perf_counter()
-        _, finding = await _probe(check)
+        _, finding = await probe_once(check)
         results[name] = (finding, time.perf_counter() - started)
 
     redis_victim.freeze()
@@ -201,7 +193,7 @@ async def test_frozen_server_times_out_within_deadline_without_delaying_others(
     healthy, healthy_seconds = results["healthy"]
     assert healthy.status is Status.HEALTHY
     assert healthy_seconds < 0.3
-    _, finding = await _probe(frozen_check)
+    _, finding = await probe_once(frozen_check)
     assert finding.status is Status.HEALTHY
 
 
@@ -236,11 +228,11 @@ async def test_busy_script_is_degraded_then_unhealthy_by_threshold_then_recovers
 ) -> None:
     check = _check(busy_script.url(), failure_threshold=2, recovery_threshold=1)
     healthy = Finding(Status.HEALTHY, "ok", "PONG")
-    busy = [(await _probe(check))[1] for _ in range(2)]
+    busy = [(await probe_once(check))[1] for _ in range(2)]
     with busy_script.client() as control:
         control.script_kill()
     wait_until(lambda: _pings(busy_script), what="the script to be killed")
-    _, recovered = await _probe(check)
+    _, recovered = await probe_once(check)
 
     assert {(f.status, f.reason_code) for f in busy} == {(Status.UNHEALTHY, "busy")}
     assert recovered.status is Status.HEALTHY
@@ -281,7 +273,7 @@ async def test_failing_background_save_is_degraded_until_a_save_succeeds(
         client.bgsave()
     wait_until(lambda: _bgsave_finished(redis_main, "err"), what="the background save to fail")
 
-    observation, finding = await _probe(check)
+    observation, finding = await probe_once(check)
     assert (finding.status, finding.reason_code) == (Status.DEGRADED, "persistence_failing")
     assert observation.facts["rdb_last_bgsave_status"] == "err"
     assert "MISCONF" in finding.reason
@@ -290,7 +282,7 @@ async def test_failing_background_save_is_degraded_until_a_save_succeeds(
         client.config_set("dir", str(redis_main.data_dir))
         client.bgsave()
     wait_until(lambda: _bgsave_finished(redis_main, "ok"), what="the background save to succeed")
-    _, finding = await _probe(check)
+    _, finding = await probe_once(check)
     assert finding.status is Status.HEALTHY
 
 
@@ -303,13 +295,13 @@ async def test_memory_near_maxmemory_is_degraded(
         used = int(client.info("memory")["used_memory"])
         client.config_set("maxmemory", int(used / 0.95))
 
-    observation, finding = await _probe(check)
+    observation, finding = await probe_once(check)
     assert (finding.status, finding.reason_code) == (Status.DEGRADED, "memory_high")
     assert observation.facts["memory_ratio"] > 0.9
 
     with redis_main.client() as client:
         client.config_set("maxmemory", 0)
-    _, finding = await _probe(check)
+    _, finding = await probe_once(check)
     assert finding.status is Status.HEALTHY
 
 
@@ -334,20 +326,20 @@ async def test_clients_at_maxclients_are_degraded_and_refused_clients_saturated(
     with redis_victim.client() as client:
         client.config_set("maxclients", 1)
 
-    observation, finding = await _probe(check)
+    observation, finding = await probe_once(check)
     assert (finding.status, finding.reason_code) == (Status.DEGRADED, "clients_high")
     assert observation.facts["clients_ratio"] == 1.0
 
     holder = await _client_when_a_slot_is_free(redis_victim)  # takes the only slot
     try:
-        _, refused = await _probe(check)
+        _, refused = await probe_once(check)
     finally:
         holder.close()
     assert (refused.status, refused.reason_code) == (Status.DEGRADED, "saturated")
 
     with await _client_when_a_slot_is_free(redis_victim) as client:
         client.config_set("maxclients", 10000)
-    _, finding = await _probe(check)
+    _, finding = await probe_once(check)
     assert finding.status is Status.HEALTHY
 
 
@@ -357,7 +349,7 @@ async def test_replica_where_master_is_expected_is_wrong_role(
 ) -> None:
     _, replica = redis_replication
 
-    observation, finding = await _probe(_check(replica.url(), password=password_env))
+    observation, finding = await probe_once(_check(replica.url(), password=password_env))
 
     assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "wrong_role")
     assert observation.facts["role"] == "replica"
@@ -374,19 +366,19 @@ async def test_replica_whose_master_is_gone_is_degraded_until_the_master_returns
 ) -> None:
     master, replica = redis_replication
     check = _check(replica.url(), password=password_env, expect_role="replica")
-    observation, finding = await _probe(check)
+    observation, finding = await probe_once(check)
     assert finding.status is Status.HEALTHY
     assert observation.facts["master_link_status"] == "up"
 
     master.kill()
     wait_until(lambda: _link_status(replica) == "down", what="the replica to notice")
-    observation, finding = await _probe(check)
+    observation, finding = await probe_once(check)
     assert (finding.status, finding.reason_code) == (Status.DEGRADED, "master_link_down")
     assert observation.facts["master_link_status"] == "down"
 
     master.start()
     wait_until(lambda: _link_status(replica) == "up", what="the replica to reconnect")
-    _, finding = await _probe(check)
+    _, finding = await probe_once(check)
     assert finding.status is Status.HEALTHY
 
 
@@ -401,12 +393,12 @@ async def test_replica_serving_no_stale_data_without_its_master_is_master_down(
     try:
         master.kill()
         wait_until(lambda: _link_status(replica) == "down", what="the replica to notice")
-        _, finding = await _probe(check)
+        _, finding = await probe_once(check)
         assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "master_down")
 
         master.start()
         wait_until(lambda: _link_status(replica) == "up", what="the replica to reconnect")
-        _, finding = await _probe(check)
+        _, finding = await probe_once(check)
         assert finding.status is Status.HEALTHY
     finally:
         with replica.client() as client:

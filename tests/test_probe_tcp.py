@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 import pytest
-import pytest_asyncio
 
 from healthd.classify import judge
 from healthd.config import TcpCheck
 from healthd.model import Finding, Observation, Status
-from healthd.probes import PROBES, ProbeContext, SharedResources
+from healthd.probes import PROBES, ProbeContext
 from tests.http_target import HttpTarget, TcpListener
-
-#: Shared like the daemon shares them: an SSL context costs ~25 ms to build, per test.
-_SHARED = SharedResources()
-
-
-@pytest_asyncio.fixture
-async def ctx() -> AsyncIterator[ProbeContext]:
-    """A fresh probe context per test, closed afterwards like the scheduler does."""
-    context = ProbeContext(_SHARED)
-    yield context
-    await context.aclose()
+from tests.probing import run_check
 
 
 def tcp_check(address: str, **settings: Any) -> TcpCheck:
@@ -35,19 +22,11 @@ def tcp_check(address: str, **settings: Any) -> TcpCheck:
     return TcpCheck(address=address, **settings)
 
 
-async def run(check: TcpCheck, ctx: ProbeContext) -> tuple[Observation, Finding]:
-    """Probe under the scheduler's deadline, then judge like the scheduler does."""
-    kind = PROBES["tcp"]
-    with anyio.fail_after(check.timeout_seconds):
-        observation = await kind.probe(check, ctx)
-    return observation, judge(check, observation, kind.assess)
-
-
 @pytest.mark.asyncio
 async def test_listener_is_healthy_after_exactly_one_connection(
     tcp_listener: TcpListener, ctx: ProbeContext
 ) -> None:
-    observation, finding = await run(tcp_check(tcp_listener.address), ctx)
+    observation, finding = await run_check(tcp_check(tcp_listener.address), ctx)
 
     assert finding == Finding(Status.HEALTHY, "ok", f"connected to {tcp_listener.address}")
     assert observation.failure is None
@@ -62,7 +41,7 @@ async def test_each_probe_opens_a_fresh_connection(
 ) -> None:
     check = tcp_check(tcp_listener.address)
     for _ in range(3):
-        _, finding = await run(check, ctx)
+        _, finding = await run_check(check, ctx)
         assert finding.status is Status.HEALTHY
 
     assert tcp_listener.wait_for_connections(3) == 3
@@ -77,7 +56,7 @@ async def test_plain_check_does_not_speak_tls_to_a_silent_server(
     tcp_listener.silent = True
     started = time.perf_counter()
 
-    _, finding = await run(tcp_check(tcp_listener.address, timeout=2), ctx)
+    _, finding = await run_check(tcp_check(tcp_listener.address, timeout=2), ctx)
 
     assert finding.status is Status.HEALTHY
     assert time.perf_counter() - started < 0.5
@@ -87,7 +66,7 @@ async def test_plain_check_does_not_speak_tls_to_a_silent_server(
 async def test_closed_port_is_connection_refused(closed_port: int, ctx: ProbeContext) -> None:
     address = f"127.0.0.1:{closed_port}"
 
-    observation, finding = await run(tcp_check(address), ctx)
+    observation, finding = await run_check(tcp_check(address), ctx)
 
     assert finding == Finding(
         Status.UNHEALTHY, "connection_refused", f"connect to {address}: connection refused"
@@ -97,7 +76,7 @@ async def test_closed_port_is_connection_refused(closed_port: int, ctx: ProbeCon
 
 @pytest.mark.asyncio
 async def test_unresolvable_name_is_dns_error(ctx: ProbeContext) -> None:
-    _, finding = await run(tcp_check("no-such-host.invalid:5432"), ctx)
+    _, finding = await run_check(tcp_check("no-such-host.invalid:5432"), ctx)
 
     assert finding.status is Status.UNHEALTHY
     assert finding.reason_code == "dns_error"
@@ -110,7 +89,7 @@ async def test_untrusted_certificate_is_tls_error(
 ) -> None:
     address = f"127.0.0.1:{https_target.port}"
 
-    _, finding = await run(tcp_check(address, tls=True), ctx)
+    _, finding = await run_check(tcp_check(address, tls=True), ctx)
 
     assert finding.status is Status.UNHEALTHY
     assert finding.reason_code == "tls_error"
@@ -123,7 +102,7 @@ async def test_tls_handshake_without_verification_is_healthy(
 ) -> None:
     address = f"127.0.0.1:{https_target.port}"
 
-    observation, finding = await run(tcp_check(address, tls=True, tls_verify=False), ctx)
+    observation, finding = await run_check(tcp_check(address, tls=True, tls_verify=False), ctx)
 
     assert finding == Finding(Status.HEALTHY, "ok", f"TLS handshake with {address}")
     assert observation.facts == {"tls": True}
@@ -134,7 +113,7 @@ async def test_tls_check_against_a_server_that_hangs_up_is_tls_error(
     tcp_listener: TcpListener, ctx: ProbeContext
 ) -> None:
     # The listener closes every connection at once, in the middle of the TLS hello.
-    _, finding = await run(tcp_check(tcp_listener.address, tls=True, tls_verify=False), ctx)
+    _, finding = await run_check(tcp_check(tcp_listener.address, tls=True, tls_verify=False), ctx)
 
     assert finding.status is Status.UNHEALTHY
     assert finding.reason_code == "tls_error"
@@ -149,7 +128,7 @@ async def test_tls_check_against_a_silent_server_times_out_before_the_scheduler_
     check = tcp_check(tcp_listener.address, tls=True, tls_verify=False, timeout=1)
     started = time.perf_counter()
 
-    observation, finding = await run(check, ctx)
+    observation, finding = await run_check(check, ctx)
 
     elapsed = time.perf_counter() - started
     assert 0.85 < elapsed < 1
@@ -168,7 +147,7 @@ async def test_connect_that_gets_no_answer_times_out_before_the_scheduler_deadli
     address = f"127.0.0.1:{unresponsive_port}"
     started = time.perf_counter()
 
-    _, finding = await run(tcp_check(address, timeout=0.5), ctx)
+    _, finding = await run_check(tcp_check(address, timeout=0.5), ctx)
 
     assert 0.4 < time.perf_counter() - started < 0.5
     assert finding == Finding(

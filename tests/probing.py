@@ -1,0 +1,42 @@
+"""Run one probe the way the scheduler does, for tests of a single kind."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest_asyncio
+
+from healthd import classify
+from healthd.config import CheckBase
+from healthd.model import Finding, Observation
+from healthd.probes import PROBES, ProbeContext, SharedResources
+from healthd.scheduler import observe
+
+__all__ = ["ctx", "probe_once", "run_check"]
+
+#: Shared as the daemon shares them: an SSL context costs ~25 ms to build.
+_SHARED = SharedResources()
+
+
+@pytest_asyncio.fixture
+async def ctx() -> AsyncIterator[ProbeContext]:
+    """A fresh probe context per test, closed afterwards like the scheduler does."""
+    context = ProbeContext(_SHARED)
+    yield context
+    await context.aclose()
+
+
+async def run_check(check: CheckBase, ctx: ProbeContext) -> tuple[Observation, Finding]:
+    """Probe under the check's deadline with the scheduler's own code, then judge."""
+    kind = PROBES[check.kind]
+    observation = await observe(check, kind, ctx)
+    return observation, classify.judge(check, observation, kind.assess)
+
+
+async def probe_once(check: CheckBase) -> tuple[Observation, Finding]:
+    """``run_check`` with a context of its own, closed afterwards."""
+    context = ProbeContext(_SHARED)
+    try:
+        return await run_check(check, context)
+    finally:
+        await context.aclose()
