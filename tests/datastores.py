@@ -330,7 +330,38 @@ _PG_SETTINGS = {
 }
 
 
-class PostgresServer:
+class _Controlled:
+    """Fault controls shared by the test servers: kill, freeze, thaw, and repair."""
+
+    process: _Process | None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        """SIGKILL the server and every process it started."""
+        assert self.process is not None
+        self.process.kill()
+
+    def freeze(self) -> None:
+        """SIGSTOP the server and every process it started."""
+        assert self.process is not None
+        self.process.freeze()
+
+    def thaw(self) -> None:
+        """SIGCONT."""
+        assert self.process is not None
+        self.process.thaw()
+
+    def ensure_running(self) -> None:
+        """Thaw or restart a server a test left frozen or dead."""
+        if self.process is not None and self.process.frozen:
+            self.process.thaw()
+        if self.process is None or not self.process.running:
+            self.start()
+
+
+class PostgresServer(_Controlled):
     """One PostgreSQL cluster: a data directory and a postmaster on ``port``."""
 
     def __init__(self, data_dir: Path, user: _User, name: str) -> None:
@@ -377,28 +408,6 @@ class PostgresServer:
         """Fast shutdown (SIGINT): roll back transactions, disconnect clients, exit."""
         if self.process is not None:
             self.process.stop(signal.SIGINT)
-
-    def kill(self) -> None:
-        """SIGKILL the postmaster and every backend at once."""
-        assert self.process is not None
-        self.process.kill()
-
-    def freeze(self) -> None:
-        """SIGSTOP the postmaster and every backend."""
-        assert self.process is not None
-        self.process.freeze()
-
-    def thaw(self) -> None:
-        """SIGCONT."""
-        assert self.process is not None
-        self.process.thaw()
-
-    def ensure_running(self) -> None:
-        """Thaw or restart a server a test left frozen or dead."""
-        if self.process is not None and self.process.frozen:
-            self.process.thaw()
-        if self.process is None or not self.process.running:
-            self.start()
 
     def dsn(self, user: str = "postgres", dbname: str = "postgres") -> str:
         """A key=value DSN without a password."""
@@ -529,7 +538,7 @@ def _redis_bin() -> tuple[str, str]:
     return str(directory / server.name), str(directory / module.name)
 
 
-class RedisServer:
+class RedisServer(_Controlled):
     """One ``redis-server`` (with the FalkorDB module when ``falkordb``) on ``port``."""
 
     def __init__(
@@ -608,28 +617,6 @@ class RedisServer:
         """SHUTDOWN by SIGTERM."""
         if self.process is not None:
             self.process.stop()
-
-    def kill(self) -> None:
-        """SIGKILL."""
-        assert self.process is not None
-        self.process.kill()
-
-    def freeze(self) -> None:
-        """SIGSTOP."""
-        assert self.process is not None
-        self.process.freeze()
-
-    def thaw(self) -> None:
-        """SIGCONT."""
-        assert self.process is not None
-        self.process.thaw()
-
-    def ensure_running(self) -> None:
-        """Thaw or restart a server a test left frozen or dead."""
-        if self.process is not None and self.process.frozen:
-            self.process.thaw()
-        if self.process is None or not self.process.running:
-            self.start()
 
     def reset(self) -> None:
         """Undo every fault a test may have caused, and empty the data set."""

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 import pytest_asyncio
 
 from healthd import classify
 from healthd.config import CheckBase
-from healthd.model import Finding, Observation
+from healthd.model import ComponentState, Finding, Observation
 from healthd.probes import PROBES, ProbeContext, SharedResources
 from healthd.scheduler import observe
 
-__all__ = ["ctx", "probe_once", "run_check"]
+__all__ = ["ctx", "probe_once", "run_check", "states_after"]
 
 #: Shared as the daemon shares them: an SSL context costs ~25 ms to build.
 _SHARED = SharedResources()
@@ -40,3 +40,22 @@ async def probe_once(check: CheckBase) -> tuple[Observation, Finding]:
         return await run_check(check, context)
     finally:
         await context.aclose()
+
+
+def states_after(
+    check: CheckBase, findings: Iterable[Finding], name: str = "c"
+) -> list[ComponentState]:
+    """Feed findings through the hysteresis one by one, from no history; every state."""
+    states: list[ComponentState] = []
+    previous = None
+    for now, finding in enumerate(findings):
+        previous = classify.next_state(
+            previous,
+            name=name,
+            check=check,
+            finding=finding,
+            observation=Observation(0.01),
+            now=float(now),
+        )
+        states.append(previous)
+    return states

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +10,8 @@ import anyio
 import psycopg
 import pytest
 
-from healthd import classify
 from healthd.config import PostgresCheck
-from healthd.model import ComponentState, Failure, Finding, Observation, Status
+from healthd.model import Failure, Finding, Observation, Status
 from healthd.probes import ProbeContext, SharedResources
 from healthd.probes import postgres as postgres_probe
 from healthd.probes.postgres import assess, connect_timeout_seconds, failure_code
@@ -25,30 +23,13 @@ from tests.datastores import (
     run_daemon_once,
     wait_until,
 )
-from tests.probing import probe_once, run_check
+from tests.probing import probe_once, run_check, states_after
 
 
 def _check(dsn: str, **settings: Any) -> PostgresCheck:
     settings.setdefault("timeout", 2.0)
     settings.setdefault("interval", 10.0)
     return PostgresCheck(dsn=dsn, **settings)
-
-
-def _states(check: PostgresCheck, findings: Iterable[Finding]) -> list[ComponentState]:
-    """Feed findings through the hysteresis, starting from no history."""
-    states: list[ComponentState] = []
-    previous = None
-    for now, finding in enumerate(findings):
-        previous = classify.next_state(
-            previous,
-            name="db",
-            check=check,
-            finding=finding,
-            observation=Observation(0.01),
-            now=float(now),
-        )
-        states.append(previous)
-    return states
 
 
 # --- real servers ---------------------------------------------------------------------------
@@ -288,7 +269,7 @@ async def test_killed_server_is_refused_then_recovers_through_hysteresis(
         findings.append((await probe_once(check))[1])
 
     assert [f.reason_code for f in findings[1:4]] == ["connection_refused"] * 3
-    states = _states(check, findings)
+    states = states_after(check, findings, name="db")
     assert [s.status for s in states] == [
         Status.HEALTHY,
         Status.DEGRADED,  # 1 of 3 failures
@@ -515,7 +496,7 @@ def _failure(code: str) -> Finding:
 def test_not_ready_is_degraded_at_first_then_unhealthy_at_the_failure_threshold() -> None:
     check = _check("host=db", failure_threshold=3)
     healthy = assess(check, Observation(0.01, facts=_facts()))
-    states = _states(check, [healthy, *[_failure("not_ready")] * 3])
+    states = states_after(check, [healthy, *[_failure("not_ready")] * 3], name="db")
     assert [s.status for s in states] == [
         Status.HEALTHY,
         Status.DEGRADED,
@@ -528,7 +509,7 @@ def test_not_ready_is_degraded_at_first_then_unhealthy_at_the_failure_threshold(
 
 def test_too_many_connections_stays_degraded_however_long_it_lasts() -> None:
     check = _check("host=db", failure_threshold=2)
-    states = _states(check, [_failure("saturated")] * 5)
+    states = states_after(check, [_failure("saturated")] * 5, name="db")
     assert {s.status for s in states} == {Status.DEGRADED}
     assert {s.reason_code for s in states} == {"saturated"}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +14,8 @@ import pytest
 import redis
 from redis._parsers.base import BaseParser
 
-from healthd import classify
 from healthd.config import RedisCheck
-from healthd.model import ComponentState, Failure, Finding, Observation, Status
+from healthd.model import Failure, Finding, Observation, Status
 from healthd.probes import ProbeContext, SharedResources
 from healthd.probes.redis import assess, failure_for, parse_info, server_facts
 from healthd.secrets import Redactor
@@ -26,30 +25,13 @@ from tests.datastores import (
     run_daemon_once,
     wait_until,
 )
-from tests.probing import probe_once, run_check
+from tests.probing import probe_once, run_check, states_after
 
 
 def _check(url: str, **settings: Any) -> RedisCheck:
     settings.setdefault("timeout", 1.0)
     settings.setdefault("interval", 10.0)
     return RedisCheck(url=url, **settings)
-
-
-def _states(check: RedisCheck, findings: Iterable[Finding]) -> list[ComponentState]:
-    """Feed findings through the hysteresis, starting from no history."""
-    states: list[ComponentState] = []
-    previous = None
-    for now, finding in enumerate(findings):
-        previous = classify.next_state(
-            previous,
-            name="cache",
-            check=check,
-            finding=finding,
-            observation=Observation(0.01),
-            now=float(now),
-        )
-        states.append(previous)
-    return states
 
 
 @pytest.fixture
@@ -156,7 +138,7 @@ async def test_killed_server_is_refused_then_recovers_through_hysteresis(
         findings.append((await probe_once(check))[1])
 
     assert [f.reason_code for f in findings[1:4]] == ["connection_refused"] * 3
-    assert [s.status for s in _states(check, findings)] == [
+    assert [s.status for s in states_after(check, findings, name="cache")] == [
         Status.HEALTHY,
         Status.DEGRADED,
         Status.DEGRADED,
@@ -236,7 +218,7 @@ async def test_busy_script_is_degraded_then_unhealthy_by_threshold_then_recovers
 
     assert {(f.status, f.reason_code) for f in busy} == {(Status.UNHEALTHY, "busy")}
     assert recovered.status is Status.HEALTHY
-    states = _states(check, [healthy, *busy, recovered])
+    states = states_after(check, [healthy, *busy, recovered], name="cache")
     assert [s.status for s in states] == [
         Status.HEALTHY,
         Status.DEGRADED,  # 1 of 2 failures
@@ -575,7 +557,7 @@ def test_loading_is_degraded_then_unhealthy_at_the_failure_threshold() -> None:
     check = _check("redis://cache", failure_threshold=3)
     healthy = assess(check, Observation(0.01, facts=_facts()))
     loading = assess(check, Observation(0.01, failure=Failure("loading", "loading")))
-    states = _states(check, [healthy, loading, loading, loading])
+    states = states_after(check, [healthy, loading, loading, loading], name="cache")
     assert [s.status for s in states] == [
         Status.HEALTHY,
         Status.DEGRADED,
