@@ -1,25 +1,19 @@
-"""Run ``healthd`` as a real subprocess, and wait on its systemd notifications, not on sleeps."""
+"""``healthd`` commands as subprocesses: one-shot runs, and a daemon waited on by its
+``sd_notify`` messages (from ``tests.healthd_process``), not by sleeps."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests.healthd_process import HealthdProcess, NotifySocket, free_port
+
 __all__ = ["Healthd", "free_port", "healthd_cli", "running_healthd"]
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def healthd_cli(
@@ -37,62 +31,41 @@ def healthd_cli(
 
 
 class Healthd:
-    """A running ``healthd run`` whose ``sd_notify`` messages arrive on a socket we own."""
+    """A running ``healthd run`` and what it told its service manager."""
 
-    def __init__(self, process: subprocess.Popen[str], notify: socket.socket) -> None:
+    def __init__(self, process: HealthdProcess, notify: NotifySocket) -> None:
         self.process = process
         self._notify = notify
-        self.messages: list[dict[str, str]] = []
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """Every notification so far, oldest first."""
+        return [m.fields for m in self._notify.messages]
 
     def wait_for(self, key: str, value: str | None = None, timeout: float = 15) -> dict[str, str]:
-        """Block until a notification has ``key`` (with ``value``); return that message."""
-        for message in self.messages:
-            if key in message and (value is None or message[key] == value):
-                return message
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            self._notify.settimeout(left)
-            try:
-                data = self._notify.recv(4096)
-            except TimeoutError:
-                break
-            message = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            message["_at"] = repr(time.monotonic())
-            self.messages.append(message)
-            if key in message and (value is None or message[key] == value):
-                return message
-            if self.process.poll() is not None:
-                break
-        raise AssertionError(f"no {key}={value} from healthd; got {self.messages}")
+        """Block until a notification has ``key`` (with ``value``); return its fields."""
+        message = self._notify.wait_for(
+            lambda m: key in m and (value is None or m.fields[key] == value), timeout
+        )
+        return message.fields
 
     def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 10) -> tuple[int, str]:
-        """Send ``sig``, wait for the exit; return the exit code and stderr."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        _, stderr = self.process.communicate(timeout=timeout)
-        return self.process.returncode, stderr
+        """Send ``sig``, wait for the exit; return the exit code and what it logged."""
+        code = self.process.stop(timeout, sig)
+        return code, self.process.log()
 
 
 @contextmanager
 def running_healthd(
     config: Path, tmp_path: Path, env: Mapping[str, str] | None = None, *args: str
 ) -> Iterator[Healthd]:
-    """Start ``healthd run`` and wait for READY=1; stop it (SIGKILL if need be) on exit."""
-    address = str(tmp_path / f"notify-{time.monotonic_ns()}.sock")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(address)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "healthd", "--config", str(config), *args, "run"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "NOTIFY_SOCKET": address, **(env or {})},
+    """Start ``healthd run`` (call ``wait_for("READY", "1")``); kill it if a test left it."""
+    notify = NotifySocket()
+    process = HealthdProcess(
+        config, env={"NOTIFY_SOCKET": notify.address, **(env or {})}, args=args
     )
-    healthd = Healthd(process, notify)
     try:
-        yield healthd
+        yield Healthd(process, notify)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate(timeout=10)
+        process.stop(timeout_seconds=5, signum=signal.SIGKILL)
         notify.close()

@@ -26,7 +26,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.daemon_proc import running_healthd
+from tests.healthd_process import free_port
 
 __all__ = [
     "FALKORDB_PASSWORD",
@@ -83,14 +83,6 @@ PG_PASSWORD_USER = "secret_user"
 PG_PROBE_USER = "probe"
 
 _START_TIMEOUT_SECONDS = 30.0
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_until(

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+#: Bound here: inside ``HealthdProcess`` the name ``signal`` is its method.
+_SIGTERM = signal.SIGTERM
 
 
 def free_port() -> int:
@@ -192,6 +194,7 @@ class HealthdProcess:
         *,
         env: Mapping[str, str] | None = None,
         watchdog_pid: str | None = None,
+        args: tuple[str, ...] = (),
     ) -> None:
         self.log_path = config.with_suffix(".log")
         environ = {k: v for k, v in os.environ.items() if not k.startswith("HEALTHD_")}
@@ -199,7 +202,7 @@ class HealthdProcess:
         environ.pop("WATCHDOG_USEC", None)
         environ.pop("WATCHDOG_PID", None)
         environ.update(env or {})
-        command = [sys.executable, "-m", "healthd", "--config", str(config), "run"]
+        command = [sys.executable, "-m", "healthd", "--config", str(config), *args, "run"]
         if watchdog_pid == "self":
             # exec keeps the shell's pid, so $$ is the daemon's pid, known before it starts.
             command = ["/bin/sh", "-c", 'WATCHDOG_PID=$$ exec "$@"', "sh", *command]
@@ -223,10 +226,10 @@ class HealthdProcess:
         """Send a signal to the daemon."""
         self.process.send_signal(signum)
 
-    def stop(self, timeout_seconds: float = 10.0) -> int:
-        """SIGTERM, wait, and return the exit code; SIGKILL if it does not stop in time."""
+    def stop(self, timeout_seconds: float = 10.0, signum: int = _SIGTERM) -> int:
+        """Send ``signum``, wait, and return the exit code; SIGKILL if it does not stop in time."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(signum)
             try:
                 self.process.wait(timeout_seconds)
             except subprocess.TimeoutExpired:

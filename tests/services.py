@@ -16,7 +16,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from healthd.model import ComponentState
 from healthd.probes import PROBES, ProbeContext, SharedResources
 from healthd.scheduler import Scheduler
 from healthd.state import StateStore
+from tests.healthd_process import free_port
 from tests.http_target import HttpTarget, Reply
 
 __all__ = [
@@ -63,14 +63,6 @@ _QUIET_ENV = {
     "PYTHONDONTWRITEBYTECODE": "1",
     "NO_PROXY": "*",
 }
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (the server binds it a moment later)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # --- running a check the way the daemon does -------------------------------------------------
