@@ -46,7 +46,8 @@ def _free_port() -> int:
 def _target(workdir: Path) -> Iterator[tuple[str, str]]:
     """A fast local HTTP server: nginx when installed, else an asyncio server process."""
     port = _free_port()
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    # Debian installs nginx into /usr/sbin, which is not on every user's PATH.
+    nginx = shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
     if nginx:
         prefix = workdir / "nginx"
         (prefix / "logs").mkdir(parents=True)
@@ -186,7 +187,8 @@ def _in_process_costs(checks: int) -> tuple[float, float]:
             server.exposition()
             scrape_ms.append((time.perf_counter() - started) * 1000)
             started = time.perf_counter()
-            status_file.write_atomic(path, status_file.render(status_file.document(store.snapshot())))
+            document = status_file.document(store.snapshot())
+            status_file.write_atomic(path, status_file.render(document))
             write_ms.append((time.perf_counter() - started) * 1000)
     server.stop()
     return statistics.median(scrape_ms), statistics.median(write_ms)
@@ -200,9 +202,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds after READY")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="healthd-bench-") as tmp, _target(Path(tmp)) as (
-        base,
-        label,
+    with (
+        tempfile.TemporaryDirectory(prefix="healthd-bench-") as tmp,
+        _target(Path(tmp)) as (
+            base,
+            label,
+        ),
     ):
         work = Path(tmp)
         metrics_port = _free_port()
@@ -222,10 +227,11 @@ def main() -> None:
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(notify_path)
         notify.settimeout(120)
+        command = [sys.executable, "-m", "healthd", "--config", str(config)]
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "healthd", "--config", str(config), "--log-level", "warning", "run"],
+            [*command, "--log-level", "warning", "run"],
             env={**os.environ, "NOTIFY_SOCKET": notify_path},
-        )  # fmt: skip
+        )
         try:
             while b"READY=1" not in notify.recv(4096):
                 pass
