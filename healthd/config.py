@@ -11,7 +11,6 @@ import os
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
@@ -68,6 +67,16 @@ def parse_address(value: str, *, default_port: int | None = None) -> tuple[str, 
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f"address {value!r} has no valid port (1-65535)")
     return host, int(port_text)
+
+
+def _readable_ca_file(path: Path | None) -> Path | None:
+    if path is not None and not os.access(path, os.R_OK):
+        raise ValueError(f"CA file {str(path)!r} is not readable")
+    return path
+
+
+#: A CA bundle to trust instead of the system store; it must be readable at load time.
+CaFile = Annotated[Path | None, AfterValidator(_readable_ca_file)]
 
 
 def _check_address(value: str) -> str:
@@ -194,7 +203,7 @@ class HttpCheck(CheckBase):
     expected_status: StatusRanges = ((200, 399),)
     conditions: tuple[Condition, ...] = ()
     tls_verify: bool = True
-    ca_file: Path | None = None
+    ca_file: CaFile = None
     follow_redirects: bool = True
     max_redirects: int = Field(default=5, ge=0, le=30)
     max_body_bytes: int = Field(default=1 << 20, ge=0)
@@ -228,13 +237,6 @@ class HttpCheck(CheckBase):
                 )
         return headers
 
-    @field_validator("ca_file")
-    @classmethod
-    def _readable_ca(cls, path: Path | None) -> Path | None:
-        if path is not None and not os.access(path, os.R_OK):
-            raise ValueError(f"CA file {str(path)!r} is not readable")
-        return path
-
 
 # --- tcp ----------------------------------------------------------------------------------
 
@@ -246,6 +248,7 @@ class TcpCheck(CheckBase):
     address: str
     tls: bool = False
     tls_verify: bool = True
+    ca_file: CaFile = None
     server_name: str | None = None
 
     @field_validator("address")
@@ -302,7 +305,7 @@ class RedisCheckBase(CheckBase):
     degraded_clients: Ratio = 0.8
     unhealthy_master_link_down: Duration = 60.0
     tls_verify: bool = True
-    ca_file: Path | None = None
+    ca_file: CaFile = None
 
     @field_validator("url")
     @classmethod
@@ -359,7 +362,7 @@ class ServiceCheckBase(CheckBase):
     url: Templated
     headers: dict[str, Templated] = Field(default_factory=dict)
     tls_verify: bool = True
-    ca_file: Path | None = None
+    ca_file: CaFile = None
     max_body_bytes: int = Field(default=256 * 1024, ge=0)
 
     @field_validator("url")
@@ -371,11 +374,6 @@ class ServiceCheckBase(CheckBase):
     @classmethod
     def _service_headers(cls, headers: dict[str, Templated]) -> dict[str, Templated]:
         return HttpCheck._header_values(headers)
-
-    @field_validator("ca_file")
-    @classmethod
-    def _service_ca(cls, path: Path | None) -> Path | None:
-        return HttpCheck._readable_ca(path)
 
 
 class ApiCheck(ServiceCheckBase):
@@ -609,14 +607,6 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
-
-
-@dataclass(frozen=True, slots=True)
-class LoadedConfig:
-    """A validated config and where it came from."""
-
-    path: Path
-    config: Config
 
 
 def resolve_path(explicit: str | None) -> Path:

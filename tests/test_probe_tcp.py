@@ -11,7 +11,7 @@ from healthd.classify import judge
 from healthd.config import TcpCheck
 from healthd.model import Finding, Observation, Status
 from healthd.probes import PROBES, ProbeContext
-from tests.http_target import HttpTarget, TcpListener
+from tests.http_target import Certificate, HttpTarget, TcpListener
 from tests.probing import run_check
 
 
@@ -94,6 +94,19 @@ async def test_untrusted_certificate_is_tls_error(
     assert finding.status is Status.UNHEALTHY
     assert finding.reason_code == "tls_error"
     assert finding.reason.startswith(f"connect to {address}: TLS certificate rejected")
+
+
+@pytest.mark.asyncio
+async def test_certificate_signed_by_the_configured_ca_file_is_trusted(
+    https_target: HttpTarget, tls_certificate: Certificate, ctx: ProbeContext
+) -> None:
+    address = f"127.0.0.1:{https_target.port}"
+    check = tcp_check(address, tls=True, ca_file=str(tls_certificate.cert_file))
+
+    observation, finding = await run_check(check, ctx)
+
+    assert finding == Finding(Status.HEALTHY, "ok", f"TLS handshake with {address}")
+    assert observation.facts == {"tls": True}
 
 
 @pytest.mark.asyncio

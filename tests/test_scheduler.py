@@ -310,3 +310,37 @@ def test_stale_components_are_reported_unhealthy_not_left_as_they_were() -> None
     assert snapshot.overall is Status.UNHEALTHY
     # The stored state itself is untouched: a fresh result repairs the verdict at once.
     assert store.get("api") is state
+
+
+@pytest.mark.asyncio
+async def test_check_still_running_after_the_first_round_is_not_checked_then_taken_as_is() -> None:
+    release = anyio.Event()
+
+    async def slow_first(name: str) -> None:
+        await release.wait()
+
+    recorder = _Recorder(slow_first)
+    store = StateStore()
+    scheduler = Scheduler(store, probes=recorder.table)
+    with anyio.fail_after(3):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(scheduler.run, _config({"a": _named(5, 2, "a")}))
+            while not recorder.starts.get("a"):
+                await anyio.sleep(0.005)
+            # The first round's bound ran out: "not checked" is reported, never silence or "ok".
+            assert scheduler.mark_unchecked(now=100.0) == ["a"]
+            placeholder = store.get("a")
+            assert placeholder is not None
+            assert (placeholder.status, placeholder.reason_code) == (
+                Status.UNHEALTHY,
+                "not_checked",
+            )
+            assert store.snapshot().overall is Status.DEGRADED  # not critical
+            release.set()
+            while (state := store.get("a")) is placeholder:
+                await anyio.sleep(0.005)
+            tg.cancel_scope.cancel()
+    assert state is not None
+    # The placeholder is no history: the first real result counts as it is, not "recovering".
+    assert (state.status, state.reason_code) == (Status.HEALTHY, "ok")
+    assert state.consecutive_successes == 1

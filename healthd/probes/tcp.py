@@ -22,7 +22,9 @@ async def probe(check: TcpCheck, ctx: ProbeContext) -> Observation:
     """Open a fresh connection (a pooled one would hide a dead listener) and close it."""
     host, port = parse_address(check.address)
     what = f"connect to {check.address}"
-    ssl_context = ctx.shared.ssl_context(verify=check.tls_verify) if check.tls else None
+    ssl_context = None
+    if check.tls:
+        ssl_context = ctx.shared.ssl_context(verify=check.tls_verify, ca_file=check.ca_file)
     started = time.perf_counter()
     # Our own deadline, a little shorter than the scheduler's, so the reason can say which
     # phase stalled (a listener that accepts but never answers a TLS hello, say).
