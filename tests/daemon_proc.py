@@ -61,9 +61,10 @@ def running_healthd(
 ) -> Iterator[Healthd]:
     """Start ``healthd run`` (call ``wait_for("READY", "1")``); kill it if a test left it."""
     notify = NotifySocket()
-    process = HealthdProcess(
-        config, env={"NOTIFY_SOCKET": notify.address, **(env or {})}, args=args
-    )
+    environ = {"NOTIFY_SOCKET": notify.address, **(env or {})}
+    # The log goes to the test's own directory: the config may be the repository's.
+    log_path = tmp_path / f"healthd-{len(list(tmp_path.glob('healthd-*.log')))}.log"
+    process = HealthdProcess(config, env=environ, args=args, log_path=log_path)
     try:
         yield Healthd(process, notify)
     finally:

@@ -195,8 +195,9 @@ class HealthdProcess:
         env: Mapping[str, str] | None = None,
         watchdog_pid: str | None = None,
         args: tuple[str, ...] = (),
+        log_path: Path | None = None,
     ) -> None:
-        self.log_path = config.with_suffix(".log")
+        self.log_path = log_path or config.with_suffix(".log")
         environ = {k: v for k, v in os.environ.items() if not k.startswith("HEALTHD_")}
         environ.pop("NOTIFY_SOCKET", None)
         environ.pop("WATCHDOG_USEC", None)
