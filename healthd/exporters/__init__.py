@@ -1,0 +1,1 @@
+"""Exporters: Prometheus metrics and the JSON status file, both rendered from snapshots."""
