@@ -144,11 +144,11 @@ def _check(config: Config, redactor: Redactor, *, as_json: bool) -> int:
     if as_json:
         print(json.dumps(doc, indent=2, ensure_ascii=False))
     else:
-        print(_table(doc))
+        print(_table(doc, snapshot.summary_text()))
     return {Status.HEALTHY: 0, Status.DEGRADED: 1, Status.UNHEALTHY: 2}[snapshot.overall]
 
 
-def _table(doc: dict[str, Any]) -> str:
+def _table(doc: dict[str, Any], summary: str) -> str:
     rows = [("COMPONENT", "KIND", "STATUS", "LATENCY", "REASON")]
     for name, entry in doc["components"].items():
         latency = f"{entry['latency_ms']:.1f} ms"
@@ -156,7 +156,6 @@ def _table(doc: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[4]
              for row in rows]  # fmt: skip
-    summary = ", ".join(f"{n} {label}" for label, n in doc["summary"].items())
     lines.append(f"\noverall: {doc['status']} ({summary})")
     return "\n".join(lines)
 

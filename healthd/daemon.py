@@ -42,9 +42,7 @@ class MetricsAddressInUse(Exception):
 
 def summary_line(snapshot: Snapshot) -> str:
     """``7 healthy, 1 degraded, 0 unhealthy; overall degraded``: for STATUS= and logs."""
-    counts = snapshot.summary()
-    parts = ", ".join(f"{n} {label}" for label, n in counts.items())
-    return f"{parts}; overall {snapshot.overall.label}"
+    return f"{snapshot.summary_text()}; overall {snapshot.overall.label}"
 
 
 class Daemon:

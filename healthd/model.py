@@ -175,3 +175,7 @@ class Snapshot:
         for state in self.components.values():
             counts[state.status.label] += 1
         return counts
+
+    def summary_text(self) -> str:
+        """``7 healthy, 1 degraded, 0 unhealthy``: for systemd's STATUS=, logs and the CLI."""
+        return ", ".join(f"{n} {label}" for label, n in self.summary().items())

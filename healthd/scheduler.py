@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -61,7 +61,6 @@ class _Running:
     scope: anyio.CancelScope
     #: Loop time of the last completed check; the watchdog reads it to judge progress.
     last_completed: float
-    done: anyio.Event = field(default_factory=anyio.Event)
 
 
 class Scheduler:
