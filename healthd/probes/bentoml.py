@@ -16,7 +16,7 @@ Requests, concurrently, as BentoML's server defines them (``_bentoml_impl/server
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -117,11 +117,10 @@ def assess(check: BentomlCheck, observation: Observation) -> Finding:
     if (down := _preset.problem(livez, Status.UNHEALTHY)) is not None:
         return down
     if (not_ready := _preset.problem(readyz, Status.DEGRADED, "not_ready")) is not None:
-        return Finding(
-            not_ready.status,
-            not_ready.reason_code,
-            f"live but not ready: {not_ready.reason} (loading, or a runner or dependency is down)",
+        reason = (
+            f"live but not ready: {not_ready.reason} (loading, or a runner or dependency is down)"
         )
+        return replace(not_ready, reason=reason)
     rate = observation.facts.get("error_rate")
     window = observation.facts.get("window_requests", 0)
     if rate is not None and window >= check.min_requests and rate > check.degraded_error_rate:

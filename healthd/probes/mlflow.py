@@ -17,6 +17,8 @@ Host-header check is degraded ``host_rejected`` (set ``host`` to a name in its
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from healthd.classify import OK, failed
 from healthd.config import MlflowCheck
 from healthd.model import Finding, Observation, Status
@@ -78,7 +80,7 @@ def assess(check: MlflowCheck, observation: Observation) -> Finding:
     )
     if finding is not None:
         if finding.reason_code == "search_failed":
-            return Finding(finding.status, finding.reason_code, f"backend store: {finding.reason}")
+            return replace(finding, reason=f"backend store: {finding.reason}")
         return finding
     version = observation.facts.get("version")
     return Finding(

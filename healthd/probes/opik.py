@@ -20,6 +20,7 @@ or the UI or its proxy failing while the backend is fine, is degraded.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from healthd.classify import OK, failed
@@ -81,7 +82,7 @@ def assess(check: OpikCheck, observation: Observation) -> Finding:
             f"{ping.what}: the backend reports unhealthy{named}",
         )
     if (down := _preset.problem(ping, Status.UNHEALTHY)) is not None:
-        return Finding(down.status, down.reason_code, f"backend: {down.reason}")
+        return replace(down, reason=f"backend: {down.reason}")
     if failing:
         return Finding(
             Status.DEGRADED,
@@ -100,10 +101,8 @@ def assess(check: OpikCheck, observation: Observation) -> Finding:
                 f"{recorded['ui_ping'].what} through the UI reports unhealthy",
             )
         if ui_finding is not None:
-            return Finding(
-                ui_finding.status,
-                ui_finding.reason_code,
-                f"backend is healthy, but the UI fails: {ui_finding.reason}",
+            return replace(
+                ui_finding, reason=f"backend is healthy, but the UI fails: {ui_finding.reason}"
             )
     name = " ".join(("Opik", observation.facts.get("version", ""))).strip()
     parts = "backend and UI" if check.ui_url is not None else "backend"

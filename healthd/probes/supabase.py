@@ -20,6 +20,7 @@ database itself is the ``postgres`` kind's job.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from healthd.classify import OK, failed
 from healthd.config import SupabaseCheck
@@ -101,7 +102,7 @@ def assess(check: SupabaseCheck, observation: Observation) -> Finding:
     if down:
         name, finding = next(iter(down.items()))
         label = _LABELS.get(name, f"table {check.table}")
-        return Finding(finding.status, finding.reason_code, f"{label}: {finding.reason}")
+        return replace(finding, reason=f"{label}: {finding.reason}")
     version = observation.facts.get("auth_version")
     return Finding(
         Status.HEALTHY,
