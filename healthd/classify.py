@@ -1,14 +1,19 @@
-"""Pure judgement: observations -> findings -> component states -> the overall verdict.
+"""Pure judgement: observations -> findings -> component states -> the judged world.
 
-Nothing here does I/O or reads a clock; callers pass ``now``. Every function is table-tested.
+The one home of every verdict: hysteresis and flapping per component (``next_state``), then
+staleness, dependency impact and the overall verdict for all of them at once
+(``judge_world``, which the state store calls for every snapshot). Nothing here does I/O or
+reads a clock; callers pass ``now``. Every function is table-tested.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -177,18 +182,28 @@ def _short(value: Any) -> str:
 
 # --- hysteresis ----------------------------------------------------------------------------
 
+#: The reason code of a component failing too large a share of its recent checks.
+FLAPPING = "flapping"
+
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """How many results it takes to change a verdict."""
+    """How many results it takes to change a verdict, and what share of failures is flapping."""
 
     failure_threshold: int = 3
     recovery_threshold: int = 2
+    flap_window: int = 10
+    flap_threshold: float = 0.5
 
     @classmethod
     def of(cls, check: CheckBase) -> Policy:
         """The policy a check's config asks for."""
-        return cls(check.failure_threshold, check.recovery_threshold)
+        return cls(
+            check.failure_threshold,
+            check.recovery_threshold,
+            check.flap_window,
+            check.flap_threshold,
+        )
 
 
 def next_state(
@@ -206,6 +221,10 @@ def next_state(
       or degraded state, fewer than ``failure_threshold`` failures in a row are degraded.
     - A healthy or degraded finding is a success. Leaving unhealthy takes
       ``recovery_threshold`` successes in a row; until then the component is degraded.
+    - Flapping: while at least ``flap_threshold`` of the last ``flap_window`` checks failed,
+      the component is unhealthy with reason code ``flapping``. A run of failures that reaches
+      ``failure_threshold`` is an outage, not flapping: it leaves the window, so a target that
+      was down and came back recovers by the rule above.
     """
     policy = Policy.of(check)
     failing = finding.status is Status.UNHEALTHY
@@ -227,6 +246,20 @@ def next_state(
         reason_code = RECOVERING
         reason = f"recovering {successes} of {policy.recovery_threshold}: {reason}"
 
+    last_failure = finding.reason if failing else (previous.last_failure if previous else "")
+    outage = failing and failures >= policy.failure_threshold
+    history = flap_window(previous.flap_history if previous else 0, policy, failing, failures)
+    facts = dict(observation.facts)
+    if policy.flap_window:
+        failed_in_window = history.bit_count()
+        share = failed_in_window / policy.flap_window
+        facts["failure_share"] = share
+        if share >= policy.flap_threshold and not outage:
+            status, reason_code = Status.UNHEALTHY, FLAPPING
+            reason = (
+                f"{failed_in_window} of the last {policy.flap_window} checks failed: {last_failure}"
+            )
+
     result = SUCCESS if not failing else finding.reason_code
     checks_total = dict(previous.checks_total) if previous else {}
     checks_total[result] = checks_total.get(result, 0) + 1
@@ -246,11 +279,28 @@ def next_state(
         last_success_at=now if not failing else (previous.last_success_at if previous else None),
         consecutive_failures=failures,
         consecutive_successes=successes,
-        details=MappingProxyType(dict(observation.facts)),
+        details=MappingProxyType(facts),
         checks_total=MappingProxyType(checks_total),
         durations=durations.observe(latency),
         depends_on=check.depends_on,
+        flap_history=history,
+        last_failure=last_failure,
     )
+
+
+def flap_window(history: int, policy: Policy, failing: bool, failures: int) -> int:
+    """The failure window after one more check: bit 0 is the newest check, 1 a failure that
+    counts toward flapping. ``failures`` is the run of failures this check belongs to; a run
+    that reaches ``failure_threshold`` is taken out of the window as a whole."""
+    if not policy.flap_window:
+        return 0
+    history = (history << 1) & ((1 << policy.flap_window) - 1)
+    if failing:
+        if failures >= policy.failure_threshold:
+            history &= ~((1 << failures) - 1)
+        else:
+            history |= 1
+    return history
 
 
 def unchecked_state(name: str, check: CheckBase, now: float) -> ComponentState:
@@ -273,7 +323,161 @@ def unchecked_state(name: str, check: CheckBase, now: float) -> ComponentState:
     )
 
 
-# --- aggregation ---------------------------------------------------------------------------
+# --- the whole: staleness, impact and the overall verdict -----------------------------------
+
+#: The reason code of a component whose checks stopped completing.
+STALE = "stale"
+
+_NOTHING: Mapping[str, ComponentState] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class World:
+    """What ``judge_world`` concluded, and what it concluded it from.
+
+    ``components`` are the judged states and ``overall`` the verdict. Until ``next_change_at``
+    (Unix seconds; ``inf`` when nothing can turn stale), and while no measured state changes,
+    judging again gives the same world. ``measured`` and ``stale`` (the stale variants made)
+    let the next judgement hand out the same objects for what did not change; ``changed`` says
+    whether any judged state or the verdict differs from the previous world.
+    """
+
+    measured: Mapping[str, ComponentState]
+    stale: Mapping[str, ComponentState]
+    components: Mapping[str, ComponentState]
+    overall: Status
+    next_change_at: float
+    changed: bool
+
+
+def judge_world(
+    measured: Mapping[str, ComponentState],
+    stale_after_seconds: Mapping[str, float],
+    now: float,
+    previous: World | None = None,
+) -> World:
+    """Judge every component together, from the states its checks left behind.
+
+    - **Staleness:** a component whose last check completed more than its
+      ``stale_after_seconds`` ago is unhealthy, ``stale``.
+    - **Impact:** a component that is not healthy while an unhealthy component is among its
+      dependencies (transitively) carries the root causes in ``impacted_by``; its own status
+      stays as measured. See ``root_causes``.
+    - **Overall:** see ``overall``.
+
+    ``previous`` changes nothing in the result but its objects' identity: a judged state that
+    did not change is the very object ``previous`` had, so renders can be cached per state.
+    ``measured`` is kept in the result as it is given: pass a mapping nobody changes.
+    """
+    prev_measured = previous.measured if previous else _NOTHING
+    prev_stale = previous.stale if previous else _NOTHING
+    prev_judged = previous.components if previous else _NOTHING
+    judged: dict[str, ComponentState] = {}
+    stale: dict[str, ComponentState] = {}
+    next_change_at = math.inf
+    unhealthy: set[str] = set()
+    dependencies: dict[str, tuple[str, ...]] = {}
+    for name, state in measured.items():
+        limit = stale_after_seconds[name]
+        deadline = state.checked_at + limit
+        if now > deadline:
+            variant = prev_stale.get(name)
+            if variant is None or prev_measured.get(name) is not state:
+                variant = stale_state(state, limit)
+            stale[name] = state = variant
+        elif deadline < next_change_at:
+            next_change_at = deadline
+        judged[name] = state
+        if state.status is Status.UNHEALTHY:
+            unhealthy.add(name)
+        if state.depends_on:
+            dependencies[name] = state.depends_on
+    if unhealthy and dependencies:
+        for name, causes in root_causes(dependencies, unhealthy).items():
+            base = judged[name]
+            if not causes or base.status is Status.HEALTHY:
+                continue
+            impacted_by = tuple(sorted(causes))
+            prior = prev_judged.get(name)
+            prior_base = prev_stale.get(name) or prev_measured.get(name)
+            if prior is not None and prior.impacted_by == impacted_by and prior_base is base:
+                judged[name] = prior
+            else:
+                judged[name] = dataclasses.replace(base, impacted_by=impacted_by)
+    verdict = overall(judged.values())
+    changed = (
+        previous is None
+        or verdict is not previous.overall
+        or len(judged) != len(prev_judged)
+        or any(state is not prev_judged.get(name) for name, state in judged.items())
+    )
+    return World(
+        measured,
+        MappingProxyType(stale),
+        MappingProxyType(judged),
+        verdict,
+        next_change_at,
+        changed,
+    )
+
+
+def stale_state(state: ComponentState, limit_seconds: float) -> ComponentState:
+    """The state of a component whose checks stopped completing: unhealthy, saying since when.
+
+    The reason names the bound, not the age, so that it stays the same while nothing changes.
+    """
+    return dataclasses.replace(
+        state,
+        status=Status.UNHEALTHY,
+        reason_code=STALE,
+        reason=(
+            f"no check completed for more than {format_seconds(limit_seconds)}; "
+            f"last result: {state.reason}"
+        ),
+        since=state.since if state.status is Status.UNHEALTHY else state.checked_at + limit_seconds,
+    )
+
+
+def root_causes(
+    dependencies: Mapping[str, Sequence[str]], unhealthy: AbstractSet[str]
+) -> dict[str, frozenset[str]]:
+    """For every component in ``dependencies``, the root causes among its dependencies.
+
+    A root cause is an unhealthy component in the dependency closure (dependencies, their
+    dependencies, ...) with no unhealthy component in its own closure: the deepest failures.
+    In a chain api -> supabase -> db with all three unhealthy, db is api's root cause; in a
+    diamond the shared failure is named once. Names missing from ``dependencies`` have none;
+    a cycle (which the config rejects) is cut where it closes.
+    """
+    causes: dict[str, frozenset[str]] = {}
+    for start in dependencies:
+        if start in causes:
+            continue
+        # Iterative depth-first search: a chain of thousands must not hit the recursion limit.
+        stack = [(start, iter(dependencies[start]))]
+        on_path = {start}
+        while stack:
+            node, pending = stack[-1]
+            for dependency in pending:
+                if dependency in causes or dependency in on_path:
+                    continue
+                if dependency in dependencies:
+                    stack.append((dependency, iter(dependencies[dependency])))
+                    on_path.add(dependency)
+                    break
+            else:
+                stack.pop()
+                on_path.discard(node)
+                found: set[str] = set()
+                for dependency in dependencies[node]:
+                    deeper = causes.get(dependency)
+                    if deeper:
+                        found |= deeper
+                    elif dependency in unhealthy:
+                        found.add(dependency)
+                found.discard(node)  # only a cycle leads back to itself
+                causes[node] = frozenset(found)
+    return causes
 
 
 def overall(states: Iterable[ComponentState]) -> Status:
@@ -286,14 +490,3 @@ def overall(states: Iterable[ComponentState]) -> Status:
         if state.status is not Status.HEALTHY:
             verdict = Status.DEGRADED
     return verdict
-
-
-def unhealthy_dependencies(
-    state: ComponentState, states: Mapping[str, ComponentState]
-) -> tuple[str, ...]:
-    """The component's direct dependencies that are unhealthy: a hint at the root cause."""
-    return tuple(
-        name
-        for name in state.depends_on
-        if (dep := states.get(name)) is not None and dep.status is Status.UNHEALTHY
-    )

@@ -98,6 +98,9 @@ class CheckBase(_Strict):
     degraded_latency: Duration | None = None
     failure_threshold: int = Field(default=3, ge=1)
     recovery_threshold: int = Field(default=2, ge=1)
+    #: Flapping: unhealthy once ``flap_threshold`` of the last ``flap_window`` checks failed.
+    flap_window: int = Field(default=10, ge=0, le=1000)
+    flap_threshold: float = Field(default=0.5, gt=0, le=1)
     depends_on: tuple[str, ...] = ()
     description: str = ""
 

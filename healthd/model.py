@@ -118,6 +118,11 @@ class ComponentState:
     Times ending in ``_at`` are Unix timestamps in seconds (wall clock); ``None`` means never.
     ``checks_total`` counts completed checks by result (``success`` or a reason code), and
     ``durations`` is the histogram of every check's latency.
+
+    ``flap_history`` is the failure window as bits, newest check in bit 0 (a 1 is a failure
+    that counts toward flapping), and ``last_failure`` the reason of the latest failed check.
+    ``impacted_by`` is set only in a snapshot: the root causes among the component's
+    dependencies while it is not healthy (``classify.judge_world``).
     """
 
     name: str
@@ -136,6 +141,9 @@ class ComponentState:
     checks_total: Mapping[str, int] = field(default_factory=dict)
     durations: Histogram = field(default_factory=lambda: Histogram.empty(DURATION_BUCKETS_SECONDS))
     depends_on: tuple[str, ...] = ()
+    flap_history: int = 0
+    last_failure: str = ""
+    impacted_by: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +168,9 @@ class DaemonStats:
 class Snapshot:
     """An immutable picture of the whole world, taken at ``generated_at`` (Unix seconds).
 
-    ``version`` increases with every change, so exporters can cache whatever they render.
+    ``version`` increases with every change, staleness included, so exporters can cache
+    whatever they render; a component state that did not change is the very same object as in
+    the previous snapshot, so a render can also be cached per state (``is``).
     """
 
     version: int

@@ -1,8 +1,10 @@
 """The state store: the latest state of every component, handed out as immutable snapshots.
 
-The event loop writes; the metrics thread and the status file writer read. A lock guards the
-few dict operations, and every reader gets its own frozen ``Snapshot``, so a scrape never sees a
-half-updated world.
+The event loop writes measured states; the metrics thread and the status file writer read
+snapshots. A lock guards the few dict operations, and every reader gets its own frozen
+``Snapshot``, so a scrape never sees a half-updated world. What a snapshot says is judged by
+``classify.judge_world`` (staleness, impact, the overall verdict), on read, so a stale verdict
+shows even while the event loop is blocked and no check completes.
 """
 
 from __future__ import annotations
@@ -10,12 +12,11 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Mapping
-from types import MappingProxyType
+from collections.abc import Callable
 from typing import Any
 
-from healthd.classify import format_seconds, overall
-from healthd.model import ComponentState, DaemonStats, Snapshot, Status
+from healthd.classify import World, judge_world
+from healthd.model import ComponentState, DaemonStats, Snapshot
 
 #: A component whose last check is older than this many intervals (plus its timeout) is
 #: reported unhealthy as ``stale``: a verdict nobody refreshed is no verdict.
@@ -23,7 +24,13 @@ STALE_INTERVALS = 3
 
 
 class StateStore:
-    """Component states and healthd's own statistics, versioned on every change."""
+    """Component states and healthd's own statistics, versioned on every change.
+
+    A snapshot's ``version`` changes whenever what it says changes: a new state, healthd's own
+    statistics, or a component crossing its stale bound with no check completing. A judged
+    state that did not change is handed out as the same object as in the previous snapshot.
+    Between changes a snapshot costs a few attribute reads, so every scrape can ask for one.
+    """
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
@@ -34,7 +41,17 @@ class StateStore:
         # Updated on every check, so kept as plain fields and folded into DaemonStats on read.
         self._progress_at: float | None = None
         self._lateness = self._daemon.lateness
+        #: Bumped under the lock on every change; ``_measured_version`` on component changes.
         self._version = 0
+        self._measured_version = 0
+        # The last judgement, and the versions it saw; only touched under ``_judge_lock``, which
+        # serialises snapshots (the metrics thread and the event loop both take them).
+        self._judge_lock = threading.Lock()
+        self._world: World | None = None
+        self._limits: dict[str, float] = {}
+        self._seen_version = -1
+        self._seen_measured_version = -1
+        self._published_version = 0
 
     def get(self, name: str) -> ComponentState | None:
         """The latest state of ``name``, if it has one."""
@@ -47,6 +64,7 @@ class StateStore:
             self._stale_after[state.name] = stale_after_seconds
             self._progress_at = state.checked_at
             self._version += 1
+            self._measured_version += 1
 
     def observe_lateness(self, seconds: float) -> None:
         """Count how late a check started compared with its schedule."""
@@ -59,6 +77,7 @@ class StateStore:
             self._components.pop(name, None)
             self._stale_after.pop(name, None)
             self._version += 1
+            self._measured_version += 1
 
     def update_daemon(self, **changes: Any) -> None:
         """Replace fields of ``DaemonStats``."""
@@ -77,32 +96,26 @@ class StateStore:
         )
 
     def snapshot(self) -> Snapshot:
-        """A frozen picture of everything, with stale components marked unhealthy."""
-        now = self._clock()
-        with self._lock:
-            components = dict(self._components)
-            stale_after = dict(self._stale_after)
-            daemon = self._daemon_stats()
-            version = self._version
-        for name, state in components.items():
-            limit = stale_after[name]
-            if now - state.checked_at > limit:
-                components[name] = mark_stale(state, now, limit)
-        view: Mapping[str, ComponentState] = MappingProxyType(components)
-        return Snapshot(version, now, overall(view.values()), view, daemon)
-
-
-def mark_stale(state: ComponentState, now: float, limit_seconds: float) -> ComponentState:
-    """The state of a component whose checks stopped completing: unhealthy, saying since when."""
-    if state.reason_code == "stale":
-        return state
-    return dataclasses.replace(
-        state,
-        status=Status.UNHEALTHY,
-        reason_code="stale",
-        reason=(
-            f"no check completed for {format_seconds(now - state.checked_at)} "
-            f"(limit {format_seconds(limit_seconds)}); last result: {state.reason}"
-        ),
-        since=state.since if state.status is Status.UNHEALTHY else state.checked_at + limit_seconds,
-    )
+        """A frozen picture of everything, as ``classify.judge_world`` judges it now."""
+        with self._judge_lock:
+            now = self._clock()
+            previous = self._world
+            with self._lock:
+                version = self._version
+                measured_version = self._measured_version
+                daemon = self._daemon_stats()
+                measured: dict[str, ComponentState] | None = None
+                if previous is None or measured_version != self._seen_measured_version:
+                    measured = dict(self._components)
+                    self._limits = dict(self._stale_after)
+            world = previous
+            if measured is not None:
+                world = judge_world(measured, self._limits, now, previous)
+            elif previous is not None and now > previous.next_change_at:
+                world = judge_world(previous.measured, self._limits, now, previous)
+            assert world is not None
+            if (world is not previous and world.changed) or version != self._seen_version:
+                self._published_version += 1
+            self._world = world
+            self._seen_version, self._seen_measured_version = version, measured_version
+            return Snapshot(self._published_version, now, world.overall, world.components, daemon)

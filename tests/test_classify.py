@@ -1,7 +1,10 @@
-"""Table tests for the pure judges: hysteresis, aggregation, body conditions and latency."""
+"""Table tests for the pure judges: hysteresis, flapping, staleness, impact, aggregation, body
+conditions and latency."""
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -9,14 +12,16 @@ from typing import Any
 import pytest
 
 from healthd.classify import (
+    World,
     check_latency,
     failed,
     format_seconds,
     judge,
     judge_conditions,
+    judge_world,
     next_state,
     overall,
-    unhealthy_dependencies,
+    root_causes,
     worst,
 )
 from healthd.config import Condition, TcpCheck
@@ -231,9 +236,133 @@ def test_state_carries_identity_and_details_of_the_latest_observation() -> None:
         True,
         ("network",),
     )
-    assert dict(state.details) == {"tls": True}
+    assert dict(state.details) == {"tls": True, "failure_share": 0.0}
     with pytest.raises(TypeError):
         state.details["tls"] = False  # type: ignore[index]
+
+
+# --- flapping -------------------------------------------------------------------------------
+
+
+def _flapping(failed: int, window: int, finding: Finding) -> tuple[Status, str, str]:
+    return (U, "flapping", f"{failed} of the last {window} checks failed: {finding.reason}")
+
+
+def test_alternating_failures_become_flapping_and_stay_so() -> None:
+    states = replay([OK, FAIL] * 6)
+
+    assert [(s.status, s.reason_code, s.reason) for s in states] == [
+        *[_as_is(OK), _debounced(1, 3, FAIL)] * 4,
+        _as_is(OK),
+        _flapping(5, 10, FAIL),  # the 10th check: 5 of the last 10 failed
+        _flapping(5, 10, FAIL),  # a success does not end it while the share holds
+        _flapping(5, 10, FAIL),
+    ]
+
+
+@pytest.mark.parametrize("window", [2, 3, 4, 5, 10, 11, 50, 1000])
+@pytest.mark.parametrize("first", [OK, FAIL], ids=["success-first", "failure-first"])
+def test_alternating_failures_are_flapping_within_flap_window_checks(
+    window: int, first: Finding
+) -> None:
+    other = FAIL if first is OK else OK
+    findings = [first, other] * (window + 2)
+
+    states = replay(findings, flap_window=window)
+
+    first_failure = findings.index(FAIL)
+    flapping = next(i for i, s in enumerate(states) if s.reason_code == "flapping")
+    assert flapping - first_failure < window
+    # Never healthy again. With an odd window the share of an alternation swings around one
+    # half, so a success below it starts the normal recovery, and the next failure ends it.
+    assert {s.reason_code for s in states[flapping:]} <= {"flapping", "recovering"}
+    if window % 2 == 0:
+        assert {s.reason_code for s in states[flapping:]} == {"flapping"}
+
+
+def test_flapping_ends_by_the_recovery_rule_once_the_share_is_below_the_threshold() -> None:
+    states = replay([OK, FAIL] * 5 + [OK] * 4, recovery_threshold=3)
+
+    assert [(s.status, s.reason_code, s.reason) for s in states[9:]] == [
+        _flapping(5, 10, FAIL),
+        _flapping(5, 10, FAIL),  # the check that left the window was a success
+        _recovering(2, 3, OK),  # 4 of 10: the successes in a row count, as ever
+        _as_is(OK),
+        _as_is(OK),
+    ]
+
+
+def test_a_target_that_was_down_and_came_back_is_recovering_not_flapping() -> None:
+    findings = [OK] * 3 + [FAIL] * 12 + [OK] * 3
+
+    with_window = replay(findings)
+    without = replay(findings, flap_window=0)
+
+    assert [(s.status, s.reason_code) for s in with_window] == [
+        (s.status, s.reason_code) for s in without
+    ]
+    assert [s.reason_code for s in with_window[-3:]] == ["recovering", "ok", "ok"]
+    assert [s.details["failure_share"] for s in with_window[-3:]] == [0.0, 0.0, 0.0]
+
+
+def test_short_runs_of_failures_count_toward_the_window_and_a_long_one_leaves_it() -> None:
+    # Runs of two never reach failure_threshold = 3, so each failure counts.
+    states = replay([OK, FAIL, FAIL] * 3 + [OK])
+    assert [s.reason_code for s in states].index("flapping") == 7  # 5 of 10 at the 8th check
+    # The third failure in a row makes it an outage: the whole run leaves the window.
+    outage = replay([OK, FAIL, FAIL, OK, FAIL, FAIL, FAIL])
+    assert [s.details["failure_share"] for s in outage] == [0, 0.1, 0.2, 0.2, 0.3, 0.4, 0.2]
+    assert (outage[-1].status, outage[-1].reason_code) == (U, "http_status")
+
+
+def test_failures_while_recovering_from_an_outage_count_toward_the_window() -> None:
+    # Down, then one success and one failure in turn: no verdict ever reaches healthy, and the
+    # reason says why instead of repeating whichever failure came last.
+    states = replay([FAIL] * 4 + [OK, FAIL] * 5)
+
+    assert states[-1].status is U
+    assert states[-1].reason == "5 of the last 10 checks failed: GET / returned 503"
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize(
+    "policy",
+    [{}, {"flap_window": 20, "flap_threshold": 0.3}, {"flap_window": 100, "flap_threshold": 0.1}],
+    ids=["defaults", "20-at-30-percent", "100-at-10-percent"],
+)
+def test_one_percent_of_isolated_failures_is_never_unhealthy(
+    seed: int, policy: dict[str, Any]
+) -> None:
+    rng = random.Random(seed)
+    findings: list[Finding] = []
+    for _ in range(10_000):
+        after_failure = bool(findings) and findings[-1] is FAIL
+        findings.append(FAIL if not after_failure and rng.random() < 0.01 else OK)
+
+    states = replay(findings, **policy)
+
+    assert findings.count(FAIL) > 50  # the test means something
+    assert [s for s in states if s.status is U] == []
+
+
+def test_the_window_forgets_checks_older_than_flap_window() -> None:
+    states = replay([FAIL, OK] + [OK] * 9, flap_window=10)
+
+    assert [s.details["failure_share"] for s in states[-3:]] == [0.1, 0.1, 0.0]
+    assert all(s.flap_history < 2**10 for s in states)
+
+
+def test_flap_window_zero_turns_flapping_off() -> None:
+    states = replay([OK, FAIL] * 20, flap_window=0)
+
+    assert {s.status for s in states} == {H, D}
+    assert all("failure_share" not in s.details for s in states)
+
+
+def test_failure_threshold_of_one_makes_every_failure_an_outage_never_flapping() -> None:
+    states = replay([OK, FAIL] * 10, failure_threshold=1)
+
+    assert {s.reason_code for s in states} == {"ok", "http_status", "recovering"}
 
 
 # --- aggregation ----------------------------------------------------------------------------
@@ -277,15 +406,240 @@ def test_overall_verdict(components: list[tuple[Status, bool]], expected: Status
     assert overall(states) is expected
 
 
-def test_unhealthy_dependencies_names_only_unhealthy_direct_dependencies() -> None:
-    states = {
-        "db": component(U, critical=True, name="db"),
-        "cache": component(D, critical=False, name="cache"),
-        "queue": component(U, critical=False, name="queue"),
-    }
-    api = replace(component(U, critical=True, name="api"), depends_on=("db", "cache", "missing"))
+# --- the whole: staleness, impact and the overall verdict ------------------------------------
 
-    assert unhealthy_dependencies(api, states) == ("db",)
+LIMIT = 35.0
+
+
+def member(
+    name: str,
+    status: Status = H,
+    *,
+    depends_on: tuple[str, ...] = (),
+    critical: bool = False,
+    checked_at: float = 1000.0,
+) -> ComponentState:
+    """A measured state as the store holds it."""
+    return replace(
+        component(status, critical=critical, name=name),
+        reason=f"{name} said so",
+        checked_at=checked_at,
+        since=900.0,
+        depends_on=depends_on,
+    )
+
+
+def world(*states: ComponentState, now: float = 1000.0, previous: World | None = None) -> World:
+    """Judge ``states``, each with the same stale bound."""
+    return judge_world({s.name: s for s in states}, {s.name: LIMIT for s in states}, now, previous)
+
+
+def test_fresh_states_are_judged_as_the_very_objects_measured() -> None:
+    api, db = member("api", D), member("db")
+
+    judged = world(api, db)
+
+    assert judged.components["api"] is api
+    assert judged.components["db"] is db
+    assert judged.overall is D
+
+
+@pytest.mark.parametrize(
+    ("age", "stale"),
+    [(0.0, False), (LIMIT, False), (LIMIT + 0.001, True), (10 * LIMIT, True)],
+    ids=["just-checked", "exactly-at-the-bound", "just-past-the-bound", "long-past"],
+)
+def test_a_component_is_stale_only_past_its_bound(age: float, stale: bool) -> None:
+    api = member("api", critical=True)
+
+    judged = world(api, now=1000.0 + age).components["api"]
+
+    assert (judged.status, judged.reason_code) == ((U, "stale") if stale else (H, "x"))
+
+
+@pytest.mark.parametrize(
+    ("measured", "since"),
+    [(H, 1000.0 + LIMIT), (D, 1000.0 + LIMIT), (U, 900.0)],
+    ids=["healthy-since-the-bound", "degraded-since-the-bound", "unhealthy-keeps-its-since"],
+)
+def test_stale_state_names_its_bound_and_the_last_result(measured: Status, since: float) -> None:
+    judged = world(member("api", measured), now=2000.0).components["api"]
+
+    assert judged.status is U
+    assert judged.reason == "no check completed for more than 35 s; last result: api said so"
+    assert judged.since == since
+    assert judged.checked_at == 1000.0  # the last real check, as measured
+
+
+def test_a_stale_critical_component_makes_the_overall_verdict_unhealthy() -> None:
+    judged = world(member("api", critical=True), member("db"), now=1000.0 + LIMIT + 1)
+
+    assert judged.overall is U
+
+
+def test_next_change_is_the_earliest_bound_among_fresh_components() -> None:
+    states = (member("a", checked_at=1000.0), member("b", checked_at=990.0))
+
+    assert world(*states, now=1000.0).next_change_at == 990.0 + LIMIT
+    # b is stale already; a crosses next.
+    assert world(*states, now=1030.0).next_change_at == 1000.0 + LIMIT
+    assert world(*states, now=2000.0).next_change_at == math.inf
+    assert world().next_change_at == math.inf
+
+
+_CHAIN = {"api": ("supabase", "db"), "supabase": ("db",)}
+
+
+@pytest.mark.parametrize(
+    ("statuses", "dependencies", "expected"),
+    [
+        pytest.param(
+            {"db": U, "supabase": U, "api": U},
+            _CHAIN,
+            {"api": ("db",), "supabase": ("db",)},
+            id="database-down-takes-the-api-and-supabase-down",
+        ),
+        pytest.param(
+            {"db": U, "supabase": H, "api": D},
+            _CHAIN,
+            {"api": ("db",)},
+            id="healthy-dependent-is-not-impacted-degraded-one-is",
+        ),
+        pytest.param(
+            {"db": D, "supabase": U, "api": U},
+            _CHAIN,
+            {"api": ("supabase",)},
+            id="degraded-dependency-impacts-nobody",
+        ),
+        pytest.param(
+            {"db": H, "supabase": H, "api": U},
+            _CHAIN,
+            {},
+            id="lone-failure-is-its-own-root-cause",
+        ),
+        pytest.param(
+            {"db": U, "redis": U, "api": U},
+            {"api": ("redis", "db")},
+            {"api": ("db", "redis")},
+            id="two-root-causes-sorted",
+        ),
+        pytest.param(
+            {"db": U, "kong": H, "api": U},
+            {"api": ("kong",), "kong": ("db",)},
+            {"api": ("db",)},
+            id="transitively-through-a-healthy-middle",
+        ),
+    ],
+)
+def test_impact_names_the_root_causes_and_keeps_the_measured_status(
+    statuses: dict[str, Status],
+    dependencies: dict[str, tuple[str, ...]],
+    expected: dict[str, tuple[str, ...]],
+) -> None:
+    states = [member(n, s, depends_on=dependencies.get(n, ())) for n, s in statuses.items()]
+
+    judged = world(*states).components
+
+    assert {n: s.impacted_by for n, s in judged.items() if s.impacted_by} == expected
+    assert {n: s.status for n, s in judged.items()} == statuses
+
+
+def test_a_stale_dependency_is_a_root_cause() -> None:
+    db = member("db", checked_at=900.0)
+    api = member("api", U, depends_on=("db",))
+
+    judged = world(db, api, now=1000.0).components
+
+    assert judged["db"].reason_code == "stale"
+    assert judged["api"].impacted_by == ("db",)
+
+
+@pytest.mark.parametrize(
+    ("dependencies", "unhealthy", "expected"),
+    [
+        pytest.param({}, {"db"}, {}, id="no-dependencies"),
+        pytest.param(
+            {"api": ("supabase",), "supabase": ("db",)},
+            {"api", "supabase", "db"},
+            {"api": {"db"}, "supabase": {"db"}},
+            id="chain-the-deepest-only",
+        ),
+        pytest.param(
+            {"api": ("a", "b"), "a": ("db",), "b": ("db",)},
+            {"api", "a", "b", "db"},
+            {"api": {"db"}, "a": {"db"}, "b": {"db"}},
+            id="diamond-names-the-shared-failure-once",
+        ),
+        pytest.param(
+            {"api": ("a", "b"), "a": ("x",), "b": ("y",)},
+            {"x", "y"},
+            {"api": {"x", "y"}, "a": {"x"}, "b": {"y"}},
+            id="diamond-with-two-failures",
+        ),
+        pytest.param(
+            {"api": ("a", "b"), "a": ("b",)},
+            {"a", "b"},
+            {"api": {"b"}, "a": {"b"}},
+            id="an-impacted-dependency-is-no-root-cause",
+        ),
+        pytest.param(
+            {"api": ("a",), "a": ("b",)},
+            {"a"},
+            {"api": {"a"}, "a": set()},
+            id="the-deepest-unhealthy-even-if-it-has-healthy-dependencies",
+        ),
+        pytest.param(
+            {"api": ("gone",)},
+            {"gone"},
+            {"api": {"gone"}},
+            id="a-dependency-without-dependencies-of-its-own",
+        ),
+        pytest.param({"api": ("db",)}, set(), {"api": set()}, id="nothing-unhealthy"),
+    ],
+)
+def test_root_causes_are_the_deepest_unhealthy_components_of_the_closure(
+    dependencies: dict[str, tuple[str, ...]], unhealthy: set[str], expected: dict[str, set[str]]
+) -> None:
+    assert root_causes(dependencies, unhealthy) == expected
+
+
+def test_root_causes_survive_a_cycle_and_a_chain_deeper_than_the_recursion_limit() -> None:
+    cycle = root_causes({"a": ("b",), "b": ("a",)}, {"a", "b"})
+    assert all(name not in causes for name, causes in cycle.items())
+
+    chain = {f"c{i}": (f"c{i + 1}",) for i in range(5000)}
+    assert root_causes(chain, {"c5000"})["c0"] == {"c5000"}
+
+
+def test_judging_again_hands_out_the_same_objects_for_what_did_not_change() -> None:
+    db = member("db", U, checked_at=900.0)  # stale at 1000
+    api = member("api", D, depends_on=("db",))  # impacted
+    cache = member("cache")
+    first = world(db, api, cache, now=1000.0)
+
+    again = world(db, api, cache, now=1001.0, previous=first)
+
+    assert not again.changed
+    assert all(again.components[n] is first.components[n] for n in ("db", "api", "cache"))
+    assert again.components["api"].impacted_by == ("db",)
+    # A new measured state changes that component's object only.
+    fresh_cache = member("cache", checked_at=1001.0)
+    third = world(db, api, fresh_cache, now=1001.0, previous=again)
+    assert third.changed
+    assert third.components["cache"] is fresh_cache
+    assert third.components["api"] is first.components["api"]
+
+
+def test_crossing_a_stale_bound_is_a_change_and_the_stale_variant_is_kept() -> None:
+    api = member("api", critical=True)
+    before = world(api, now=1000.0 + LIMIT)
+    crossed = world(api, now=1000.0 + LIMIT + 0.5, previous=before)
+    later = world(api, now=1000.0 + LIMIT + 60, previous=crossed)
+
+    assert crossed.changed
+    assert crossed.overall is U
+    assert not later.changed
+    assert later.components["api"] is crossed.components["api"]
 
 
 # --- latency --------------------------------------------------------------------------------

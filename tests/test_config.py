@@ -422,6 +422,26 @@ def test_bad_address_is_rejected(text: str) -> None:
             "{path}:4: components.api.v1.retries: unknown key",
             id="quoted-dotted-component-name",
         ),
+        pytest.param(
+            """
+            [components.api]
+            kind = "http"
+            url = "http://api/"
+            flap_window = -1
+            """,
+            "{path}:4: components.api.flap_window: Input should be greater than or equal to 0",
+            id="negative-flap-window",
+        ),
+        pytest.param(
+            """
+            [components.api]
+            kind = "http"
+            url = "http://api/"
+            flap_threshold = 1.5
+            """,
+            "{path}:4: components.api.flap_threshold: Input should be less than or equal to 1",
+            id="flap-threshold-above-one",
+        ),
     ],
 )
 def test_bad_config_names_file_key_and_line(tmp_path: Path, text: str, expected: str) -> None:

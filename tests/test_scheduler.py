@@ -292,26 +292,6 @@ def test_phase_offset_is_stable_and_within_the_spread() -> None:
     assert phase_offset("api", 0.1, 1.0) < 0.1
 
 
-def test_stale_components_are_reported_unhealthy_not_left_as_they_were() -> None:
-    now = [1000.0]
-    store = StateStore(clock=lambda: now[0])
-    state = ComponentState(
-        name="api", kind="http", critical=True, status=Status.HEALTHY, reason_code="ok",
-        reason="GET / returned 200", latency_seconds=0.01, checked_at=1000.0, since=900.0,
-        last_success_at=1000.0, consecutive_failures=0, consecutive_successes=5,
-    )  # fmt: skip
-    store.record(state, stale_after_seconds=35)
-    assert store.snapshot().components["api"].status is Status.HEALTHY
-    now[0] = 1036.0
-    snapshot = store.snapshot()
-    stale = snapshot.components["api"]
-    assert (stale.status, stale.reason_code) == (Status.UNHEALTHY, "stale")
-    assert "no check completed for 36 s" in stale.reason
-    assert snapshot.overall is Status.UNHEALTHY
-    # The stored state itself is untouched: a fresh result repairs the verdict at once.
-    assert store.get("api") is state
-
-
 @pytest.mark.asyncio
 async def test_check_still_running_after_the_first_round_is_not_checked_then_taken_as_is() -> None:
     release = anyio.Event()

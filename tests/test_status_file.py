@@ -79,7 +79,7 @@ def test_document_has_the_contracted_shape() -> None:
     assert status_file.render(doc).endswith(b"}\n")
 
 
-def test_document_scrubs_secrets_and_names_unhealthy_dependencies() -> None:
+def test_document_scrubs_secrets_and_names_the_root_causes_of_an_impacted_component() -> None:
     store = StateStore(clock=lambda: 1_795_000_001.0)
     store.record(
         _state("db", Status.UNHEALTHY, reason="auth as s3cr3t-pw failed"), stale_after_seconds=9
@@ -92,7 +92,8 @@ def test_document_scrubs_secrets_and_names_unhealthy_dependencies() -> None:
     text = json.dumps(doc)
     assert "s3cr3t-pw" not in text
     assert doc["components"]["db"]["reason"] == "auth as <redacted> failed"
-    assert doc["components"]["api"]["unhealthy_dependencies"] == ["db"]
+    assert doc["components"]["api"]["impacted_by"] == ["db"]
+    assert "impacted_by" not in doc["components"]["db"]
 
 
 @pytest.fixture

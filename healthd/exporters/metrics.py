@@ -161,6 +161,16 @@ def _components(out: _Writer, rows: Iterable[_Row]) -> None:
         labels = f'{component},reason_code="{_escape(state.reason_code)}"'
         out.sample("healthd_component_reason_info", labels, 1.0)
     out.family(
+        "healthd_component_impacted",
+        "gauge",
+        "1 for each unhealthy root cause among the dependencies of a component that is not "
+        "healthy; absent otherwise.",
+    )
+    for component, _, state in rows:
+        for root_cause in state.impacted_by:
+            labels = f'{component},root_cause="{_escape(root_cause)}"'
+            out.sample("healthd_component_impacted", labels, 1.0)
+    out.family(
         "healthd_checks_total",
         "counter",
         "Completed checks by result: 'success' or the failure's reason code.",

@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from healthd.classify import unhealthy_dependencies
 from healthd.model import ComponentState, Snapshot
 from healthd.secrets import Redactor
 
@@ -38,8 +37,7 @@ def document(
 ) -> dict[str, Any]:
     """The status document for ``snapshot``, with every secret scrubbed."""
     components = {
-        name: _component(state, snapshot, details)
-        for name, state in sorted(snapshot.components.items())
+        name: _component(state, details) for name, state in sorted(snapshot.components.items())
     }
     doc = {
         "schema_version": SCHEMA_VERSION,
@@ -51,13 +49,16 @@ def document(
     return redactor.scrub_tree(doc) if redactor is not None else doc
 
 
-def _component(state: ComponentState, snapshot: Snapshot, details: DetailLevel) -> dict[str, Any]:
+def _component(state: ComponentState, details: DetailLevel) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "kind": state.kind,
         "status": state.status.label,
         "critical": state.critical,
         "reason_code": state.reason_code,
     }
+    # Root causes are component names, which the document already shows: kept in summary too.
+    if state.impacted_by:
+        entry["impacted_by"] = list(state.impacted_by)
     if details == "summary":
         entry["checked_at"] = iso_timestamp(state.checked_at)
         entry["since"] = iso_timestamp(state.since)
@@ -71,8 +72,6 @@ def _component(state: ComponentState, snapshot: Snapshot, details: DetailLevel) 
         consecutive_failures=state.consecutive_failures,
         details=dict(state.details),
     )
-    if blocked := unhealthy_dependencies(state, snapshot.components):
-        entry["unhealthy_dependencies"] = list(blocked)
     return entry
 
 
