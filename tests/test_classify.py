@@ -24,8 +24,13 @@ from healthd.classify import (
     root_causes,
     worst,
 )
-from healthd.config import Condition, TcpCheck
+from healthd.config import Condition, HttpCheck, TcpCheck
+from healthd.exporters.metrics import exposition
 from healthd.model import ComponentState, Failure, Finding, Observation, Status
+from healthd.probes import PROBES, ProbeContext
+from healthd.scheduler import Scheduler
+from healthd.state import StateStore
+from tests.http_target import HttpTarget, Reply
 
 H, D, U = Status.HEALTHY, Status.DEGRADED, Status.UNHEALTHY
 
@@ -363,6 +368,26 @@ def test_failure_threshold_of_one_makes_every_failure_an_outage_never_flapping()
     states = replay([OK, FAIL] * 10, failure_threshold=1)
 
     assert {s.reason_code for s in states} == {"ok", "http_status", "recovering"}
+
+
+@pytest.mark.asyncio
+async def test_a_real_target_alternating_500_and_200_is_flapping_within_flap_window_checks(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    the_check = HttpCheck(url=http_target.url("/health"), interval=10, timeout=2)
+    store = StateStore()
+    scheduler = Scheduler(store)
+    states = []
+    for i in range(the_check.flap_window):
+        http_target.route("/health", Reply(status=500 if i % 2 else 200))
+        states.append(await scheduler.run_once("api", the_check, PROBES["http"], ctx))
+
+    assert [s.status for s in states[:-1]] == [H, D] * 4 + [H]
+    assert (states[-1].status, states[-1].reason_code) == (U, "flapping")
+    assert states[-1].reason == "5 of the last 10 checks failed: GET /health returned 500"
+    assert states[-1].details["failure_share"] == 0.5
+    text = exposition(store.snapshot(), "test").decode()
+    assert 'healthd_component_reason_info{component="api",reason_code="flapping"} 1.0' in text
 
 
 # --- aggregation ----------------------------------------------------------------------------
