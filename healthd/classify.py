@@ -372,11 +372,16 @@ def judge_world(
     prev_measured = previous.measured if previous else _NOTHING
     prev_stale = previous.stale if previous else _NOTHING
     prev_judged = previous.components if previous else _NOTHING
+    unhealthy_status, healthy_status = Status.UNHEALTHY, Status.HEALTHY
     judged: dict[str, ComponentState] = {}
     stale: dict[str, ComponentState] = {}
     next_change_at = math.inf
+    # Healthy states change neither the verdict nor anybody's impact: only the others are kept.
+    troubled: list[ComponentState] = []
     unhealthy: set[str] = set()
     dependencies: dict[str, tuple[str, ...]] = {}
+    # Names whose state is not the object the previous world had (usually a handful).
+    differs: list[str] = []
     for name, state in measured.items():
         limit = stale_after_seconds[name]
         deadline = state.checked_at + limit
@@ -388,14 +393,18 @@ def judge_world(
         elif deadline < next_change_at:
             next_change_at = deadline
         judged[name] = state
-        if state.status is Status.UNHEALTHY:
-            unhealthy.add(name)
+        if state is not prev_judged.get(name):
+            differs.append(name)
+        if state.status is not healthy_status:
+            troubled.append(state)
+            if state.status is unhealthy_status:
+                unhealthy.add(name)
         if state.depends_on:
             dependencies[name] = state.depends_on
     if unhealthy and dependencies:
         for name, causes in root_causes(dependencies, unhealthy).items():
-            base = judged[name]
-            if not causes or base.status is Status.HEALTHY:
+            base = judged.get(name)
+            if base is None or base.status is healthy_status:
                 continue
             impacted_by = tuple(sorted(causes))
             prior = prev_judged.get(name)
@@ -404,12 +413,13 @@ def judge_world(
                 judged[name] = prior
             else:
                 judged[name] = dataclasses.replace(base, impacted_by=impacted_by)
-    verdict = overall(judged.values())
+                differs.append(name)
+    verdict = overall(troubled)
     changed = (
         previous is None
         or verdict is not previous.overall
         or len(judged) != len(prev_judged)
-        or any(state is not prev_judged.get(name) for name, state in judged.items())
+        or any(judged[name] is not prev_judged.get(name) for name in differs)
     )
     return World(
         measured,
@@ -440,44 +450,43 @@ def stale_state(state: ComponentState, limit_seconds: float) -> ComponentState:
 
 def root_causes(
     dependencies: Mapping[str, Sequence[str]], unhealthy: AbstractSet[str]
-) -> dict[str, frozenset[str]]:
-    """For every component in ``dependencies``, the root causes among its dependencies.
+) -> dict[str, set[str]]:
+    """The components with root causes among their dependencies, and those root causes.
 
     A root cause is an unhealthy component in the dependency closure (dependencies, their
     dependencies, ...) with no unhealthy component in its own closure: the deepest failures.
     In a chain api -> supabase -> db with all three unhealthy, db is api's root cause; in a
-    diamond the shared failure is named once. Names missing from ``dependencies`` have none;
-    a cycle (which the config rejects) is cut where it closes.
+    diamond the shared failure is named once. A cycle (which the config rejects) has no root
+    cause inside it.
+
+    The work follows the failures up the reversed graph, so it is small when few components
+    are unhealthy, whatever the number of components.
     """
-    causes: dict[str, frozenset[str]] = {}
-    for start in dependencies:
-        if start in causes:
-            continue
-        # Iterative depth-first search: a chain of thousands must not hit the recursion limit.
-        stack = [(start, iter(dependencies[start]))]
-        on_path = {start}
-        while stack:
-            node, pending = stack[-1]
-            for dependency in pending:
-                if dependency in causes or dependency in on_path:
-                    continue
-                if dependency in dependencies:
-                    stack.append((dependency, iter(dependencies[dependency])))
-                    on_path.add(dependency)
-                    break
-            else:
-                stack.pop()
-                on_path.discard(node)
-                found: set[str] = set()
-                for dependency in dependencies[node]:
-                    deeper = causes.get(dependency)
-                    if deeper:
-                        found |= deeper
-                    elif dependency in unhealthy:
-                        found.add(dependency)
-                found.discard(node)  # only a cycle leads back to itself
-                causes[node] = frozenset(found)
+    dependents: dict[str, list[str]] = {}
+    for name, needs in dependencies.items():
+        for dependency in needs:
+            dependents.setdefault(dependency, []).append(name)
+    # Everything that has an unhealthy component in its closure; an unhealthy component
+    # that is not among them is a root cause.
+    explained = _upwards(dependents, [name for name in unhealthy if name in dependents])
+    causes: dict[str, set[str]] = {}
+    for root in unhealthy:
+        if root in dependents and root not in explained:
+            for name in _upwards(dependents, [root]):
+                causes.setdefault(name, set()).add(root)
     return causes
+
+
+def _upwards(dependents: Mapping[str, Sequence[str]], starts: Iterable[str]) -> set[str]:
+    """Every component that needs one of ``starts``, directly or further up."""
+    seen: set[str] = set()
+    pending = list(starts)
+    while pending:
+        for dependent in dependents.get(pending.pop(), ()):
+            if dependent not in seen:
+                seen.add(dependent)
+                pending.append(dependent)
+    return seen
 
 
 def overall(states: Iterable[ComponentState]) -> Status:
