@@ -234,7 +234,8 @@ depends_on = ["api"]
         assert seen_at is not None, text
         (last_check,) = (float(v) for v in checked.findall(text))
         assert seen_at - last_check <= bound_seconds + 1.0
-        assert seen_at - stalled_at <= bound_seconds + 1.0
+        # A check in flight when the file appeared may still complete: allow its timeout.
+        assert seen_at - stalled_at <= bound_seconds + 0.25 + 1.0
         assert 'healthd_component_impacted{component="web",root_cause="api"} 1.0' in text
         assert "healthd_overall_status 2.0" in text
 
