@@ -29,7 +29,7 @@ class StateStore:
     A snapshot's ``version`` changes whenever what it says changes: a new state, healthd's own
     statistics, or a component crossing its stale bound with no check completing. A judged
     state that did not change is handed out as the same object as in the previous snapshot.
-    Between changes a snapshot costs a few attribute reads, so every scrape can ask for one.
+    Between changes a snapshot judges nothing again, so every scrape can ask for one.
     """
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:

@@ -161,6 +161,8 @@ def test_status_file_and_metrics_show_staleness_from_the_same_snapshot() -> None
 
     assert doc["components"]["db"]["reason_code"] == "stale"
     assert doc["components"]["api"]["impacted_by"] == ["db"]
+    summary = status_file.document(snapshot, details="summary")["components"]["api"]
+    assert summary["impacted_by"] == ["db"]
     assert 'healthd_component_status{component="db",kind="http"} 2.0' in text
     assert 'healthd_component_reason_info{component="db",reason_code="stale"} 1.0' in text
     assert 'healthd_component_impacted{component="api",root_cause="db"} 1.0' in text
