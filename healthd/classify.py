@@ -329,6 +329,7 @@ def unchecked_state(name: str, check: CheckBase, now: float) -> ComponentState:
 STALE = "stale"
 
 _NOTHING: Mapping[str, ComponentState] = MappingProxyType({})
+_NOTHING_NEEDED: Mapping[str, tuple[str, ...]] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,7 +340,9 @@ class World:
     (Unix seconds; ``inf`` when nothing can turn stale), and while no measured state changes,
     judging again gives the same world. ``measured`` and ``stale`` (the stale variants made)
     let the next judgement hand out the same objects for what did not change; ``changed`` says
-    whether any judged state or the verdict differs from the previous world.
+    whether any judged state or the verdict differs from the previous world. ``unhealthy``,
+    ``dependencies`` and ``root_causes`` spare the next judgement the graph walk when neither
+    the failures nor the graph changed.
     """
 
     measured: Mapping[str, ComponentState]
@@ -348,6 +351,9 @@ class World:
     overall: Status
     next_change_at: float
     changed: bool
+    unhealthy: AbstractSet[str]
+    dependencies: Mapping[str, tuple[str, ...]]
+    root_causes: Mapping[str, tuple[str, ...]]
 
 
 def judge_world(
@@ -401,12 +407,21 @@ def judge_world(
                 unhealthy.add(name)
         if state.depends_on:
             dependencies[name] = state.depends_on
+    impact = _NOTHING_NEEDED
     if unhealthy and dependencies:
-        for name, causes in root_causes(dependencies, unhealthy).items():
+        if (
+            previous is not None
+            and previous.unhealthy == unhealthy
+            and previous.dependencies == dependencies
+        ):
+            impact = previous.root_causes
+        else:
+            found = root_causes(dependencies, unhealthy)
+            impact = {name: tuple(sorted(causes)) for name, causes in found.items()}
+        for name, impacted_by in impact.items():
             base = judged.get(name)
             if base is None or base.status is healthy_status:
                 continue
-            impacted_by = tuple(sorted(causes))
             prior = prev_judged.get(name)
             prior_base = prev_stale.get(name) or prev_measured.get(name)
             if prior is not None and prior.impacted_by == impacted_by and prior_base is base:
@@ -428,6 +443,9 @@ def judge_world(
         verdict,
         next_change_at,
         changed,
+        frozenset(unhealthy),
+        dependencies,
+        impact,
     )
 
 

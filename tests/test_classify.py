@@ -656,6 +656,17 @@ def test_judging_again_hands_out_the_same_objects_for_what_did_not_change() -> N
     assert third.components["api"] is first.components["api"]
 
 
+def test_a_dependent_that_turns_unhealthy_is_impacted_by_failures_it_did_not_see_start() -> None:
+    db = member("db", U)
+    first = world(db, member("api", depends_on=("db",)))
+    assert first.components["api"].impacted_by == ()
+
+    second = world(db, member("api", D, depends_on=("db",)), previous=first)
+
+    assert second.changed
+    assert second.components["api"].impacted_by == ("db",)
+
+
 def test_crossing_a_stale_bound_is_a_change_and_the_stale_variant_is_kept() -> None:
     api = member("api", critical=True)
     before = world(api, now=1000.0 + LIMIT)
