@@ -370,24 +370,51 @@ def test_failure_threshold_of_one_makes_every_failure_an_outage_never_flapping()
     assert {s.reason_code for s in states} == {"ok", "http_status", "recovering"}
 
 
+async def _checks_against(
+    http_target: HttpTarget, ctx: ProbeContext, failing: Sequence[bool]
+) -> list[ComponentState]:
+    """One check per entry through the scheduler's own path, the target answering 500 where
+    the entry is true and 200 elsewhere."""
+    the_check = HttpCheck(url=http_target.url("/health"), interval=10, timeout=2)
+    scheduler = Scheduler(StateStore())
+    states = []
+    for fails in failing:
+        http_target.route("/health", Reply(status=500 if fails else 200))
+        states.append(await scheduler.run_once("api", the_check, PROBES["http"], ctx))
+    return states
+
+
 @pytest.mark.asyncio
 async def test_a_real_target_alternating_500_and_200_is_flapping_within_flap_window_checks(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
-    the_check = HttpCheck(url=http_target.url("/health"), interval=10, timeout=2)
-    store = StateStore()
-    scheduler = Scheduler(store)
-    states = []
-    for i in range(the_check.flap_window):
-        http_target.route("/health", Reply(status=500 if i % 2 else 200))
-        states.append(await scheduler.run_once("api", the_check, PROBES["http"], ctx))
+    states = await _checks_against(http_target, ctx, [False, True] * 5)
 
     assert [s.status for s in states[:-1]] == [H, D] * 4 + [H]
     assert (states[-1].status, states[-1].reason_code) == (U, "flapping")
     assert states[-1].reason == "5 of the last 10 checks failed: GET /health returned 500"
     assert states[-1].details["failure_share"] == 0.5
+    store = StateStore()
+    store.record(states[-1], stale_after_seconds=60)
     text = exposition(store.snapshot(), "test").decode()
     assert 'healthd_component_reason_info{component="api",reason_code="flapping"} 1.0' in text
+
+
+@pytest.mark.asyncio
+async def test_a_real_target_failing_one_percent_of_checks_is_never_unhealthy(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    # 600 checks keep it to a few seconds; the 10,000-check property is the table test above.
+    rng = random.Random(0)
+    failing: list[bool] = []
+    for _ in range(600):
+        failing.append(not (failing and failing[-1]) and rng.random() < 0.01)
+
+    states = await _checks_against(http_target, ctx, failing)
+
+    assert sum(failing) == 10  # 1.7%, isolated: the test means something
+    assert {s.status for s in states} == {H, D}
+    assert states[-1].checks_total["http_status"] == 10
 
 
 # --- aggregation ----------------------------------------------------------------------------
