@@ -1,4 +1,5 @@
-"""The command line: ``run``, ``check``, ``config validate``, ``config show``.
+"""The command line: ``run``, ``check``, ``config validate``, ``config show``, ``history``,
+``web install``.
 
 Exit codes follow sysexits for the daemon (78 for bad config, 75 for a busy metrics address,
 which may be transient) and the monitoring-plugin convention for ``check`` (0 healthy,
@@ -26,6 +27,9 @@ from healthd.secrets import Redactor
 from healthd.state import StateStore
 
 EX_OK = 0
+EX_USAGE = 64
+EX_NOINPUT = 66
+EX_CANTCREAT = 73
 EX_SOFTWARE = 70
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
@@ -94,6 +98,14 @@ def _parser() -> argparse.ArgumentParser:
     config_commands = config.add_subparsers(dest="config_command", required=True)
     config_commands.add_parser("validate", parents=[common], help="exit 0 or 78 with errors")
     config_commands.add_parser("show", parents=[common], help="the effective config, redacted")
+    history = commands.add_parser("history", parents=[common], help="transitions and uptime")
+    history.add_argument("component", nargs="?", help="only this component")
+    history.add_argument("--since", default="24h", help="how far back: 30m, 24h, 7d, 2w")
+    history.add_argument("--json", action="store_true", help="print JSON")
+    web = commands.add_parser("web", help="the static status page")
+    web_commands = web.add_subparsers(dest="web_command", required=True)
+    install = web_commands.add_parser("install", help="copy the page into DIR")
+    install.add_argument("directory", type=Path, metavar="DIR")
     return parser
 
 
@@ -106,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         redactor, getattr(args, "log_format", "text"), getattr(args, "log_level", "info")
     )
     faulthandler.enable()
+    if args.command == "web":
+        return _web_install(args.directory)
     try:
         config = config_module.load(path)
     except ConfigError as exc:
@@ -117,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         return _config_command(args.config_command, path, config)
     if args.command == "check":
         return _check(config, redactor, as_json=args.json)
+    if args.command == "history":
+        return _history(args, config, redactor)
     return _run(path, config, redactor)
 
 
@@ -158,6 +174,41 @@ def _table(doc: dict[str, Any], summary: str) -> str:
              for row in rows]  # fmt: skip
     lines.append(f"\noverall: {doc['status']} ({summary})")
     return "\n".join(lines)
+
+
+def _history(args: argparse.Namespace, config: Config, redactor: Redactor) -> int:
+    import sqlite3
+
+    from healthd import history
+
+    try:
+        since = history.parse_since(args.since)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return EX_USAGE
+    path = history.history_path(config)
+    try:
+        print(
+            history.command(
+                path, redactor, component=args.component, since_seconds=since, as_json=args.json
+            )
+        )
+    except (OSError, sqlite3.Error) as exc:
+        log.error("cannot read history %s: %s", path, exc)
+        return EX_NOINPUT
+    return EX_OK
+
+
+def _web_install(directory: Path) -> int:
+    from healthd import web
+
+    try:
+        installed = web.install(directory)
+    except OSError as exc:
+        log.error("cannot install the status page in %s: %s", directory, exc)
+        return EX_CANTCREAT
+    print(f"installed {', '.join(p.name for p in installed)} in {directory}")
+    return EX_OK
 
 
 def _run(path: Path, config: Config, redactor: Redactor) -> int:

@@ -103,6 +103,8 @@ class CheckBase(_Strict):
     flap_threshold: float = Field(default=0.5, gt=0, le=1)
     depends_on: tuple[str, ...] = ()
     description: str = ""
+    #: The availability objective (share of good checks), exported for the SLO burn-rate rules.
+    slo: float | None = Field(default=None, gt=0, lt=1)
 
     @property
     def interval_seconds(self) -> float:
@@ -510,6 +512,9 @@ class DaemonConfig(_Strict):
     #: ``full`` writes reasons and details; ``summary`` leaves out everything that could reveal
     #: internal addresses (reasons, details, latencies), for a status file served to the public.
     status_details: Literal["full", "summary"] = "full"
+    #: The history database; by default ``history.db`` beside the status file.
+    history_file: Path | None = None
+    history_retention: Duration = 90 * 86400.0
 
     @field_validator("metrics_address")
     @classmethod

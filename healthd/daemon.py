@@ -24,6 +24,7 @@ from healthd import config as config_module
 from healthd.config import Config, ConfigError, parse_address
 from healthd.exporters import status_file
 from healthd.exporters.metrics import MetricsServer
+from healthd.history import History
 from healthd.model import ComponentState, Snapshot
 from healthd.scheduler import Scheduler
 from healthd.secrets import Redactor
@@ -64,7 +65,10 @@ class Daemon:
         self._notifier = notifier or Notifier()
         self._clock = clock
         self.store = StateStore(clock)
-        self.store.update_daemon(config_last_reload_success_at=clock())
+        self.store.update_daemon(
+            config_last_reload_success_at=clock(), slo_objectives=_slo_objectives(config)
+        )
+        self.history = History.for_config(config, self.store, redactor, clock=clock)
         self._changed = anyio.Event()
         self._last_write_attempt = anyio.current_time()
         self._last_status_line = ""
@@ -79,6 +83,7 @@ class Daemon:
             clock=clock,
             stall_file=stall_file,
             on_change=self._status_changed,
+            on_result=self.history.observe,
         )
         host, port = parse_address(config.daemon.metrics_address)
         try:
@@ -91,6 +96,7 @@ class Daemon:
 
     async def run(self) -> None:
         """Run until SIGTERM or SIGINT; then cancel probes and write the last status."""
+        self.history.start()
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._handle_signals, tg.cancel_scope)
@@ -120,6 +126,7 @@ class Daemon:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._write_status()
+                await anyio.to_thread.run_sync(self.history.close)
             self.metrics.stop()
             self._notifier.close()
 
@@ -235,14 +242,21 @@ class Daemon:
             self._redactor.replace(new.secrets())
             self._config = new
             self.scheduler.apply(new)
+            self.history.configure(new)
             self.store.update_daemon(
-                config_last_reload_successful=True, config_last_reload_success_at=self._clock()
+                config_last_reload_successful=True,
+                config_last_reload_success_at=self._clock(),
+                slo_objectives=_slo_objectives(new),
             )
             log.info("reloaded %s: %d components", self._path, len(new.components))
             self._changed.set()
             return True
         finally:
             self._notifier.ready(self._last_status_line or "reloaded")
+
+
+def _slo_objectives(config: Config) -> dict[str, float]:
+    return {name: c.slo for name, c in config.checks().items() if c.slo is not None}
 
 
 def _freeze_startup_objects() -> None:

@@ -162,6 +162,9 @@ class DaemonStats:
     config_last_reload_successful: bool = True
     config_last_reload_success_at: float | None = None
     probe_errors_total: int = 0
+    history_write_failures_total: int = 0
+    #: ``slo`` of every component that sets one, for ``healthd_component_slo_objective``.
+    slo_objectives: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,6 +71,7 @@ class Scheduler:
     :param startup_spread_seconds: the first round is staggered over this much time.
     :param probes: the kind -> probe table; tests may pass their own.
     :param on_change: called with the old and new state whenever a status changes.
+    :param on_result: called with the old and new state after every check (history).
     :param stall_file: a test hook: while this file exists, each check blocks the event loop,
         as a stuck synchronous call would, so tests can prove the watchdog notices.
     """
@@ -86,6 +87,7 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
         stall_file: Path | None = None,
         on_change: Callable[[ComponentState | None, ComponentState], None] | None = None,
+        on_result: Callable[[ComponentState | None, ComponentState], None] | None = None,
     ) -> None:
         self._store = store
         self._limiter = anyio.CapacityLimiter(max_concurrency)
@@ -95,6 +97,7 @@ class Scheduler:
         self._clock = clock
         self._stall_file = stall_file
         self._on_change = on_change
+        self._on_result = on_result
         self._running: dict[str, _Running] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
         self._first_round_pending: set[str] = set()
@@ -217,6 +220,8 @@ class Scheduler:
             now=self._clock(),
         )
         self._store.record(state, stale_after_seconds=stale_after(check))
+        if self._on_result is not None:
+            self._on_result(previous, state)
         if previous is None or previous.status is not state.status:
             _log_change(previous, state)
             if self._on_change is not None:

@@ -232,10 +232,20 @@ def _daemon(out: _Writer, snapshot: Snapshot, version: str) -> None:
         ("healthd_probe_errors_total",
          "Checks that could not run because of an unexpected error inside healthd.",
          daemon.probe_errors_total),
+        ("healthd_history_write_failures_total",
+         "History database writes that failed; checks went on and the rows were kept to retry.",
+         daemon.history_write_failures_total),
     ]  # fmt: skip
     for name, help_text, count in counters:
         out.family(name, "counter", help_text)
         out.sample(name, "", count)
+    out.family(
+        "healthd_component_slo_objective",
+        "gauge",
+        "The component's availability objective: the share of checks that should succeed.",
+    )
+    for name, objective in sorted(daemon.slo_objectives.items()):
+        out.sample("healthd_component_slo_objective", f'component="{_escape(name)}"', objective)
 
 
 class MetricsServer:

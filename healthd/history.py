@@ -1,0 +1,666 @@
+"""History that survives restarts: status transitions and hourly counts in SQLite.
+
+The event loop only appends to in-memory aggregates (``observe``, a dict update under a lock);
+a worker thread flushes them in one transaction every few seconds, prunes old rows and writes
+``history.json`` beside the status file. A corrupt, locked, read-only or full database is logged
+once and counted in ``healthd_history_write_failures_total``; the pending aggregates are kept
+for the next attempt (up to a bound), and checks go on. History never blocks the loop.
+
+Time in a status is the time between two consecutive checks of a running daemon, credited to
+the status reported during it and capped at the component's staleness limit: the time before a
+first check, while healthd is down, or while checks stall is not checked time, and counts
+neither for nor against uptime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from healthd.config import Config
+from healthd.exporters.status_file import iso_timestamp, write_atomic
+from healthd.model import ComponentState, Status
+from healthd.secrets import Redactor
+from healthd.state import STALE_INTERVALS, StateStore
+
+log = logging.getLogger("healthd.history")
+
+SCHEMA_VERSION = 1
+#: How often pending aggregates reach the database.
+FLUSH_SECONDS = 5.0
+#: How often ``history.json`` is rewritten (also after a flush that recorded a transition).
+EXPORT_SECONDS = 60.0
+#: How often rows past the retention (or past the per-component bound) are deleted.
+PRUNE_SECONDS = 3600.0
+#: Transitions kept per component, whatever the retention: a flapping component stays bounded.
+MAX_TRANSITIONS_PER_COMPONENT = 500
+#: Pending rows kept in memory while the database cannot be written; beyond this they are
+#: dropped (and said so once), so a long outage of the disk cannot grow the daemon.
+MAX_PENDING_ROWS = 100_000
+#: Days of daily uptime in ``history.json``, and incidents per component.
+EXPORT_DAYS = 90
+EXPORT_INCIDENTS = 50
+#: How long a write waits for a lock held by another connection before it counts as failed.
+_BUSY_TIMEOUT_MS = 1000
+
+_HOUR = 3600
+_DAY = 86400
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS components (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+-- One row per status change. `maintenance` is the seam for planned maintenance (not recorded
+-- yet): a transition flagged 1 opens a maintenance period instead of an incident.
+CREATE TABLE IF NOT EXISTS transitions (
+    id INTEGER PRIMARY KEY,
+    component_id INTEGER NOT NULL REFERENCES components(id),
+    at REAL NOT NULL,
+    status TEXT NOT NULL,
+    previous_status TEXT,
+    reason_code TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    maintenance INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS transitions_by_component ON transitions (component_id, at);
+-- Per component and hour (Unix seconds of its start): checks by status and milliseconds
+-- spent in each status. `maintenance_ms` stays 0 until maintenance is recorded.
+CREATE TABLE IF NOT EXISTS hours (
+    component_id INTEGER NOT NULL,
+    hour INTEGER NOT NULL,
+    checks_healthy INTEGER NOT NULL DEFAULT 0,
+    checks_degraded INTEGER NOT NULL DEFAULT 0,
+    checks_unhealthy INTEGER NOT NULL DEFAULT 0,
+    healthy_ms INTEGER NOT NULL DEFAULT 0,
+    degraded_ms INTEGER NOT NULL DEFAULT 0,
+    unhealthy_ms INTEGER NOT NULL DEFAULT 0,
+    maintenance_ms INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (component_id, hour)
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
+"""
+
+_UPSERT_HOUR = """
+INSERT INTO hours (component_id, hour, checks_healthy, checks_degraded, checks_unhealthy,
+                   healthy_ms, degraded_ms, unhealthy_ms)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (component_id, hour) DO UPDATE SET
+    checks_healthy = checks_healthy + excluded.checks_healthy,
+    checks_degraded = checks_degraded + excluded.checks_degraded,
+    checks_unhealthy = checks_unhealthy + excluded.checks_unhealthy,
+    healthy_ms = healthy_ms + excluded.healthy_ms,
+    degraded_ms = degraded_ms + excluded.degraded_ms,
+    unhealthy_ms = unhealthy_ms + excluded.unhealthy_ms
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A status change of one component, as recorded."""
+
+    component: str
+    at: float
+    status: str
+    previous_status: str | None
+    reason_code: str
+    reason: str
+
+
+@dataclass
+class _Pending:
+    """What the loop handed over since the last flush."""
+
+    #: (component, hour) -> [checks by status..., seconds by status...]
+    hours: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    transitions: list[Transition] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.hours) + len(self.transitions)
+
+    def merge_older(self, older: _Pending) -> None:
+        """Put back what a failed flush could not write, before what came since."""
+        for key, row in older.hours.items():
+            mine = self.hours.setdefault(key, [0.0] * 6)
+            for i, value in enumerate(row):
+                mine[i] += value
+        self.transitions[:0] = older.transitions
+
+
+class History:
+    """Records every check into SQLite from a worker thread, and exports ``history.json``.
+
+    :param path: the database file (created with its directory).
+    :param store: where ``history_write_failures_total`` is counted.
+    :param redactor: scrubs every reason before it is stored or exported.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        store: StateStore,
+        redactor: Redactor,
+        *,
+        retention_seconds: float,
+        export_path: Path | None = None,
+        details: str = "full",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._path = path
+        self._store = store
+        self._redactor = redactor
+        self._retention = retention_seconds
+        self._export_path = export_path
+        self._details = details
+        self._clock = clock
+        self._components: tuple[str, ...] = ()
+        self._max_gap: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._pending = _Pending()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # Worker-thread state.
+        self._db: sqlite3.Connection | None = None
+        self._ids: dict[str, int] = {}
+        self._last_status: dict[str, str] = {}
+        self._failing = False
+        self._next_export = 0.0
+        self._next_prune = 0.0
+
+    @classmethod
+    def for_config(
+        cls, config: Config, store: StateStore, redactor: Redactor, **kwargs: Any
+    ) -> History:
+        """The history a daemon with ``config`` keeps."""
+        history = cls(
+            history_path(config),
+            store,
+            redactor,
+            retention_seconds=config.daemon.history_retention,
+            export_path=config.daemon.status_file.parent / "history.json",
+            **kwargs,
+        )
+        history.configure(config)
+        return history
+
+    def configure(self, config: Config) -> None:
+        """Take the components (and their staleness limits) of a new or reloaded config."""
+        checks = config.checks()
+        with self._lock:
+            self._components = tuple(sorted(checks))
+            self._max_gap = {
+                name: STALE_INTERVALS * c.interval_seconds + c.timeout_seconds
+                for name, c in checks.items()
+            }
+            self._details = config.daemon.status_details
+            self._retention = config.daemon.history_retention
+
+    # --- the event loop's side ---------------------------------------------------------------
+
+    def observe(self, previous: ComponentState | None, state: ComponentState) -> None:
+        """Count one completed check. Cheap and non-blocking: called on the event loop."""
+        status = int(state.status)
+        with self._lock:
+            hours = self._pending.hours
+            row = hours.get((state.name, _hour(state.checked_at)))
+            if row is None:
+                row = hours[(state.name, _hour(state.checked_at))] = [0.0] * 6
+            row[status] += 1
+            if previous is not None:
+                start = previous.checked_at
+                gap = min(state.checked_at - start, self._max_gap.get(state.name, _HOUR))
+                if gap > 0:
+                    _credit(hours, state.name, start, gap, 3 + int(previous.status))
+            if previous is None or previous.status is not state.status:
+                self._pending.transitions.append(
+                    Transition(
+                        state.name,
+                        state.checked_at,
+                        state.status.label,
+                        previous.status.label if previous is not None else None,
+                        state.reason_code,
+                        state.reason,
+                    )
+                )
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread = threading.Thread(target=self._work, name="healthd-history", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout_seconds: float = 10.0) -> None:
+        """Flush what is pending, export once more and stop the worker. Blocks: call it from a
+        thread (``anyio.to_thread.run_sync``), never on the loop."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_seconds)
+        else:
+            self._cycle(force_export=True)
+        if self._db is not None and (self._thread is None or not self._thread.is_alive()):
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
+
+    def flush(self) -> None:
+        """Write what is pending now, in the caller's thread (tests, ``close``)."""
+        self._cycle(force_export=True)
+
+    # --- the worker's side -------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while not self._stopping:
+            self._wake.wait(FLUSH_SECONDS)
+            self._wake.clear()
+            self._cycle(force_export=self._stopping)
+
+    def _cycle(self, *, force_export: bool = False) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, _Pending()
+            components, details = self._components, self._details
+        now = self._clock()
+        try:
+            db = self._open()
+            changed = self._write(db, pending)
+            if now >= self._next_prune:
+                self._prune(db, now)
+                self._next_prune = now + PRUNE_SECONDS
+        except (sqlite3.Error, OSError) as exc:
+            self._failed(exc, pending)
+            return
+        if self._failing:
+            log.info("history database %s is being written again", self._path)
+            self._failing = False
+        if self._export_path is not None and (changed or force_export or now >= self._next_export):
+            self._next_export = now + EXPORT_SECONDS
+            try:
+                doc = export_document(db, components, now, details=details)
+                write_atomic(self._export_path, _render(self._redactor.scrub_tree(doc)))
+            except (sqlite3.Error, OSError) as exc:
+                self._failed(exc, _Pending())
+
+    def _failed(self, exc: Exception, pending: _Pending) -> None:
+        daemon = self._store.daemon()
+        self._store.update_daemon(
+            history_write_failures_total=daemon.history_write_failures_total + 1
+        )
+        if not self._failing:
+            log.error(
+                "cannot write history %s: %s; checks go on, history is retried every %g s",
+                self._path, exc, FLUSH_SECONDS,
+            )  # fmt: skip
+            self._failing = True
+        # A broken connection (a corrupt file, say) is reopened next time.
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
+        with self._lock:
+            self._pending.merge_older(pending)
+            if len(self._pending) > MAX_PENDING_ROWS:
+                log.warning(
+                    "history: dropped %d pending rows while the database cannot be written",
+                    len(self._pending),
+                )
+                self._pending = _Pending()
+
+    def _open(self) -> sqlite3.Connection:
+        if self._db is not None:
+            return self._db
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self._path, timeout=_BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            self._ids = dict(db.execute("SELECT name, id FROM components").fetchall())
+            self._last_status = {
+                name: status
+                for name, status in db.execute(
+                    "SELECT c.name, t.status FROM transitions t JOIN components c"
+                    " ON c.id = t.component_id WHERE t.id IN"
+                    " (SELECT MAX(id) FROM transitions GROUP BY component_id)"
+                )
+            }
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        return db
+
+    def _component_id(self, db: sqlite3.Connection, name: str) -> int:
+        if (known := self._ids.get(name)) is not None:
+            return known
+        db.execute("INSERT OR IGNORE INTO components (name) VALUES (?)", (name,))
+        (found,) = db.execute("SELECT id FROM components WHERE name = ?", (name,)).fetchone()
+        self._ids[name] = int(found)
+        return int(found)
+
+    def _write(self, db: sqlite3.Connection, pending: _Pending) -> bool:
+        """One transaction for everything pending. Returns whether a transition was recorded."""
+        recorded = False
+        last_status = dict(self._last_status)
+        ids = dict(self._ids)
+        try:
+            with db:
+                for t in pending.transitions:
+                    # After a restart the first result repeats the last recorded status: no change.
+                    if last_status.get(t.component) == t.status:
+                        continue
+                    db.execute(
+                        "INSERT INTO transitions (component_id, at, status, previous_status,"
+                        " reason_code, reason) VALUES (?, ?, ?, ?, ?, ?)",
+                        (
+                            self._component_id(db, t.component),
+                            t.at,
+                            t.status,
+                            last_status.get(t.component, t.previous_status),
+                            t.reason_code,
+                            self._redactor.scrub(t.reason),
+                        ),
+                    )
+                    last_status[t.component] = t.status
+                    recorded = True
+                db.executemany(
+                    _UPSERT_HOUR,
+                    [
+                        (self._component_id(db, name), hour, *map(int, row[:3]),
+                         *(round(s * 1000) for s in row[3:]))
+                        for (name, hour), row in pending.hours.items()
+                    ],
+                )  # fmt: skip
+        except BaseException:
+            self._ids = ids  # ids inserted by the rolled-back transaction do not exist
+            raise
+        self._last_status = last_status
+        return recorded
+
+    def _prune(self, db: sqlite3.Connection, now: float) -> None:
+        cutoff = now - self._retention
+        with db:
+            db.execute("DELETE FROM hours WHERE hour < ?", (_hour(cutoff),))
+            db.execute("DELETE FROM transitions WHERE at < ?", (cutoff,))
+            db.execute(
+                "DELETE FROM transitions WHERE id IN (SELECT id FROM (SELECT id, ROW_NUMBER()"
+                " OVER (PARTITION BY component_id ORDER BY at DESC) AS n FROM transitions)"
+                " WHERE n > ?)",
+                (MAX_TRANSITIONS_PER_COMPONENT,),
+            )
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _hour(at: float) -> int:
+    return int(at // _HOUR) * _HOUR
+
+
+def _credit(
+    hours: dict[tuple[str, int], list[float]], name: str, start: float, span: float, column: int
+) -> None:
+    """Add ``span`` seconds from ``start`` to ``column``, split at hour boundaries."""
+    end = start + span
+    while start < end:
+        hour = _hour(start)
+        piece = min(end, hour + _HOUR) - start
+        row = hours.get((name, hour))
+        if row is None:
+            row = hours[(name, hour)] = [0.0] * 6
+        row[column] += piece
+        start += piece
+
+
+def history_path(config: Config) -> Path:
+    """``[daemon] history_file``, by default ``history.db`` beside the status file."""
+    configured = config.daemon.history_file
+    return configured if configured is not None else config.daemon.status_file.parent / "history.db"
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def open_read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection that never creates or changes the file (the CLI's)."""
+    if not path.exists():
+        raise FileNotFoundError(f"no history database at {path}")
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+
+
+def uptime_share(seconds: Mapping[str, float]) -> float | None:
+    """Healthy or degraded time over checked time (maintenance excluded); None if unchecked."""
+    checked = seconds["healthy"] + seconds["degraded"] + seconds["unhealthy"]
+    if checked <= 0:
+        return None
+    return (seconds["healthy"] + seconds["degraded"]) / checked
+
+
+def report(
+    db: sqlite3.Connection, since: float, until: float, component: str | None = None
+) -> dict[str, Any]:
+    """Per component: checks and time by status, uptime share, and transitions in the window.
+
+    Counts come from whole hours: the hour that contains ``since`` is included.
+    """
+    out: dict[str, Any] = {}
+    rows = db.execute(
+        "SELECT c.name, SUM(checks_healthy), SUM(checks_degraded), SUM(checks_unhealthy),"
+        " SUM(healthy_ms), SUM(degraded_ms), SUM(unhealthy_ms), SUM(maintenance_ms)"
+        " FROM hours h JOIN components c ON c.id = h.component_id"
+        " WHERE h.hour >= ? AND h.hour < ? AND (? IS NULL OR c.name = ?)"
+        " GROUP BY c.name ORDER BY c.name",
+        (_hour(since), until, component, component),
+    )
+    for name, ch, cd, cu, hm, dm, um, mm in rows:
+        seconds = {"healthy": hm / 1000, "degraded": dm / 1000, "unhealthy": um / 1000}
+        out[name] = {
+            "uptime": uptime_share(seconds),
+            "checks": {"healthy": ch, "degraded": cd, "unhealthy": cu},
+            "seconds": {**seconds, "maintenance": mm / 1000},
+            "transitions": [],
+        }
+    for t in transitions(db, since, until, component):
+        entry = out.setdefault(
+            t.component, {"uptime": None, "checks": {}, "seconds": {}, "transitions": []}
+        )
+        entry["transitions"].append(
+            {
+                "at": iso_timestamp(t.at),
+                "status": t.status,
+                "previous_status": t.previous_status,
+                "reason_code": t.reason_code,
+                "reason": t.reason,
+            }
+        )
+    return dict(sorted(out.items()))
+
+
+def transitions(
+    db: sqlite3.Connection, since: float, until: float, component: str | None = None
+) -> list[Transition]:
+    """Recorded transitions in ``[since, until)``, oldest first."""
+    rows = db.execute(
+        "SELECT c.name, at, status, previous_status, reason_code, reason FROM transitions t"
+        " JOIN components c ON c.id = t.component_id"
+        " WHERE at >= ? AND at < ? AND (? IS NULL OR c.name = ?) ORDER BY at, t.id",
+        (since, until, component, component),
+    )
+    return [Transition(*row) for row in rows]
+
+
+def incidents(
+    db: sqlite3.Connection, component_id: int, now: float, limit: int = EXPORT_INCIDENTS
+) -> list[dict[str, Any]]:
+    """The last ``limit`` periods a component was not healthy, newest first.
+
+    An incident starts when the component leaves healthy and ends when it is healthy again;
+    its status is the worst it reached, with that status's first reason.
+    """
+    rows = db.execute(
+        "SELECT at, status, reason_code, reason FROM transitions WHERE component_id = ?"
+        " AND maintenance = 0 ORDER BY at DESC, id DESC LIMIT ?",
+        (component_id, limit * 4),
+    ).fetchall()
+    found: list[dict[str, Any]] = []
+    open_: dict[str, Any] | None = None
+    for at, status, reason_code, reason in reversed(rows):  # oldest first
+        if status == "healthy":
+            if open_ is not None:
+                open_["end"] = at
+                found.append(open_)
+                open_ = None
+            continue
+        if open_ is None:
+            open_ = {"start": at, "end": None, "rank": -1}
+        if Status[status.upper()] > open_["rank"]:
+            open_.update(rank=Status[status.upper()], status=status)
+            open_.update(reason_code=reason_code, reason=reason)
+    if open_ is not None:
+        found.append(open_)
+    result = []
+    for entry in reversed(found[-limit:]):
+        start, finish = entry["start"], entry["end"]
+        result.append(
+            {
+                "start": iso_timestamp(start),
+                "end": iso_timestamp(finish),
+                "duration_seconds": round((finish if finish is not None else now) - start, 3),
+                "status": entry["status"],
+                "reason_code": entry["reason_code"],
+                "reason": entry["reason"],
+            }
+        )
+    return result
+
+
+def daily_uptime(
+    db: sqlite3.Connection, now: float, days: int = EXPORT_DAYS
+) -> tuple[float, dict[int, list[float | None]]]:
+    """Per component id, the uptime share of each of the last ``days`` UTC days, oldest
+    first (``None`` for a day without checked time). Returns the first day's start too."""
+    first = (int(now // _DAY) - days + 1) * _DAY
+    shares: dict[int, list[float | None]] = {}
+    rows = db.execute(
+        "SELECT component_id, hour / 86400, SUM(healthy_ms + degraded_ms),"
+        " SUM(healthy_ms + degraded_ms + unhealthy_ms) FROM hours WHERE hour >= ?"
+        " GROUP BY component_id, hour / 86400",
+        (first,),
+    )
+    for component_id, day, up_ms, checked_ms in rows:
+        index = int(day) - first // _DAY
+        if 0 <= index < days and checked_ms > 0:
+            shares.setdefault(component_id, [None] * days)[index] = round(up_ms / checked_ms, 6)
+    return first, shares
+
+
+def export_document(
+    db: sqlite3.Connection, components: Iterable[str], now: float, *, details: str = "full"
+) -> dict[str, Any]:
+    """``history.json``: per component, 90 daily uptime shares and the last 50 incidents."""
+    ids = dict(db.execute("SELECT name, id FROM components").fetchall())
+    first, shares = daily_uptime(db, now)
+    out: dict[str, Any] = {}
+    for name in components:
+        component_id = ids.get(name)
+        daily = shares.get(component_id, [None] * EXPORT_DAYS) if component_id else None
+        found = incidents(db, component_id, now) if component_id else []
+        if details != "full":
+            for incident in found:
+                del incident["reason"]
+        out[name] = {"daily_uptime": daily or [None] * EXPORT_DAYS, "incidents": found}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "generated_at": iso_timestamp(now),
+        "days": EXPORT_DAYS,
+        "first_day": datetime.fromtimestamp(first, UTC).strftime("%Y-%m-%d"),
+        "components": out,
+    }
+
+
+def _render(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+# --- ``healthd history`` -------------------------------------------------------------------
+
+_SINCE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(m|h|d|w)\s*$")
+_SINCE_SECONDS = {"m": 60, "h": _HOUR, "d": _DAY, "w": 7 * _DAY}
+
+
+def parse_since(value: str) -> float:
+    """Seconds from ``30m``, ``24h``, ``7d`` or ``2w``."""
+    match = _SINCE.match(value)
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(f"bad --since {value!r}: use 30m, 24h, 7d or 2w")
+    return float(match.group(1)) * _SINCE_SECONDS[match.group(2)]
+
+
+def command(
+    path: Path,
+    redactor: Redactor,
+    *,
+    component: str | None,
+    since_seconds: float,
+    as_json: bool,
+    now: float | None = None,
+) -> str:
+    """What ``healthd history`` prints. Raises ``OSError`` or ``sqlite3.Error``."""
+    until = time.time() if now is None else now
+    since = until - since_seconds
+    db = open_read_only(path)
+    try:
+        found = report(db, since, until + 1, component)
+    finally:
+        db.close()
+    doc = redactor.scrub_tree(
+        {"since": iso_timestamp(since), "until": iso_timestamp(until), "components": found}
+    )
+    if as_json:
+        return json.dumps(doc, indent=2, ensure_ascii=False)
+    return _table(doc)
+
+
+def _table(doc: dict[str, Any]) -> str:
+    rows = [("COMPONENT", "UPTIME", "CHECKED", "HEALTHY", "DEGRADED", "UNHEALTHY")]
+    for name, entry in doc["components"].items():
+        uptime = entry["uptime"]
+        seconds = entry["seconds"]
+        checked = sum(seconds.get(s, 0.0) for s in ("healthy", "degraded", "unhealthy"))
+        rows.append(
+            (
+                name,
+                "-" if uptime is None else f"{uptime * 100:.3f}%",
+                _duration(checked),
+                *(str(entry["checks"].get(s, 0)) for s in ("healthy", "degraded", "unhealthy")),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [f"history from {doc['since']} to {doc['until']} (uptime over checked time)", ""]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+              for row in rows]  # fmt: skip
+    changes = sorted(
+        (t["at"], name, t) for name, entry in doc["components"].items() for t in entry["transitions"]
+    )
+    lines += ["", f"{len(changes)} transitions:" if changes else "no transitions"]
+    for at, name, t in changes:
+        before = t["previous_status"] or "unknown"
+        lines.append(f"{at}  {name}  {before} -> {t['status']}  {t['reason_code']}: {t['reason']}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 2 * _HOUR:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 2 * _DAY:
+        return f"{seconds / _HOUR:.1f}h"
+    return f"{seconds / _DAY:.1f}d"
