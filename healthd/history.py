@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -40,6 +40,9 @@ SCHEMA_VERSION = 1
 FLUSH_SECONDS = 5.0
 #: How often ``history.json`` is rewritten (also after a flush that recorded a transition).
 EXPORT_SECONDS = 60.0
+#: A change is exported at once, but not more often than this (a 1,000-component export is
+#: not free).
+_EXPORT_MIN_SECONDS = 2.0
 #: How often rows past the retention (or past the per-component bound) are deleted.
 PRUNE_SECONDS = 3600.0
 #: Transitions kept per component, whatever the retention: a flapping component stays bounded.
@@ -174,6 +177,8 @@ class History:
         self._last_status: dict[str, str] = {}
         self._failing = False
         self._next_export = 0.0
+        self._last_export = float("-inf")
+        self._export_due = False
         self._next_prune = 0.0
 
     @classmethod
@@ -231,6 +236,8 @@ class History:
                         state.reason,
                     )
                 )
+                # Transitions are rare (hysteresis): write them, and history.json, promptly.
+                self._wake.set()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -282,8 +289,11 @@ class History:
         if self._failing:
             log.info("history database %s is being written again", self._path)
             self._failing = False
-        if self._export_path is not None and (changed or force_export or now >= self._next_export):
+        self._export_due |= changed
+        due = self._export_due and now >= self._last_export + _EXPORT_MIN_SECONDS
+        if self._export_path is not None and (due or force_export or now >= self._next_export):
             self._next_export = now + EXPORT_SECONDS
+            self._last_export, self._export_due = now, False
             try:
                 doc = export_document(db, components, now, details=details)
                 write_atomic(self._export_path, _render(self._redactor.scrub_tree(doc)))
@@ -647,10 +657,12 @@ def _table(doc: dict[str, Any]) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
               for row in rows]  # fmt: skip
     changes = sorted(
-        (t["at"], name, t) for name, entry in doc["components"].items() for t in entry["transitions"]
+        ((name, t) for name, entry in doc["components"].items() for t in entry["transitions"]),
+        key=lambda change: change[1]["at"],
     )
     lines += ["", f"{len(changes)} transitions:" if changes else "no transitions"]
-    for at, name, t in changes:
+    for name, t in changes:
+        at = t["at"]
         before = t["previous_status"] or "unknown"
         lines.append(f"{at}  {name}  {before} -> {t['status']}  {t['reason_code']}: {t['reason']}")
     return "\n".join(lines)
