@@ -36,6 +36,8 @@ systemd-analyze security --offline=yes --threshold=19 "$tmp/healthd.service" | t
 step "promtool check rules / test rules"
 promtool check rules config/prometheus/healthd.rules.yml
 (cd config/prometheus && promtool test rules healthd.rules.test.yml)
+promtool check rules config/prometheus/healthd.slo.rules.yml
+(cd config/prometheus && promtool test rules healthd.slo.rules.test.yml)
 promtool check config --syntax-only config/prometheus/scrape.yml
 
 step "hadolint Dockerfile"

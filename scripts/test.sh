@@ -13,6 +13,9 @@ for tool in nginx:nginx prometheus:prometheus promtool:prometheus systemd-analyz
     command -v "${tool%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${tool%%:*}" ] || missing+=("${tool##*:}")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+# A real browser for the status page's tests (tests/test_web.py): Debian's Chromium, headless,
+# driven over the DevTools protocol on a pipe.
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ "${#missing[@]}" -gt 0 ]; then
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
