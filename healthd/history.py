@@ -75,11 +75,12 @@ CREATE TABLE IF NOT EXISTS transitions (
     maintenance INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS transitions_by_component ON transitions (component_id, at);
--- Per component and hour (Unix seconds of its start): checks by status and milliseconds
--- spent in each status. `maintenance_ms` stays 0 until maintenance is recorded.
+-- Per hour (Unix seconds of its start) and component: checks by status and milliseconds
+-- spent in each status. `maintenance_ms` stays 0 until maintenance is recorded. Keyed by hour
+-- first: every reader asks for a time range.
 CREATE TABLE IF NOT EXISTS hours (
-    component_id INTEGER NOT NULL,
     hour INTEGER NOT NULL,
+    component_id INTEGER NOT NULL,
     checks_healthy INTEGER NOT NULL DEFAULT 0,
     checks_degraded INTEGER NOT NULL DEFAULT 0,
     checks_unhealthy INTEGER NOT NULL DEFAULT 0,
@@ -87,7 +88,7 @@ CREATE TABLE IF NOT EXISTS hours (
     degraded_ms INTEGER NOT NULL DEFAULT 0,
     unhealthy_ms INTEGER NOT NULL DEFAULT 0,
     maintenance_ms INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (component_id, hour)
+    PRIMARY KEY (hour, component_id)
 ) WITHOUT ROWID;
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
 """
@@ -96,7 +97,7 @@ _UPSERT_HOUR = """
 INSERT INTO hours (component_id, hour, checks_healthy, checks_degraded, checks_unhealthy,
                    healthy_ms, degraded_ms, unhealthy_ms)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (component_id, hour) DO UPDATE SET
+ON CONFLICT (hour, component_id) DO UPDATE SET
     checks_healthy = checks_healthy + excluded.checks_healthy,
     checks_degraded = checks_degraded + excluded.checks_degraded,
     checks_unhealthy = checks_unhealthy + excluded.checks_unhealthy,
@@ -179,6 +180,7 @@ class History:
         self._next_export = 0.0
         self._last_export = float("-inf")
         self._export_due = False
+        self._daily: DailyCache = {}
         self._next_prune = 0.0
 
     @classmethod
@@ -295,7 +297,7 @@ class History:
             self._next_export = now + EXPORT_SECONDS
             self._last_export, self._export_due = now, False
             try:
-                doc = export_document(db, components, now, details=details)
+                doc = export_document(db, components, now, details=details, cache=self._daily)
                 write_atomic(self._export_path, _render(self._redactor.scrub_tree(doc)))
             except (sqlite3.Error, OSError) as exc:
                 self._failed(exc, _Pending())
@@ -466,7 +468,7 @@ def report(
         " SUM(healthy_ms), SUM(degraded_ms), SUM(unhealthy_ms), SUM(maintenance_ms)"
         " FROM hours h JOIN components c ON c.id = h.component_id"
         " WHERE h.hour >= ? AND h.hour < ? AND (? IS NULL OR c.name = ?)"
-        " GROUP BY c.name ORDER BY c.name",
+        " GROUP BY h.component_id ORDER BY c.name",
         (_hour(since), until, component, component),
     )
     for name, ch, cd, cu, hm, dm, um, mm in rows:
@@ -551,32 +553,60 @@ def incidents(
     return result
 
 
+#: Uptime shares of whole days by day number (Unix days) and component id, kept between
+#: exports: a day more than a day old no longer changes, so each export reads two days of rows
+#: instead of ninety.
+DailyCache = dict[int, dict[int, float]]
+
+
 def daily_uptime(
-    db: sqlite3.Connection, now: float, days: int = EXPORT_DAYS
+    db: sqlite3.Connection, now: float, days: int = EXPORT_DAYS, cache: DailyCache | None = None
 ) -> tuple[float, dict[int, list[float | None]]]:
     """Per component id, the uptime share of each of the last ``days`` UTC days, oldest
     first (``None`` for a day without checked time). Returns the first day's start too."""
-    first = (int(now // _DAY) - days + 1) * _DAY
+    cache = {} if cache is None else cache
+    today = int(now // _DAY)
+    first = today - days + 1
+    settled = today - 1  # days before this one are final
+    for day in [d for d in cache if d < first]:
+        del cache[day]
+    missing = [d for d in range(first, settled) if d not in cache]
+    if missing:
+        cache.update(_day_shares(db, min(missing), settled))
+    recent = _day_shares(db, settled, today + 1)
     shares: dict[int, list[float | None]] = {}
+    for day in range(first, today + 1):
+        for component_id, share in (cache.get(day) or recent.get(day, {})).items():
+            shares.setdefault(component_id, [None] * days)[day - first] = share
+    return first * _DAY, shares
+
+
+def _day_shares(db: sqlite3.Connection, first_day: int, end_day: int) -> DailyCache:
+    """Shares for days ``[first_day, end_day)``; every day in the range gets an entry."""
+    found: DailyCache = {day: {} for day in range(first_day, end_day)}
     rows = db.execute(
-        "SELECT component_id, hour / 86400, SUM(healthy_ms + degraded_ms),"
-        " SUM(healthy_ms + degraded_ms + unhealthy_ms) FROM hours WHERE hour >= ?"
-        " GROUP BY component_id, hour / 86400",
-        (first,),
+        "SELECT hour / 86400, component_id, SUM(healthy_ms + degraded_ms),"
+        " SUM(healthy_ms + degraded_ms + unhealthy_ms) FROM hours WHERE hour >= ? AND hour < ?"
+        " GROUP BY hour / 86400, component_id",
+        (first_day * _DAY, end_day * _DAY),
     )
-    for component_id, day, up_ms, checked_ms in rows:
-        index = int(day) - first // _DAY
-        if 0 <= index < days and checked_ms > 0:
-            shares.setdefault(component_id, [None] * days)[index] = round(up_ms / checked_ms, 6)
-    return first, shares
+    for day, component_id, up_ms, checked_ms in rows:
+        if checked_ms > 0:
+            found[int(day)][component_id] = round(up_ms / checked_ms, 6)
+    return found
 
 
 def export_document(
-    db: sqlite3.Connection, components: Iterable[str], now: float, *, details: str = "full"
+    db: sqlite3.Connection,
+    components: Iterable[str],
+    now: float,
+    *,
+    details: str = "full",
+    cache: DailyCache | None = None,
 ) -> dict[str, Any]:
     """``history.json``: per component, 90 daily uptime shares and the last 50 incidents."""
     ids = dict(db.execute("SELECT name, id FROM components").fetchall())
-    first, shares = daily_uptime(db, now)
+    first, shares = daily_uptime(db, now, cache=cache)
     out: dict[str, Any] = {}
     for name in components:
         component_id = ids.get(name)

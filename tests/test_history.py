@@ -244,8 +244,9 @@ def test_a_corrupt_database_is_logged_once_and_counted(
 
 
 def test_a_locked_database_fails_then_catches_up(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(history, "_BUSY_TIMEOUT_MS", 100)
     recorder, store = _history(tmp_path)
     recorder.flush()  # create it
     other = sqlite3.connect(tmp_path / "history.db", isolation_level=None)
@@ -315,6 +316,30 @@ def test_a_full_filesystem_is_logged_once_and_counted(
         subprocess.run(["umount", str(directory)], check=True)
 
 
+def test_daily_uptime_reads_settled_days_once_and_recent_days_every_time(
+    tmp_path: Path,
+) -> None:
+    recorder, _ = _history(tmp_path)
+    run = _Run(recorder)
+    day = 86400
+    for at in (T0 - 3 * day, T0 - 3 * day + 10, T0 - 3 * day + 20):  # 3 days ago: healthy
+        run.check("api", Status.HEALTHY, at)
+    run.check("api", Status.HEALTHY, T0)
+    run.check("api", Status.UNHEALTHY, T0 + 10)
+    recorder.flush()
+    db = history.open_read_only(tmp_path / "history.db")
+    cache: history.DailyCache = {}
+    _, cold = history.daily_uptime(db, T0 + 100, cache=cache)
+    (api_id,) = cold
+    assert cold[api_id][-4:] == [1.0, None, None, 1.0]
+    assert T0 // day - 3 in cache
+    run.check("api", Status.UNHEALTHY, T0 + 20)  # today changes
+    recorder.flush()
+    _, warm = history.daily_uptime(db, T0 + 100, cache=cache)
+    assert warm[api_id][-4:] == [1.0, None, None, 0.5]
+    db.close()
+
+
 def test_observe_never_touches_the_database(tmp_path: Path) -> None:
     """The loop's side only counts in memory: with the database locked it returns at once."""
     recorder, store = _history(tmp_path)
@@ -329,6 +354,19 @@ def test_observe_never_touches_the_database(tmp_path: Path) -> None:
     finally:
         other.execute("ROLLBACK")
         other.close()
+
+
+def test_slo_must_lie_strictly_between_0_and_1(tmp_path: Path) -> None:
+    for bad in ("1.0", "0", "99.9"):
+        config = tmp_path / "healthd.toml"
+        config.write_text(
+            f'[daemon]\nstatus_file = "{tmp_path}/s.json"\n\n[components.api]\n'
+            f'kind = "tcp"\naddress = "127.0.0.1:1"\nslo = {bad}\n'
+        )
+        checked = healthd_cli("--config", str(config), "config", "validate")
+        assert checked.returncode == 78
+        assert "slo" in checked.stderr
+        assert checked.stderr.count("\n") == 1, checked.stderr
 
 
 def test_since_accepts_minutes_hours_days_and_weeks() -> None:
