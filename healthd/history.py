@@ -690,7 +690,8 @@ def _table(doc: dict[str, Any]) -> str:
         ((name, t) for name, entry in doc["components"].items() for t in entry["transitions"]),
         key=lambda change: change[1]["at"],
     )
-    lines += ["", f"{len(changes)} transitions:" if changes else "no transitions"]
+    count = f"{len(changes)} transition{'' if len(changes) == 1 else 's'}"
+    lines += ["", f"{count}:" if changes else "no transitions"]
     for name, t in changes:
         at = t["at"]
         before = t["previous_status"] or "unknown"
