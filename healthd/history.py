@@ -180,7 +180,7 @@ class History:
         self._next_export = 0.0
         self._last_export = float("-inf")
         self._export_due = False
-        self._daily: DailyCache = {}
+        self._cache = ExportCache()
         self._next_prune = 0.0
 
     @classmethod
@@ -297,7 +297,7 @@ class History:
             self._next_export = now + EXPORT_SECONDS
             self._last_export, self._export_due = now, False
             try:
-                doc = export_document(db, components, now, details=details, cache=self._daily)
+                doc = export_document(db, components, now, details=details, cache=self._cache)
                 write_atomic(self._export_path, _render(self._redactor.scrub_tree(doc)))
             except (sqlite3.Error, OSError) as exc:
                 self._failed(exc, _Pending())
@@ -383,6 +383,7 @@ class History:
                         ),
                     )
                     last_status[t.component] = t.status
+                    self._cache.incidents.pop(self._ids[t.component], None)
                     recorded = True
                 db.executemany(
                     _UPSERT_HOUR,
@@ -399,6 +400,7 @@ class History:
         return recorded
 
     def _prune(self, db: sqlite3.Connection, now: float) -> None:
+        self._cache.incidents.clear()  # old transitions go; settled days stay as they were
         cutoff = now - self._retention
         with db:
             db.execute("DELETE FROM hours WHERE hour < ?", (_hour(cutoff),))
@@ -516,6 +518,10 @@ def incidents(
     An incident starts when the component leaves healthy and ends when it is healthy again;
     its status is the worst it reached, with that status's first reason.
     """
+    return _format_incidents(_incident_periods(db, component_id, limit), now)
+
+
+def _incident_periods(db: sqlite3.Connection, component_id: int, limit: int) -> list[_Period]:
     rows = db.execute(
         "SELECT at, status, reason_code, reason FROM transitions WHERE component_id = ?"
         " AND maintenance = 0 ORDER BY at DESC, id DESC LIMIT ?",
@@ -537,8 +543,12 @@ def incidents(
             open_.update(reason_code=reason_code, reason=reason)
     if open_ is not None:
         found.append(open_)
+    return list(reversed(found[-limit:]))
+
+
+def _format_incidents(periods: list[_Period], now: float) -> list[dict[str, Any]]:
     result = []
-    for entry in reversed(found[-limit:]):
+    for entry in periods:
         start, finish = entry["start"], entry["end"]
         result.append(
             {
@@ -551,6 +561,20 @@ def incidents(
             }
         )
     return result
+
+
+#: An incident as read from the transitions: start, end (None while open), worst status,
+#: its reason code and reason.
+_Period = dict[str, Any]
+
+
+@dataclass
+class ExportCache:
+    """What an export can reuse from the last one: settled days, and the incidents of every
+    component that recorded no transition since (the writer drops those that did)."""
+
+    daily: DailyCache = field(default_factory=dict)
+    incidents: dict[int, list[_Period]] = field(default_factory=dict)
 
 
 #: Uptime shares of whole days by day number (Unix days) and component id, kept between
@@ -602,16 +626,23 @@ def export_document(
     now: float,
     *,
     details: str = "full",
-    cache: DailyCache | None = None,
+    cache: ExportCache | None = None,
 ) -> dict[str, Any]:
     """``history.json``: per component, 90 daily uptime shares and the last 50 incidents."""
+    cache = ExportCache() if cache is None else cache
     ids = dict(db.execute("SELECT name, id FROM components").fetchall())
-    first, shares = daily_uptime(db, now, cache=cache)
+    first, shares = daily_uptime(db, now, cache=cache.daily)
     out: dict[str, Any] = {}
     for name in components:
         component_id = ids.get(name)
         daily = shares.get(component_id, [None] * EXPORT_DAYS) if component_id else None
-        found = incidents(db, component_id, now) if component_id else []
+        found = []
+        if component_id is not None:
+            periods = cache.incidents.get(component_id)
+            if periods is None:
+                periods = _incident_periods(db, component_id, EXPORT_INCIDENTS)
+                cache.incidents[component_id] = periods
+            found = _format_incidents(periods, now)
         if details != "full":
             for incident in found:
                 del incident["reason"]
