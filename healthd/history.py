@@ -40,9 +40,11 @@ SCHEMA_VERSION = 1
 FLUSH_SECONDS = 5.0
 #: How often ``history.json`` is rewritten (also after a flush that recorded a transition).
 EXPORT_SECONDS = 60.0
-#: A change is exported at once, but not more often than this (a 1,000-component export is
-#: not free).
+#: A change is exported at once, but not more often than this, nor than 5 times the last
+#: export took: a 1,000-component export costs about a second, and flapping must not make the
+#: writer spend more than a fifth of a core on it.
 _EXPORT_MIN_SECONDS = 2.0
+_EXPORT_MAX_SHARE = 0.2
 #: How often rows past the retention (or past the per-component bound) are deleted.
 PRUNE_SECONDS = 3600.0
 #: Transitions kept per component, whatever the retention: a flapping component stays bounded.
@@ -180,6 +182,7 @@ class History:
         self._next_export = 0.0
         self._last_export = float("-inf")
         self._export_due = False
+        self._export_seconds = 0.0
         self._cache = ExportCache()
         self._next_prune = 0.0
 
@@ -292,15 +295,18 @@ class History:
             log.info("history database %s is being written again", self._path)
             self._failing = False
         self._export_due |= changed
-        due = self._export_due and now >= self._last_export + _EXPORT_MIN_SECONDS
+        gap = max(_EXPORT_MIN_SECONDS, self._export_seconds / _EXPORT_MAX_SHARE)
+        due = self._export_due and now >= self._last_export + gap
         if self._export_path is not None and (due or force_export or now >= self._next_export):
             self._next_export = now + EXPORT_SECONDS
             self._last_export, self._export_due = now, False
+            started = time.monotonic()
             try:
                 doc = export_document(db, components, now, details=details, cache=self._cache)
                 write_atomic(self._export_path, _render(self._redactor.scrub_tree(doc)))
             except (sqlite3.Error, OSError) as exc:
                 self._failed(exc, _Pending())
+            self._export_seconds = time.monotonic() - started
 
     def _failed(self, exc: Exception, pending: _Pending) -> None:
         daemon = self._store.daemon()
