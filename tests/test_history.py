@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sqlite3
 import subprocess
 import time
@@ -489,3 +490,33 @@ def test_the_cli_says_when_there_is_no_history(tmp_path: Path) -> None:
     bad = healthd_cli("--config", str(config), "history", "--since", "1y")
     assert bad.returncode == 64
     assert "bad --since" in bad.stderr
+
+
+def test_a_reload_changes_objectives_and_the_components_in_history_json(
+    tmp_path: Path, http_target: HttpTarget
+) -> None:
+    port = free_port()
+    settings = {
+        "metrics_address": f"127.0.0.1:{port}",
+        "status_file": str(tmp_path / "status.json"),
+        "interval": "1s",
+        "timeout": "900ms",
+        "startup_spread": "10ms",
+    }
+    api = {"kind": "http", "url": http_target.url("/"), "slo": 0.99}
+    config = write_config(tmp_path / "healthd.toml", settings, {"api": api})
+    with running_healthd(config, tmp_path) as healthd:
+        healthd.wait_for("READY", "1")
+        _wait_for_file(tmp_path / "history.json", lambda d: set(d["components"]) == {"api"})
+        write_config(
+            config,
+            settings,
+            {"api": {**api, "slo": 0.999}, "db": {"kind": "tcp", "address": "127.0.0.1:1"}},
+        )
+        healthd.process.signal(signal.SIGHUP)
+        healthd.wait_for("RELOADING", "1")
+        _wait_for_file(tmp_path / "history.json", lambda d: set(d["components"]) == {"api", "db"})
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            metrics = response.read().decode()
+    objectives = [line for line in metrics.splitlines() if line.startswith("healthd_component_slo")]
+    assert objectives == ['healthd_component_slo_objective{component="api"} 0.999']
