@@ -275,7 +275,18 @@ class History:
         while not self._stopping:
             self._wake.wait(FLUSH_SECONDS)
             self._wake.clear()
-            self._cycle(force_export=self._stopping)
+            try:
+                self._cycle(force_export=self._stopping)
+            except Exception:
+                # A bug here must not end history for the rest of the daemon's life.
+                log.exception("history: unexpected error; retrying in %g s", FLUSH_SECONDS)
+                self._failed_count()
+
+    def _failed_count(self) -> None:
+        daemon = self._store.daemon()
+        self._store.update_daemon(
+            history_write_failures_total=daemon.history_write_failures_total + 1
+        )
 
     def _cycle(self, *, force_export: bool = False) -> None:
         with self._lock:
@@ -309,10 +320,7 @@ class History:
             self._export_seconds = time.monotonic() - started
 
     def _failed(self, exc: Exception, pending: _Pending) -> None:
-        daemon = self._store.daemon()
-        self._store.update_daemon(
-            history_write_failures_total=daemon.history_write_failures_total + 1
-        )
+        self._failed_count()
         if not self._failing:
             log.error(
                 "cannot write history %s: %s; checks go on, history is retried every %g s",
