@@ -16,10 +16,19 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 # A real browser for the status page's tests (tests/test_web.py): Debian's Chromium, headless,
 # driven over the DevTools protocol on a pipe.
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+# The unit under a real systemd (tests/test_systemd_unit.py): systemd-nspawn boots a Debian
+# bookworm rootfs that debootstrap builds once (scripts/build-rootfs.sh).
+for tool in systemd-nspawn:systemd-container debootstrap:debootstrap; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${tool%%:*}" ] || missing+=("${tool##*:}")
+done
+[ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || missing+=(debian-archive-keyring)
 if [ "${#missing[@]}" -gt 0 ]; then
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+
+# Built once (about a minute, more on a busy machine) and cached in /var/cache/healthd-tests.
+as_root bash scripts/build-rootfs.sh >/dev/null
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,services]'
