@@ -6,7 +6,7 @@ unit file is installed exactly as shipped: the venv sits at the path ``ExecStart
 container shares the host's network, so targets are the tests' own servers on 127.0.0.1.
 
 Not proven here: cgroup memory limits and ``IPAddressDeny=``, which the container's systemd does
-not enforce (it runs on the host's cgroup v1 hierarchy, without BPF).
+not enforce.
 """
 
 from __future__ import annotations
