@@ -67,8 +67,12 @@ class Healthd:
         self.secrets = {name: f"{name}-{secrets.token_hex(12)}" for name in CREDENTIALS}
         self.cursor = container.journal_cursor()
 
-    def configure(self, components: str, *, interval: str = "1s", timeout: str = "500ms") -> None:
-        """Write /etc/healthd/healthd.toml: these components under a fixed [daemon] table."""
+    def configure(self, components: str, *, interval: str = "1s", timeout: str = "1s") -> None:
+        """Write /etc/healthd/healthd.toml: these components under a fixed [daemon] table.
+
+        The timeout is generous: on a busy machine a first probe that overran would make a
+        healthy target unhealthy from the first round on.
+        """
         daemon = f"""\
 [daemon]
 metrics_address = "127.0.0.1:{self.metrics_port}"
@@ -303,7 +307,7 @@ X-Falkordb = "${{credential:falkordb_password}}"
 """
     )
     healthd.start()
-    assert _component_status(healthd, "guarded") == "healthy"
+    _wait_for("a healthy verdict", lambda: _component_status(healthd, "guarded") == "healthy")
     _wait_for("a second probe", lambda: len(target.answers) >= 2)
     assert set(target.answers) == {200}
     outputs = {
@@ -387,11 +391,16 @@ def test_sandboxed_healthd_probes_tcp_and_writes_a_status_file_others_can_read(
     )
     healthd.start()
     assert tcp_listener.connections >= 1
-    as_nobody = healthd.container.run(
-        "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "cat", STATUS_FILE
-    )
-    components = json.loads(as_nobody.stdout)["components"]
-    assert components["up"]["status"] == "healthy"
+
+    def read_as_nobody() -> dict[str, Any]:
+        as_nobody = healthd.container.run(
+            "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "cat", STATUS_FILE
+        )
+        components: dict[str, Any] = json.loads(as_nobody.stdout)["components"]
+        return components
+
+    _wait_for("a healthy verdict", lambda: read_as_nobody()["up"]["status"] == "healthy")
+    components = read_as_nobody()
     assert components["down"]["status"] == "unhealthy"
     assert components["down"]["reason_code"] == "connection_refused"
     listing = healthd.container.run("stat", "-c", "%a %U", "/var/lib/healthd", STATUS_FILE)
