@@ -61,6 +61,9 @@ class _Formatter(logging.Formatter):
         entry.update({k: getattr(record, k) for k in self._EXTRAS if hasattr(record, k)})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
+        # Scrub each raw value before escaping (an escaped secret no longer matches itself),
+        # then the line, which also holds every escaped form the redactor knows.
+        entry = {k: self._redactor.scrub(v) if isinstance(v, str) else v for k, v in entry.items()}
         return self._redactor.scrub(json.dumps(entry, ensure_ascii=False))
 
 
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return CHECK_UNKNOWN if args.command == "check" else EX_CONFIG
     redactor.replace(config.secrets())
     if args.command == "config":
-        return _config_command(args.config_command, path, config)
+        return _config_command(args.config_command, path, config, redactor)
     if args.command == "check":
         return _check(config, redactor, as_json=args.json)
     if args.command == "history":
@@ -136,12 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     return _run(path, config, redactor)
 
 
-def _config_command(command: str, path: Path, config: Config) -> int:
+def _config_command(command: str, path: Path, config: Config, redactor: Redactor) -> int:
     if command == "validate":
         print(f"{path}: OK, {len(config.components)} components")
         return EX_OK
-    shown = config.model_dump(mode="json", by_alias=True)
-    print(json.dumps(shown, indent=2, sort_keys=False))
+    # Templates mask literal passwords; the redactor catches what sits in any other key.
+    shown = redactor.scrub_tree(config.model_dump(mode="json", by_alias=True))
+    print(redactor.scrub(json.dumps(shown, indent=2, sort_keys=False, ensure_ascii=False)))
     return EX_OK
 
 
@@ -158,9 +162,9 @@ def _check(config: Config, redactor: Redactor, *, as_json: bool) -> int:
     snapshot = store.snapshot()
     doc = status_file.document(snapshot, redactor)
     if as_json:
-        print(json.dumps(doc, indent=2, ensure_ascii=False))
+        print(redactor.scrub(json.dumps(doc, indent=2, ensure_ascii=False)))
     else:
-        print(_table(doc, snapshot.summary_text()))
+        print(redactor.scrub(_table(doc, snapshot.summary_text())))
     return {Status.HEALTHY: 0, Status.DEGRADED: 1, Status.UNHEALTHY: 2}[snapshot.overall]
 
 

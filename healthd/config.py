@@ -7,8 +7,12 @@ fails with errors that name the file, the key and the line.
 
 from __future__ import annotations
 
+import errno
+import json
+import math
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -25,48 +29,154 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
-from healthd.secrets import Templated, collect_secrets
+from healthd.secrets import (
+    Redactor,
+    SecretTemplated,
+    Templated,
+    UnreadableFile,
+    collect_secrets,
+    read_capped,
+)
 
 DEFAULT_CONFIG_PATH = Path("/etc/healthd/healthd.toml")
+#: A config file larger than this is refused rather than read (``/dev/zero`` would never end).
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+# ASCII digits only: ``\d`` and ``float()`` also take Arabic-Indic or full-width digits.
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*$", re.ASCII)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+#: Every duration lies between these bounds: finite, and small enough for any clock arithmetic.
+MIN_DURATION_SECONDS = 0.001
+MAX_DURATION_SECONDS = 86_400.0
+#: A check interval shorter than this would burn a core; enforced by ``load`` (see there).
+MIN_INTERVAL_SECONDS = 0.1
 
 
 def parse_duration(value: Any) -> float:
-    """Seconds from ``"500ms"``, ``"15s"``, ``"2m"``, ``"1h"`` or a plain number of seconds."""
+    """Seconds from ``"500ms"``, ``"15s"``, ``"2m"``, ``"1h"`` or a plain number of seconds.
+
+    The result is finite and between 1 ms and 1 day.
+    """
     if isinstance(value, bool):
         raise ValueError("a duration is a number of seconds or a string such as '15s'")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
     elif isinstance(value, str) and (match := _DURATION.match(value)):
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     else:
         raise ValueError(f"bad duration {value!r}: use '500ms', '15s', '2m', '1h' or seconds")
+    if not math.isfinite(seconds):
+        raise ValueError(f"duration {value!r} must be a finite number")
     if seconds <= 0:
         raise ValueError(f"duration {value!r} must be greater than zero")
+    if seconds < MIN_DURATION_SECONDS or seconds > MAX_DURATION_SECONDS:
+        raise ValueError(f"duration {value!r} must be between 1ms and 24h")
     return seconds
 
 
-#: A strictly positive duration in seconds.
+#: A duration in seconds: finite, between 1 ms and 1 day.
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
+def _strict_bool(value: Any) -> bool:
+    # pydantic would take "yes", "on" or 1 for true; a TOML file says true or false. An
+    # environment override is text, so it may say "true"/"false" or "1"/"0".
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, _EnvText) and value.strip().lower() in _ENV_BOOLS:
+        return _ENV_BOOLS[value.strip().lower()]
+    raise ValueError(f"{value!r} is not a boolean: write true or false, without quotes")
+
+
+_ENV_BOOLS = {"true": True, "false": False, "1": True, "0": False}
+#: A boolean written as TOML ``true``/``false`` (or ``true``/``false``/``1``/``0`` in a variable).
+Flag = Annotated[bool, BeforeValidator(_strict_bool)]
+
+
+class _EnvText(str):
+    """A string that came from a ``HEALTHD_*`` variable, where ``"true"`` is how a bool reads."""
+
+    __slots__ = ()
+
+
+_PORT = re.compile(r"[0-9]{1,5}", re.ASCII)
+_BRACKETED = re.compile(r"\[([^\[\]]*)\](?::(.*))?", re.S)
+
+
 def parse_address(value: str, *, default_port: int | None = None) -> tuple[str, int]:
-    """Split ``host:port`` (or ``[v6]:port``) into its parts, checking the port's range."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep:
-        if default_port is None:
-            raise ValueError(f"address {value!r} must be host:port")
-        host, port_text = value, str(default_port)
-    host = host.strip("[]")
+    """Split ``host:port`` (or ``[v6]:port``) into its parts, checking the port's range.
+
+    An IPv6 address must be in brackets, so that its colons cannot be taken for the port's.
+    """
+    if "\x00" in value:
+        raise ValueError("address contains a NUL byte")
+    if value.startswith("["):
+        if not (m := _BRACKETED.fullmatch(value)):
+            raise ValueError(f"address {value!r} must be [v6-address]:port")
+        host, port_text = m.group(1), m.group(2)
+        if port_text is None:
+            if default_port is None:
+                raise ValueError(f"address {value!r} must be [v6-address]:port")
+            port_text = str(default_port)
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep:
+            if default_port is None:
+                raise ValueError(f"address {value!r} must be host:port")
+            host, port_text = value, str(default_port)
+        if ":" in host:
+            raise ValueError(f"address {value!r}: write an IPv6 address in brackets, [::1]:port")
+        if "[" in host or "]" in host:
+            raise ValueError(f"address {value!r} has a stray bracket")
     if not host:
         raise ValueError(f"address {value!r} has no host")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not _PORT.fullmatch(port_text) or not 0 < int(port_text) < 65536:
         raise ValueError(f"address {value!r} has no valid port (1-65535)")
     return host, int(port_text)
+
+
+def bind_address(value: str) -> tuple[socket.AddressFamily, str, int]:
+    """Where a listener for ``host:port`` binds: the address family, a numeric host, the port.
+
+    ``[::1]:9469`` gives ``(AF_INET6, "::1", 9469)``. Raises ``ValueError`` when the host does
+    not resolve, or resolves only to addresses that are not this machine's.
+    """
+    host, port = parse_address(value)
+    try:
+        found = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV
+        )
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"host {host!r} does not resolve: {reason}") from None
+    problem = "no IPv4 or IPv6 address"
+    for family, _, _, _, sockaddr in found:
+        if family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        numeric = str(sockaddr[0])
+        # Port 0 proves the address is this machine's without touching the real port, which
+        # may be held by a running healthd (validate) or be free only later (a restart).
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind((numeric, 0))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                problem = f"{numeric} is not an address of this machine"
+                continue
+            # Anything else (no permission, no memory) is not the address's fault.
+        return socket.AddressFamily(family), numeric, port
+    raise ValueError(f"host {host!r} cannot be bound: {problem}")
 
 
 def _readable_ca_file(path: Path | None) -> Path | None:
@@ -92,7 +202,7 @@ class CheckBase(_Strict):
     """Settings every check kind shares. ``None`` means: take the ``[daemon]`` default."""
 
     kind: str
-    critical: bool = False
+    critical: Flag = False
     interval: Duration | None = None
     timeout: Duration | None = None
     degraded_latency: Duration | None = None
@@ -121,6 +231,9 @@ class CheckBase(_Strict):
 
 # --- http ---------------------------------------------------------------------------------
 
+#: Header names whose values are credentials: scrubbed from output, masked by ``config show``.
+_CREDENTIAL_HEADER = re.compile(r"auth|cookie|token|secret|key|passw|session|signature", re.I)
+
 
 class Condition(_Strict):
     """One test on a response body, and the severity it causes when it fails.
@@ -134,7 +247,7 @@ class Condition(_Strict):
     equals: str | int | float | bool | None = None
     min: float | None = None
     max: float | None = None
-    present: bool | None = None
+    present: Flag | None = None
     severity: Literal["degraded", "unhealthy"] = "unhealthy"
     name: str | None = None
 
@@ -207,9 +320,9 @@ class HttpCheck(CheckBase):
     body: Templated | None = None
     expected_status: StatusRanges = ((200, 399),)
     conditions: tuple[Condition, ...] = ()
-    tls_verify: bool = True
+    tls_verify: Flag = True
     ca_file: CaFile = None
-    follow_redirects: bool = True
+    follow_redirects: Flag = True
     max_redirects: int = Field(default=5, ge=0, le=30)
     max_body_bytes: int = Field(default=1 << 20, ge=0)
 
@@ -240,7 +353,11 @@ class HttpCheck(CheckBase):
                 raise ValueError(
                     f"header {name!r}: value must be printable ASCII without line breaks"
                 )
-        return headers
+        # A credential header is a secret whole, even when written literally in the file.
+        return {
+            name: value.as_secret() if _CREDENTIAL_HEADER.search(name) else value
+            for name, value in headers.items()
+        }
 
 
 # --- tcp ----------------------------------------------------------------------------------
@@ -251,8 +368,8 @@ class TcpCheck(CheckBase):
 
     kind: Literal["tcp"] = "tcp"
     address: str
-    tls: bool = False
-    tls_verify: bool = True
+    tls: Flag = False
+    tls_verify: Flag = True
     ca_file: CaFile = None
     server_name: str | None = None
 
@@ -277,7 +394,7 @@ class PostgresCheck(CheckBase):
 
     kind: Literal["postgres"] = "postgres"
     dsn: Templated
-    password: Templated | None = None
+    password: SecretTemplated | None = None
     expect_role: Literal["primary", "standby", "any"] = "primary"
     degraded_saturation: Ratio = 0.8
     degraded_replay_lag: Duration | None = 30.0
@@ -303,13 +420,13 @@ class RedisCheckBase(CheckBase):
     """
 
     url: Templated
-    password: Templated | None = None
+    password: SecretTemplated | None = None
     username: str | None = None
     expect_role: Literal["master", "replica", "any"] = "master"
     degraded_memory: Ratio = 0.9
     degraded_clients: Ratio = 0.8
     unhealthy_master_link_down: Duration = 60.0
-    tls_verify: bool = True
+    tls_verify: Flag = True
     ca_file: CaFile = None
 
     @field_validator("url")
@@ -366,7 +483,7 @@ class ServiceCheckBase(CheckBase):
 
     url: Templated
     headers: dict[str, Templated] = Field(default_factory=dict)
-    tls_verify: bool = True
+    tls_verify: Flag = True
     ca_file: CaFile = None
     max_body_bytes: int = Field(default=256 * 1024, ge=0)
 
@@ -404,7 +521,7 @@ class MlflowCheck(ServiceCheckBase):
     version_path: RequestPath = "/version"
     search_path: RequestPath = "/api/2.0/mlflow/experiments/search"
     username: Templated | None = None
-    password: Templated | None = None
+    password: SecretTemplated | None = None
     host: str | None = None
     degraded_search_latency: Duration | None = 2.0
 
@@ -429,7 +546,7 @@ class BentomlCheck(ServiceCheckBase):
     kind: Literal["bentoml"] = "bentoml"
     livez_path: RequestPath = "/livez"
     readyz_path: RequestPath = "/readyz"
-    metrics: bool = False
+    metrics: Flag = False
     metrics_path: RequestPath = "/metrics"
     degraded_error_rate: Ratio = 0.05
     #: Fewer requests than this between two probes say nothing about an error rate.
@@ -463,11 +580,11 @@ class SupabaseCheck(ServiceCheckBase):
     """
 
     kind: Literal["supabase"] = "supabase"
-    api_key: Templated
-    legacy_key: bool | None = None
+    api_key: SecretTemplated
+    legacy_key: Flag | None = None
     auth_path: RequestPath = "/auth/v1/health"
     rest_path: RequestPath = "/rest/v1/"
-    storage: bool = False
+    storage: Flag = False
     storage_path: RequestPath = "/storage/v1/status"
     table: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     select: str = Field(default="*", pattern=r"^[A-Za-z0-9_*,]+$")
@@ -480,7 +597,8 @@ class SupabaseCheck(ServiceCheckBase):
         return key
 
 
-#: Every check kind. A kind is added here, in ``probes.PROBES``, and nowhere else.
+#: Every check kind. A new kind needs a model here, a row in ``probes.PROBES`` (a test holds
+#: the two to the same set), and its section in the README.
 CheckConfig = Annotated[
     HttpCheck
     | TcpCheck
@@ -507,7 +625,7 @@ class DaemonConfig(_Strict):
     status_file_refresh: Duration = 5.0
     interval: Duration = 15.0
     timeout: Duration = 5.0
-    max_concurrency: int = Field(default=64, ge=1)
+    max_concurrency: int = Field(default=64, ge=1, le=10_000)
     startup_spread: Duration = 1.0
     #: ``full`` writes reasons and details; ``summary`` leaves out everything that could reveal
     #: internal addresses (reasons, details, latencies), for a status file served to the public.
@@ -519,7 +637,26 @@ class DaemonConfig(_Strict):
     @field_validator("metrics_address")
     @classmethod
     def _address(cls, value: str) -> str:
-        return _check_address(value)
+        # Resolved now, so that a name that does not resolve is a config error (exit 78), not
+        # a failed start that systemd would retry forever.
+        bind_address(value)
+        return value
+
+    @field_validator("status_file", mode="before")
+    @classmethod
+    def _status_file(cls, value: Any) -> Any:
+        if isinstance(value, str | os.PathLike):
+            value = os.fspath(value)
+            if not value:
+                raise ValueError("status_file must not be empty")
+            if "\x00" in value:
+                raise ValueError("status_file contains a NUL byte")
+            if not value.startswith("/"):
+                raise ValueError(f"status_file {value!r} must be an absolute path")
+            path = Path(value)
+            if value.endswith("/") or path.name in ("", ".", "..") or path.is_dir():
+                raise ValueError(f"status_file {value!r} must name a file, not a directory")
+        return value
 
 
 class Config(BaseSettings):
@@ -546,7 +683,7 @@ class Config(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment wins over the file; nothing else is read.
-        return (env_settings, init_settings)
+        return (_MarkedEnvironment(env_settings), init_settings)
 
     @field_validator("components")
     @classmethod
@@ -586,6 +723,31 @@ class Config(BaseSettings):
         return collect_secrets(self.components)
 
 
+class _MarkedEnvironment(PydanticBaseSettingsSource):
+    """The ``HEALTHD_*`` variables, with every string marked as text from the environment."""
+
+    def __init__(self, inner: PydanticBaseSettingsSource) -> None:
+        super().__init__(inner.settings_cls)
+        self._inner = inner
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        """Unused: ``__call__`` delegates whole to the environment source."""
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_mark_env_text(self._inner()))
+
+
+def _mark_env_text(value: Any) -> Any:
+    if isinstance(value, str):
+        return _EnvText(value)
+    if isinstance(value, dict):
+        return {k: _mark_env_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mark_env_text(v) for v in value]
+    return value
+
+
 def _reject_cycles(checks: Mapping[str, CheckBase]) -> None:
     visiting: set[str] = set()
     done: set[str] = set()
@@ -623,21 +785,129 @@ def resolve_path(explicit: str | None) -> Path:
 
 
 def load(path: Path) -> Config:
-    """Read, parse and validate ``path``; raise ``ConfigError`` naming file, key and line."""
+    """Read, parse and validate ``path``; raise ``ConfigError`` naming file, key and line.
+
+    Besides what the models check, a config must have at least one component, and no check may
+    run more often than every ``MIN_INTERVAL_SECONDS`` (models built in code may, for tests).
+    """
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read config: {exc.strerror or exc}"]) from None
+        raw = read_capped(path, MAX_CONFIG_BYTES, "config", regular_only=False)
+        # Some editors start a UTF-8 file with a byte-order mark; TOML does not allow one.
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnreadableFile as exc:
+        raise ConfigError([f"{path}: cannot read config: {exc.reason}"]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: config is not UTF-8: {exc.reason}"]) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: malformed TOML: {exc}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: malformed TOML: nested too deeply"]) from None
     try:
-        return Config(**data)
+        config = Config(**data)
     except ValidationError as exc:
-        raise ConfigError(list(_describe(path, text, exc, data))) from None
+        redactor = Redactor(_secrets_in_input(data))
+        raise ConfigError([redactor.scrub(p) for p in _describe(path, text, exc, data)]) from None
+    except SettingsError:
+        raise ConfigError(list(_bad_variables(path))) from None
+    if problems := list(_policy_problems(path, text, config, data)):
+        raise ConfigError(problems)
+    return config
+
+
+def _policy_problems(
+    path: Path, text: str, config: Config, data: Mapping[str, Any]
+) -> Iterator[str]:
+    if not config.components:
+        where = _where(path, text, ["components"], data)
+        yield f"{where}: components: no components: healthd would have nothing to check"
+    daemon_too_fast = config.daemon.interval < MIN_INTERVAL_SECONDS
+    if daemon_too_fast:
+        yield _too_fast(path, text, ["daemon", "interval"], config.daemon.interval, data)
+    for name, check in config.components.items():
+        seconds = check.interval_seconds
+        # An interval inherited from the daemon is reported once, at the daemon's key.
+        if seconds < MIN_INTERVAL_SECONDS and not (
+            daemon_too_fast and seconds == config.daemon.interval
+        ):
+            yield _too_fast(path, text, ["components", name, "interval"], seconds, data)
+
+
+def _too_fast(
+    path: Path, text: str, loc: list[str], seconds: float, data: Mapping[str, Any]
+) -> str:
+    where = _where(path, text, loc, data)
+    minimum = f"{MIN_INTERVAL_SECONDS * 1000:g}ms"
+    return f"{where}: {'.'.join(loc)}: interval {seconds:g}s is shorter than {minimum}"
+
+
+def _where(path: Path, text: str, loc: list[str], data: Mapping[str, Any]) -> str:
+    if (variable := _overriding_variable(loc, data)) is not None:
+        # The value came from the environment: a line of the file would mislead.
+        return f"{path}: ${variable}"
+    if line := _find_line(text, loc):
+        return f"{path}:{line}"
+    return str(path)
+
+
+def _bad_variables(path: Path) -> Iterator[str]:
+    """One line per ``HEALTHD_*`` variable that pydantic-settings cannot decode (bad JSON)."""
+    source = EnvSettingsSource(Config, env_prefix="HEALTHD_", env_nested_delimiter="__")
+    names = {name.lower(): name for name in os.environ}
+    found = False
+    for key, value in sorted(source.env_vars.items()):
+        if not key.startswith("healthd_") or key == "healthd_config":
+            continue
+        source.env_vars = {key: value}
+        try:
+            source()
+        except SettingsError as exc:
+            found = True
+            cause = exc.__cause__
+            detail = cause.msg if isinstance(cause, json.JSONDecodeError) else "cannot decode"
+            dotted = ".".join(key.removeprefix("healthd_").split("__"))
+            yield (
+                f"{path}: ${names.get(key, key.upper())}: {dotted}: this key takes a JSON "
+                f"value here, and the variable is not valid JSON ({detail})"
+            )
+    if not found:
+        yield f"{path}: the HEALTHD_* environment variables cannot be decoded"
+
+
+#: Keys whose values may carry a secret (a URL's password), and keys that are secrets whole.
+_SECRET_BEARING = frozenset({"url", "ui_url", "dsn", "body", "username"})
+_SECRET_WHOLE = frozenset({"password", "api_key"})
+
+
+def _secrets_in_input(data: Mapping[str, Any]) -> set[str]:
+    """Best-effort secrets of a config that failed validation, so its errors cannot show them."""
+    values: list[Templated] = []
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        key, item = stack.pop()
+        if isinstance(item, Mapping):
+            stack.extend(("headers.*" if key == "headers" else str(k), v) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((key, v) for v in item)
+        elif isinstance(item, str):
+            values.extend(_secret_value(key, item))
+    for name, value in os.environ.items():
+        parts = name.lower().split("__")
+        if parts[0] == "healthd_components" and len(parts) > 2:
+            key = "headers.*" if parts[-2] == "headers" else parts[-1]
+            values.extend(_secret_value(key, value))
+    return collect_secrets(values)
+
+
+def _secret_value(key: str, text: str) -> list[Templated]:
+    whole = key in _SECRET_WHOLE or key == "headers.*"
+    if not whole and key not in _SECRET_BEARING:
+        return []
+    try:
+        return [SecretTemplated(text) if whole else Templated(text)]
+    except ValueError:
+        return []
 
 
 def _describe(
@@ -662,14 +932,7 @@ def _describe(
         elif item["type"] == "missing":
             message = "required key is missing"
         key = ".".join(loc) or "(top level)"
-        if (variable := _overriding_variable(loc, data)) is not None:
-            # The value came from the environment: a line of the file would mislead.
-            where = f"{path}: ${variable}"
-        elif line := _find_line(text, loc):
-            where = f"{path}:{line}"
-        else:
-            where = str(path)
-        yield f"{where}: {key}: {message}"
+        yield f"{_where(path, text, loc, data)}: {key}: {message}"
 
 
 def _overriding_variable(loc: list[str], data: Mapping[str, Any]) -> str | None:

@@ -3,16 +3,26 @@
 A templated string may contain ``${env:NAME}``, ``${file:/path}`` or ``${credential:NAME}``
 (a systemd credential, read from ``$CREDENTIALS_DIRECTORY/NAME``). The template is what
 ``config show`` prints; the resolved value is only handed to protocol clients.
+
+A secret reaches output in more forms than its own: URL-encoded in a query, JSON- or
+repr-escaped in a quoted body, base64-encoded with its user name in a Basic-auth header.
+``collect_secrets`` finds every secret and every user/password pair in a config; ``Redactor``
+scrubs each secret in all the forms ``derived_forms`` lists.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import html
+import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+import stat
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
 
 from pydantic import GetCoreSchemaHandler
 from pydantic_core import core_schema
@@ -24,12 +34,59 @@ _MIN_SCRUB_LENGTH = 4
 REDACTED = "<redacted>"
 
 
-def _read_file(path: Path, what: str) -> str:
+#: A secret file or credential larger than this is refused (``${file:/dev/zero}`` never ends).
+SECRET_FILE_MAX_BYTES = 64 * 1024
+
+
+class UnreadableFile(ValueError):
+    """A file that cannot be used; ``reason`` says why, without the path."""
+
+    def __init__(self, what: str, path: Path, reason: str) -> None:
+        super().__init__(f"cannot read {what} {str(path)!r}: {reason}")
+        self.reason = reason
+
+
+def read_capped(path: Path, limit_bytes: int, what: str, *, regular_only: bool = True) -> bytes:
+    """The bytes of ``path``, at most ``limit_bytes``; raise ``UnreadableFile`` otherwise.
+
+    The open never blocks (a FIFO without a writer would wait forever), and at most one byte
+    more than the limit is read. With ``regular_only``, pipes and devices are refused.
+    """
     try:
-        # A trailing newline is an editor's habit, never part of a password.
-        return path.read_text(encoding="utf-8").rstrip("\r\n")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
-        raise ValueError(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}") from None
+        raise UnreadableFile(what, path, exc.strerror or str(exc)) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise UnreadableFile(what, path, "it is a directory")
+        if not stat.S_ISREG(mode):
+            if regular_only:
+                raise UnreadableFile(what, path, "not a regular file")
+            # A pipe with a writer (``--config /dev/stdin``) is read to its end.
+            os.set_blocking(fd, True)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit_bytes and (chunk := os.read(fd, limit_bytes + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise UnreadableFile(what, path, exc.strerror or str(exc)) from None
+    finally:
+        os.close(fd)
+    if size > limit_bytes:
+        raise UnreadableFile(what, path, f"larger than {limit_bytes} bytes")
+    return b"".join(chunks)
+
+
+def _read_file(path: Path, what: str) -> str:
+    data = read_capped(path, SECRET_FILE_MAX_BYTES, what)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UnreadableFile(what, path, "not UTF-8") from None
+    # A trailing newline is an editor's habit, never part of a password.
+    return text.rstrip("\r\n")
 
 
 def _resolve_reference(source: str, name: str) -> str:
@@ -61,6 +118,59 @@ def _url_password(value: str) -> str | None:
         return None
 
 
+def _url_credentials(value: str) -> Iterator[tuple[str, str]]:
+    """``(user, password)`` from a URL's userinfo and its ``?password=`` (libpq takes one)."""
+    if "://" not in value:
+        return
+    try:
+        parts = urlsplit(value)
+        user, password = parts.username, parts.password
+    except ValueError:
+        return
+    if password:
+        yield unquote(user or ""), password
+    for key, item in parse_qsl(parts.query, keep_blank_values=False):
+        if key.lower() == "password" and item:
+            yield unquote(user or ""), item
+
+
+#: ``key = value`` in a libpq connection string; a value is quoted or runs to a space.
+_CONNINFO = re.compile(r"([A-Za-z_]+)\s*=\s*('(?:[^'\\]|\\.)*'?|(?:[^\s'\\]|\\.)+)")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
+
+
+def _conninfo(value: str) -> dict[str, tuple[str, str]]:
+    """``{key: (decoded value, value as written)}`` of a ``key=value`` connection string."""
+    if "://" in value or "=" not in value:
+        return {}
+    found: dict[str, tuple[str, str]] = {}
+    for match in _CONNINFO.finditer(value):
+        written = match.group(2)
+        inner = written[1:-1] if written.startswith("'") and len(written) > 1 else written
+        found[match.group(1).lower()] = (re.sub(r"\\(.)", r"\1", inner), written)
+    return found
+
+
+def _mask(template: str) -> str:
+    """``template`` with literal passwords (URL userinfo, ``?password=``, ``password=``)
+    replaced; a password that is itself a reference shows as the reference."""
+    password = _url_password(template)
+    if password and not _REFERENCE.search(password):
+        template = template.replace(f":{password}@", f":{REDACTED}@", 1)
+    if "://" in template:
+        return _QUERY_PASSWORD.sub(
+            lambda m: m.group(0) if _REFERENCE.search(m.group(2)) else m.group(1) + REDACTED,
+            template,
+        )
+    written = _conninfo(template).get("password")
+    if written and not _REFERENCE.search(written[1]):
+        template = _CONNINFO.sub(
+            lambda m: f"{m.group(1)}={REDACTED}" if m.group(1).lower() == "password" else m[0],
+            template,
+        )
+    return template
+
+
 class Templated:
     """A config string whose ``${...}`` references are resolved once, at load time.
 
@@ -68,7 +178,7 @@ class Templated:
     the value for a protocol client; ``secrets`` lists what must never be printed.
     """
 
-    __slots__ = ("_secrets", "_value", "template")
+    __slots__ = ("_credentials", "_secrets", "_value", "template")
 
     def __init__(self, template: str) -> None:
         self.template = template
@@ -80,10 +190,16 @@ class Templated:
             return value
 
         self._value = _REFERENCE.sub(substitute, template)
-        password = _url_password(self._value)
-        if password:
-            secrets.append(password)
-        self._secrets = tuple(s for s in secrets if s)
+        credentials = list(_url_credentials(self._value))
+        for _, password in credentials:
+            secrets.extend((password, unquote(password)))
+        conninfo = _conninfo(self._value)
+        if "password" in conninfo:
+            password, written = conninfo["password"]
+            secrets.extend((password, written))
+            credentials.append((conninfo.get("user", ("", ""))[0], password))
+        self._credentials = tuple((unquote(u), unquote(p)) for u, p in credentials if p)
+        self._secrets = tuple(s for s in dict.fromkeys(secrets) if s)
 
     def reveal(self) -> str:
         """The resolved value, for protocol clients only."""
@@ -94,11 +210,21 @@ class Templated:
         """Every resolved secret inside the value."""
         return self._secrets
 
+    @property
+    def credentials(self) -> tuple[tuple[str, str], ...]:
+        """``(user, password)`` pairs inside the value (URL userinfo, ``user=``/``password=``)."""
+        return self._credentials
+
+    def as_secret(self) -> SecretTemplated:
+        """The same value, now a secret as a whole (a header that carries a credential)."""
+        secret = SecretTemplated.__new__(SecretTemplated)
+        secret.template, secret._value = self.template, self._value
+        secret._secrets, secret._credentials = self._secrets, self._credentials
+        secret._add_whole()
+        return secret
+
     def __str__(self) -> str:
-        password = _url_password(self.template)
-        if password and not _REFERENCE.search(password):
-            return self.template.replace(f":{password}@", f":{REDACTED}@", 1)
-        return self.template
+        return _mask(self.template)
 
     __repr__ = __str__
 
@@ -122,24 +248,99 @@ class Templated:
 
     @classmethod
     def _validate(cls, value: Templated | str) -> Templated:
-        return value if isinstance(value, Templated) else cls(value)
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Templated):
+            return value.as_secret() if cls is SecretTemplated else value
+        return cls(value)
+
+
+class SecretTemplated(Templated):
+    """A templated value that is a secret as a whole: a password, an API key, a credential
+    header. ``str()`` shows its references, or ``<redacted>`` when it holds literal text."""
+
+    __slots__ = ()
+
+    def __init__(self, template: str) -> None:
+        super().__init__(template)
+        self._add_whole()
+
+    def _add_whole(self) -> None:
+        secrets = [self._value, *self._secrets]
+        credentials = list(self._credentials)
+        # "Bearer <token>" and "Basic <base64>": the token may be echoed without its scheme,
+        # and a Basic pair decoded.
+        scheme, _, token = self._value.strip().partition(" ")
+        if token.strip():
+            secrets.append(token.strip())
+        if scheme.lower() == "basic" and (pair := _basic_pair(token.strip())):
+            secrets.append(pair[1])
+            credentials.append(pair)
+        self._secrets = tuple(s for s in dict.fromkeys(secrets) if s)
+        self._credentials = tuple(credentials)
+
+    def __str__(self) -> str:
+        return self.template if _REFERENCE.search(self.template) else REDACTED
+
+    __repr__ = __str__
+
+
+def _basic_pair(token: str) -> tuple[str, str] | None:
+    try:
+        user, sep, password = base64.b64decode(token, validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return (user, password) if sep and password else None
 
 
 def collect_secrets(value: Any) -> set[str]:
-    """Every secret held by ``Templated`` values anywhere inside a config tree."""
+    """Every secret held by ``Templated`` values anywhere inside a config tree, and the
+    Basic-auth form (base64 of ``user:password``) of every user/password pair it holds: URL
+    userinfo, ``user=``/``password=`` in a DSN, and models with ``username`` and ``password``.
+
+    ``Redactor`` adds the encoded and escaped forms of each; they are computed there, once.
+    """
     found: set[str] = set()
+    pairs: set[tuple[str, str]] = set()
     stack = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, Templated):
             found.update(item.secrets)
+            pairs.update(item.credentials)
         elif isinstance(item, Mapping):
             stack.extend(item.values())
         elif isinstance(item, list | tuple | set | frozenset):
             stack.extend(item)
         elif hasattr(item, "__pydantic_fields__"):
             stack.extend(getattr(item, name) for name in item.__pydantic_fields__)
+            password = getattr(item, "password", None)
+            if isinstance(password, Templated) and password.reveal():
+                username = getattr(item, "username", None)
+                user = username.reveal() if isinstance(username, Templated) else username
+                pairs.add((user or "", password.reveal()))
+    for user, password in pairs:
+        found.add(base64.b64encode(f"{user}:{password}".encode()).decode())
     return found
+
+
+def derived_forms(secret: str) -> set[str]:
+    """``secret`` as it may appear in output: raw, URL-encoded (``quote``, ``quote_plus``,
+    lower-case hex), JSON-escaped (ASCII or not, ``\\/``), repr-escaped and HTML-escaped."""
+    forms = {secret, html.escape(secret), html.escape(secret, quote=False)}
+    for safe in ("", "/", "!$&'()*+,;=:@"):
+        forms.add(quote(secret, safe=safe))
+        forms.add(quote_plus(secret, safe=safe))
+    forms.update({re.sub("%[0-9A-F]{2}", lambda m: m[0].lower(), f) for f in list(forms)})
+    for ascii_only in (True, False):
+        escaped = json.dumps(secret, ensure_ascii=ascii_only)[1:-1]
+        forms.update((escaped, escaped.replace("/", "\\/")))
+    for text in (repr, ascii):
+        # A quote inside a larger string may or may not be escaped, depending on which quote
+        # character repr chose for the whole; with both in front, it always escapes ``'``.
+        escaped = text("'\"" + secret)[4:-1]
+        forms.update((escaped, escaped.replace("\\'", "'")))
+    return forms
 
 
 class Redactor:
@@ -150,9 +351,16 @@ class Redactor:
         self.replace(secrets)
 
     def replace(self, secrets: Iterable[str]) -> None:
-        """Scrub these secrets from now on (after a reload brought new ones)."""
+        """Scrub these secrets, in every derived form, from now on (after a reload)."""
+        forms = {
+            form
+            for secret in secrets
+            if len(secret) >= _MIN_SCRUB_LENGTH
+            for form in derived_forms(secret)
+            if len(form) >= _MIN_SCRUB_LENGTH
+        }
         # Longest first, so a secret that contains another is removed whole.
-        ordered = sorted({s for s in secrets if len(s) >= _MIN_SCRUB_LENGTH}, key=len, reverse=True)
+        ordered = sorted(forms, key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
 
     def scrub(self, text: str) -> str:

@@ -210,7 +210,8 @@ def test_metrics_address_in_use_is_one_line_and_not_a_config_error(tmp_path: Pat
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        path = _write(tmp_path, _daemon(tmp_path, port))
+        component = '[components.db]\nkind = "tcp"\naddress = "127.0.0.1:1"\n'
+        path = _write(tmp_path, _daemon(tmp_path, port) + component)
         result = healthd_cli("--config", str(path), "run")
     assert result.returncode == EX_TEMPFAIL
     assert result.returncode != EX_CONFIG

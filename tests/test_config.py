@@ -3,6 +3,7 @@ secret references and the redactor."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import textwrap
@@ -102,11 +103,13 @@ def test_valid_file_loads_typed_components_with_inherited_defaults(tmp_path: Pat
     assert config.daemon.metrics_address == "127.0.0.1:9469"
 
 
-def test_empty_file_is_a_valid_config_with_no_components(tmp_path: Path) -> None:
-    config = load(write(tmp_path, ""))
+@pytest.mark.parametrize("text", ["", "[daemon]\ninterval = '30s'\n", "[components]\n"])
+def test_config_without_components_is_an_error(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
 
-    assert config.components == {}
-    assert config.daemon.interval == 15.0
+    (problem,) = problems(path)
+    assert problem.startswith(str(path))
+    assert "components: no components: healthd would have nothing to check" in problem
 
 
 @pytest.mark.parametrize(
@@ -653,7 +656,8 @@ def test_header_secret_from_env_is_resolved_but_never_shown(
     header = api.headers["Authorization"]
     assert header.reveal() == f"Bearer {SECRET}"
     assert str(header) == repr(header) == "Bearer ${env:API_TOKEN}"
-    assert config.secrets() == {SECRET}
+    # The header is a credential: the token, and the whole value with its scheme.
+    assert config.secrets() == {SECRET, f"Bearer {SECRET}"}
     shown = json.dumps(config.model_dump(mode="json"))
     assert SECRET not in shown
     assert "${env:API_TOKEN}" in shown
@@ -690,7 +694,9 @@ def test_systemd_credential_is_read_from_credentials_directory(
     url = config.components["api"].url  # type: ignore[attr-defined]
     assert url.reveal() == f"https://healthd:{SECRET}@api.internal/health"
     assert SECRET not in str(url)
-    assert config.secrets() == {SECRET}
+    # With the user name, the password makes a Basic-auth pair, which may show base64-encoded.
+    basic = base64.b64encode(f"healthd:{SECRET}".encode()).decode()
+    assert config.secrets() == {SECRET, basic}
 
 
 def test_credential_without_credentials_directory_is_an_error(tmp_path: Path) -> None:
