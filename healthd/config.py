@@ -801,7 +801,9 @@ def load(path: Path) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{path}: malformed TOML: {exc}"]) from None
+        at = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+        where = f"{path}:{at.group(1)}" if at else str(path)
+        raise ConfigError([f"{where}: malformed TOML: {exc}"]) from None
     except RecursionError:
         raise ConfigError([f"{path}: malformed TOML: nested too deeply"]) from None
     try:

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import logging
+import os
+import re
 import signal
 import socket
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from healthd import __version__
+from healthd import __version__, cli
+from healthd.cli import CHECK_UNKNOWN
+from healthd.config import bind_address
 from tests.daemon_proc import free_port, healthd_cli, running_healthd
 from tests.http_target import HttpTarget, Reply, TcpListener
 
@@ -339,3 +347,327 @@ def test_run_stops_cleanly_on_signal_with_probes_in_flight(
     doc = json.loads((tmp_path / "status.json").read_bytes())
     assert doc["components"]["hung"]["reason_code"] == "timeout"
     assert "Traceback" not in stderr
+
+
+# --- the malformed-input corpus -------------------------------------------------------------
+
+_TCP = '[components.api]\nkind = "tcp"\naddress = "127.0.0.1:1"\n'
+_HTTP = '[components.api]\nkind = "http"\nurl = "http://127.0.0.1:1/"\n'
+
+
+def _api(kind: str, extra: str) -> str:
+    """A component ``api`` of ``kind`` with its required keys, then ``extra`` (line 4 on)."""
+    required = {
+        "tcp": 'address = "127.0.0.1:1"',
+        "http": 'url = "http://127.0.0.1:1/"',
+        "postgres": 'dsn = "host=127.0.0.1 port=1"',
+        "supabase": 'url = "http://127.0.0.1:1/"\napi_key = "k-0123456789"',
+        "bentoml": 'url = "http://127.0.0.1:1/"',
+    }[kind]
+    return f'[components.api]\nkind = "{kind}"\n{required}\n{extra}\n'
+
+
+def _daemon_key(line: str) -> str:
+    return f"[daemon]\n{line}\n" + _TCP
+
+
+#: id -> (file text, environment, what the one line must contain). ``{tmp}`` is the test's
+#: directory; the line is checked for the shape ``file[:line][: $VARIABLE]: key: message``.
+CORPUS: dict[str, tuple[str, dict[str, str], str]] = {
+    # durations: finite, ASCII digits, 1 ms to 1 day, intervals at least 100 ms
+    "interval_inf": (_api("tcp", "interval = inf"), {}, ":4: components.api.interval: "),
+    "interval_nan": (_api("tcp", "interval = nan"), {}, ":4: components.api.interval: "),
+    "interval_minus_inf": (_daemon_key("interval = -inf"), {}, ":2: daemon.interval: "),
+    "timeout_inf": (_api("tcp", "timeout = inf"), {}, ":4: components.api.timeout: "),
+    "daemon_timeout_nan": (_daemon_key("timeout = nan"), {}, ":2: daemon.timeout: "),
+    "startup_spread_inf": (_daemon_key("startup_spread = inf"), {}, ":2: daemon.startup_spread"),
+    "status_file_refresh_nan": (
+        _daemon_key("status_file_refresh = nan"), {}, ":2: daemon.status_file_refresh: "
+    ),
+    "degraded_latency_inf": (
+        _api("http", "degraded_latency = inf"), {}, ":4: components.api.degraded_latency: "
+    ),
+    "replay_lag_nan": (
+        _api("postgres", "degraded_replay_lag = nan"), {}, "components.api.degraded_replay_lag"
+    ),
+    "interval_one_nanosecond": (
+        _api("tcp", 'interval = "0.000000001s"'), {}, "components.api.interval: "
+    ),
+    "interval_ns_unit": (_api("tcp", 'interval = "1ns"'), {}, "components.api.interval: bad"),
+    "timeout_half_millisecond": (_api("tcp", 'timeout = "0.5ms"'), {}, "components.api.timeout"),
+    "interval_50ms": (_api("tcp", 'interval = "50ms"'), {}, ":4: components.api.interval: "),
+    "daemon_interval_10ms": (_daemon_key("interval = 0.01"), {}, ":2: daemon.interval: "),
+    "interval_1e300": (_api("tcp", "interval = 1e300"), {}, "components.api.interval: "),
+    "interval_huge_int": (
+        _api("tcp", "interval = 9223372036854775807"), {}, "components.api.interval: "
+    ),
+    "interval_100000h": (_api("tcp", 'interval = "100000h"'), {}, "components.api.interval: "),
+    "interval_arabic_digits": (_api("tcp", 'interval = "١٥s"'), {}, "components.api.interval"),
+    "interval_fullwidth_digits": (_api("tcp", 'interval = "１５"'), {}, "components.api.interval"),
+    "interval_devanagari_digits": (_api("tcp", 'interval = "५s"'), {}, "components.api.interval"),
+    "interval_superscript": (_api("tcp", 'interval = "²s"'), {}, "components.api.interval"),
+    "interval_exponent_text": (_api("tcp", 'interval = "1e3"'), {}, "components.api.interval"),
+    "interval_empty": (_api("tcp", 'interval = ""'), {}, "components.api.interval: "),
+    "interval_bool": (_api("tcp", "interval = true"), {}, "components.api.interval: "),
+    "interval_list": (_api("tcp", "interval = [1]"), {}, "components.api.interval: "),
+    # strict booleans
+    "critical_yes": (_api("tcp", 'critical = "yes"'), {}, ":4: components.api.critical: "),
+    "critical_quoted_true": (_api("tcp", 'critical = "true"'), {}, "components.api.critical"),
+    "critical_one": (_api("tcp", "critical = 1"), {}, ":4: components.api.critical: "),
+    "tls_verify_no": (_api("http", 'tls_verify = "no"'), {}, "components.api.tls_verify: "),
+    "follow_redirects_off": (
+        _api("http", 'follow_redirects = "off"'), {}, "components.api.follow_redirects: "
+    ),
+    "tcp_tls_zero": (_api("tcp", "tls = 0"), {}, ":4: components.api.tls: "),
+    "condition_present_yes": (
+        _api("http", '[[components.api.conditions]]\njson = "a"\npresent = "yes"'),
+        {},
+        ":6: components.api.conditions.0.present: ",
+    ),
+    "legacy_key_text": (
+        _api("supabase", 'legacy_key = "false"'), {}, "components.api.legacy_key: "
+    ),
+    "bentoml_metrics_one": (_api("bentoml", 'metrics = "1"'), {}, "components.api.metrics: "),
+    # max_concurrency
+    "max_concurrency_huge": (
+        _daemon_key("max_concurrency = 9223372036854775807"), {}, ":2: daemon.max_concurrency: "
+    ),
+    "max_concurrency_10001": (
+        _daemon_key("max_concurrency = 10001"), {}, ":2: daemon.max_concurrency: "
+    ),
+    "max_concurrency_zero": (_daemon_key("max_concurrency = 0"), {}, "daemon.max_concurrency"),
+    "max_concurrency_negative": (
+        _daemon_key("max_concurrency = -1"), {}, "daemon.max_concurrency"
+    ),
+    # status_file
+    "status_file_empty": (_daemon_key('status_file = ""'), {}, ":2: daemon.status_file: "),
+    "status_file_nul": (
+        _daemon_key('status_file = "/tmp/st\\u0000atus.json"'), {}, ":2: daemon.status_file: "
+    ),
+    "status_file_root": (_daemon_key('status_file = "/"'), {}, ":2: daemon.status_file: "),
+    "status_file_dot": (_daemon_key('status_file = "."'), {}, ":2: daemon.status_file: "),
+    "status_file_relative": (
+        _daemon_key('status_file = "status.json"'), {}, ":2: daemon.status_file: "
+    ),
+    "status_file_trailing_slash": (
+        _daemon_key('status_file = "/tmp/status/"'), {}, ":2: daemon.status_file: "
+    ),
+    "status_file_is_a_directory": (
+        _daemon_key('status_file = "{tmp}"'), {}, ":2: daemon.status_file: "
+    ),
+    # metrics_address
+    "metrics_host_unresolvable": (
+        _daemon_key('metrics_address = "no-such-host.invalid:9469"'),
+        {},
+        ":2: daemon.metrics_address: host 'no-such-host.invalid' does not resolve",
+    ),
+    "metrics_v6_without_brackets": (
+        _daemon_key('metrics_address = "::1:9469"'), {}, ":2: daemon.metrics_address: "
+    ),
+    "metrics_v6_without_port": (
+        _daemon_key('metrics_address = "[::1]"'), {}, ":2: daemon.metrics_address: "
+    ),
+    "metrics_v6_unclosed": (
+        _daemon_key('metrics_address = "[::1:9469"'), {}, ":2: daemon.metrics_address: "
+    ),
+    "metrics_port_out_of_range": (
+        _daemon_key('metrics_address = "127.0.0.1:99999"'), {}, ":2: daemon.metrics_address: "
+    ),
+    "metrics_port_fullwidth": (
+        _daemon_key('metrics_address = "127.0.0.1:９４６９"'), {}, ":2: daemon.metrics_address"
+    ),
+    "metrics_address_not_this_machine": (
+        _daemon_key('metrics_address = "192.0.2.1:9469"'), {}, ":2: daemon.metrics_address: "
+    ),
+    "tcp_port_fullwidth": (
+        '[components.api]\nkind = "tcp"\naddress = "db:５４３２"\n', {}, "components.api.address"
+    ),
+    # secret files
+    "secret_dev_zero": (
+        _api("http", 'headers = { A = "${file:/dev/zero}" }'), {}, ":4: components.api.headers.A"
+    ),
+    "secret_fifo": (
+        _api("http", 'headers = { A = "${file:{tmp}/fifo}" }'), {}, ":4: components.api.headers.A"
+    ),
+    "secret_larger_than_64k": (
+        _api("http", 'headers = { A = "${file:{tmp}/big}" }'), {}, "larger than 65536 bytes"
+    ),
+    "secret_directory": (
+        _api("http", 'headers = { A = "${file:{tmp}}" }'), {}, ":4: components.api.headers.A"
+    ),
+    "secret_not_utf8": (
+        _api("http", 'headers = { A = "${file:{tmp}/latin1}" }'), {}, ": not UTF-8"
+    ),
+    "credential_without_directory": (
+        _api("http", 'headers = { A = "${credential:token}" }'), {}, "CREDENTIALS_DIRECTORY"
+    ),
+    "env_reference_unset": (
+        _api("http", 'headers = { A = "${env:HEALTHD_TEST_UNSET}" }'), {}, "is not set"
+    ),
+    # nothing to check
+    "empty_file": ("", {}, ": components: no components"),
+    "only_daemon": ('[daemon]\ninterval = "30s"\n', {}, "components: no components"),
+    "empty_components_table": ("[components]\n", {}, ":1: components: no components"),
+    # HEALTHD_* overrides
+    "env_components_garbage": (_TCP, {"HEALTHD_COMPONENTS": "garbage"}, ": $HEALTHD_COMPONENTS:"),
+    "env_headers_truncated_json": (
+        _HTTP, {"HEALTHD_COMPONENTS__API__HEADERS": '{"a":'}, "$HEALTHD_COMPONENTS__API__HEADERS"
+    ),
+    "env_daemon_truncated_json": (_TCP, {"HEALTHD_DAEMON": "{"}, ": $HEALTHD_DAEMON: daemon: "),
+    "env_conditions_truncated": (
+        _HTTP, {"HEALTHD_COMPONENTS__API__CONDITIONS": "[1"}, "$HEALTHD_COMPONENTS__API__CONDITIONS"
+    ),
+    "env_critical_yes": (
+        _TCP, {"HEALTHD_COMPONENTS__API__CRITICAL": "yes"}, "$HEALTHD_COMPONENTS__API__CRITICAL"
+    ),
+    "env_interval_inf": (
+        _TCP, {"HEALTHD_DAEMON__INTERVAL": "inf"}, ": $HEALTHD_DAEMON__INTERVAL: daemon.interval"
+    ),
+    "env_interval_10ms": (
+        _TCP, {"HEALTHD_DAEMON__INTERVAL": "10ms"}, ": $HEALTHD_DAEMON__INTERVAL: daemon.interval"
+    ),
+    "env_interval_arabic_digits": (
+        _TCP, {"HEALTHD_COMPONENTS__API__INTERVAL": "١٥s"}, "$HEALTHD_COMPONENTS__API__INTERVAL"
+    ),
+    "env_max_concurrency_huge": (
+        _TCP, {"HEALTHD_DAEMON__MAX_CONCURRENCY": "100000000000000000000"}, "max_concurrency"
+    ),
+    "env_status_file_empty": (
+        _TCP, {"HEALTHD_DAEMON__STATUS_FILE": ""}, "$HEALTHD_DAEMON__STATUS_FILE"
+    ),
+    "env_metrics_host_unresolvable": (
+        _TCP,
+        {"HEALTHD_DAEMON__METRICS_ADDRESS": "no-such-host.invalid:1"},
+        "$HEALTHD_DAEMON__METRICS_ADDRESS: daemon.metrics_address",
+    ),
+    # the file itself
+    "malformed_toml": ('[daemon\ninterval = "15s"\n', {}, ":1: malformed TOML"),
+    "nul_byte_in_file": ('[daemon]\ninterval = "1\x00s"\n', {}, ":2: malformed TOML"),
+    "deeply_nested_array": ("a = " + "[" * 5000 + "]" * 5000 + "\n", {}, "malformed TOML"),
+    "bom_then_an_unknown_key": ("\ufeff" + _api("tcp", "colour = 1"), {}, ":4: components.api"),
+}
+
+_LINE = re.compile(r"^healthd: (?P<file>/[^:]+)(:\d+)?(: \$HEALTHD_\w+)?: \S.*$")
+
+
+@pytest.fixture
+def in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """``cli.main`` in this process, with no HEALTHD_* of the developer's and logging restored."""
+    for name in list(os.environ):
+        if name.upper().startswith("HEALTHD_") or name == "CREDENTIALS_DIRECTORY":
+            monkeypatch.delenv(name)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level
+    # main() pointed faulthandler at the captured stderr, which is gone now.
+    faulthandler.enable(sys.__stderr__)
+
+
+def _corpus_file(tmp_path: Path, case: str) -> tuple[Path, dict[str, str], str]:
+    text, env, expected = CORPUS[case]
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "big").write_bytes(b"x" * (64 * 1024 + 1))
+    (tmp_path / "latin1").write_bytes(b"caf\xe9")
+    path = tmp_path / "healthd.toml"
+    path.write_text(text.replace("{tmp}", str(tmp_path)), encoding="utf-8")
+    return path, env, expected
+
+
+def test_corpus_has_at_least_sixty_malformed_inputs() -> None:
+    assert len(CORPUS) >= 60
+
+
+@pytest.mark.usefixtures("in_process")
+@pytest.mark.parametrize("case", sorted(CORPUS))
+def test_malformed_input_is_one_line_naming_file_and_key_and_exit_78_at_validate(
+    tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    path, env, expected = _corpus_file(tmp_path, case)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    code = cli.main(["--config", str(path), "config", "validate"])
+
+    out, err = capfd.readouterr()
+    assert code == EX_CONFIG, out + err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert _LINE.match(lines[0]), lines[0]
+    assert lines[0].startswith(f"healthd: {path}")
+    assert expected.replace("{tmp}", str(tmp_path)) in lines[0]
+    assert "Traceback" not in out + err
+    # ``check`` refuses the same input with its own "could not check" code.
+    assert cli.main(["--config", str(path), "check"]) == CHECK_UNKNOWN
+    assert "Traceback" not in "".join(capfd.readouterr())
+
+
+#: A sample of the corpus, one per family, run as a real ``healthd run``.
+RUN_SAMPLE = [
+    "interval_inf",
+    "status_file_refresh_nan",
+    "interval_arabic_digits",
+    "critical_yes",
+    "max_concurrency_huge",
+    "status_file_nul",
+    "metrics_host_unresolvable",
+    "secret_fifo",
+    "secret_dev_zero",
+    "empty_file",
+    "env_components_garbage",
+    "env_headers_truncated_json",
+]
+
+
+@pytest.mark.parametrize("case", RUN_SAMPLE)
+def test_malformed_input_stops_run_before_it_starts(tmp_path: Path, case: str) -> None:
+    path, env, expected = _corpus_file(tmp_path, case)
+
+    result = healthd_cli("--config", str(path), "run", env=env, timeout=20)
+
+    assert result.returncode == EX_CONFIG, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert expected.replace("{tmp}", str(tmp_path)) in lines[0]
+    # It stopped at the config: nothing was written, nothing was bound.
+    assert not (tmp_path / "status.json").exists()
+
+
+@pytest.mark.usefixtures("in_process")
+def test_byte_order_mark_is_accepted(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "healthd.toml"
+    path.write_bytes("\ufeff".encode() + _TCP.encode())
+
+    assert cli.main(["--config", str(path), "config", "validate"]) == 0
+    assert capfd.readouterr().out.strip() == f"{path}: OK, 1 components"
+
+
+@pytest.mark.usefixtures("in_process")
+@pytest.mark.parametrize(
+    ("value", "expected"), [("true", True), ("false", False), ("1", True), ("0", False)]
+)
+def test_environment_booleans_are_true_false_1_or_0(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    value: str,
+    expected: bool,
+) -> None:
+    path = _write(tmp_path, _TCP)
+    monkeypatch.setenv("HEALTHD_COMPONENTS__API__CRITICAL", value)
+
+    assert cli.main(["--config", str(path), "config", "show"]) == 0
+    assert json.loads(capfd.readouterr().out)["components"]["api"]["critical"] is expected
+
+
+@pytest.mark.usefixtures("in_process")
+def test_ipv6_metrics_address_is_accepted_and_resolved_to_its_family(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    path = _write(tmp_path, '[daemon]\nmetrics_address = "[::1]:9469"\n' + _TCP)
+
+    assert cli.main(["--config", str(path), "config", "validate"]) == 0
+    assert bind_address("[::1]:9469") == (socket.AF_INET6, "::1", 9469)
+    assert bind_address("localhost:9469")[0] in (socket.AF_INET, socket.AF_INET6)

@@ -484,7 +484,7 @@ def test_malformed_toml_names_file_and_position(tmp_path: Path) -> None:
 
     (problem,) = problems(path)
 
-    assert problem.startswith(f"{path}: malformed TOML: ")
+    assert problem.startswith(f"{path}:1: malformed TOML: ")
     assert "line 1, column 16" in problem
 
 
