@@ -8,11 +8,13 @@ import json
 import os
 import textwrap
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from pydantic import ValidationError
 
 from healthd.config import (
+    CheckConfig,
     Config,
     ConfigError,
     HttpCheck,
@@ -832,3 +834,13 @@ def test_redactor_without_secrets_changes_nothing() -> None:
 
     assert Redactor().scrub("anything") == "anything"
     assert Redactor().scrub_tree(tree) is tree
+
+
+def test_config_kinds_and_the_probe_table_are_the_same_set() -> None:
+    from healthd.probes import PROBES
+
+    union = get_args(get_args(CheckConfig)[0])
+    kinds = {model.model_fields["kind"].default for model in union}
+    # A kind without a probe would pass validate and then crash run; a probe without a kind
+    # could never be configured.
+    assert kinds == set(PROBES)

@@ -272,3 +272,31 @@ def test_sighup_sends_reloading_with_monotonic_usec_then_ready_and_applies_the_c
         assert daemon.log().count("reload failed") == 1
     finally:
         daemon.stop()
+
+
+@pytest.mark.asyncio
+async def test_reload_to_a_config_without_components_is_refused_and_keeps_the_old_one(
+    tmp_path: Path, target: TcpTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with _run_daemon(tmp_path, target) as running:
+        status_file = running.settings["status_file"]
+        caplog.set_level(logging.ERROR, logger="healthd")
+        for text in ("", f'[daemon]\nstatus_file = "{tmp_path / "elsewhere.json"}"\n'):
+            running.path.write_text(text)
+
+            assert not running.daemon.reload()
+
+            assert "healthd_config_last_reload_successful 0.0" in running.metrics()
+            checked = running.state("steady")
+            assert checked is not None
+            await running.until("steady", lambda s: s.checked_at > checked.checked_at)
+            assert running.state("old") is not None
+        errors = [r.getMessage() for r in caplog.records if "reload failed" in r.getMessage()]
+        assert len(errors) == 2, errors
+        assert all("components: no components" in e for e in errors)
+        # The status file is still written where it was, not at the refused file's path.
+        written = Path(status_file).stat().st_mtime_ns
+        with anyio.fail_after(5):
+            while Path(status_file).stat().st_mtime_ns == written:
+                await anyio.sleep(0.05)
+        assert not (tmp_path / "elsewhere.json").exists()
