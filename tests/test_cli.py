@@ -382,16 +382,24 @@ CORPUS: dict[str, tuple[str, dict[str, str], str]] = {
     "daemon_timeout_nan": (_daemon_key("timeout = nan"), {}, ":2: daemon.timeout: "),
     "startup_spread_inf": (_daemon_key("startup_spread = inf"), {}, ":2: daemon.startup_spread"),
     "status_file_refresh_nan": (
-        _daemon_key("status_file_refresh = nan"), {}, ":2: daemon.status_file_refresh: "
+        _daemon_key("status_file_refresh = nan"),
+        {},
+        ":2: daemon.status_file_refresh: ",
     ),
     "degraded_latency_inf": (
-        _api("http", "degraded_latency = inf"), {}, ":4: components.api.degraded_latency: "
+        _api("http", "degraded_latency = inf"),
+        {},
+        ":4: components.api.degraded_latency: ",
     ),
     "replay_lag_nan": (
-        _api("postgres", "degraded_replay_lag = nan"), {}, "components.api.degraded_replay_lag"
+        _api("postgres", "degraded_replay_lag = nan"),
+        {},
+        "components.api.degraded_replay_lag",
     ),
     "interval_one_nanosecond": (
-        _api("tcp", 'interval = "0.000000001s"'), {}, "components.api.interval: "
+        _api("tcp", 'interval = "0.000000001s"'),
+        {},
+        "components.api.interval: ",
     ),
     "interval_ns_unit": (_api("tcp", 'interval = "1ns"'), {}, "components.api.interval: bad"),
     "timeout_half_millisecond": (_api("tcp", 'timeout = "0.5ms"'), {}, "components.api.timeout"),
@@ -399,13 +407,27 @@ CORPUS: dict[str, tuple[str, dict[str, str], str]] = {
     "daemon_interval_10ms": (_daemon_key("interval = 0.01"), {}, ":2: daemon.interval: "),
     "interval_1e300": (_api("tcp", "interval = 1e300"), {}, "components.api.interval: "),
     "interval_huge_int": (
-        _api("tcp", "interval = 9223372036854775807"), {}, "components.api.interval: "
+        _api("tcp", "interval = 9223372036854775807"),
+        {},
+        "components.api.interval: ",
     ),
     "interval_100000h": (_api("tcp", 'interval = "100000h"'), {}, "components.api.interval: "),
-    "interval_arabic_digits": (_api("tcp", 'interval = "١٥s"'), {}, "components.api.interval"),
-    "interval_fullwidth_digits": (_api("tcp", 'interval = "１５"'), {}, "components.api.interval"),
-    "interval_devanagari_digits": (_api("tcp", 'interval = "५s"'), {}, "components.api.interval"),
-    "interval_superscript": (_api("tcp", 'interval = "²s"'), {}, "components.api.interval"),
+    "interval_arabic_digits": (
+        _api("tcp", 'interval = "\u0661\u0665s"'),
+        {},
+        "components.api.interval",
+    ),
+    "interval_fullwidth_digits": (
+        _api("tcp", 'interval = "\uff11\uff15"'),
+        {},
+        "components.api.interval",
+    ),
+    "interval_devanagari_digits": (
+        _api("tcp", 'interval = "\u096bs"'),
+        {},
+        "components.api.interval",
+    ),
+    "interval_superscript": (_api("tcp", 'interval = "\u00b2s"'), {}, "components.api.interval"),
     "interval_exponent_text": (_api("tcp", 'interval = "1e3"'), {}, "components.api.interval"),
     "interval_empty": (_api("tcp", 'interval = ""'), {}, "components.api.interval: "),
     "interval_bool": (_api("tcp", "interval = true"), {}, "components.api.interval: "),
@@ -416,7 +438,9 @@ CORPUS: dict[str, tuple[str, dict[str, str], str]] = {
     "critical_one": (_api("tcp", "critical = 1"), {}, ":4: components.api.critical: "),
     "tls_verify_no": (_api("http", 'tls_verify = "no"'), {}, "components.api.tls_verify: "),
     "follow_redirects_off": (
-        _api("http", 'follow_redirects = "off"'), {}, "components.api.follow_redirects: "
+        _api("http", 'follow_redirects = "off"'),
+        {},
+        "components.api.follow_redirects: ",
     ),
     "tcp_tls_zero": (_api("tcp", "tls = 0"), {}, ":4: components.api.tls: "),
     "condition_present_yes": (
@@ -425,35 +449,47 @@ CORPUS: dict[str, tuple[str, dict[str, str], str]] = {
         ":6: components.api.conditions.0.present: ",
     ),
     "legacy_key_text": (
-        _api("supabase", 'legacy_key = "false"'), {}, "components.api.legacy_key: "
+        _api("supabase", 'legacy_key = "false"'),
+        {},
+        "components.api.legacy_key: ",
     ),
     "bentoml_metrics_one": (_api("bentoml", 'metrics = "1"'), {}, "components.api.metrics: "),
     # max_concurrency
     "max_concurrency_huge": (
-        _daemon_key("max_concurrency = 9223372036854775807"), {}, ":2: daemon.max_concurrency: "
+        _daemon_key("max_concurrency = 9223372036854775807"),
+        {},
+        ":2: daemon.max_concurrency: ",
     ),
     "max_concurrency_10001": (
-        _daemon_key("max_concurrency = 10001"), {}, ":2: daemon.max_concurrency: "
+        _daemon_key("max_concurrency = 10001"),
+        {},
+        ":2: daemon.max_concurrency: ",
     ),
     "max_concurrency_zero": (_daemon_key("max_concurrency = 0"), {}, "daemon.max_concurrency"),
-    "max_concurrency_negative": (
-        _daemon_key("max_concurrency = -1"), {}, "daemon.max_concurrency"
-    ),
+    "max_concurrency_negative": (_daemon_key("max_concurrency = -1"), {}, "daemon.max_concurrency"),
     # status_file
     "status_file_empty": (_daemon_key('status_file = ""'), {}, ":2: daemon.status_file: "),
     "status_file_nul": (
-        _daemon_key('status_file = "/tmp/st\\u0000atus.json"'), {}, ":2: daemon.status_file: "
+        _daemon_key('status_file = "/tmp/st\\u0000atus.json"'),
+        {},
+        ":2: daemon.status_file: ",
     ),
     "status_file_root": (_daemon_key('status_file = "/"'), {}, ":2: daemon.status_file: "),
     "status_file_dot": (_daemon_key('status_file = "."'), {}, ":2: daemon.status_file: "),
     "status_file_relative": (
-        _daemon_key('status_file = "status.json"'), {}, ":2: daemon.status_file: "
+        _daemon_key('status_file = "status.json"'),
+        {},
+        ":2: daemon.status_file: ",
     ),
     "status_file_trailing_slash": (
-        _daemon_key('status_file = "/tmp/status/"'), {}, ":2: daemon.status_file: "
+        _daemon_key('status_file = "/tmp/status/"'),
+        {},
+        ":2: daemon.status_file: ",
     ),
     "status_file_is_a_directory": (
-        _daemon_key('status_file = "{tmp}"'), {}, ":2: daemon.status_file: "
+        _daemon_key('status_file = "{tmp}"'),
+        {},
+        ":2: daemon.status_file: ",
     ),
     # metrics_address
     "metrics_host_unresolvable": (
@@ -462,47 +498,75 @@ CORPUS: dict[str, tuple[str, dict[str, str], str]] = {
         ":2: daemon.metrics_address: host 'no-such-host.invalid' does not resolve",
     ),
     "metrics_v6_without_brackets": (
-        _daemon_key('metrics_address = "::1:9469"'), {}, ":2: daemon.metrics_address: "
+        _daemon_key('metrics_address = "::1:9469"'),
+        {},
+        ":2: daemon.metrics_address: ",
     ),
     "metrics_v6_without_port": (
-        _daemon_key('metrics_address = "[::1]"'), {}, ":2: daemon.metrics_address: "
+        _daemon_key('metrics_address = "[::1]"'),
+        {},
+        ":2: daemon.metrics_address: ",
     ),
     "metrics_v6_unclosed": (
-        _daemon_key('metrics_address = "[::1:9469"'), {}, ":2: daemon.metrics_address: "
+        _daemon_key('metrics_address = "[::1:9469"'),
+        {},
+        ":2: daemon.metrics_address: ",
     ),
     "metrics_port_out_of_range": (
-        _daemon_key('metrics_address = "127.0.0.1:99999"'), {}, ":2: daemon.metrics_address: "
+        _daemon_key('metrics_address = "127.0.0.1:99999"'),
+        {},
+        ":2: daemon.metrics_address: ",
     ),
     "metrics_port_fullwidth": (
-        _daemon_key('metrics_address = "127.0.0.1:９４６９"'), {}, ":2: daemon.metrics_address"
+        _daemon_key('metrics_address = "127.0.0.1:\uff19\uff14\uff16\uff19"'),
+        {},
+        ":2: daemon.metrics_address",
     ),
     "metrics_address_not_this_machine": (
-        _daemon_key('metrics_address = "192.0.2.1:9469"'), {}, ":2: daemon.metrics_address: "
+        _daemon_key('metrics_address = "192.0.2.1:9469"'),
+        {},
+        ":2: daemon.metrics_address: ",
     ),
     "tcp_port_fullwidth": (
-        '[components.api]\nkind = "tcp"\naddress = "db:５４３２"\n', {}, "components.api.address"
+        '[components.api]\nkind = "tcp"\naddress = "db:\uff15\uff14\uff13\uff12"\n',
+        {},
+        "components.api.address",
     ),
     # secret files
     "secret_dev_zero": (
-        _api("http", 'headers = { A = "${file:/dev/zero}" }'), {}, ":4: components.api.headers.A"
+        _api("http", 'headers = { A = "${file:/dev/zero}" }'),
+        {},
+        ":4: components.api.headers.A",
     ),
     "secret_fifo": (
-        _api("http", 'headers = { A = "${file:{tmp}/fifo}" }'), {}, ":4: components.api.headers.A"
+        _api("http", 'headers = { A = "${file:{tmp}/fifo}" }'),
+        {},
+        ":4: components.api.headers.A",
     ),
     "secret_larger_than_64k": (
-        _api("http", 'headers = { A = "${file:{tmp}/big}" }'), {}, "larger than 65536 bytes"
+        _api("http", 'headers = { A = "${file:{tmp}/big}" }'),
+        {},
+        "larger than 65536 bytes",
     ),
     "secret_directory": (
-        _api("http", 'headers = { A = "${file:{tmp}}" }'), {}, ":4: components.api.headers.A"
+        _api("http", 'headers = { A = "${file:{tmp}}" }'),
+        {},
+        ":4: components.api.headers.A",
     ),
     "secret_not_utf8": (
-        _api("http", 'headers = { A = "${file:{tmp}/latin1}" }'), {}, ": not UTF-8"
+        _api("http", 'headers = { A = "${file:{tmp}/latin1}" }'),
+        {},
+        ": not UTF-8",
     ),
     "credential_without_directory": (
-        _api("http", 'headers = { A = "${credential:token}" }'), {}, "CREDENTIALS_DIRECTORY"
+        _api("http", 'headers = { A = "${credential:token}" }'),
+        {},
+        "CREDENTIALS_DIRECTORY",
     ),
     "env_reference_unset": (
-        _api("http", 'headers = { A = "${env:HEALTHD_TEST_UNSET}" }'), {}, "is not set"
+        _api("http", 'headers = { A = "${env:HEALTHD_TEST_UNSET}" }'),
+        {},
+        "is not set",
     ),
     # nothing to check
     "empty_file": ("", {}, ": components: no components"),
@@ -511,29 +575,45 @@ CORPUS: dict[str, tuple[str, dict[str, str], str]] = {
     # HEALTHD_* overrides
     "env_components_garbage": (_TCP, {"HEALTHD_COMPONENTS": "garbage"}, ": $HEALTHD_COMPONENTS:"),
     "env_headers_truncated_json": (
-        _HTTP, {"HEALTHD_COMPONENTS__API__HEADERS": '{"a":'}, "$HEALTHD_COMPONENTS__API__HEADERS"
+        _HTTP,
+        {"HEALTHD_COMPONENTS__API__HEADERS": '{"a":'},
+        "$HEALTHD_COMPONENTS__API__HEADERS",
     ),
     "env_daemon_truncated_json": (_TCP, {"HEALTHD_DAEMON": "{"}, ": $HEALTHD_DAEMON: daemon: "),
     "env_conditions_truncated": (
-        _HTTP, {"HEALTHD_COMPONENTS__API__CONDITIONS": "[1"}, "$HEALTHD_COMPONENTS__API__CONDITIONS"
+        _HTTP,
+        {"HEALTHD_COMPONENTS__API__CONDITIONS": "[1"},
+        "$HEALTHD_COMPONENTS__API__CONDITIONS",
     ),
     "env_critical_yes": (
-        _TCP, {"HEALTHD_COMPONENTS__API__CRITICAL": "yes"}, "$HEALTHD_COMPONENTS__API__CRITICAL"
+        _TCP,
+        {"HEALTHD_COMPONENTS__API__CRITICAL": "yes"},
+        "$HEALTHD_COMPONENTS__API__CRITICAL",
     ),
     "env_interval_inf": (
-        _TCP, {"HEALTHD_DAEMON__INTERVAL": "inf"}, ": $HEALTHD_DAEMON__INTERVAL: daemon.interval"
+        _TCP,
+        {"HEALTHD_DAEMON__INTERVAL": "inf"},
+        ": $HEALTHD_DAEMON__INTERVAL: daemon.interval",
     ),
     "env_interval_10ms": (
-        _TCP, {"HEALTHD_DAEMON__INTERVAL": "10ms"}, ": $HEALTHD_DAEMON__INTERVAL: daemon.interval"
+        _TCP,
+        {"HEALTHD_DAEMON__INTERVAL": "10ms"},
+        ": $HEALTHD_DAEMON__INTERVAL: daemon.interval",
     ),
     "env_interval_arabic_digits": (
-        _TCP, {"HEALTHD_COMPONENTS__API__INTERVAL": "١٥s"}, "$HEALTHD_COMPONENTS__API__INTERVAL"
+        _TCP,
+        {"HEALTHD_COMPONENTS__API__INTERVAL": "\u0661\u0665s"},
+        "$HEALTHD_COMPONENTS__API__INTERVAL",
     ),
     "env_max_concurrency_huge": (
-        _TCP, {"HEALTHD_DAEMON__MAX_CONCURRENCY": "100000000000000000000"}, "max_concurrency"
+        _TCP,
+        {"HEALTHD_DAEMON__MAX_CONCURRENCY": "100000000000000000000"},
+        "max_concurrency",
     ),
     "env_status_file_empty": (
-        _TCP, {"HEALTHD_DAEMON__STATUS_FILE": ""}, "$HEALTHD_DAEMON__STATUS_FILE"
+        _TCP,
+        {"HEALTHD_DAEMON__STATUS_FILE": ""},
+        "$HEALTHD_DAEMON__STATUS_FILE",
     ),
     "env_metrics_host_unresolvable": (
         _TCP,

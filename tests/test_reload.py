@@ -289,7 +289,8 @@ async def test_reload_to_a_config_without_components_is_refused_and_keeps_the_ol
             assert "healthd_config_last_reload_successful 0.0" in running.metrics()
             checked = running.state("steady")
             assert checked is not None
-            await running.until("steady", lambda s: s.checked_at > checked.checked_at)
+            before = checked.checked_at
+            await running.until("steady", lambda s, before=before: s.checked_at > before)
             assert running.state("old") is not None
         errors = [r.getMessage() for r in caplog.records if "reload failed" in r.getMessage()]
         assert len(errors) == 2, errors
