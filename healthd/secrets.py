@@ -343,11 +343,23 @@ def derived_forms(secret: str) -> set[str]:
     return forms
 
 
+#: Where output was cut short; a secret's beginning right before one is scrubbed too.
+_ELLIPSIS = re.compile(r"\.\.\.|\u2026")
+#: A cut-off secret is recognised from this many characters; fewer give too little away.
+_MIN_CUT_LENGTH = 6
+#: Truncated quotes are short; longer secrets are matched on their first this-many characters.
+_MAX_CUT_LENGTH = 256
+
+
 class Redactor:
-    """Replaces known secret values in text. The last line of defence for logs and exports."""
+    """Replaces known secret values in text. The last line of defence for logs and exports.
+
+    Each secret is scrubbed in every form ``derived_forms`` lists, and also where a quote was
+    cut short inside it: the secret's beginning right before ``...`` is scrubbed as well.
+    """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self._pattern: re.Pattern[str] | None = None
+        self._state: tuple[re.Pattern[str], dict[str, tuple[str, ...]]] | None = None
         self.replace(secrets)
 
     def replace(self, secrets: Iterable[str]) -> None:
@@ -359,19 +371,33 @@ class Redactor:
             for form in derived_forms(secret)
             if len(form) >= _MIN_SCRUB_LENGTH
         }
+        if not forms:
+            self._state = None
+            return
         # Longest first, so a secret that contains another is removed whole.
         ordered = sorted(forms, key=len, reverse=True)
-        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+        starts: dict[str, list[str]] = {}
+        for form in ordered:
+            if len(form) > _MIN_CUT_LENGTH:
+                starts.setdefault(form[:_MIN_CUT_LENGTH], []).append(form[:_MAX_CUT_LENGTH])
+        pattern = re.compile("|".join(map(re.escape, ordered)))
+        # One assignment, so a thread that scrubs during a reload sees old or new, whole.
+        self._state = (pattern, {k: tuple(v) for k, v in starts.items()})
 
     def scrub(self, text: str) -> str:
         """``text`` with every secret replaced by ``<redacted>``."""
-        if self._pattern is None:
+        state = self._state
+        if state is None:
             return text
-        return self._pattern.sub(REDACTED, text)
+        pattern, starts = state
+        text = pattern.sub(REDACTED, text)
+        if "..." not in text and "\u2026" not in text:
+            return text
+        return _scrub_cut(text, starts)
 
     def scrub_tree(self, value: Any) -> Any:
         """Scrub every string inside a JSON-like tree."""
-        if self._pattern is None:
+        if self._state is None:
             return value
         if isinstance(value, str):
             return self.scrub(value)
@@ -380,3 +406,21 @@ class Redactor:
         if isinstance(value, list | tuple):
             return [self.scrub_tree(v) for v in value]
         return value
+
+
+def _scrub_cut(text: str, starts: Mapping[str, tuple[str, ...]]) -> str:
+    """``text`` with each secret's beginning that runs into an ellipsis replaced."""
+    pieces: list[str] = []
+    done = 0
+    for match in _ELLIPSIS.finditer(text):
+        end = match.start()
+        cut = 0
+        for length in range(min(_MAX_CUT_LENGTH, end - done), _MIN_CUT_LENGTH - 1, -1):
+            tail = text[end - length : end]
+            if any(form.startswith(tail) for form in starts.get(tail[:_MIN_CUT_LENGTH], ())):
+                cut = length
+                break
+        pieces.append(text[done : end - cut] + (REDACTED if cut else ""))
+        done = end
+    pieces.append(text[done:])
+    return "".join(pieces)

@@ -10,6 +10,7 @@ and releases anything still hanging.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import ssl
 import struct
@@ -50,6 +51,7 @@ Action = Literal[
     "trickle",  # the body one byte per ``trickle_interval_seconds``
     "reset_mid_body",  # headers and half the body, then a TCP RST
     "close_mid_body",  # headers and half the body, then a clean close (short of Content-Length)
+    "echo",  # the request (method, path, headers, body) as JSON, its headers also as X-Echo-*
 ]
 
 _CHUNK_BYTES = 64 * 1024
@@ -269,6 +271,8 @@ class HttpTarget:
         if reply.action == "hang":
             await release.wait()
             return False
+        if reply.action == "echo":
+            reply = _echo(reply, request)
         if reply.action == "reset":
             _abort_with_rst(writer)
             return False
@@ -329,6 +333,19 @@ class HttpTarget:
     def _count_sent(self, size: int) -> None:
         with self._lock:
             self._body_bytes_sent += size
+
+
+def _echo(reply: Reply, request: RecordedRequest) -> Reply:
+    """``reply`` carrying back everything ``request`` sent, as a hostile target would."""
+    seen = {
+        "method": request.method,
+        "path": request.path,
+        "headers": request.headers,
+        "body": request.body.decode("utf-8", "replace"),
+    }
+    echoed = {f"X-Echo-{name}": value for name, value in request.headers.items()}
+    headers = {"Content-Type": "application/json", **echoed, **reply.headers}
+    return Reply(status=reply.status, body=json.dumps(seen).encode(), headers=headers)
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> bool:

@@ -338,3 +338,23 @@ def test_text_log_line_scrubs_the_exception_too() -> None:
 
     assert "exc-Secret-0123" not in line
     assert "RuntimeError: failed with <redacted>" in line
+
+
+@pytest.mark.parametrize("ellipsis", ["...", "\u2026"])
+def test_a_secret_cut_short_before_an_ellipsis_is_scrubbed(ellipsis: str) -> None:
+    redactor = Redactor([AWKWARD])
+    quoted = repr(f"token={AWKWARD}")
+
+    for cut in range(len("'token=") + 6, len(quoted) - 1):
+        line = f"got {quoted[:cut]}{ellipsis} and more"
+        scrubbed = redactor.scrub(line)
+        assert scrubbed == f"got 'token={REDACTED}{ellipsis} and more", (cut, scrubbed)
+
+
+def test_text_that_only_looks_like_a_secret_start_is_left_alone() -> None:
+    redactor = Redactor(["hunter2-secret"])
+
+    # Five characters give nothing away; a different continuation is not the secret.
+    assert redactor.scrub("hunte...") == "hunte..."
+    assert redactor.scrub("hunter3...") == "hunter3..."
+    assert redactor.scrub("hunter2-s...") == f"{REDACTED}..."
