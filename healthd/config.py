@@ -245,8 +245,9 @@ class Condition(_Strict):
     json_path: str | None = Field(default=None, alias="json")
     regex: str | None = None
     equals: str | int | float | bool | None = None
-    min: float | None = None
-    max: float | None = None
+    # NaN compares false with everything, so a NaN bound would never fail.
+    min: float | None = Field(default=None, allow_inf_nan=False)
+    max: float | None = Field(default=None, allow_inf_nan=False)
     present: Flag | None = None
     severity: Literal["degraded", "unhealthy"] = "unhealthy"
     name: str | None = None
@@ -654,9 +655,19 @@ class DaemonConfig(_Strict):
             if not value.startswith("/"):
                 raise ValueError(f"status_file {value!r} must be an absolute path")
             path = Path(value)
-            if value.endswith("/") or path.name in ("", ".", "..") or path.is_dir():
+            if len(os.fsencode(path.name)) > 255 or len(os.fsencode(value)) > 4095:
+                raise ValueError("status_file is longer than a path may be")
+            if value.endswith("/") or path.name in ("", ".", "..") or _is_directory(path):
                 raise ValueError(f"status_file {value!r} must name a file, not a directory")
         return value
+
+
+def _is_directory(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        # Unreadable on the way there: the first write will say so, counted and logged.
+        return False
 
 
 class Config(BaseSettings):

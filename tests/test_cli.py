@@ -486,6 +486,16 @@ CORPUS: dict[str, tuple[str, dict[str, str], str]] = {
         {},
         ":2: daemon.status_file: ",
     ),
+    "status_file_name_too_long": (
+        _daemon_key(f'status_file = "/tmp/{"s" * 300}.json"'),
+        {},
+        ":2: daemon.status_file: status_file is longer than a path may be",
+    ),
+    "condition_bound_nan": (
+        _api("http", '[[components.api.conditions]]\njson = "a"\nmin = nan'),
+        {},
+        ":6: components.api.conditions.0.min: ",
+    ),
     "status_file_is_a_directory": (
         _daemon_key('status_file = "{tmp}"'),
         {},

@@ -119,8 +119,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[_Nginx, P
         "status_file": str(status_file),
         "status_file_refresh": "1ms",
         "status_details": "summary",
-        "interval": "50ms",
-        "timeout": "40ms",
+        "interval": "100ms",
+        "timeout": "80ms",
         "startup_spread": "10ms",
     }
     components = {
