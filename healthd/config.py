@@ -141,9 +141,21 @@ def parse_address(value: str, *, default_port: int | None = None) -> tuple[str, 
             raise ValueError(f"address {value!r} has a stray bracket")
     if not host:
         raise ValueError(f"address {value!r} has no host")
+    _check_host_name(host, f"address {value!r}")
     if not _PORT.fullmatch(port_text) or not 0 < int(port_text) < 65536:
         raise ValueError(f"address {value!r} has no valid port (1-65535)")
     return host, int(port_text)
+
+
+def _check_host_name(host: str, where: str) -> None:
+    # A name a resolver cannot even encode (a label over 63 bytes, an empty label) would fail
+    # inside every probe; an IPv6 literal has colons and no labels to check.
+    if ":" in host:
+        return
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise ValueError(f"{where}: host {host[:80]!r} is not a valid host name") from None
 
 
 def bind_address(value: str) -> tuple[socket.AddressFamily, str, int]:
@@ -341,6 +353,7 @@ class HttpCheck(CheckBase):
             raise ValueError(f"url {str(url)!r} is not valid: {exc}") from None
         if not parts.hostname:
             raise ValueError(f"url {str(url)!r} has no host")
+        _check_host_name(parts.hostname, f"url {str(url)!r}")
         return url
 
     @field_validator("headers")
@@ -410,6 +423,21 @@ class PostgresCheck(CheckBase):
                 raise ValueError(f"dsn {str(dsn)!r} must start with postgresql://")
         elif "=" not in value:
             raise ValueError(f"dsn {str(dsn)!r} is neither a URL nor key=value pairs")
+        # libpq's own parser: unknown keywords, bad quoting and bad URIs fail here, not in
+        # every probe. Its messages may quote the DSN, which holds the password: cut that off.
+        from psycopg import Error as PsycopgError
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            params = conninfo_to_dict(value)
+        except PsycopgError as exc:
+            reason = str(exc).strip().splitlines()[0].split(" in URI: ", 1)[0]
+            raise ValueError(
+                f"dsn {str(dsn)!r} is not valid: {reason.replace(value, '…')}"
+            ) from None
+        for port in str(params.get("port") or "").split(","):
+            if port and not (_PORT.fullmatch(port) and 0 < int(port) < 65536):
+                raise ValueError(f"dsn {str(dsn)!r} has no valid port (1-65535)")
         return dsn
 
 
@@ -435,6 +463,13 @@ class RedisCheckBase(CheckBase):
     def _redis_url(cls, url: Templated) -> Templated:
         if not url.reveal().startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"url {str(url)!r} must start with redis://, rediss:// or unix://")
+        from redis.connection import parse_url
+
+        try:
+            parse_url(url.reveal())  # type: ignore[no-untyped-call]
+        except ValueError as exc:
+            # redis-py's messages name the part at fault, never the URL.
+            raise ValueError(f"url {str(url)!r} is not valid: {exc}") from None
         return url
 
 

@@ -109,13 +109,17 @@ def _resolve_reference(source: str, name: str) -> str:
     return _read_file(Path(directory) / name, "credential")
 
 
+#: ``scheme://user:password@``, for a URL too broken for ``urlsplit`` (an unclosed ``[``).
+_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#@]*?):([^/?#]*)@")
+
+
 def _url_password(value: str) -> str | None:
     if "://" not in value:
         return None
     try:
         return urlsplit(value).password
     except ValueError:
-        return None
+        return m.group(2) if (m := _USERINFO.match(value)) else None
 
 
 def _url_credentials(value: str) -> Iterator[tuple[str, str]]:
@@ -124,12 +128,14 @@ def _url_credentials(value: str) -> Iterator[tuple[str, str]]:
         return
     try:
         parts = urlsplit(value)
-        user, password = parts.username, parts.password
+        user, password, query = parts.username, parts.password, parts.query
     except ValueError:
-        return
+        m = _USERINFO.match(value)
+        user, password = m.groups() if m else (None, None)
+        query = ""
     if password:
         yield unquote(user or ""), password
-    for key, item in parse_qsl(parts.query, keep_blank_values=False):
+    for key, item in parse_qsl(query, keep_blank_values=False):
         if key.lower() == "password" and item:
             yield unquote(user or ""), item
 

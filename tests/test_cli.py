@@ -542,6 +542,36 @@ CORPUS: dict[str, tuple[str, dict[str, str], str]] = {
         {},
         "components.api.address",
     ),
+    "tcp_host_label_too_long": (
+        f'[components.api]\nkind = "tcp"\naddress = "{"a" * 64}.example:1"\n',
+        {},
+        ":3: components.api.address: ",
+    ),
+    "http_host_label_too_long": (
+        f'[components.api]\nkind = "http"\nurl = "http://{"a" * 64}.example/"\n',
+        {},
+        ":3: components.api.url: ",
+    ),
+    "dsn_unknown_keyword": (
+        '[components.api]\nkind = "postgres"\ndsn = "hots=db port=5432"\n',
+        {},
+        ":3: components.api.dsn: dsn 'hots=db port=5432' is not valid: invalid connection",
+    ),
+    "dsn_unterminated_quote": (
+        '[components.api]\nkind = "postgres"\ndsn = "host=db password=\'x"\n',
+        {},
+        ":3: components.api.dsn: ",
+    ),
+    "dsn_port_out_of_range": (
+        '[components.api]\nkind = "postgres"\ndsn = "postgresql://db:99999/app"\n',
+        {},
+        ":3: components.api.dsn: ",
+    ),
+    "redis_port_out_of_range": (
+        '[components.api]\nkind = "redis"\nurl = "redis://db:99999/0"\n',
+        {},
+        ":3: components.api.url: ",
+    ),
     # secret files
     "secret_dev_zero": (
         _api("http", 'headers = { A = "${file:/dev/zero}" }'),

@@ -345,6 +345,11 @@ INVALID = {
         f'dsn = "mysql://u:{quote(PG_URL_PASSWORD, safe="")}@db/app"\n',
         {},
     ),
+    "unparsable_dsn_url_with_a_literal_password": (
+        f'[components.x]\nkind = "postgres"\n'
+        f'dsn = "postgresql://u:{quote(PG_URL_PASSWORD, safe="")}@[::1/app"\n',
+        {},
+    ),
     "bad_status_range_with_a_secret": (
         f'[components.x]\nkind = "http"\nurl = "http://127.0.0.1:1/"\n'
         f"expected_status = {json.dumps(LITERAL_HEADER)}\n"
