@@ -247,6 +247,14 @@ class CheckBase(_Strict):
 _CREDENTIAL_HEADER = re.compile(r"auth|cookie|token|secret|key|passw|session|signature", re.I)
 
 
+def _scalar(value: Any) -> Any:
+    if value is None or isinstance(value, str | int | bool):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    raise ValueError("equals takes a string, a finite number or a boolean")
+
+
 class Condition(_Strict):
     """One test on a response body, and the severity it causes when it fails.
 
@@ -256,7 +264,7 @@ class Condition(_Strict):
 
     json_path: str | None = Field(default=None, alias="json")
     regex: str | None = None
-    equals: str | int | float | bool | None = None
+    equals: Annotated[str | int | float | bool | None, BeforeValidator(_scalar)] = None
     # NaN compares false with everything, so a NaN bound would never fail.
     min: float | None = Field(default=None, allow_inf_nan=False)
     max: float | None = Field(default=None, allow_inf_nan=False)
@@ -958,14 +966,21 @@ def _secret_value(key: str, text: str) -> list[Templated]:
         return []
 
 
+#: A step pydantic adds to an error's path for a union member ("str", "is-instance[X]"): the
+#: file has no such key, and one bad value must make one line, not one per member tried.
+_UNION_MEMBER = re.compile(r"(str|int|float|bool|none|[a-z-]+\[.*\])", re.S)
+
+
 def _describe(
     path: Path, text: str, error: ValidationError, data: Mapping[str, Any]
 ) -> Iterator[str]:
+    said: dict[tuple[str, ...], list[str]] = {}
     for item in error.errors(include_url=False):
         loc = [str(part) for part in item["loc"]]
         # A discriminated union puts the kind's tag into the path; the file has no such key.
         if len(loc) >= 3 and loc[0] == "components":
             loc = [p for i, p in enumerate(loc) if not (i == 2 and p in _KINDS)]
+        loc = [p for p in loc if not _UNION_MEMBER.fullmatch(p)]
         message = item["msg"].removeprefix("Value error, ")
         # Cross-field checks run on the whole model; their message starts with the key at fault.
         if not loc and (keyed := re.match(r"^([\w.-]+): (.*)$", message, re.S)):
@@ -979,8 +994,13 @@ def _describe(
             message = f"missing 'kind'; known kinds: {', '.join(sorted(_KINDS))}"
         elif item["type"] == "missing":
             message = "required key is missing"
+        messages = said.setdefault(tuple(loc), [])
+        if message not in messages:
+            messages.append(message)
+    for loc_key, messages in said.items():
+        loc = list(loc_key)
         key = ".".join(loc) or "(top level)"
-        yield f"{_where(path, text, loc, data)}: {key}: {message}"
+        yield f"{_where(path, text, loc, data)}: {key}: {'; or '.join(messages)}"
 
 
 def _overriding_variable(loc: list[str], data: Mapping[str, Any]) -> str | None:

@@ -244,16 +244,15 @@ class Templated:
     def __get_pydantic_core_schema__(
         cls, source: Any, handler: GetCoreSchemaHandler
     ) -> core_schema.CoreSchema:
-        return core_schema.no_info_after_validator_function(
+        return core_schema.no_info_plain_validator_function(
             cls._validate,
-            core_schema.union_schema(
-                [core_schema.is_instance_schema(cls), core_schema.str_schema()]
-            ),
             serialization=core_schema.plain_serializer_function_ser_schema(str),
         )
 
     @classmethod
-    def _validate(cls, value: Templated | str) -> Templated:
+    def _validate(cls, value: Any) -> Templated:
+        if not isinstance(value, Templated | str):
+            raise ValueError("must be a string")
         if isinstance(value, cls):
             return value
         if isinstance(value, Templated):

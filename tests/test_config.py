@@ -844,3 +844,21 @@ def test_config_kinds_and_the_probe_table_are_the_same_set() -> None:
     # A kind without a probe would pass validate and then crash run; a probe without a kind
     # could never be configured.
     assert kinds == set(PROBES)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("body = 5", "components.api.body: must be a string"),
+        ('[[components.api.conditions]]\njson = "a"\nequals = []', "equals takes a string"),
+    ],
+    ids=["templated_not_a_string", "condition_equals_a_list"],
+)
+def test_a_value_of_the_wrong_type_is_one_problem_not_one_per_union_member(
+    tmp_path: Path, extra: str, expected: str
+) -> None:
+    path = write(tmp_path, f'[components.api]\nkind = "http"\nurl = "http://x/"\n{extra}\n')
+
+    (problem,) = problems(path)
+
+    assert expected in problem
