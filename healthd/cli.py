@@ -145,7 +145,7 @@ def _config_command(command: str, path: Path, config: Config, redactor: Redactor
         return EX_OK
     # Templates mask literal passwords; the redactor catches what sits in any other key.
     shown = redactor.scrub_tree(config.model_dump(mode="json", by_alias=True))
-    print(redactor.scrub(json.dumps(shown, indent=2, sort_keys=False, ensure_ascii=False)))
+    print(redactor.scrub(json.dumps(shown, indent=2, sort_keys=False)))
     return EX_OK
 
 

@@ -9,6 +9,7 @@ import logging
 import os
 import textwrap
 import threading
+import time
 from pathlib import Path
 from urllib.parse import quote, quote_plus
 
@@ -358,3 +359,23 @@ def test_text_that_only_looks_like_a_secret_start_is_left_alone() -> None:
     assert redactor.scrub("hunte...") == "hunte..."
     assert redactor.scrub("hunter3...") == "hunter3..."
     assert redactor.scrub("hunter2-s...") == f"{REDACTED}..."
+
+
+def test_a_secret_inside_a_longer_one_leaves_nothing_of_the_longer_behind() -> None:
+    redactor = Redactor(["abcdefgh", "abcdefghijkl", "cdefgh12", "zzzz-secret"])
+
+    assert redactor.scrub("xx abcdefghijkl yy abcdefgh zz abcdefgh12 zzzz-secret") == (
+        f"xx {REDACTED} yy {REDACTED} zz {REDACTED}12 {REDACTED}"
+    )
+
+
+def test_many_secrets_scrub_a_line_quickly() -> None:
+    secrets = [f"secret-{i:04d}-{'/+%'[i % 3]}{chr(0xE0 + i % 20)}" for i in range(1000)]
+    redactor = Redactor(secrets)
+    line = "GET /api/v1/health: condition failed: status == 'ok' (got 'degraded') " * 4
+
+    started = time.perf_counter()
+    for _ in range(200):
+        assert redactor.scrub(line + secrets[500]).endswith(REDACTED)
+    # A plain alternation of all 13,000 forms took 8 ms a line; the trie well under 1 ms.
+    assert (time.perf_counter() - started) / 200 < 0.005
