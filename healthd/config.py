@@ -26,6 +26,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -60,10 +61,10 @@ MAX_DURATION_SECONDS = 86_400.0
 MIN_INTERVAL_SECONDS = 0.1
 
 
-def parse_duration(value: Any) -> float:
+def parse_duration(value: Any, *, max_seconds: float = MAX_DURATION_SECONDS) -> float:
     """Seconds from ``"500ms"``, ``"15s"``, ``"2m"``, ``"1h"`` or a plain number of seconds.
 
-    The result is finite and between 1 ms and 1 day.
+    The result is finite and between 1 ms and ``max_seconds`` (1 day unless said otherwise).
     """
     if isinstance(value, bool):
         raise ValueError("a duration is a number of seconds or a string such as '15s'")
@@ -80,13 +81,17 @@ def parse_duration(value: Any) -> float:
         raise ValueError(f"duration {value!r} must be a finite number")
     if seconds <= 0:
         raise ValueError(f"duration {value!r} must be greater than zero")
-    if seconds < MIN_DURATION_SECONDS or seconds > MAX_DURATION_SECONDS:
-        raise ValueError(f"duration {value!r} must be between 1ms and 24h")
+    if seconds < MIN_DURATION_SECONDS or seconds > max_seconds:
+        raise ValueError(f"duration {value!r} must be between 1ms and {max_seconds / 3600:g}h")
     return seconds
 
 
 #: A duration in seconds: finite, between 1 ms and 1 day.
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+#: How long kept data lives: finite, between 1 ms and 10 years.
+Retention = Annotated[
+    float, BeforeValidator(lambda v: parse_duration(v, max_seconds=10 * 365 * 86400.0))
+]
 
 
 def _strict_bool(value: Any) -> bool:
@@ -676,7 +681,7 @@ class DaemonConfig(_Strict):
     status_details: Literal["full", "summary"] = "full"
     #: The history database; by default ``history.db`` beside the status file.
     history_file: Path | None = None
-    history_retention: Duration = 90 * 86400.0
+    history_retention: Retention = 90 * 86400.0
 
     @field_validator("metrics_address")
     @classmethod
@@ -686,22 +691,23 @@ class DaemonConfig(_Strict):
         bind_address(value)
         return value
 
-    @field_validator("status_file", mode="before")
+    @field_validator("status_file", "history_file", mode="before")
     @classmethod
-    def _status_file(cls, value: Any) -> Any:
+    def _file(cls, value: Any, info: ValidationInfo) -> Any:
+        key = info.field_name
         if isinstance(value, str | os.PathLike):
             value = os.fspath(value)
             if not value:
-                raise ValueError("status_file must not be empty")
+                raise ValueError(f"{key} must not be empty")
             if "\x00" in value:
-                raise ValueError("status_file contains a NUL byte")
+                raise ValueError(f"{key} contains a NUL byte")
             if not value.startswith("/"):
-                raise ValueError(f"status_file {value!r} must be an absolute path")
+                raise ValueError(f"{key} {value!r} must be an absolute path")
             path = Path(value)
             if len(os.fsencode(path.name)) > 255 or len(os.fsencode(value)) > 4095:
-                raise ValueError("status_file is longer than a path may be")
+                raise ValueError(f"{key} is longer than a path may be")
             if value.endswith("/") or path.name in ("", ".", "..") or _is_directory(path):
-                raise ValueError(f"status_file {value!r} must name a file, not a directory")
+                raise ValueError(f"{key} {value!r} must name a file, not a directory")
         return value
 
 

@@ -496,6 +496,26 @@ CORPUS: dict[str, tuple[str, dict[str, str], str]] = {
         {},
         ":6: components.api.conditions.0.min: ",
     ),
+    "history_file_nul": (
+        _daemon_key('history_file = "/tmp/hi\\u0000story.db"'),
+        {},
+        ":2: daemon.history_file: history_file contains a NUL byte",
+    ),
+    "history_file_relative": (
+        _daemon_key('history_file = "history.db"'),
+        {},
+        ":2: daemon.history_file: ",
+    ),
+    "history_retention_inf": (
+        _daemon_key("history_retention = inf"),
+        {},
+        ":2: daemon.history_retention: ",
+    ),
+    "history_retention_eleven_years": (
+        _daemon_key('history_retention = "100000h"'),
+        {},
+        ":2: daemon.history_retention: ",
+    ),
     "status_file_is_a_directory": (
         _daemon_key('status_file = "{tmp}"'),
         {},

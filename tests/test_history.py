@@ -482,7 +482,10 @@ def _metrics_url(config: Path) -> str:
 
 def test_the_cli_says_when_there_is_no_history(tmp_path: Path) -> None:
     config = write_config(
-        tmp_path / "healthd.toml", {"status_file": str(tmp_path / "status.json")}, {}
+        tmp_path / "healthd.toml",
+        {"status_file": str(tmp_path / "status.json")},
+        # A config without components is invalid everywhere, so it has one it never ran.
+        {"api": {"kind": "tcp", "address": "127.0.0.1:1"}},
     )
     shown = healthd_cli("--config", str(config), "history")
     assert shown.returncode == 66
