@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +20,8 @@ class SharedResources:
 
     def __init__(self) -> None:
         self._ssl: dict[tuple[bool, Path | None], ssl.SSLContext] = {}
+        #: Leased resources by key: the resource, its closer and how many hold it.
+        self._leases: dict[Hashable, list[Any]] = {}
 
     def ssl_context(self, *, verify: bool = True, ca_file: Path | None = None) -> ssl.SSLContext:
         """A client context: the system trust store, or ``ca_file``, or no verification."""
@@ -33,6 +35,39 @@ class SharedResources:
                 context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
             self._ssl[key] = context
         return self._ssl[key]
+
+    def lease(
+        self, key: Hashable, factory: Callable[[], T], close: Callable[[T], Awaitable[None]]
+    ) -> tuple[T, Callable[[], Awaitable[None]]]:
+        """The resource shared under ``key`` (built by ``factory`` for its first holder), and
+        the function that gives it back; the last holder's return closes it with ``close``.
+
+        Checks with identical client settings share one HTTP client and its connections this
+        way: at 10,000 checks a client each would be most of the daemon's memory.
+        """
+        entry = self._leases.get(key)
+        if entry is None:
+            entry = self._leases[key] = [factory(), close, 0]
+        entry[2] += 1
+        returned = False
+
+        async def give_back() -> None:
+            nonlocal returned
+            if returned:
+                return
+            returned = True
+            entry[2] -= 1
+            if entry[2] == 0 and self._leases.get(key) is entry:
+                del self._leases[key]
+                await entry[1](entry[0])
+
+        resource: T = entry[0]
+        return resource, give_back
+
+    @property
+    def leases(self) -> int:
+        """How many shared resources are held now."""
+        return len(self._leases)
 
 
 class ProbeContext:

@@ -1,8 +1,8 @@
 """What the service presets (``api``, ``mlflow``, ``bentoml``, ``opik``, ``supabase``) share.
 
 A preset is the ``http`` probe, several times over: it sends a few documented requests
-concurrently through ONE long-lived client per check (built by ``http.build_client`` with one
-connection per request in flight, kept with ``ctx.get("client", ...)``), measures each with
+concurrently through ONE long-lived client per check (built by ``http.build_client``; every
+request in flight has its own connection, kept with ``ctx.get("client", ...)``), measures each with
 ``http.request``, and leaves the judging to its pure ``assess``.
 
 Every preset exports the same ``details`` shape, so the status file shows which part failed::
@@ -132,11 +132,10 @@ async def exchange(
         lambda: build_client(
             ctx,
             timeout_seconds=check.timeout_seconds,
+            interval_seconds=check.interval_seconds,
             tls_verify=check.tls_verify,
             ca_file=check.ca_file,
             headers=common,
-            # One connection per request in flight: requests never queue behind each other.
-            connections=len(calls),
         ),
         _close,
     )

@@ -1,9 +1,10 @@
 """The ``http`` probe: one request, its status, latency and (capped) body.
 
-Each check owns one ``ProbeClient``: an ``httpx.AsyncClient`` with a single keep-alive
-connection, and the check's requests built once. A client per check keeps the pools small
-(httpcore scans its whole pool on every request), and clients are built once, with a shared
-``SSLContext``, because building one costs about 29 ms of CPU.
+Each check holds one ``ProbeClient``: its requests, built once, and an ``httpx.AsyncClient``
+shared with every check of the same settings, over healthd's own transport
+(``_transport.ProbeTransport``: asyncio and llhttp, one connection per request in flight).
+Clients are built once, with a shared ``SSLContext``, because building one costs about 29 ms
+of CPU.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from healthd.config import HttpCheck
 from healthd.model import Failure, Finding, Observation, Status
 from healthd.probes._context import ProbeContext
 from healthd.probes._errors import network_failure
+from healthd.probes._transport import KEEPALIVE_IDLE_SECONDS, ProbeTransport
 
 #: The client's own deadline is this share of the check's timeout, so that the library reports
 #: which phase timed out before the scheduler's deadline cancels the probe.
@@ -38,39 +40,64 @@ def build_client(
     ctx: ProbeContext,
     *,
     timeout_seconds: float,
+    interval_seconds: float | None = None,
     tls_verify: bool = True,
     ca_file: Any = None,
     follow_redirects: bool = True,
     max_redirects: int = 5,
     headers: dict[str, str] | None = None,
-    connections: int = 1,
 ) -> ProbeClient:
-    """A client for one check: explicit timeouts, a small pool, no proxies from the environment.
+    """A client for one check: explicit timeouts, no proxies from the environment.
 
-    ``connections`` is how many requests the check may have in flight at once.
+    Checks with the same settings share one ``httpx.AsyncClient`` over healthd's own transport
+    (``SharedResources.lease``); each check keeps its own prepared requests. A check whose
+    ``interval_seconds`` is shorter than ``KEEPALIVE_IDLE_SECONDS`` keeps its connection alive
+    between runs; the others connect per probe, so that 10,000 checks at 60 s do not hold
+    10,000 idle sockets.
     """
-    transport = httpx.AsyncHTTPTransport(
-        verify=ctx.shared.ssl_context(verify=tls_verify, ca_file=ca_file),
-        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-        trust_env=False,
+    keep_alive = interval_seconds is None or interval_seconds < KEEPALIVE_IDLE_SECONDS
+    header_items = tuple(sorted((headers or {}).items()))
+    key = (
+        "http-client",
+        tls_verify,
+        ca_file,
+        timeout_seconds,
+        follow_redirects,
+        max_redirects,
+        header_items,
+        keep_alive,
     )
-    client = httpx.AsyncClient(
-        transport=transport,
-        timeout=httpx.Timeout(timeout_seconds * CLIENT_TIMEOUT_SHARE),
-        follow_redirects=follow_redirects,
-        max_redirects=max_redirects,
-        # Ask for the body as is: we cap and judge raw bytes, and a compressed body would both
-        # fail every condition and let a small read expand into a huge one.
-        headers={"Accept-Encoding": "identity", **(headers or {})},
-        # A health check must see the target itself, not a proxy named by the environment.
-        trust_env=False,
-        event_hooks={"request": [_keep_headers_home(list(headers or {}))]},
-    )
-    return ProbeClient(client, transport)
+
+    def create() -> tuple[httpx.AsyncClient, ProbeTransport]:
+        transport = ProbeTransport(
+            lambda: ctx.shared.ssl_context(verify=tls_verify, ca_file=ca_file),
+            keep_alive=keep_alive,
+        )
+        client = httpx.AsyncClient(
+            transport=transport,
+            timeout=httpx.Timeout(timeout_seconds * CLIENT_TIMEOUT_SHARE),
+            follow_redirects=follow_redirects,
+            max_redirects=max_redirects,
+            # Ask for the body as is: we cap and judge raw bytes, and a compressed body would
+            # both fail every condition and let a small read expand into a huge one.
+            headers={"Accept-Encoding": "identity", **(headers or {})},
+            # A health check must see the target itself, not a proxy named by the environment.
+            trust_env=False,
+            event_hooks={"request": [_keep_headers_home(list(headers or {}))]},
+        )
+        return client, transport
+
+    (client, transport), give_back = ctx.shared.lease(key, create, _close_client)
+    return ProbeClient(client, transport, give_back)
+
+
+async def _close_client(pair: tuple[httpx.AsyncClient, ProbeTransport]) -> None:
+    await pair[0].aclose()
 
 
 class ProbeClient:
-    """One check's ``httpx.AsyncClient``, and the requests it sends again and again.
+    """One check's view of a shared ``httpx.AsyncClient``, and the requests it sends again and
+    again.
 
     A check sends the same few requests on every run, so each is built once and, once it is
     known not to redirect, handed straight to the client's transport. Measured here with 100
@@ -83,9 +110,15 @@ class ProbeClient:
     #: Prepared requests kept per check; a preset sends at most a handful.
     _MAX_PREPARED = 32
 
-    def __init__(self, client: httpx.AsyncClient, transport: httpx.AsyncBaseTransport) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        transport: httpx.AsyncBaseTransport,
+        give_back: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.client = client
         self._transport = transport
+        self._give_back = give_back
         self._prepared: dict[tuple[Any, ...], _Prepared] = {}
 
     @property
@@ -133,8 +166,12 @@ class ProbeClient:
         return response
 
     async def aclose(self) -> None:
-        """Close the client and its connections."""
-        await self.client.aclose()
+        """Give the shared client back; the last check to hold it closes it."""
+        self._prepared.clear()
+        if self._give_back is None:
+            await self.client.aclose()
+        else:
+            await self._give_back()
 
 
 @dataclass(slots=True)
@@ -292,6 +329,7 @@ async def probe(check: HttpCheck, ctx: ProbeContext) -> Observation:
         lambda: build_client(
             ctx,
             timeout_seconds=check.timeout_seconds,
+            interval_seconds=check.interval_seconds,
             tls_verify=check.tls_verify,
             ca_file=check.ca_file,
             follow_redirects=check.follow_redirects,
