@@ -40,6 +40,7 @@ import select
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
+from typing import cast
 
 import httptools
 import httpx
@@ -74,6 +75,7 @@ class _Connection(asyncio.Protocol):
         "_buffered",
         "_chunks",
         "_drain",
+        "_framed",
         "_head_bytes",
         "_head_only",
         "_informational",
@@ -87,6 +89,7 @@ class _Connection(asyncio.Protocol):
         "headers",
         "idle_since",
         "keep_alive",
+        "keep_alive_seconds",
         "key",
         "lost",
         "paused",
@@ -125,7 +128,10 @@ class _Connection(asyncio.Protocol):
         self.head_done = False
         self.complete = False
         self.until_close = False
+        self._framed = False
         self.keep_alive = True
+        #: The ``timeout`` of the response's ``Keep-Alive`` header.
+        self.keep_alive_seconds = math.inf
         #: The parser's error, or a head too large.
         self.failed: BaseException | None = None
         self.status = 0
@@ -134,8 +140,8 @@ class _Connection(asyncio.Protocol):
     # --- asyncio's side ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
@@ -196,6 +202,14 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        # Only three names matter here; their lengths spare lowering every other name.
+        size = len(name)
+        if size == 14 or size == 17:  # content-length, transfer-encoding
+            lowered = name.lower()
+            if lowered == b"content-length" or lowered == b"transfer-encoding":
+                self._framed = True
+        elif size == 10 and name.lower() == b"keep-alive":
+            self.keep_alive_seconds = _keep_alive_timeout(value)
 
     def on_headers_complete(self) -> None:
         assert self._parser is not None
@@ -213,8 +227,7 @@ class _Connection(asyncio.Protocol):
             self.keep_alive = self.keep_alive and status != 101
             raise _HeadOnly
         if status not in (204, 304):
-            names = {name.lower() for name, _ in self.headers}
-            self.until_close = b"content-length" not in names and b"transfer-encoding" not in names
+            self.until_close = not self._framed
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
@@ -498,8 +511,9 @@ class ProbeTransport(httpx.AsyncBaseTransport):
         parts = [b"%s %s HTTP/1.1\r\n" % (method.encode("ascii"), url.raw_path)]
         parts.extend(b"%s: %s\r\n" % pair for pair in raw)
         parts.append(b"\r\n")
+        # A cheap look first: almost no request is chunked.
         chunked = any(
-            name.lower() == b"transfer-encoding" and b"chunked" in value.lower()
+            len(name) == 17 and name.lower() == b"transfer-encoding" and b"chunked" in value.lower()
             for name, value in raw
         )
         stream = request.stream
@@ -547,10 +561,7 @@ class ProbeTransport(httpx.AsyncBaseTransport):
             self._discard(conn)
             return
         now = asyncio.get_running_loop().time()
-        conn.expires_at = now + self._idle_seconds
-        for name, value in conn.headers:
-            if name.lower() == b"keep-alive":
-                conn.expires_at = min(conn.expires_at, now + _keep_alive_timeout(value) - 1)
+        conn.expires_at = now + min(self._idle_seconds, conn.keep_alive_seconds - 1)
         conn.idle(now)
         idle = self._idle.setdefault(key, [])
         # Oldest first: drop the ones past their time, and the oldest beyond the limit.

@@ -346,8 +346,13 @@ async def probe(check: HttpCheck, ctx: ProbeContext) -> Observation:
         max_body_bytes=check.max_body_bytes,
         total_timeout_seconds=check.timeout_seconds * TOTAL_TIMEOUT_SHARE,
         spent_seconds=time.perf_counter() - started,
-        what=_safe_target(check),
+        # Parsing the URL on every run cost ~4% of the daemon's CPU at 300 probes/s.
+        what=ctx.get("what", lambda: _safe_target(check), _forget),
     )
+
+
+async def _forget(_: object) -> None:
+    """Nothing to close."""
 
 
 def _safe_target(check: HttpCheck) -> str:
