@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -152,19 +153,37 @@ def _healthd(
     notify.bind(notify_path)
     notify.settimeout(300)
     env = {**os.environ, "NOTIFY_SOCKET": notify_path, "PYTHONPATH": str(source)}
+    # The daemon's log, kept where BENCH_LOG_DIR says (else dropped with the work directory).
+    log = (Path(os.environ.get("BENCH_LOG_DIR", workdir)) / "healthd.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "healthd", "--config", str(config), "--log-level", "warning", "run"],
         env=env,
         cwd=source,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         while b"READY=1" not in notify.recv(4096):
             pass
+        # Keep reading as systemd does: a full socket buffer would block the daemon's sd_notify.
+        threading.Thread(target=_drain, args=(notify,), daemon=True).start()
         yield process.pid, f"http://127.0.0.1:{metrics_port}/metrics"
     finally:
         process.send_signal(signal.SIGTERM)
-        process.wait(60)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            print("healthd did not stop within 60 s of SIGTERM; killed", flush=True)
+            process.kill()
+            process.wait(10)
         notify.close()
+        log.close()
+
+
+def _drain(notify: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while notify.recv(4096):
+            pass
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -316,15 +335,16 @@ def _scale(args: argparse.Namespace) -> None:
                     time.sleep(1)
                 probes = _checks_total(metrics)
                 hwm = _status_kib(pid, "VmHWM")
-        rss = max(s[0] for s in samples) / 1024
-        fds = max(s[1] for s in samples)
-        print(
-            f"healthd {source}: {args.checks} http checks every {args.interval:g} s;"
-            f" READY after {ready:.1f} s; {probes:.0f} probes done\n"
-            f"RSS max {rss:.1f} MiB (peak {hwm / 1024:.1f} MiB),"
-            f" {rss * 1024 / args.checks:.1f} KiB per check;"
-            f" descriptors max {fds}, {fds / args.checks:.3f} per check"
-        )
+                rss = max(s[0] for s in samples) / 1024
+                fds = max(s[1] for s in samples)
+                print(
+                    f"healthd {source}: {args.checks} http checks every {args.interval:g} s;"
+                    f" READY after {ready:.1f} s; {probes:.0f} probes done\n"
+                    f"RSS max {rss:.1f} MiB (peak {hwm / 1024:.1f} MiB),"
+                    f" {rss * 1024 / args.checks:.1f} KiB per check;"
+                    f" descriptors max {fds}, {fds / args.checks:.3f} per check",
+                    flush=True,
+                )
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ What it promises, and the http probe's tests pin down:
 - A connection is kept for reuse only when the transport was built with ``keep_alive`` (the
   check runs more often than ``KEEPALIVE_IDLE_SECONDS``), the response allows it, and for at
   most ``KEEPALIVE_IDLE_SECONDS`` or the ``timeout`` of the target's ``Keep-Alive`` header
-  less a second. A target once found to have closed an idle connection gets a fresh
-  connection per request from then on: keeping one only costs a descriptor there.
+  less a second. A target found to have closed an idle connection gets a fresh connection
+  per request for the next ten minutes: keeping one only costs a descriptor there.
 
 It runs on asyncio (the backend healthd runs anyio with), with or without uvloop.
 """
@@ -54,6 +54,9 @@ KEEPALIVE_IDLE_SECONDS = 30.0
 MAX_IDLE_PER_HOST = 8
 #: A response head larger than this is not HTTP we accept: no target makes us buffer without end.
 MAX_HEAD_BYTES = 64 * 1024
+#: How long a target seen closing idle connections gets a connection per request; then
+#: keep-alive is tried again.
+_RELEARN_SECONDS = 600.0
 #: Body bytes waiting for the reader before reading from the socket pauses.
 _HIGH_WATER_BYTES = 256 * 1024
 
@@ -360,8 +363,9 @@ class ProbeTransport(httpx.AsyncBaseTransport):
         self._idle: dict[_Key, list[_Connection]] = {}
         #: Every open connection, idle or busy, so that closing the transport closes them all.
         self._open: set[_Connection] = set()
-        #: Hosts seen closing idle connections before we reused them.
-        self._closes_idle: set[_Key] = set()
+        #: Hosts seen closing idle connections before we reused them, and until when to
+        #: believe it (a restart of the target closes them too, and should not last forever).
+        self._closes_idle: dict[_Key, float] = {}
         self._literal: dict[str, bool] = {}
         self._closed = False
 
@@ -415,7 +419,7 @@ class ProbeTransport(httpx.AsyncBaseTransport):
             if now < conn.expires_at and now - conn.idle_since < self._idle_seconds:
                 # Closed by the target before our own limit: it keeps connections for a
                 # shorter time than this transport waits between requests.
-                self._closes_idle.add(key)
+                self._closes_idle[key] = now + _RELEARN_SECONDS
             self._discard(conn)
         return None
 
@@ -556,11 +560,13 @@ class ProbeTransport(httpx.AsyncBaseTransport):
             or not conn.keep_alive
             or conn.lost
             or conn.peer_closed
-            or key in self._closes_idle
         ):
             self._discard(conn)
             return
         now = asyncio.get_running_loop().time()
+        if self._closes_idle and now < self._closes_idle.get(key, 0.0):
+            self._discard(conn)
+            return
         conn.expires_at = now + min(self._idle_seconds, conn.keep_alive_seconds - 1)
         conn.idle(now)
         idle = self._idle.setdefault(key, [])
