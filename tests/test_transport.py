@@ -317,6 +317,24 @@ async def test_check_that_runs_less_often_than_the_idle_time_connects_per_probe(
 
 
 @pytest.mark.asyncio
+async def test_check_that_builds_its_request_per_run_still_keeps_headers_home(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    http_target.route("/old", Reply.redirect(http_target.url("/landing", host="localhost")))
+    check = http_check(http_target.url("/old"), interval=60, headers={"X-Api-Key": "k"})
+
+    for _ in range(2):
+        observation, finding = await run_check(check, ctx)
+        assert finding.status is Status.HEALTHY
+        assert observation.facts["redirects"] == 1
+
+    first, landing, again, landing_again = http_target.requests
+    assert first.headers["x-api-key"] == again.headers["x-api-key"] == "k"
+    assert "x-api-key" not in landing.headers
+    assert "x-api-key" not in landing_again.headers
+
+
+@pytest.mark.asyncio
 async def test_checks_with_identical_settings_share_one_client(http_target: HttpTarget) -> None:
     shared = SharedResources()
     first, second, other = ProbeContext(shared), ProbeContext(shared), ProbeContext(shared)
