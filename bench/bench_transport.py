@@ -12,6 +12,7 @@ completed ``/probe`` requests that reported ``probe_success 1``.
 (after ``startup_spread``), the daemon's RSS and open descriptors, in total and per check.
 
 ``--source DIR`` runs the healthd found in DIR (another worktree, say) for a before/after.
+``BENCH_LOG_DIR`` keeps the daemon's log there (else it goes with the work directory).
 
 Usage::
 

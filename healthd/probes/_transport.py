@@ -13,7 +13,10 @@ What it promises, and the http probe's tests pin down:
   early ("Server disconnected without sending ...").
 - A request is sent once. A reused connection is checked before it is used (closed by the
   peer, or holding bytes nobody asked for: then a fresh one); a failure after the request was
-  written is reported, never resent, since the target may have acted on it.
+  written is reported, never resent, since the target may have acted on it. The one case
+  this reports falsely, a target closing an idle connection in the instant the request goes
+  out, is rare (connections idle at most 30 s, and the ``Keep-Alive`` timeout less a second),
+  and the host is then probed on fresh connections (see below), so it does not repeat.
 - The body streams with backpressure: reading from the socket pauses while more than
   ``_HIGH_WATER_BYTES`` wait to be consumed, so a capped read of an endless body stays small.
   A body closed before its end closes the connection; cancellation closes it too.
