@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -112,8 +113,11 @@ async def test_intervals_do_not_drift_over_many_runs() -> None:
     starts = recorder.starts["a"][:runs]
     first = starts[0]
     ticks = [round((s - first) / interval) for s in starts]
-    phase_errors = [s - (first + t * interval) for s, t in zip(starts, ticks, strict=True)]
-    # Every start sits on the grid first + k * interval, late only by event-loop latency. A
+    # The grid's phase is the median start less its tick: a first start that was late (a busy
+    # machine at start-up) must not make every later, punctual start look early.
+    phase = statistics.median(s - t * interval for s, t in zip(starts, ticks, strict=True))
+    phase_errors = [s - (phase + t * interval) for s, t in zip(starts, ticks, strict=True)]
+    # Every start sits on the grid phase + k * interval, late only by event-loop latency. A
     # drifting loop (sleeping "interval" after each run) would add the probe times up, and its
     # starts would land all over the grid (errors spread across +-interval/2 = 20 ms).
     errors = sorted(abs(e) for e in phase_errors)
