@@ -12,12 +12,16 @@ thread: if the event loop ever wedges, scrapes still answer, and the stale
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import threading
+import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import h11
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -229,12 +233,12 @@ def _daemon(out: _Writer, snapshot: Snapshot, version: str) -> None:
         ("healthd_status_file_write_failures_total",
          "Status file writes that failed; the previous file was kept.",
          daemon.status_file_write_failures_total),
-        ("healthd_probe_errors_total",
-         "Checks that could not run because of an unexpected error inside healthd.",
-         daemon.probe_errors_total),
         ("healthd_history_write_failures_total",
          "History database writes that failed; checks went on and the rows were kept to retry.",
          daemon.history_write_failures_total),
+        ("healthd_notify_dropped_total",
+         "sd_notify messages dropped because the service manager's queue was full.",
+         daemon.notify_dropped_total),
     ]  # fmt: skip
     for name, help_text, count in counters:
         out.family(name, "counter", help_text)
@@ -246,86 +250,336 @@ def _daemon(out: _Writer, snapshot: Snapshot, version: str) -> None:
     )
     for name, objective in sorted(daemon.slo_objectives.items()):
         out.sample("healthd_component_slo_objective", f'component="{_escape(name)}"', objective)
+    out.family(
+        "healthd_probe_errors_total",
+        "counter",
+        "Checks healthd could not run: probe_error is a bug in healthd, resource_exhausted "
+        "its own descriptors, memory or buffers ran out (the verdict was left as it was).",
+    )
+    out.sample("healthd_probe_errors_total", 'reason="probe_error"', daemon.probe_errors_total)
+    out.sample(
+        "healthd_probe_errors_total",
+        'reason="resource_exhausted"',
+        daemon.probe_resource_errors_total,
+    )
+
+
+# --- the server ------------------------------------------------------------------------------
+
+#: What the root page says; Prometheus only ever asks for /metrics.
+_INDEX = b'<a href="/metrics">metrics</a>\n'
 
 
 class MetricsServer:
-    """Serves ``/metrics`` from a daemon thread. Binding happens in the constructor, so a busy
-    address fails fast, before any check runs."""
+    """Serves ``/metrics`` from one thread running its own asyncio event loop.
 
-    def __init__(self, host: str, port: int, source: Callable[[], Snapshot], version: str) -> None:
+    Binding happens in the constructor, so a busy address fails fast, before any check runs.
+    A hostile or careless client can cost healthd little: at most ``max_connections`` are held
+    (a new one evicts the one that has waited longest for a request, or is closed at once when
+    every slot is busy answering), a connection that has not sent a complete request head
+    within ``idle_timeout_seconds`` of opening or of its previous answer is closed (idle
+    keep-alive and slowloris alike), a head longer than ``max_head_bytes`` is refused, and an
+    answer not read within ``write_timeout_seconds`` is dropped. HTTP/1.1 connections are kept
+    alive between requests; HTTP/1.0 ones are closed after the answer.
+
+    ``/metrics`` is gzip-compressed when the client accepts it (Prometheus does).
+
+    :param host: an IPv4 or IPv6 address or a name; ``[::1]`` is accepted too.
+    :param port: the port; 0 picks a free one (see ``address``).
+    :param source: returns the snapshot to render.
+    :param version: healthd's version, for ``healthd_build_info``.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        source: Callable[[], Snapshot],
+        version: str,
+        *,
+        max_connections: int = 64,
+        idle_timeout_seconds: float = 5.0,
+        write_timeout_seconds: float = 10.0,
+        max_head_bytes: int = 8192,
+        gzip_level: int = 1,
+    ) -> None:
         self._source = source
         self._version = version
         self._process = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self._process)
         self._cache_lock = threading.Lock()
         self._cache: tuple[int, bytes] = (-1, b"")
-        self._server = _Server((host, port), _handler(self))
-        self._thread = threading.Thread(
-            # A short poll keeps shutdown quick; ten wake-ups a second cost nothing measurable.
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.1},
-            name="healthd-metrics",
-            daemon=True,
-        )
+        self._gzip_level = gzip_level
+        self._gzip_cache: tuple[bytes, bytes, Any] | None = None
+        self._max_connections = max_connections
+        self._idle_timeout = idle_timeout_seconds
+        self._write_timeout = write_timeout_seconds
+        self._max_head_bytes = max_head_bytes
+        self._connections: dict[asyncio.Transport, _Connection] = {}
+        self._logged: set[str] = set()
+        self._socket = _listen(host, port)
+        self._loop = asyncio.new_event_loop()
+        self._loop.set_exception_handler(self._loop_exception)
+        self._thread = threading.Thread(target=self._serve, name="healthd-metrics", daemon=True)
 
     @property
     def address(self) -> tuple[str, int]:
         """The host and port actually bound (useful when the port was 0)."""
-        host, port = self._server.server_address[:2]
+        host, port = self._socket.getsockname()[:2]
         return str(host), int(port)
+
+    @property
+    def connections(self) -> int:
+        """How many client connections are open right now."""
+        return len(self._connections)
 
     def start(self) -> None:
         """Start answering scrapes."""
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop answering and close the socket."""
+        """Stop answering, close every connection and the listening socket."""
         if self._thread.is_alive():
-            self._server.shutdown()
-        self._server.server_close()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+        if not self._loop.is_closed() and not self._loop.is_running():
+            self._loop.close()
+        self._socket.close()
 
     def exposition(self) -> bytes:
         """The text format for the current snapshot, rendered at most once per version."""
+        text = self._snapshot_text()
+        return text + generate_latest(self._process)
+
+    def exposition_gzip(self) -> bytes:
+        """``exposition()``, gzip-compressed. The snapshot's part is compressed once per
+        rendered text; each scrape compresses only the few process metrics after it."""
+        text = self._snapshot_text()
+        cached = self._gzip_cache
+        if cached is None or cached[0] is not text:
+            compressor = zlib.compressobj(self._gzip_level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+            cached = (text, compressor.compress(text), compressor)
+            self._gzip_cache = cached
+        _, prefix, compressor = cached
+        # A copy of the compressor holds the state after the snapshot's text, so the result
+        # is one gzip member (some clients read only the first) with the right CRC and length.
+        tail = compressor.copy()
+        return prefix + tail.compress(generate_latest(self._process)) + tail.flush()
+
+    def _snapshot_text(self) -> bytes:
         snapshot = self._source()
         with self._cache_lock:
             version, text = self._cache
             if version != snapshot.version:
                 text = exposition(snapshot, self._version)
                 self._cache = (snapshot.version, text)
-        return text + generate_latest(self._process)
+        return text
 
+    # --- the event loop of the server thread ---------------------------------------------------
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+    def _serve(self) -> None:
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+        try:
+            server = loop.run_until_complete(
+                asyncio.start_server(self._connection, sock=self._socket, limit=2**16)
+            )
+            loop.run_forever()
+            server.close()
+            for transport in list(self._connections):
+                transport.abort()
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        except Exception:
+            log.exception("the metrics server stopped on an unexpected error")
+        finally:
+            loop.close()
 
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # asyncio's own reports (an accept that failed for lack of descriptors, say): once each.
+        exc = context.get("exception")
+        kind = type(exc).__name__ if exc is not None else str(context.get("message"))
+        self._log_once(kind, "metrics server: %s", context.get("message", "error"), exc=exc)
 
-def _handler(server: MetricsServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                try:
-                    body = server.exposition()
-                except Exception:
-                    log.exception("rendering /metrics failed")
-                    self._reply(500, b"rendering metrics failed\n", "text/plain")
-                    return
-                self._reply(200, body, CONTENT_TYPE)
-            elif path == "/":
-                self._reply(200, b'<a href="/metrics">metrics</a>\n', "text/html")
-            else:
-                self._reply(404, b"not found\n", "text/plain")
+    def _log_once(
+        self, kind: str, message: str, *args: object, exc: BaseException | None = None
+    ) -> None:
+        if kind in self._logged:
+            return
+        self._logged.add(kind)
+        exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
+        log.error(message + " (logged once)", *args, exc_info=exc_info)
 
-        def _reply(self, code: int, body: bytes, content_type: str) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            # Prometheus scrapes every few seconds; an access log line each time is noise.
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        transport = writer.transport
+        assert isinstance(transport, asyncio.Transport)
+        if len(self._connections) >= self._max_connections and not self._evict_one():
+            transport.abort()
+            return
+        connection = _Connection(time.monotonic())
+        self._connections[transport] = connection
+        try:
+            await self._converse(connection, reader, writer)
+            # Flush what is buffered, within the write timeout.
+            writer.close()
+            async with asyncio.timeout(self._write_timeout):
+                await writer.wait_closed()
+        except (OSError, TimeoutError, h11.ProtocolError):
+            # Hang-ups, resets, timeouts and garbage are the client's business: it is closed.
             pass
+        except Exception as exc:
+            self._log_once(type(exc).__name__, "metrics connection failed", exc=exc)
+        finally:
+            del self._connections[transport]
+            transport.abort()
 
-    return Handler
+    def _evict_one(self) -> bool:
+        """Close the connection that has waited longest for a request; False if none waits."""
+        waiting = [(c.waiting_since, t) for t, c in self._connections.items() if c.waiting]
+        if not waiting:
+            return False
+        _, transport = min(waiting, key=lambda item: item[0])
+        # The reader sees end-of-file, so its task ends and gives the slot up.
+        transport.abort()
+        self._connections[transport].waiting = False
+        return True
+
+    async def _converse(
+        self, connection: _Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        http = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head_bytes)
+        while True:
+            connection.waiting = True
+            connection.waiting_since = time.monotonic()
+            try:
+                request = await self._request(http, reader)
+            except h11.RemoteProtocolError as exc:
+                connection.waiting = False
+                # A head too long (431), or not HTTP (400): say so, then close.
+                if http.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    code = exc.error_status_hint
+                    await self._send(http, writer, code, b"bad request\n", "text/plain")
+                return
+            connection.waiting = False
+            if request is None:
+                return
+            # A request with a body is answered, then closed: bodies are never read.
+            has_body = not isinstance(http.next_event(), h11.EndOfMessage)
+            await self._answer(http, writer, request, close=has_body)
+            if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
+                return
+            http.start_next_cycle()
+
+    async def _request(
+        self, http: h11.Connection, reader: asyncio.StreamReader
+    ) -> h11.Request | None:
+        """The next request head, or ``None`` when the client closed; within the idle timeout."""
+        async with asyncio.timeout_at(asyncio.get_running_loop().time() + self._idle_timeout):
+            while True:
+                event = http.next_event()
+                if event is h11.NEED_DATA:
+                    http.receive_data(await reader.read(2**16))
+                    continue
+                if isinstance(event, h11.Request):
+                    return event
+                return None  # ConnectionClosed, or the peer's half of a pipelined close
+
+    async def _answer(
+        self, http: h11.Connection, writer: asyncio.StreamWriter, request: h11.Request, close: bool
+    ) -> None:
+        method = request.method.decode("ascii", "replace")
+        path = request.target.decode("ascii", "replace").split("?", 1)[0]
+        extra: list[tuple[str, str]] = []
+        if method not in ("GET", "HEAD"):
+            code, body, content_type = 405, b"method not allowed\n", "text/plain"
+            extra.append(("Allow", "GET, HEAD"))
+        elif path == "/metrics":
+            gzip = _accepts_gzip(_header(request, b"accept-encoding"))
+            try:
+                body = self.exposition_gzip() if gzip else self.exposition()
+            except Exception as exc:
+                self._log_once(f"render {type(exc).__name__}", "rendering /metrics failed", exc=exc)
+                code, body, content_type = 500, b"rendering metrics failed\n", "text/plain"
+            else:
+                code, content_type = 200, CONTENT_TYPE
+                extra.append(("Vary", "Accept-Encoding"))
+                if gzip:
+                    extra.append(("Content-Encoding", "gzip"))
+        elif path == "/":
+            code, body, content_type = 200, _INDEX, "text/html"
+        else:
+            code, body, content_type = 404, b"not found\n", "text/plain"
+        if close:
+            extra.append(("Connection", "close"))
+        await self._send(http, writer, code, body, content_type, extra, head=method == "HEAD")
+
+    async def _send(
+        self,
+        http: h11.Connection,
+        writer: asyncio.StreamWriter,
+        code: int,
+        body: bytes,
+        content_type: str,
+        extra: list[tuple[str, str]] | None = None,
+        *,
+        head: bool = False,
+    ) -> None:
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        response = h11.Response(status_code=code, headers=[*headers, *(extra or [])])
+        writer.write(http.send(response) or b"")
+        if not head:
+            # Passed through, not joined: no copy of a large exposition.
+            writer.writelines(http.send_with_data_passthrough(h11.Data(data=body)) or [])
+        writer.write(http.send(h11.EndOfMessage()) or b"")
+        async with asyncio.timeout(self._write_timeout):
+            await writer.drain()
+
+
+class _Connection:
+    """One client connection: whether it waits for a request, and since when."""
+
+    __slots__ = ("waiting", "waiting_since")
+
+    def __init__(self, now: float) -> None:
+        self.waiting = True
+        self.waiting_since = now
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host`` (IPv4, IPv6 or a name) and ``port``."""
+    host = host.strip("[]")
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _header(request: h11.Request, name: bytes) -> str:
+    return ",".join(v.decode("latin-1") for k, v in request.headers if k == name)
+
+
+def _accepts_gzip(accept_encoding: str) -> bool:
+    """Whether ``Accept-Encoding`` allows gzip (``gzip``, ``gzip;q=0.5``; not ``gzip;q=0``)."""
+    for item in accept_encoding.split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip().lower() != "gzip":
+            continue
+        name, _, value = params.strip().partition("=")
+        if name.strip().lower() != "q":
+            return True
+        try:
+            return float(value) > 0
+        except ValueError:
+            return False
+    return False
