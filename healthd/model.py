@@ -161,10 +161,16 @@ class DaemonStats:
     status_file_writes_total: int = 0
     config_last_reload_successful: bool = True
     config_last_reload_success_at: float | None = None
+    #: Checks healthd could not run because of a bug in healthd (``reason="probe_error"``).
     probe_errors_total: int = 0
     history_write_failures_total: int = 0
     #: ``slo`` of every component that sets one, for ``healthd_component_slo_objective``.
     slo_objectives: Mapping[str, float] = field(default_factory=dict)
+    #: Checks healthd could not run for lack of its own descriptors, memory or buffers
+    #: (``reason="resource_exhausted"``); the component's verdict was left as it was.
+    probe_resource_errors_total: int = 0
+    #: ``sd_notify`` messages dropped because the service manager's queue was full.
+    notify_dropped_total: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,12 +24,17 @@ from healthd import classify
 from healthd.config import CheckBase, Config
 from healthd.model import ComponentState, Failure, Observation, Status
 from healthd.probes import PROBES, ProbeContext, ProbeKind, SharedResources
+from healthd.probes._errors import RESOURCE_EXHAUSTED, resource_failure
 from healthd.state import STALE_INTERVALS, StateStore
 
 log = logging.getLogger("healthd.scheduler")
 
 #: Start times are rounded up to this grid (finer for very short intervals).
 MAX_WAKEUP_GRANULARITY_SECONDS = 0.01
+
+#: A shortage of healthd's own resources is over once checks have run without one this long;
+#: until then it is one episode, logged once, however often checks fail and succeed in turn.
+RESOURCE_EPISODE_QUIET_SECONDS = 10.0
 
 
 def phase_offset(name: str, interval_seconds: float, spread_seconds: float) -> float:
@@ -61,6 +66,14 @@ class _Running:
     scope: anyio.CancelScope
     #: Loop time of the last completed check; the watchdog reads it to judge progress.
     last_completed: float
+
+
+@dataclass
+class _Shortage:
+    """An episode of healthd running short of its own resources."""
+
+    last_seen: float
+    missed_checks: int = 0
 
 
 class Scheduler:
@@ -102,6 +115,7 @@ class Scheduler:
         self._task_group: anyio.abc.TaskGroup | None = None
         self._first_round_pending: set[str] = set()
         self.first_round_done = anyio.Event()
+        self._shortage: _Shortage | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -207,8 +221,11 @@ class Scheduler:
             self._limiter.release()
         # A check cancelled by a reload while its probe finished must not record a stale result.
         await anyio.lowlevel.checkpoint_if_cancelled()
-        finding = classify.judge(check, observation, kind.assess)
         previous = self._store.get(name)
+        if observation.failure is not None and observation.failure.code == RESOURCE_EXHAUSTED:
+            return self._keep_verdict(name, check, previous, observation.failure.message)
+        self._shortage_may_be_over()
+        finding = classify.judge(check, observation, kind.assess)
         if previous is not None and not previous.checks_total:
             previous = None  # a placeholder for a check that never ran is no history
         state = classify.next_state(
@@ -228,6 +245,33 @@ class Scheduler:
                 self._on_change(previous, state)
         return state
 
+    def _keep_verdict(
+        self, name: str, check: CheckBase, previous: ComponentState | None, message: str
+    ) -> ComponentState:
+        """healthd could not run the check for lack of its own resources: that says nothing
+        about the target, so its last verdict stands (and goes stale if this lasts)."""
+        now = anyio.current_time()
+        if self._shortage is None:
+            self._shortage = _Shortage(now)
+            log.error(
+                "healthd is out of its own resources; checks keep their last verdict until "
+                "this clears (see healthd_probe_errors_total): %s",
+                message,
+            )
+        self._shortage.last_seen = now
+        self._shortage.missed_checks += 1
+        if previous is None:
+            previous = classify.unchecked_state(name, check, self._clock())
+            self._store.record(previous, stale_after_seconds=stale_after(check))
+        return previous
+
+    def _shortage_may_be_over(self) -> None:
+        if self._shortage is None:
+            return
+        if anyio.current_time() - self._shortage.last_seen >= RESOURCE_EPISODE_QUIET_SECONDS:
+            missed, self._shortage = self._shortage.missed_checks, None
+            log.warning("healthd has resources again; %d checks could not run", missed)
+
     def mark_unchecked(self, now: float) -> list[str]:
         """Give every check that has not completed yet a placeholder state, so that it is
         reported as not checked instead of silently missing. Returns their names."""
@@ -245,9 +289,9 @@ class Scheduler:
         self, name: str, check: CheckBase, kind: ProbeKind, ctx: ProbeContext
     ) -> Observation:
         observation = await observe(check, kind, ctx, name=name)
-        if observation.failure is not None and observation.failure.code == PROBE_ERROR:
-            daemon = self._store.daemon()
-            self._store.update_daemon(probe_errors_total=daemon.probe_errors_total + 1)
+        failure = observation.failure
+        if failure is not None and failure.code in (PROBE_ERROR, RESOURCE_EXHAUSTED):
+            self._store.probe_failed(failure.code)
         return observation
 
     async def run_round(self, config: Config) -> None:
@@ -281,7 +325,9 @@ async def observe(
 ) -> Observation:
     """Probe once under the check's deadline. Every outcome is an observation: a deadline that
     passes is ``timeout``, and a bug in the probe is ``probe_error`` (logged with its
-    traceback), never a healthy check. Cancellation from outside passes through."""
+    traceback), never a healthy check; healthd running out of descriptors or memory is
+    ``resource_exhausted``, which says nothing about the target. Cancellation from outside
+    passes through."""
     timeout = check.timeout_seconds
     started = anyio.current_time()
     try:
@@ -293,6 +339,9 @@ async def observe(
             failure=Failure("timeout", f"no answer within {classify.format_seconds(timeout)}"),
         )
     except Exception as exc:
+        if (own := resource_failure(exc, f"check {name or check.kind}")) is not None:
+            await ctx.aclose()
+            return Observation(anyio.current_time() - started, failure=own)
         log.exception("probe for component %s failed unexpectedly", name or check.kind)
         # Whatever the probe built may be half-broken: the next run starts from scratch.
         await ctx.aclose()

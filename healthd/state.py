@@ -79,6 +79,26 @@ class StateStore:
             self._version += 1
             self._measured_version += 1
 
+    def probe_failed(self, reason: str) -> None:
+        """Count a check healthd could not run: ``probe_error`` (a bug in healthd) or
+        ``resource_exhausted`` (healthd's own descriptors, memory or buffers ran out)."""
+        field = {
+            "probe_error": "probe_errors_total",
+            "resource_exhausted": "probe_resource_errors_total",
+        }[reason]
+        with self._lock:
+            count = getattr(self._daemon, field) + 1
+            self._daemon = dataclasses.replace(self._daemon, **{field: count})
+            self._version += 1
+
+    def notify_dropped(self) -> None:
+        """Count an ``sd_notify`` message that could not be sent."""
+        with self._lock:
+            self._daemon = dataclasses.replace(
+                self._daemon, notify_dropped_total=self._daemon.notify_dropped_total + 1
+            )
+            self._version += 1
+
     def update_daemon(self, **changes: Any) -> None:
         """Replace fields of ``DaemonStats``."""
         with self._lock:

@@ -240,6 +240,7 @@ async def test_probe_bug_is_reported_as_probe_error_never_as_healthy() -> None:
     assert state.status is Status.UNHEALTHY
     assert state.reason_code == "probe_error"
     assert store.daemon().probe_errors_total == 1
+    assert store.daemon().probe_resource_errors_total == 0
 
 
 @pytest.mark.asyncio

@@ -9,6 +9,26 @@ from collections.abc import Iterator
 
 from healthd.model import Failure
 
+#: The reason code of a check that failed for lack of healthd's own resources, not the
+#: target's: the scheduler keeps the last verdict instead of judging this one.
+RESOURCE_EXHAUSTED = "resource_exhausted"
+
+#: errno values that mean healthd itself ran out of descriptors, memory or buffers.
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+def resource_failure(exc: BaseException, what: str) -> Failure | None:
+    """``resource_exhausted`` when ``exc`` or anything it wraps is healthd running out of its
+    own descriptors, memory or buffers; ``None`` otherwise."""
+    for item in _chain(exc):
+        if isinstance(item, MemoryError):
+            return Failure(RESOURCE_EXHAUSTED, f"{what}: healthd is out of memory")
+        if isinstance(item, OSError) and item.errno in _RESOURCE_ERRNOS:
+            return Failure(
+                RESOURCE_EXHAUSTED, f"{what}: healthd is out of resources: {item.strerror}"
+            )
+    return None
+
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     """The exception, its causes and contexts, and the members of exception groups."""
@@ -29,6 +49,9 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 def network_failure(exc: BaseException, what: str) -> Failure:
     """The failure for a network-level exception; ``what`` names the attempt ("connect to x")."""
+    # healthd's own trouble first: a wrapped EMFILE must never become the target's failure.
+    if (own := resource_failure(exc, what)) is not None:
+        return own
     for item in _chain(exc):
         if isinstance(item, ssl.SSLCertVerificationError):
             reason = item.verify_message or item.reason or "verification failed"
