@@ -24,6 +24,7 @@ from healthd import __version__
 from healthd import config as config_module
 from healthd.config import Config, ConfigError
 from healthd.exporters import status_file
+from healthd.log_routing import OncePerKind, route_asyncio_to_logging, route_to_logging
 from healthd.model import Status
 from healthd.secrets import Redactor
 from healthd.state import StateStore
@@ -75,6 +76,7 @@ def _setup_logging(redactor: Redactor, fmt: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    route_to_logging(OncePerKind())
     # httpx logs every request at INFO: thousands of lines a minute and URLs that may hold secrets.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
@@ -225,10 +227,17 @@ def _web_install(directory: Path) -> int:
 
 
 def _run(path: Path, config: Config, redactor: Redactor) -> int:
-    from healthd.daemon import Daemon, MetricsAddressInUse, stall_file_from_env
+    from healthd.daemon import (
+        Daemon,
+        MetricsAddressInUse,
+        raise_descriptor_limit,
+        stall_file_from_env,
+    )
 
     async def run() -> None:
+        route_asyncio_to_logging(OncePerKind())
         daemon = Daemon(path, config, redactor, stall_file=stall_file_from_env())
+        raise_descriptor_limit()
         await daemon.run()
 
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable
@@ -65,6 +66,7 @@ class Daemon:
         self._notifier = notifier or Notifier()
         self._clock = clock
         self.store = StateStore(clock)
+        self._notifier.on_dropped = self.store.notify_dropped
         self.store.update_daemon(
             config_last_reload_success_at=clock(), slo_objectives=_slo_objectives(config)
         )
@@ -269,6 +271,26 @@ def _freeze_startup_objects() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def raise_descriptor_limit() -> None:
+    """Raise the soft limit on open descriptors to the hard limit, and log the result.
+
+    Every probe, scrape and status-file write needs a descriptor, and running out is
+    healthd's own trouble, never the target's: systemd's default soft limit (1,024) was
+    exhausted by a thousand idle metrics connections. The unit's ``LimitNOFILE=`` sets the
+    hard limit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, hard, exc)
+            return
+        log.info("raised the open-descriptor limit from %d to %d", soft, hard)
+    else:
+        log.info("open-descriptor limit: %d", soft)
 
 
 def stall_file_from_env() -> Path | None:

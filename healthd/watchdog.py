@@ -7,6 +7,7 @@ systemd, in a container or in a terminal.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -19,22 +20,31 @@ log = logging.getLogger("healthd.watchdog")
 
 
 class Notifier:
-    """Sends ``sd_notify`` messages. Failures are logged once and never stop the daemon."""
+    """Sends ``sd_notify`` messages without ever blocking the event loop.
 
-    def __init__(self, environ: dict[str, str] | None = None) -> None:
+    The socket is non-blocking: a message the service manager's queue cannot take right now
+    (``EAGAIN``, ``ENOBUFS``) is dropped, not waited for, because a blocking ``sendto`` held
+    the loop, and every check, for as long as the queue stayed full. Each dropped message is
+    counted through ``on_dropped``; each kind of failure is logged once. A failure never stops
+    the daemon.
+    """
+
+    def __init__(
+        self,
+        environ: dict[str, str] | None = None,
+        *,
+        on_dropped: Callable[[], None] | None = None,
+    ) -> None:
         env = os.environ if environ is None else environ
         address = env.get("NOTIFY_SOCKET", "")
         if address.startswith("@"):
             address = "\0" + address[1:]
         self._address = address or None
         self._socket: socket.socket | None = None
-        self._warned = False
+        self._logged: set[int | None] = set()
+        #: Called once for every message that could not be sent.
+        self.on_dropped = on_dropped
         self.watchdog_seconds = _watchdog_seconds(env)
-
-    @property
-    def enabled(self) -> bool:
-        """Whether a service manager is listening."""
-        return self._address is not None
 
     def send(self, **fields: str | int) -> bool:
         """Send ``KEY=value`` lines; ``send(READY=1, STATUS="ok")``. Returns whether it was sent."""
@@ -44,15 +54,31 @@ class Notifier:
         try:
             if self._socket is None:
                 self._socket = socket.socket(
-                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
                 )
             self._socket.sendto(message, self._address)
         except OSError as exc:
-            if not self._warned:
-                log.warning("cannot notify the service manager at $NOTIFY_SOCKET: %s", exc)
-                self._warned = True
+            self._dropped(exc, message)
             return False
         return True
+
+    def _dropped(self, exc: OSError, message: bytes) -> None:
+        if self.on_dropped is not None:
+            self.on_dropped()
+        if exc.errno in self._logged:
+            return
+        self._logged.add(exc.errno)
+        if exc.errno in (errno.EAGAIN, errno.ENOBUFS):
+            log.warning(
+                "the service manager's notify queue is full; dropping messages such as %s "
+                "(counted in healthd_notify_dropped_total, logged once)",
+                message.split(b"\n", 1)[0].decode(),
+            )
+        else:
+            log.warning(
+                "cannot notify the service manager at $NOTIFY_SOCKET: %s (logged once)",
+                exc.strerror or exc,
+            )
 
     def ready(self, status: str) -> None:
         """Start-up is complete."""
