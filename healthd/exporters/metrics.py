@@ -13,12 +13,13 @@ thread: if the event loop ever wedges, scrapes still answer, and the stale
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import threading
-import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
 from typing import Any
 
 import h11
@@ -315,7 +316,9 @@ class MetricsServer:
         self._idle_timeout = idle_timeout_seconds
         self._write_timeout = write_timeout_seconds
         self._max_head_bytes = max_head_bytes
-        self._connections: dict[asyncio.Transport, _Connection] = {}
+        self._connections: dict[int, _Connection] = {}
+        # Those waiting for a request head, longest-waiting first: the next to evict.
+        self._waiting: dict[int, _Connection] = {}
         self._logged: set[str] = set()
         self._socket = _listen(host, port)
         self._loop = asyncio.new_event_loop()
@@ -381,13 +384,11 @@ class MetricsServer:
         loop = self._loop
         asyncio.set_event_loop(loop)
         try:
-            server = loop.run_until_complete(
-                asyncio.start_server(self._connection, sock=self._socket, limit=2**16)
-            )
+            loop.add_reader(self._socket, self._accept)
             loop.run_forever()
-            server.close()
-            for transport in list(self._connections):
-                transport.abort()
+            loop.remove_reader(self._socket)
+            for connection in list(self._connections.values()):
+                self._drop(connection)
             tasks = asyncio.all_tasks(loop)
             for task in tasks:
                 task.cancel()
@@ -396,6 +397,83 @@ class MetricsServer:
             log.exception("the metrics server stopped on an unexpected error")
         finally:
             loop.close()
+
+    def _accept(self) -> None:
+        """Accept what is queued, cheaply: a flood of thousands must drain in milliseconds,
+        because a scrape queued behind it waits for that. A connection that has sent nothing
+        yet is only watched for data (no transport, no task); one whose whole request head has
+        already arrived is marked busy at once, so the rest of the batch cannot evict it."""
+        loop = self._loop
+        for _ in range(self._max_connections):
+            try:
+                sock, _ = self._socket.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    # Out of descriptors: stop accepting for a moment instead of spinning.
+                    self._log_once("accept", "metrics server cannot accept: %s", exc.strerror)
+                    loop.remove_reader(self._socket)
+                    loop.call_later(_ACCEPT_PAUSE_SECONDS, self._resume_accepting)
+                    return
+                continue  # the client gave up while queued (ECONNABORTED and the like)
+            sock.setblocking(False)
+            try:
+                first = sock.recv(self._max_head_bytes + 1)
+            except BlockingIOError:
+                first = b""
+            except OSError:
+                sock.close()
+                continue
+            if len(self._connections) >= self._max_connections and not self._evict_one():
+                sock.close()
+                continue
+            connection = _Connection(sock, loop.time())
+            self._connections[connection.key] = connection
+            if b"\r\n\r\n" not in first:
+                self._waiting[connection.key] = connection
+            if first:
+                self._activate(connection, first)
+            else:
+                # By descriptor number: given the socket, asyncio formats its repr each time.
+                loop.add_reader(connection.key, self._readable, connection)
+                connection.timer = loop.call_at(
+                    connection.waiting_since + self._idle_timeout, self._drop, connection
+                )
+
+    def _readable(self, connection: _Connection) -> None:
+        """The first bytes of a connection accepted before it sent any."""
+        self._loop.remove_reader(connection.key)
+        if connection.timer is not None:
+            connection.timer.cancel()
+        try:
+            data = connection.sock.recv(self._max_head_bytes + 1)
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(connection)
+            return
+        if b"\r\n\r\n" in data:
+            self._unwait(connection)
+        self._activate(connection, data)
+
+    def _activate(self, connection: _Connection, first: bytes) -> None:
+        connection.task = self._loop.create_task(self._connection(connection, first))
+
+    def _unwait(self, connection: _Connection) -> None:
+        # By identity: a closed connection's descriptor number may already be another's.
+        if self._waiting.get(connection.key) is connection:
+            del self._waiting[connection.key]
+
+    def _drop(self, connection: _Connection) -> None:
+        connection.close(self._loop)
+        self._unwait(connection)
+        if self._connections.get(connection.key) is connection:
+            del self._connections[connection.key]
+
+    def _resume_accepting(self) -> None:
+        if self._socket.fileno() != -1:
+            self._loop.add_reader(self._socket, self._accept)
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         # asyncio's own reports (an accept that failed for lack of descriptors, say): once each.
@@ -412,16 +490,17 @@ class MetricsServer:
         exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
         log.error(message + " (logged once)", *args, exc_info=exc_info)
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        transport = writer.transport
-        assert isinstance(transport, asyncio.Transport)
-        if len(self._connections) >= self._max_connections and not self._evict_one():
-            transport.abort()
-            return
-        connection = _Connection(time.monotonic())
-        self._connections[transport] = connection
+    async def _connection(self, connection: _Connection, first: bytes) -> None:
         try:
-            await self._converse(connection, reader, writer)
+            if connection.closed:
+                return
+            reader, writer = await asyncio.open_connection(sock=connection.sock, limit=2**16)
+            transport = writer.transport
+            assert isinstance(transport, asyncio.Transport)
+            connection.transport = transport
+            if connection.closed:  # evicted while the transport was made
+                return
+            await self._converse(connection, first, reader, writer)
             # Flush what is buffered, within the write timeout.
             writer.close()
             async with asyncio.timeout(self._write_timeout):
@@ -432,37 +511,39 @@ class MetricsServer:
         except Exception as exc:
             self._log_once(type(exc).__name__, "metrics connection failed", exc=exc)
         finally:
-            del self._connections[transport]
-            transport.abort()
+            self._drop(connection)
+            if connection.transport is None:
+                connection.sock.close()
 
     def _evict_one(self) -> bool:
         """Close the connection that has waited longest for a request; False if none waits."""
-        waiting = [(c.waiting_since, t) for t, c in self._connections.items() if c.waiting]
-        if not waiting:
+        if not self._waiting:
             return False
-        _, transport = min(waiting, key=lambda item: item[0])
-        # The reader sees end-of-file, so its task ends and gives the slot up.
-        transport.abort()
-        self._connections[transport].waiting = False
+        # Its reader, if it has one, sees end-of-file, so its task ends at once.
+        self._drop(next(iter(self._waiting.values())))
         return True
 
     async def _converse(
-        self, connection: _Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        connection: _Connection,
+        first: bytes,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
     ) -> None:
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head_bytes)
+        if first:  # (an empty one would tell h11 the client has closed)
+            http.receive_data(first)
         while True:
-            connection.waiting = True
-            connection.waiting_since = time.monotonic()
             try:
-                request = await self._request(http, reader)
+                request = await self._request(http, reader, connection.waiting_since)
             except h11.RemoteProtocolError as exc:
-                connection.waiting = False
-                # A head too long (431), or not HTTP (400): say so, then close.
+                self._unwait(connection)
+                # A head too long, or not HTTP: say so (400), then close.
                 if http.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     code = exc.error_status_hint
                     await self._send(http, writer, code, b"bad request\n", "text/plain")
                 return
-            connection.waiting = False
+            self._unwait(connection)
             if request is None:
                 return
             # A request with a body is answered, then closed: bodies are never read.
@@ -471,12 +552,15 @@ class MetricsServer:
             if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
                 return
             http.start_next_cycle()
+            connection.waiting_since = asyncio.get_running_loop().time()
+            self._waiting[connection.key] = connection
 
     async def _request(
-        self, http: h11.Connection, reader: asyncio.StreamReader
+        self, http: h11.Connection, reader: asyncio.StreamReader, since: float
     ) -> h11.Request | None:
-        """The next request head, or ``None`` when the client closed; within the idle timeout."""
-        async with asyncio.timeout_at(asyncio.get_running_loop().time() + self._idle_timeout):
+        """The next request head, or ``None`` when the client closed; it must be complete
+        within the idle timeout from ``since`` (loop time): idle and slowloris alike."""
+        async with asyncio.timeout_at(since + self._idle_timeout):
             while True:
                 event = http.next_event()
                 if event is h11.NEED_DATA:
@@ -527,7 +611,11 @@ class MetricsServer:
         head: bool = False,
     ) -> None:
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-        response = h11.Response(status_code=code, headers=[*headers, *(extra or [])])
+        response = h11.Response(
+            status_code=code,
+            headers=[*headers, *(extra or [])],
+            reason=HTTPStatus(code).phrase.encode(),
+        )
         writer.write(http.send(response) or b"")
         if not head:
             # Passed through, not joined: no copy of a large exposition.
@@ -537,14 +625,39 @@ class MetricsServer:
             await writer.drain()
 
 
+#: accept() errors that mean healthd is out of descriptors or memory.
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: How long accepting pauses after such an error, instead of spinning on it.
+_ACCEPT_PAUSE_SECONDS = 0.5
+
+
 class _Connection:
-    """One client connection: whether it waits for a request, and since when."""
+    """One client connection: its socket, then its task and transport once it has sent
+    something, and whether it waits for a request and since when (loop time)."""
 
-    __slots__ = ("waiting", "waiting_since")
+    __slots__ = ("closed", "key", "sock", "task", "timer", "transport", "waiting_since")
 
-    def __init__(self, now: float) -> None:
-        self.waiting = True
+    def __init__(self, sock: socket.socket, now: float) -> None:
+        self.sock = sock
+        self.key = sock.fileno()
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.transport: asyncio.Transport | None = None
         self.waiting_since = now
+        self.closed = False
+
+    def close(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Drop the connection at once (a task that has no transport yet closes the socket)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.transport is not None:
+            self.transport.abort()
+        elif self.task is None:
+            loop.remove_reader(self.key)
+            self.sock.close()
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -557,7 +670,9 @@ def _listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(128)
+        # A long queue costs no descriptors, and a flood that fills a short one makes the
+        # kernel drop a scraper's SYN: a retry one second later.
+        sock.listen(socket.SOMAXCONN)
         sock.setblocking(False)
     except OSError:
         sock.close()
