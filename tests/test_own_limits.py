@@ -1,0 +1,261 @@
+"""healthd's own limits are never a target's trouble: running out of descriptors keeps the
+last verdict, the descriptor limit is raised at start, and nothing reaches stderr except
+through the log formatter."""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from healthd.probes._errors import network_failure
+from healthd.scheduler import Scheduler
+from healthd.state import StateStore
+from tests.healthd_process import HealthdProcess, NotifySocket, TcpTarget, free_port, write_config
+
+# --- mapping, in-process -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS])
+def test_healthd_out_of_resources_is_never_a_network_failure(code: int) -> None:
+    # As httpx wraps it: ConnectError from the OSError of socket().
+    try:
+        try:
+            raise OSError(code, os.strerror(code))
+        except OSError as exc:
+            raise httpx.ConnectError("connect failed") from exc
+    except httpx.ConnectError as wrapped:
+        failure = network_failure(wrapped, "connect to x")
+    assert failure.code == "resource_exhausted"
+    assert os.strerror(code) in failure.message
+
+
+def test_memory_error_is_resource_exhausted() -> None:
+    assert network_failure(MemoryError(), "GET /").code == "resource_exhausted"
+
+
+@pytest.mark.asyncio
+async def test_a_check_failing_for_healthd_s_own_lack_keeps_the_last_verdict(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from tests.test_scheduler import _config, _named, _Recorder
+
+    exhausted = False
+
+    async def body(name: str) -> None:
+        if exhausted:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+    store = StateStore()
+    scheduler = Scheduler(store, probes=_Recorder(body).table)
+    config = _config({"a": _named(5, 1, "a")})
+    await scheduler.run_round(config)
+    before = store.get("a")
+    assert before is not None
+    assert before.reason_code == "ok"
+    exhausted = True
+    for _ in range(5):
+        await scheduler.run_round(config)
+    assert store.get("a") == before  # not judged: the same state, not even re-timed
+    daemon = store.daemon()
+    assert (daemon.probe_resource_errors_total, daemon.probe_errors_total) == (5, 0)
+    lines = [r.getMessage() for r in caplog.records if "out of its own resources" in r.getMessage()]
+    assert len(lines) == 1, lines
+
+
+# --- a real daemon -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def target() -> Iterator[TcpTarget]:
+    tcp = TcpTarget()
+    yield tcp
+    tcp.stop()
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _samples(body: str, name: str) -> dict[str, float]:
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in body.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    }
+
+
+def test_a_daemon_out_of_descriptors_never_blames_its_healthy_targets(
+    tmp_path: Path, target: TcpTarget
+) -> None:
+    notify = NotifySocket()
+    port = free_port()
+    components = {f"c{i}": {"kind": "tcp", "address": target.address} for i in range(4)}
+    config = write_config(
+        tmp_path / "healthd.toml",
+        {
+            "metrics_address": f"127.0.0.1:{port}",
+            "status_file": str(tmp_path / "status.json"),
+            "status_file_refresh": "500ms",
+            "interval": "500ms",
+            "timeout": "300ms",
+            "startup_spread": "100ms",
+        },
+        components,
+    )
+    daemon = HealthdProcess(
+        config, env={"NOTIFY_SOCKET": notify.address}, args=("--log-format", "json")
+    )
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        notify.wait_for(lambda m: "READY" in m, 15)
+        # One kept-alive scrape connection, opened while descriptors were plentiful.
+        scrape = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+
+        def metrics() -> str:
+            scrape.request("GET", "/metrics")
+            response = scrape.getresponse()
+            assert response.status == 200
+            return response.read().decode()
+
+        metrics()
+        # The kernel's own limit: with a soft limit of 3 every new descriptor (a probe's
+        # socket, the status file's temporary file) fails with EMFILE.
+        resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (3, hard))
+        exhausted_at = time.monotonic()
+        seen: list[str] = []
+        while True:
+            body = metrics()
+            seen.append(body)
+            errors = _samples(body, "healthd_probe_errors_total")
+            if errors['healthd_probe_errors_total{reason="resource_exhausted"}'] >= 8:
+                break
+            assert time.monotonic() - exhausted_at < 10, errors
+            time.sleep(0.1)
+        resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (hard, hard))
+        assert errors['healthd_probe_errors_total{reason="probe_error"}'] == 0
+        for body in seen:
+            # The last verdict stands: every component healthy, only successes counted.
+            assert set(_samples(body, "healthd_component_status").values()) == {0.0}
+            results = _samples(body, "healthd_checks_total")
+            assert all('result="success"' in key for key in results), results
+        # Descriptors again: checks complete and are counted.
+        checks = sum(_samples(seen[-1], "healthd_checks_total").values())
+        deadline = time.monotonic() + 5
+        while sum(_samples(metrics(), "healthd_checks_total").values()) < checks + 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        scrape.close()
+    finally:
+        code = daemon.stop()
+        notify.close()
+    assert code == 0
+    entries = [json.loads(line) for line in daemon.log().splitlines()]
+    messages = [e["message"] for e in entries]
+    assert len([m for m in messages if "out of its own resources" in m]) == 1, messages
+    assert not [m for m in messages if "is unhealthy" in m or "is degraded" in m], messages
+
+
+def test_the_daemon_raises_its_descriptor_limit_and_says_so(
+    tmp_path: Path, target: TcpTarget
+) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 256:
+        pytest.skip("needs a finite hard limit above 256")
+    notify = NotifySocket()
+    config = write_config(
+        tmp_path / "healthd.toml",
+        {
+            "metrics_address": f"127.0.0.1:{free_port()}",
+            "status_file": str(tmp_path / "status.json"),
+        },
+        {"db": {"kind": "tcp", "address": target.address}},
+    )
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    log_path = tmp_path / "healthd.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "healthd", "--config", str(config), "run"],
+            env={**os.environ, "NOTIFY_SOCKET": notify.address},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=low_soft_limit,
+        )
+        try:
+            notify.wait_for(lambda m: "READY" in m, 15)
+            limits = Path(f"/proc/{process.pid}/limits").read_text()
+            line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+            assert line.split()[3:5] == [str(hard), str(hard)]
+        finally:
+            process.terminate()
+            process.wait(10)
+            notify.close()
+    logged = log_path.read_text()
+    assert f"raised the open-descriptor limit from 256 to {hard}" in logged
+
+
+# --- nothing on stderr but the formatter's lines -----------------------------------------------
+
+_STRAY = """
+import asyncio, gc, threading, warnings
+import anyio
+from healthd.cli import _setup_logging
+from healthd.log_routing import OncePerKind, route_asyncio_to_logging
+from healthd.secrets import Redactor
+
+_setup_logging(Redactor(), "json", "info")
+
+def fail():
+    raise RuntimeError("boom")
+
+for _ in range(3):
+    thread = threading.Thread(target=fail, name="worker")
+    thread.start()
+    thread.join()
+
+warnings.warn("careful", UserWarning, stacklevel=1)
+
+class Finalizer:
+    def __del__(self):
+        raise OSError("in a finalizer")
+
+Finalizer()
+gc.collect()
+
+async def orphan():
+    raise ValueError("never retrieved")
+
+async def main():
+    route_asyncio_to_logging(OncePerKind())
+    asyncio.get_running_loop().create_task(orphan())
+    await asyncio.sleep(0.01)
+
+anyio.run(main)
+gc.collect()
+"""
+
+
+def test_thread_exceptions_warnings_and_asyncio_reports_go_through_the_formatter() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _STRAY], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    entries = [json.loads(line) for line in result.stderr.splitlines()]
+    messages = [e["message"] for e in entries]
+    assert messages.count("thread worker failed (logged once)") == 1, messages
+    assert any("careful" in m for m in messages), messages
+    assert any("in a finalizer" in e.get("exception", "") for e in entries), entries
+    assert any("Task exception was never retrieved" in m for m in messages), messages
