@@ -120,8 +120,9 @@ def test_gzip_of_an_unchanged_snapshot_is_compressed_once(server: MetricsServer)
     cached = server._gzip_cache
     again = server.exposition_gzip()
     assert server._gzip_cache is cached
-    assert gzip.decompress(first).split(b"# HELP process_")[0] == (
-        gzip.decompress(again).split(b"# HELP process_")[0]
+    assert (
+        gzip.decompress(first).split(b"# HELP process_")[0]
+        == (gzip.decompress(again).split(b"# HELP process_")[0])
     )
 
 
@@ -407,7 +408,6 @@ def test_a_real_daemon_shrugs_off_idle_slowloris_and_hang_ups(tmp_path: Path) ->
         total = _sum(body, "healthd_scheduler_lateness_seconds_count")
         assert total - on_time == 0, body
         assert late_before >= 0
-
 
         # The slowloris stop; every connection the daemon still holds is idle, and is closed
         # 5 s after it was accepted. (Connections the kernel never queued cost it nothing.)
