@@ -6,9 +6,11 @@ arrive every 0.5 s and a stall shows within a second.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import signal
+import socket
 import statistics
 import threading
 import time
@@ -279,3 +281,113 @@ def test_a_watchdog_abort_leaves_python_stacks_in_the_log(
         assert 'File "' in log
     finally:
         daemon.stop()
+
+
+# --- a service manager that does not read ------------------------------------------------------
+
+
+class _DeafNotifySocket:
+    """A notify socket whose owner never reads: its receive queue is filled up front, so
+    every further datagram meets a full queue (EAGAIN), as when systemd is wedged."""
+
+    def __init__(self, directory: Path) -> None:
+        self.address = str(directory / "deaf.sock")
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self._sock.bind(self.address)
+        self._filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        self.queued = 0
+        while True:
+            try:
+                self._filler.sendto(b"X=1", self.address)
+            except BlockingIOError:
+                break
+            self.queued += 1
+
+    def drain(self) -> int:
+        """Read everything queued; returns how many datagrams there were."""
+        self._sock.setblocking(False)
+        count = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                self._sock.recv(65536)
+                count += 1
+        return count
+
+    def close(self) -> None:
+        self._sock.close()
+        self._filler.close()
+
+
+def test_a_full_notify_queue_drops_messages_without_blocking(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    deaf = _DeafNotifySocket(tmp_path)
+    dropped = 0
+
+    def count() -> None:
+        nonlocal dropped
+        dropped += 1
+
+    notifier = Notifier(environ={"NOTIFY_SOCKET": deaf.address}, on_dropped=count)
+    try:
+        started = time.monotonic()
+        for _ in range(100):
+            assert notifier.send(WATCHDOG=1) is False
+        assert time.monotonic() - started < 0.5  # a blocking sendto would never return
+        assert dropped == 100
+        warnings = [r for r in caplog.records if r.name == "healthd.watchdog"]
+        assert len(warnings) == 1
+        assert "queue is full" in warnings[0].getMessage()
+        deaf.drain()
+        assert notifier.send(WATCHDOG=1) is True
+    finally:
+        notifier.close()
+        deaf.close()
+
+
+def test_a_daemon_keeps_checking_on_schedule_while_systemd_does_not_read(
+    tmp_path: Path, target: TcpTarget
+) -> None:
+    deaf = _DeafNotifySocket(tmp_path)
+    assert deaf.queued > 0
+    config, port = _config(tmp_path, target)
+    env = {"NOTIFY_SOCKET": deaf.address, "WATCHDOG_USEC": "200000"}
+    daemon = HealthdProcess(config, env=env, watchdog_pid="self")
+    try:
+        # READY=1 itself is dropped: the metrics endpoint is how we know the daemon is up.
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                body = _metrics(port)
+                break
+            except OSError:
+                assert daemon.process.poll() is None, daemon.log()
+                assert time.monotonic() < deadline, daemon.log()
+                time.sleep(0.1)
+        first = _counter(body, "healthd_checks_total")
+        dropped = _counter(body, "healthd_notify_dropped_total")
+        assert dropped >= 2  # STATUS= and READY=1 at least
+        started = time.monotonic()
+        time.sleep(2.0)  # a window to count checks in
+        body = _metrics(port)
+        elapsed = time.monotonic() - started
+        # One check every 0.3 s went on, and the watchdog pings every 0.1 s were dropped.
+        assert _counter(body, "healthd_checks_total") - first >= 0.8 * elapsed / 0.3
+        assert _counter(body, "healthd_notify_dropped_total") >= dropped + 10
+        late = body.split('healthd_scheduler_lateness_seconds_bucket{le="0.5"} ')[1]
+        on_time = float(late.split("\n", 1)[0])
+        assert _counter(body, "healthd_scheduler_lateness_seconds_count") == on_time
+        assert daemon.stop() == 0
+        assert daemon.log().count("notify queue is full") == 1
+    finally:
+        daemon.stop()
+        deaf.close()
+
+
+def _counter(body: str, name: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in body.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
