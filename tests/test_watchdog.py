@@ -367,7 +367,7 @@ def test_a_daemon_keeps_checking_on_schedule_while_systemd_does_not_read(
                 time.sleep(0.1)
         first = _counter(body, "healthd_checks_total")
         dropped = _counter(body, "healthd_notify_dropped_total")
-        assert dropped >= 2  # STATUS= and READY=1 at least
+        assert dropped >= 1  # STATUS= at least (READY=1 follows the metrics server's start)
         started = time.monotonic()
         time.sleep(2.0)  # a window to count checks in
         body = _metrics(port)
