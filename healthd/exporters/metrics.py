@@ -512,7 +512,10 @@ class MetricsServer:
             self._log_once(type(exc).__name__, "metrics connection failed", exc=exc)
         finally:
             self._drop(connection)
-            if connection.transport is None:
+            # Evicted while the transport was made, the drop found no transport to abort.
+            if connection.transport is not None:
+                connection.transport.abort()
+            else:
                 connection.sock.close()
 
     def _evict_one(self) -> bool:
