@@ -27,6 +27,7 @@ import gzip
 import os
 import re
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -203,12 +204,17 @@ class Result:
     def table(self) -> str:
         """The figures as a Markdown table."""
         fds = [s.fds for s in self.steady]
+        tenth = max(len(fds) // 10, 1)
+        # Descriptors swing with the probes in flight; the medians of the first and last
+        # tenth after warm-up show whether they drift.
+        early, late = statistics.median(fds[:tenth]), statistics.median(fds[-tenth:])
         return "\n".join(
             [
-                "| probes | probes/s | fds min / max after warm-up | RSS after warm-up | "
-                "RSS at end | RSS growth |",
-                "|---|---|---|---|---|---|",
+                "| probes | probes/s | fds min / max after warm-up | fds median, first / last "
+                "tenth | RSS after warm-up | RSS at end | RSS growth |",
+                "|---|---|---|---|---|---|---|",
                 f"| {self.probes:,.0f} | {self.probes_per_second:,.0f} | {min(fds)} / {max(fds)} "
+                f"| {early:.0f} / {late:.0f} "
                 f"| {self.steady[0].rss_mib:.1f} MiB | {self.steady[-1].rss_mib:.1f} MiB "
                 f"| {self.rss_growth * 100:+.1f} % |",
             ]
