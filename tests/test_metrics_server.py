@@ -428,3 +428,18 @@ def test_a_real_daemon_shrugs_off_idle_slowloris_and_hang_ups(tmp_path: Path) ->
     assert lines
     for line in lines:
         json.loads(line)  # every line went through the JSON formatter
+
+
+def test_a_failing_render_is_a_500_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    def broken() -> StateStore:
+        raise RuntimeError("render bug")
+
+    server = MetricsServer("127.0.0.1", 0, broken, "1.2.3")  # type: ignore[arg-type]
+    server.start()
+    try:
+        assert [_get(server).status for _ in range(3)] == [500, 500, 500]
+        assert _get(server, "/").status == 200
+    finally:
+        server.stop()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["rendering /metrics failed (logged once)"]

@@ -30,6 +30,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from healthd.log_routing import OncePerKind
 from healthd.model import ComponentState, Histogram, Snapshot, Status
 
 log = logging.getLogger("healthd.metrics")
@@ -319,7 +320,7 @@ class MetricsServer:
         self._connections: dict[int, _Connection] = {}
         # Those waiting for a request head, longest-waiting first: the next to evict.
         self._waiting: dict[int, _Connection] = {}
-        self._logged: set[str] = set()
+        self._once = OncePerKind(log)
         self._socket = _listen(host, port)
         self._loop = asyncio.new_event_loop()
         self._loop.set_exception_handler(self._loop_exception)
@@ -484,11 +485,8 @@ class MetricsServer:
     def _log_once(
         self, kind: str, message: str, *args: object, exc: BaseException | None = None
     ) -> None:
-        if kind in self._logged:
-            return
-        self._logged.add(kind)
         exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
-        log.error(message + " (logged once)", *args, exc_info=exc_info)
+        self._once.error(kind, message, *args, exc_info=exc_info)
 
     async def _connection(self, connection: _Connection, first: bytes) -> None:
         try:
