@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -87,6 +88,11 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _samples(body: str, name: str) -> dict[str, float]:
     return {
         line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
@@ -133,6 +139,11 @@ def test_a_daemon_out_of_descriptors_never_blames_its_healthy_targets(
         # socket, the status file's temporary file) fails with EMFILE.
         resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (3, hard))
         exhausted_at = time.monotonic()
+        cpu_before = _cpu_seconds(daemon.pid)
+        # A new scraper meanwhile: the daemon cannot accept it (EMFILE) and must not spin
+        # on that; it is answered once descriptors are back.
+        late = socket.create_connection(("127.0.0.1", port), timeout=10)
+        late.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         seen: list[str] = []
         while True:
             body = metrics()
@@ -142,7 +153,11 @@ def test_a_daemon_out_of_descriptors_never_blames_its_healthy_targets(
                 break
             assert time.monotonic() - exhausted_at < 10, errors
             time.sleep(0.1)
+        cpu = _cpu_seconds(daemon.pid) - cpu_before
+        assert cpu < 0.6 * (time.monotonic() - exhausted_at), cpu
         resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (hard, hard))
+        assert late.recv(100).startswith(b"HTTP/1.1 200 ")
+        late.close()
         assert errors['healthd_probe_errors_total{reason="probe_error"}'] == 0
         for body in seen:
             # The last verdict stands: every component healthy, only successes counted.
@@ -163,6 +178,7 @@ def test_a_daemon_out_of_descriptors_never_blames_its_healthy_targets(
     entries = [json.loads(line) for line in daemon.log().splitlines()]
     messages = [e["message"] for e in entries]
     assert len([m for m in messages if "out of its own resources" in m]) == 1, messages
+    assert len([m for m in messages if "cannot accept" in m]) == 1, messages
     assert not [m for m in messages if "is unhealthy" in m or "is degraded" in m], messages
 
 
