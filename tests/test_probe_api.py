@@ -35,6 +35,32 @@ async def test_healthy_report_is_healthy_with_version_and_both_requests_in_detai
     assert {r.path for r in http_target.requests} == {"/health", "/api/v1/health"}
 
 
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+@pytest.mark.asyncio
+async def test_report_compressed_by_a_server_that_ignores_accept_encoding_is_read(
+    http_target: HttpTarget, coding: str
+) -> None:
+    serve_api(http_target, content_encoding=coding)
+    async with component(_check(http_target)) as api:
+        state = await api.check_once()
+    assert (state.status, state.reason_code) == (Status.HEALTHY, "ok")
+    assert state.details["version"] == "3.0.0"
+    assert state.details["agents_available"] == 11
+    assert {r.headers["accept-encoding"] for r in http_target.requests} == {"identity"}
+
+
+@pytest.mark.asyncio
+async def test_report_in_a_coding_healthd_cannot_decode_is_protocol_error(
+    http_target: HttpTarget,
+) -> None:
+    serve_api(http_target)
+    http_target.route("/api/v1/health", Reply(body=b"\x1b\x0f", headers={"Content-Encoding": "br"}))
+    async with component(_check(http_target)) as api:
+        state = await api.check_once()
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "protocol_error")
+    assert "'br'" in state.reason
+
+
 @pytest.mark.asyncio
 async def test_disconnected_database_is_degraded_then_recovers(http_target: HttpTarget) -> None:
     serve_api(http_target, status="degraded", database="disconnected")

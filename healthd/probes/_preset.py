@@ -149,6 +149,7 @@ async def exchange(
             headers=dict(call.headers) if call.headers else None,
             json=call.json,
             max_body_bytes=check.max_body_bytes,
+            timeout_seconds=check.timeout_seconds,
         )
         results[call.name] = Exchange(target(call.method, call.url), observation)
 
