@@ -27,7 +27,7 @@ from healthd.model import (
     Observation,
     Status,
 )
-from healthd.quoting import quote
+from healthd.quoting import quote_value
 from healthd.secrets import Redactor
 
 OK = "ok"
@@ -137,10 +137,10 @@ def condition_failure(
     if value is _MISSING:
         return "absent"
     if condition.equals is not None:
-        return None if _same(value, condition.equals) else f"got {_short(value, redactor)}"
+        return None if _same(value, condition.equals) else f"got {quote_value(value, redactor)}"
     # NaN (which Python's JSON parser accepts) compares false with every bound: reject it.
     if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value):
-        return f"got {_short(value, redactor)}, not a number"
+        return f"got {quote_value(value, redactor)}, not a number"
     if condition.min is not None and value < condition.min:
         return f"got {value:g}"
     if condition.max is not None and value > condition.max:
@@ -191,16 +191,6 @@ def _same(value: Any, expected: Any) -> bool:
     if isinstance(value, bool) or isinstance(expected, bool):
         return value is expected
     return bool(value == expected)
-
-
-def _short(value: Any, redactor: Redactor | None) -> str:
-    """A body value as a reason shows it: a string in quotes, anything else as JSON; redacted
-    before it is serialised (JSON would escape a secret's ``"`` and ``\\``), then quoted."""
-    if redactor is not None:
-        value = redactor.scrub_tree(value)
-    if isinstance(value, str):
-        return f"'{quote(value)}'"
-    return quote(json.dumps(value, ensure_ascii=False))
 
 
 # --- hysteresis ----------------------------------------------------------------------------

@@ -13,6 +13,9 @@ the one way they get there. The order matters:
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from healthd.secrets import Redactor
 
 #: The most characters of a target's text any one quote shows.
@@ -44,6 +47,17 @@ def quote(text: str | bytes, redactor: Redactor | None = None, limit: int = QUOT
             out.append(_ELLIPSIS)
             break
     return "".join(out)
+
+
+def quote_value(value: Any, redactor: Redactor | None = None, limit: int = QUOTE_LIMIT) -> str:
+    """A value from a target's JSON as a reason shows it: a string in single quotes, anything
+    else as JSON. Redacted before it is serialised, since JSON would escape a secret's ``"``
+    and ``\\`` and hide it from the redactor."""
+    if redactor is not None:
+        value = redactor.scrub_tree(value)
+    if isinstance(value, str):
+        return f"'{quote(value, limit=limit)}'"
+    return quote(json.dumps(value, ensure_ascii=False), limit=limit)
 
 
 def _escape(char: str) -> str:
