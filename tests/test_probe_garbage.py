@@ -88,6 +88,37 @@ async def test_garbage_is_protocol_error_every_time(
     assert garbage_server.connections >= RUNS
 
 
+#: Garbage with no line end, and another server's greeting (a mail server on the wrong port
+#: speaks first and waits): a parser that waits for a whole line before it looks would hang on
+#: these, or call the close a closed connection. (Not a greeting that starts with "S": to
+#: PostgreSQL's client that is the server's yes to TLS, and what follows is judged as TLS.)
+NO_LINE_END = b"\x00\x01 garbage without a line end"
+SMTP_GREETING = b"220 mail.example.com ESMTP Postfix\r\n"
+
+
+@pytest.mark.parametrize(
+    "garbage", [NO_LINE_END, SMTP_GREETING], ids=["no-line-end", "smtp-greeting"]
+)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kind", ["postgres", "redis", "falkordb"])
+@pytest.mark.asyncio
+async def test_datastore_kinds_know_garbage_by_its_first_bytes(
+    ctx: ProbeContext, kind: str, variant: GarbageVariant, garbage: bytes
+) -> None:
+    server = GarbageServer(garbage)
+    server.variant = variant
+    check = KINDS[kind](server.port)
+    codes: collections.Counter[str] = collections.Counter()
+    try:
+        for _ in range(RUNS):
+            _, finding = await run_check(check, ctx)
+            codes[finding.reason_code] += 1
+    finally:
+        server.close()
+
+    assert codes == {"protocol_error": RUNS}
+
+
 @pytest.mark.parametrize("kind", ["redis", "postgres", "http"])
 @pytest.mark.asyncio
 async def test_reason_quotes_garbage_short_and_escaped(ctx: ProbeContext, kind: str) -> None:
