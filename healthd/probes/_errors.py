@@ -7,6 +7,7 @@ import socket
 import ssl
 from collections.abc import Iterator
 
+from healthd.classify import format_seconds
 from healthd.model import Failure
 
 
@@ -27,8 +28,13 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
                 stack.append(linked)
 
 
-def network_failure(exc: BaseException, what: str) -> Failure:
-    """The failure for a network-level exception; ``what`` names the attempt ("connect to x")."""
+def network_failure(
+    exc: BaseException, what: str, *, timeout_seconds: float | None = None
+) -> Failure:
+    """The failure for a network-level exception; ``what`` names the attempt ("connect to x").
+
+    ``timeout_seconds`` is the check's configured timeout, which a timeout's reason names.
+    """
     for item in _chain(exc):
         if isinstance(item, ssl.SSLCertVerificationError):
             reason = item.verify_message or item.reason or "verification failed"
@@ -42,7 +48,11 @@ def network_failure(exc: BaseException, what: str) -> Failure:
         if isinstance(item, ConnectionResetError | BrokenPipeError):
             return Failure("connection_reset", f"{what}: connection reset by peer")
         if isinstance(item, TimeoutError):
-            return Failure("timeout", f"{what}: timed out")
+            if timeout_seconds is None:
+                return Failure("timeout", f"{what}: timed out")
+            return Failure(
+                "timeout", f"{what}: timed out (timeout {format_seconds(timeout_seconds)})"
+            )
         if isinstance(item, OSError) and item.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
             return Failure("unreachable", f"{what}: {item.strerror}")
     return Failure("connection_error", f"{what}: {_describe(exc)}")

@@ -451,7 +451,7 @@ def _failure(exc: httpx.HTTPError, what: str, timeout_seconds: float | None) -> 
     if isinstance(exc, httpx.DecodingError):
         return Failure("protocol_error", f"{what}: response could not be decoded")
     if isinstance(exc, httpx.TransportError):
-        return network_failure(exc, what)
+        return network_failure(exc, what, timeout_seconds=timeout_seconds)
     return Failure("http_error", f"{what}: {type(exc).__name__}")
 
 

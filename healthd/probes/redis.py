@@ -194,7 +194,7 @@ def failure_for(
             return Failure("saturated", f"{what}: max number of clients reached")
         if str(exc) == _SERVER_CLOSED:
             return Failure("connection_closed", f"{what}: server closed the connection")
-        return network_failure(exc, what)
+        return network_failure(exc, what, timeout_seconds=timeout_seconds)
     if isinstance(exc, ResponseError):
         reply = str(exc)
         status = getattr(exc, "status_code", None) or reply.split(" ", 1)[0]

@@ -34,7 +34,8 @@ async def probe(check: TcpCheck, ctx: ProbeContext) -> Observation:
             stream = await _connect(check, host, port, ssl_context)
         except (OSError, anyio.BrokenResourceError) as exc:
             # A peer that closes during the TLS handshake surfaces as BrokenResourceError.
-            return Observation(time.perf_counter() - started, failure=network_failure(exc, what))
+            failure = network_failure(exc, what, timeout_seconds=check.timeout_seconds)
+            return Observation(time.perf_counter() - started, failure=failure)
     latency = time.perf_counter() - started
     if deadline.cancelled_caught:
         # The configured timeout, not our share of it: that is the number an operator set.
