@@ -151,3 +151,31 @@ async def test_plain_text_answer_to_a_tls_hello_is_tls_error(
         codes[finding.reason_code] += 1
 
     assert codes == {"tls_error": RUNS}
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        pytest.param(b"+OK\r\n", "PING was not answered with PONG: 'OK'", id="ping-ok"),
+        pytest.param(
+            b"+PONG\r\n*2\r\n$1\r\na\r\n+b\r\n",
+            "INFO was not answered with text: '[b'a', b'b']'",
+            id="info-array",
+        ),
+        pytest.param(b"$abc\r\n", "the reply is not RESP: '$abc\\r\\n'", id="length-no-number"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["redis", "falkordb"])
+@pytest.mark.asyncio
+async def test_resp_that_no_redis_would_send_is_protocol_error(
+    ctx: ProbeContext, caplog: pytest.LogCaptureFixture, kind: str, answer: bytes, reason: str
+) -> None:
+    server = GarbageServer(answer)
+    try:
+        with caplog.at_level(logging.ERROR):
+            _, finding = await run_check(KINDS[kind](server.port), ctx)
+    finally:
+        server.close()
+
+    assert (finding.reason_code, finding.reason) == ("protocol_error", f"{kind}: {reason}")
+    assert not [r for r in caplog.records if r.exc_info]

@@ -72,11 +72,18 @@ _SERVER_CLOSED = "Connection closed by server."
 
 
 class NotResp(InvalidResponse):
-    """The target answered with bytes that are not RESP; ``received`` is what came first."""
+    """The target answered with bytes that are not RESP, or RESP that no Redis would send;
+    ``received`` is what came first, ``what`` says what is wrong with it."""
 
-    def __init__(self, received: bytes) -> None:
-        super().__init__("the reply is not RESP")
+    def __init__(self, received: bytes, what: str = "the reply is not RESP") -> None:
+        super().__init__(what)
         self.received = received
+        self.what = what
+
+
+def _shown_reply(reply: Any) -> bytes:
+    """A parsed reply as bytes a reason can quote."""
+    return reply if isinstance(reply, bytes) else repr(reply).encode()
 
 
 class StrictParser(_AsyncRESP2Parser):
@@ -170,9 +177,8 @@ def failure_for(
     """
     message = quote(str(exc), redactor)
     if isinstance(exc, NotResp):
-        return Failure(
-            "protocol_error", f"{what}: the reply is not RESP: '{quote(exc.received, redactor)}'"
-        )
+        received = quote(exc.received, redactor)
+        return Failure("protocol_error", f"{what}: {exc.what}: '{received}'")
     if isinstance(exc, InvalidResponse):
         return Failure("protocol_error", f"{what}: the reply is not RESP: {message}")
     if isinstance(exc, AuthenticationError):
@@ -289,8 +295,11 @@ async def observe(
         try:
             await connection.connect()  # type: ignore[no-untyped-call]
             facts["connect_seconds"] = round(time.perf_counter() - started, 6)
-            await _command(connection, "PING")
-            info = parse_info(await _command(connection, "INFO"))
+            if (pong := await _command(connection, "PING")) != b"PONG":
+                raise NotResp(_shown_reply(pong), "PING was not answered with PONG")
+            if not isinstance(raw_info := await _command(connection, "INFO"), bytes):
+                raise NotResp(_shown_reply(raw_info), "INFO was not answered with text")
+            info = parse_info(raw_info)
             facts.update(server_facts(info))
             if then is not None:
                 await then(connection, info, facts)
