@@ -96,13 +96,20 @@ NO_LINE_END = b"\x00\x01 garbage without a line end"
 SMTP_GREETING = b"220 mail.example.com ESMTP Postfix\r\n"
 
 
+#: Kinds whose client judges an answer by its first bytes. The HTTP kinds are not here yet:
+#: under httpcore, h11 waits for a whole response head before it looks, so this garbage reads
+#: as a closed connection or a timeout; an HTTP parser that rejects the first byte that cannot
+#: start "HTTP/" (llhttp) belongs here.
+FIRST_BYTE_KINDS = ["postgres", "redis", "falkordb"]
+
+
 @pytest.mark.parametrize(
     "garbage", [NO_LINE_END, SMTP_GREETING], ids=["no-line-end", "smtp-greeting"]
 )
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("kind", ["postgres", "redis", "falkordb"])
+@pytest.mark.parametrize("kind", FIRST_BYTE_KINDS)
 @pytest.mark.asyncio
-async def test_datastore_kinds_know_garbage_by_its_first_bytes(
+async def test_garbage_without_a_line_end_is_known_by_its_first_bytes(
     ctx: ProbeContext, kind: str, variant: GarbageVariant, garbage: bytes
 ) -> None:
     server = GarbageServer(garbage)
