@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 from healthd.classify import format_seconds
 from healthd.model import Failure
+from healthd.quoting import quote
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -59,5 +60,6 @@ def network_failure(
 
 
 def _describe(exc: BaseException) -> str:
+    # A library's message may carry what the target sent: quoted like any target text.
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {quote(text[0])}" if text else type(exc).__name__

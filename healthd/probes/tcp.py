@@ -34,6 +34,9 @@ async def probe(check: TcpCheck, ctx: ProbeContext) -> Observation:
             stream = await _connect(check, host, port, ssl_context)
         except (OSError, anyio.BrokenResourceError) as exc:
             # A peer that closes during the TLS handshake surfaces as BrokenResourceError.
+            # A peer that answers the hello with plain text (garbage, or HTTP) is tls_error,
+            # not protocol_error: TLS is the only protocol a tcp check speaks, and the code
+            # names the layer that broke, as for an https URL on a plain port.
             failure = network_failure(exc, what, timeout_seconds=check.timeout_seconds)
             return Observation(time.perf_counter() - started, failure=failure)
     latency = time.perf_counter() - started
