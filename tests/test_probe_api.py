@@ -182,3 +182,21 @@ async def test_one_kept_alive_client_serves_every_check(http_target: HttpTarget)
 def test_path_overrides_must_be_absolute() -> None:
     with pytest.raises(ValueError, match="must start with '/'"):
         ApiCheck(url="http://127.0.0.1:8000", health_path="api/v1/health")
+
+
+@pytest.mark.asyncio
+async def test_report_echoing_a_secret_is_quoted_redacted_and_short(
+    http_target: HttpTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = 'k3y\\with"quotes!'
+    monkeypatch.setenv("HEALTHD_TEST_API_KEY", secret)
+    serve_api(http_target, database=f"\x1b[31m{secret}\n" + "x" * 300, version=secret * 3)
+    check = _check(http_target, headers={"X-Api-Key": "${env:HEALTHD_TEST_API_KEY}"})
+    async with component(check) as api:
+        state = await api.check_once()
+    assert state.reason_code == "database_disconnected"
+    shown = f"{state.reason} {state.details}"
+    assert not any(secret[i : i + 4] in shown for i in range(len(secret) - 3)), shown
+    assert "database '\\x1b[31m<redacted>\\nxxx" in state.reason
+    assert state.reason.isprintable()
+    assert state.details["version"] == "<redacted>" * 3
