@@ -96,18 +96,11 @@ NO_LINE_END = b"\x00\x01 garbage without a line end"
 SMTP_GREETING = b"220 mail.example.com ESMTP Postfix\r\n"
 
 
-#: Kinds whose client judges an answer by its first bytes. The HTTP kinds are not here yet:
-#: under httpcore, h11 waits for a whole response head before it looks, so this garbage reads
-#: as a closed connection or a timeout; an HTTP parser that rejects the first byte that cannot
-#: start "HTTP/" (llhttp) belongs here.
-FIRST_BYTE_KINDS = ["postgres", "redis", "falkordb"]
-
-
 @pytest.mark.parametrize(
     "garbage", [NO_LINE_END, SMTP_GREETING], ids=["no-line-end", "smtp-greeting"]
 )
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("kind", FIRST_BYTE_KINDS)
+@pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.asyncio
 async def test_garbage_without_a_line_end_is_known_by_its_first_bytes(
     ctx: ProbeContext, kind: str, variant: GarbageVariant, garbage: bytes
@@ -170,6 +163,11 @@ async def test_plain_text_answer_to_a_tls_hello_is_tls_error(
             id="info-array",
         ),
         pytest.param(b"$abc\r\n", "the reply is not RESP: '$abc\\r\\n'", id="length-no-number"),
+        pytest.param(
+            b"+PONG\r\n$3\r\n\xff\xfe\xfd\r\n",
+            "INFO was answered with text that is no INFO: '\\xff\\xfe\\xfd'",
+            id="info-no-info",
+        ),
     ],
 )
 @pytest.mark.parametrize("kind", ["redis", "falkordb"])

@@ -300,6 +300,9 @@ async def observe(
             if not isinstance(raw_info := await _command(connection, "INFO"), bytes):
                 raise NotResp(_shown_reply(raw_info), "INFO was not answered with text")
             info = parse_info(raw_info)
+            if "role" not in info:
+                # Every Redis (and Valkey, KeyDB, Dragonfly) names its role in INFO.
+                raise NotResp(raw_info[:200], "INFO was answered with text that is no INFO")
             facts.update(server_facts(info))
             if then is not None:
                 await then(connection, info, facts)
