@@ -137,13 +137,14 @@ def test_only_changed_entries_are_rendered_again() -> None:
 def test_a_dependency_turning_unhealthy_re_renders_its_dependents() -> None:
     store = StateStore()
     store.record(_state("db"), stale_after_seconds=3600)
-    store.record(_state("api", depends_on=("db",)), stale_after_seconds=3600)
+    store.record(_state("api", Status.UNHEALTHY, depends_on=("db",)), stale_after_seconds=3600)
     document = status_file.StatusDocument()
     document.render(store.snapshot())
+    # Only db is checked again, yet api's entry changes: db is now its root cause.
     store.record(_state("db", Status.UNHEALTHY), stale_after_seconds=3600)
     doc = json.loads(document.render(store.snapshot()))
     assert document.rendered_components == 2
-    assert doc["components"]["api"]["unhealthy_dependencies"] == ["db"]
+    assert doc["components"]["api"]["impacted_by"] == ["db"]
 
 
 @pytest.mark.asyncio
