@@ -27,6 +27,8 @@ from healthd.model import (
     Observation,
     Status,
 )
+from healthd.quoting import quote_value
+from healthd.secrets import Redactor
 
 OK = "ok"
 RECOVERING = "recovering"
@@ -113,10 +115,13 @@ def parse_json(body: bytes) -> tuple[Any, str | None]:
         return None, f"body is not JSON ({type(exc).__name__})"
 
 
-def condition_failure(condition: Condition, body: bytes, document: Any) -> str | None:
+def condition_failure(
+    condition: Condition, body: bytes, document: Any, redactor: Redactor | None = None
+) -> str | None:
     """Why ``condition`` fails on this body, or ``None`` when it holds.
 
-    ``document`` is the parsed JSON body, or ``_MISSING`` when the body is not JSON.
+    ``document`` is the parsed JSON body, or ``_MISSING`` when the body is not JSON. A value
+    the reason shows goes through ``quote`` with ``redactor``: the target may echo a secret.
     """
     if condition.regex is not None:
         text = body.decode("utf-8", errors="replace")
@@ -132,10 +137,10 @@ def condition_failure(condition: Condition, body: bytes, document: Any) -> str |
     if value is _MISSING:
         return "absent"
     if condition.equals is not None:
-        return None if _same(value, condition.equals) else f"got {_short(value)}"
+        return None if _same(value, condition.equals) else f"got {quote_value(value, redactor)}"
     # NaN (which Python's JSON parser accepts) compares false with every bound: reject it.
     if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value):
-        return f"got {_short(value)}, not a number"
+        return f"got {quote_value(value, redactor)}, not a number"
     if condition.min is not None and value < condition.min:
         return f"got {value:g}"
     if condition.max is not None and value > condition.max:
@@ -143,10 +148,18 @@ def condition_failure(condition: Condition, body: bytes, document: Any) -> str |
     return None
 
 
-def judge_conditions(conditions: Sequence[Condition], body: bytes, context: str) -> Finding | None:
+def judge_conditions(
+    conditions: Sequence[Condition],
+    body: bytes,
+    context: str,
+    *,
+    redactor: Callable[[], Redactor] | None = None,
+) -> Finding | None:
     """The worst failing condition as a finding, or ``None`` when all hold.
 
-    ``context`` starts the reason, for example ``"GET /api/v1/health"``.
+    ``context`` starts the reason, for example ``"GET /api/v1/health"``. ``redactor`` makes
+    the check's redactor; it is called only when a condition fails (collecting a check's
+    secrets costs more than judging it).
     """
     if not conditions:
         return None
@@ -156,8 +169,13 @@ def judge_conditions(conditions: Sequence[Condition], body: bytes, context: str)
         if error is None:
             document = parsed
     failures = []
+    scrubber: Redactor | None = None
     for condition in conditions:
         why = condition_failure(condition, body, document)
+        if why is not None and redactor is not None:
+            # Judged again with the secrets, which are gathered only now that it failed.
+            scrubber = scrubber or redactor()
+            why = condition_failure(condition, body, document, scrubber)
         if why is not None:
             status = Status.DEGRADED if condition.severity == "degraded" else Status.UNHEALTHY
             failures.append((status, f"{condition.label} ({why})"))
@@ -173,11 +191,6 @@ def _same(value: Any, expected: Any) -> bool:
     if isinstance(value, bool) or isinstance(expected, bool):
         return value is expected
     return bool(value == expected)
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # --- hysteresis ----------------------------------------------------------------------------

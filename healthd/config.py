@@ -674,8 +674,15 @@ class DaemonConfig(_Strict):
     status_file_refresh: Duration = 5.0
     interval: Duration = 15.0
     timeout: Duration = 5.0
-    max_concurrency: int = Field(default=64, ge=1, le=10_000)
-    startup_spread: Duration = 1.0
+    #: ``None``: sized from the checks (``scheduler.concurrency_limit``).
+    max_concurrency: int | None = Field(default=None, ge=1, le=10_000)
+    #: ``None``: 1 ms per check (``scheduler.startup_spread``).
+    startup_spread: Duration | None = None
+    #: At least this long between two status file writes, however many components change.
+    status_file_min_interval: Duration = 1.0
+    #: Export ``healthd_check_duration_seconds``, a histogram per component: half of the bytes
+    #: and of the series, and no shipped rule or dashboard reads it.
+    check_duration_histogram: bool = False
     #: ``full`` writes reasons and details; ``summary`` leaves out everything that could reveal
     #: internal addresses (reasons, details, latencies), for a status file served to the public.
     status_details: Literal["full", "summary"] = "full"

@@ -283,10 +283,7 @@ class History:
                 self._failed_count()
 
     def _failed_count(self) -> None:
-        daemon = self._store.daemon()
-        self._store.update_daemon(
-            history_write_failures_total=daemon.history_write_failures_total + 1
-        )
+        self._store.history_write_failed()
 
     def _cycle(self, *, force_export: bool = False) -> None:
         with self._lock:

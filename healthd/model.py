@@ -146,15 +146,39 @@ class ComponentState:
     impacted_by: tuple[str, ...] = ()
 
 
+#: Upper bounds of healthd's own timing histograms (lateness, loop lag, status file writes):
+#: fine below 10 ms, where the goals are, coarse above.
+DAEMON_BUCKETS_SECONDS: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    5.0,
+)
+
+
+def _daemon_histogram() -> Histogram:
+    return Histogram.empty(DAEMON_BUCKETS_SECONDS)
+
+
 @dataclass(frozen=True, slots=True)
 class DaemonStats:
-    """healthd's own health: scheduler progress, status file writes and config reloads."""
+    """healthd's own health: scheduler progress, event loop lag, status file writes and config
+    reloads."""
 
     started_at: float
     scheduler_last_progress_at: float | None = None
     lateness: Histogram = field(
         default_factory=lambda: Histogram.empty((0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0))
     )
+    event_loop_lag: Histogram = field(default_factory=_daemon_histogram)
+    status_file_write_duration: Histogram = field(default_factory=_daemon_histogram)
     status_file_last_write_at: float | None = None
     status_file_last_write_ok: bool = True
     status_file_write_failures_total: int = 0
@@ -190,10 +214,9 @@ class Snapshot:
 
     def summary(self) -> dict[str, int]:
         """How many components are in each state, every state present."""
-        counts = {status.label: 0 for status in Status}
-        for state in self.components.values():
-            counts[state.status.label] += 1
-        return counts
+        # Counted by identity in C: a loop over 10,000 components with .label took 20 ms.
+        statuses = [state.status for state in self.components.values()]
+        return {status.label: statuses.count(status) for status in Status}
 
     def summary_text(self) -> str:
         """``7 healthy, 1 degraded, 0 unhealthy``: for systemd's STATUS=, logs and the CLI."""

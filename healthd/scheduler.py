@@ -55,6 +55,37 @@ def wakeup_granularity(interval_seconds: float) -> float:
     return min(MAX_WAKEUP_GRANULARITY_SECONDS, interval_seconds / 50)
 
 
+#: Slots per expected probe in flight, and slots always there: a burst of starts, or hung
+#: targets beyond the config's own share, still finds a free slot.
+CONCURRENCY_HEADROOM = 2.0
+CONCURRENCY_FLOOR = 64
+#: The default first round starts this many checks a second, about what one core can probe.
+STARTUP_CHECKS_PER_SECOND = 1000.0
+
+
+def concurrency_limit(config: Config) -> int:
+    """``max_concurrency`` if set, else enough slots that a hung target never delays another.
+
+    A check never overlaps itself, so it holds a slot for at most ``timeout / interval`` of the
+    time even when its target hangs until the timeout: the sum over checks is the most slots
+    the config can keep busy on average. Twice that, plus 64, absorbs phase bunching; more than
+    one slot per check is never needed, since no check can use a second one.
+    """
+    if config.daemon.max_concurrency is not None:
+        return config.daemon.max_concurrency
+    checks = config.checks().values()
+    share = sum(c.timeout_seconds / c.interval_seconds for c in checks)
+    return max(1, min(len(checks), math.ceil(CONCURRENCY_HEADROOM * share) + CONCURRENCY_FLOOR))
+
+
+def startup_spread(config: Config) -> float:
+    """``startup_spread`` if set, else 1 ms per check: a first round of 10 checks starts within
+    10 ms, one of 1,000 within a second, and no burst exceeds what one core can probe."""
+    if config.daemon.startup_spread is not None:
+        return config.daemon.startup_spread
+    return len(config.checks()) / STARTUP_CHECKS_PER_SECOND
+
+
 def stale_after(check: CheckBase) -> float:
     """How old a component's last result may get before its verdict is ``stale``."""
     return STALE_INTERVALS * check.interval_seconds + check.timeout_seconds
@@ -80,8 +111,10 @@ class Scheduler:
     """Runs every configured check on its own interval and records the results in ``store``.
 
     :param store: where states go.
-    :param max_concurrency: how many probes may be in flight at once.
-    :param startup_spread_seconds: the first round is staggered over this much time.
+    :param max_concurrency: how many probes may be in flight at once; ``None`` sizes it from
+        each config applied (see ``concurrency_limit``).
+    :param startup_spread_seconds: the first round is staggered over this much time; ``None``
+        takes it from each config applied (see ``startup_spread``).
     :param probes: the kind -> probe table; tests may pass their own.
     :param on_change: called with the old and new state whenever a status changes.
     :param on_result: called with the old and new state after every check (history).
@@ -93,8 +126,8 @@ class Scheduler:
         self,
         store: StateStore,
         *,
-        max_concurrency: int = 64,
-        startup_spread_seconds: float = 1.0,
+        max_concurrency: int | None = None,
+        startup_spread_seconds: float | None = None,
         probes: Mapping[str, ProbeKind] = PROBES,
         shared: SharedResources | None = None,
         clock: Callable[[], float] = time.time,
@@ -103,7 +136,8 @@ class Scheduler:
         on_result: Callable[[ComponentState | None, ComponentState], None] | None = None,
     ) -> None:
         self._store = store
-        self._limiter = anyio.CapacityLimiter(max_concurrency)
+        self._max_concurrency = max_concurrency
+        self._limiter = anyio.CapacityLimiter(max_concurrency or CONCURRENCY_FLOOR)
         self._spread = startup_spread_seconds
         self._probes = probes
         self._shared = shared or SharedResources()
@@ -136,8 +170,12 @@ class Scheduler:
         history, new ones start at once, removed ones stop and their state is dropped.
         """
         assert self._task_group is not None, "apply() needs run() to be running"
-        self._limiter.total_tokens = config.daemon.max_concurrency
+        self._limiter.total_tokens = self._max_concurrency or concurrency_limit(config)
+        spread = startup_spread(config) if self._spread is None else self._spread
         wanted = config.checks()
+        for kind in {check.kind for check in wanted.values()}:
+            # Imports the kind's module now, before any probe runs, rather than mid-round.
+            self._probes[kind]
         for name, running in list(self._running.items()):
             if wanted.get(name) != running.check:
                 running.scope.cancel()
@@ -148,7 +186,7 @@ class Scheduler:
             if name not in self._running:
                 scope = anyio.CancelScope()
                 self._running[name] = _Running(check, scope, last_completed=start)
-                offset = phase_offset(name, check.interval_seconds, self._spread)
+                offset = phase_offset(name, check.interval_seconds, spread)
                 self._task_group.start_soon(self._loop, name, check, start + offset, scope)
 
     def lagging(self, now: float, grace_seconds: float = 5.0) -> list[str]:
@@ -305,7 +343,7 @@ class Scheduler:
                 with anyio.CancelScope(shield=True):
                     await ctx.aclose()
 
-        self._limiter.total_tokens = config.daemon.max_concurrency
+        self._limiter.total_tokens = self._max_concurrency or concurrency_limit(config)
         async with anyio.create_task_group() as tg:
             for name, check in config.checks().items():
                 tg.start_soon(one, name, check)

@@ -12,8 +12,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
 
 from healthd.classify import World, judge_world
 from healthd.model import ComponentState, DaemonStats, Snapshot
@@ -38,9 +37,10 @@ class StateStore:
         self._components: dict[str, ComponentState] = {}
         self._stale_after: dict[str, float] = {}
         self._daemon = DaemonStats(started_at=clock())
-        # Updated on every check, so kept as plain fields and folded into DaemonStats on read.
+        # Updated on every check (or tick), so kept as plain fields and folded in on read.
         self._progress_at: float | None = None
         self._lateness = self._daemon.lateness
+        self._lag = self._daemon.event_loop_lag
         #: Bumped under the lock on every change; ``_measured_version`` on component changes.
         self._version = 0
         self._measured_version = 0
@@ -79,6 +79,12 @@ class StateStore:
             self._version += 1
             self._measured_version += 1
 
+    def loop_lag(self, seconds: float) -> None:
+        """Count how late the event loop woke a sleeper: every latency it measured is that
+        much wrong."""
+        with self._lock:
+            self._lag = self._lag.observe(seconds)
+
     def probe_failed(self, reason: str) -> None:
         """Count a check healthd could not run: ``probe_error`` (a bug in healthd) or
         ``resource_exhausted`` (healthd's own descriptors, memory or buffers ran out)."""
@@ -99,10 +105,54 @@ class StateStore:
             )
             self._version += 1
 
-    def update_daemon(self, **changes: Any) -> None:
-        """Replace fields of ``DaemonStats``."""
+    def status_file_written(self, ok: bool, at: float, duration_seconds: float) -> None:
+        """Count one attempt to write the status file, which took ``duration_seconds``."""
         with self._lock:
-            self._daemon = dataclasses.replace(self._daemon, **changes)
+            daemon = self._daemon
+            duration = daemon.status_file_write_duration.observe(duration_seconds)
+            if ok:
+                self._daemon = dataclasses.replace(
+                    daemon,
+                    status_file_writes_total=daemon.status_file_writes_total + 1,
+                    status_file_last_write_at=at,
+                    status_file_last_write_ok=True,
+                    status_file_write_duration=duration,
+                )
+            else:
+                self._daemon = dataclasses.replace(
+                    daemon,
+                    status_file_write_failures_total=daemon.status_file_write_failures_total + 1,
+                    status_file_last_write_ok=False,
+                    status_file_write_duration=duration,
+                )
+            self._version += 1
+
+    def config_loaded(
+        self, ok: bool, at: float, *, slo_objectives: Mapping[str, float] | None = None
+    ) -> None:
+        """Note a config (re)load; a failed one leaves healthd on its older config. A loaded one
+        brings its components' ``slo`` objectives."""
+        with self._lock:
+            if ok:
+                self._daemon = dataclasses.replace(
+                    self._daemon,
+                    config_last_reload_successful=True,
+                    config_last_reload_success_at=at,
+                    slo_objectives=dict(slo_objectives or {}),
+                )
+            else:
+                self._daemon = dataclasses.replace(
+                    self._daemon, config_last_reload_successful=False
+                )
+            self._version += 1
+
+    def history_write_failed(self) -> None:
+        """Count a history database write that failed (the rows are kept to retry)."""
+        with self._lock:
+            self._daemon = dataclasses.replace(
+                self._daemon,
+                history_write_failures_total=self._daemon.history_write_failures_total + 1,
+            )
             self._version += 1
 
     def daemon(self) -> DaemonStats:
@@ -112,7 +162,10 @@ class StateStore:
 
     def _daemon_stats(self) -> DaemonStats:
         return dataclasses.replace(
-            self._daemon, scheduler_last_progress_at=self._progress_at, lateness=self._lateness
+            self._daemon,
+            scheduler_last_progress_at=self._progress_at,
+            lateness=self._lateness,
+            event_loop_lag=self._lag,
         )
 
     def snapshot(self) -> Snapshot:

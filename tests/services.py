@@ -367,17 +367,23 @@ def serve_api(
     agents: int = 11,
     version: str = "3.0.0",
     http_status: int = 200,
+    content_encoding: str | None = None,
 ) -> None:
     """The platform API: ``/health`` and the ``/api/v1/health`` contract from the issue,
-    ``{"status", "version", "database", "agents_available"}``."""
-    target.route("/health", _json({"status": "ok"}))
+    ``{"status", "version", "database", "agents_available"}``; compressed with
+    ``content_encoding`` whatever the client asks for, like a framework's gzip middleware."""
     report = {
         "status": status,
         "version": version,
         "database": database,
         "agents_available": agents,
     }
-    target.route("/api/v1/health", _json(report, http_status))
+    if content_encoding is None:
+        target.route("/health", _json({"status": "ok"}))
+        target.route("/api/v1/health", _json(report, http_status))
+        return
+    target.route("/health", Reply.encoded(json.dumps({"status": "ok"}), content_encoding))
+    target.route("/api/v1/health", Reply.encoded(json.dumps(report), content_encoding, http_status))
 
 
 #: Opik's backend health checks, in Dropwizard's ``/health-check`` list format.

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from healthd.exporters.metrics import MetricsServer, SnapshotCollector, exposition
+from healthd.exporters.metrics import Exposition, MetricsServer, SnapshotCollector, exposition
 from healthd.model import ComponentState, Histogram, Status
 from healthd.state import StateStore
 
@@ -229,3 +229,49 @@ def test_collector_offers_the_same_samples_to_a_registry(store: StateStore) -> N
     }
     assert via_registry == direct
     assert ("healthd_overall_status", frozenset(), 1.0) in direct
+
+
+def test_a_scrape_renders_only_the_components_whose_state_changed(store: StateStore) -> None:
+    renderer = Exposition("1.2.3")
+    first = renderer.render(store.snapshot())
+    assert renderer.rendered_components == 3
+    assert renderer.render(store.snapshot()) == first
+    assert renderer.rendered_components == 0
+    store.record(_state("db", "tcp", Status.HEALTHY), stale_after_seconds=60)
+    changed = renderer.render(store.snapshot())
+    assert renderer.rendered_components == 1
+    # The cached text is exactly what a fresh render gives, families still grouped.
+    assert changed == exposition(store.snapshot(), "1.2.3")
+    names = [line.split(" ")[2] for line in changed.decode().splitlines() if "# TYPE" in line]
+    assert len(names) == len(set(names))
+    # Components that come and go keep everyone else's cached lines, in name order.
+    store.remove("api")
+    store.record(_state("backup", "tcp", Status.HEALTHY), stale_after_seconds=60)
+    assert renderer.render(store.snapshot()) == exposition(store.snapshot(), "1.2.3")
+    assert renderer.rendered_components == 1
+
+
+def test_the_per_component_histogram_is_a_config_choice(store: StateStore) -> None:
+    text = exposition(store.snapshot(), "1.2.3", check_duration_histogram=False).decode()
+    assert "healthd_check_duration_seconds" not in text
+    # Everything else, the last check's duration included, is still there.
+    assert 'healthd_component_check_duration_seconds{component="api"} 0.25' in text
+    assert text.count("healthd_component_up{") == 3
+
+
+def test_loop_lag_and_status_file_write_time_are_histograms(store: StateStore) -> None:
+    store.loop_lag(0.003)
+    store.status_file_written(True, NOW, 0.02)
+    store.status_file_written(False, NOW + 1, 0.01)
+    samples = {
+        s.name: s
+        for family in text_string_to_metric_families(exposition(store.snapshot(), "x").decode())
+        for s in family.samples
+        if not s.labels or "le" not in s.labels
+    }
+    assert samples["healthd_event_loop_lag_seconds_count"].value == 1
+    assert samples["healthd_event_loop_lag_seconds_sum"].value == 0.003
+    assert samples["healthd_status_file_write_duration_seconds_count"].value == 2
+    assert samples["healthd_status_file_writes_total"].value == 1
+    assert samples["healthd_status_file_write_failures_total"].value == 1
+    assert samples["healthd_status_file_last_write_timestamp_seconds"].value == NOW

@@ -35,6 +35,32 @@ async def test_healthy_report_is_healthy_with_version_and_both_requests_in_detai
     assert {r.path for r in http_target.requests} == {"/health", "/api/v1/health"}
 
 
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+@pytest.mark.asyncio
+async def test_report_compressed_by_a_server_that_ignores_accept_encoding_is_read(
+    http_target: HttpTarget, coding: str
+) -> None:
+    serve_api(http_target, content_encoding=coding)
+    async with component(_check(http_target)) as api:
+        state = await api.check_once()
+    assert (state.status, state.reason_code) == (Status.HEALTHY, "ok")
+    assert state.details["version"] == "3.0.0"
+    assert state.details["agents_available"] == 11
+    assert {r.headers["accept-encoding"] for r in http_target.requests} == {"identity"}
+
+
+@pytest.mark.asyncio
+async def test_report_in_a_coding_healthd_cannot_decode_is_protocol_error(
+    http_target: HttpTarget,
+) -> None:
+    serve_api(http_target)
+    http_target.route("/api/v1/health", Reply(body=b"\x1b\x0f", headers={"Content-Encoding": "br"}))
+    async with component(_check(http_target)) as api:
+        state = await api.check_once()
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "protocol_error")
+    assert "'br'" in state.reason
+
+
 @pytest.mark.asyncio
 async def test_disconnected_database_is_degraded_then_recovers(http_target: HttpTarget) -> None:
     serve_api(http_target, status="degraded", database="disconnected")
@@ -156,3 +182,21 @@ async def test_one_kept_alive_client_serves_every_check(http_target: HttpTarget)
 def test_path_overrides_must_be_absolute() -> None:
     with pytest.raises(ValueError, match="must start with '/'"):
         ApiCheck(url="http://127.0.0.1:8000", health_path="api/v1/health")
+
+
+@pytest.mark.asyncio
+async def test_report_echoing_a_secret_is_quoted_redacted_and_short(
+    http_target: HttpTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = 'k3y\\with"quotes!'
+    monkeypatch.setenv("HEALTHD_TEST_API_KEY", secret)
+    serve_api(http_target, database=f"\x1b[31m{secret}\n" + "x" * 300, version=secret * 3)
+    check = _check(http_target, headers={"X-Api-Key": "${env:HEALTHD_TEST_API_KEY}"})
+    async with component(check) as api:
+        state = await api.check_once()
+    assert state.reason_code == "database_disconnected"
+    shown = f"{state.reason} {state.details}"
+    assert not any(secret[i : i + 4] in shown for i in range(len(secret) - 3)), shown
+    assert "database '\\x1b[31m<redacted>\\nxxx" in state.reason
+    assert state.reason.isprintable()
+    assert state.details["version"] == "<redacted>" * 3

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 import time
 import tracemalloc
+import zlib
 from typing import Any
 
 import anyio
@@ -13,6 +16,7 @@ import pytest
 from healthd.config import HttpCheck
 from healthd.model import Finding, Status
 from healthd.probes import PROBES, ProbeContext, SharedResources
+from healthd.quoting import QUOTE_LIMIT
 from tests.http_target import Certificate, HttpTarget, Reply
 from tests.probing import run_check
 
@@ -276,10 +280,11 @@ async def test_connect_that_gets_no_answer_is_a_timeout(
     assert time.perf_counter() - started < 0.5
     assert finding.status is Status.UNHEALTHY
     assert finding.reason_code == "timeout"
-    # A fresh client's set-up counts against the deadline, so either limit may fire first.
+    # A fresh client's set-up counts against the deadline, so either limit may fire first;
+    # both quote the configured timeout, not the client's share of it.
     assert finding.reason in {
-        "GET /ready: timed out connecting (limit 0.425 s)",
-        "GET /ready: timed out before the response was complete (limit 0.45 s)",
+        "GET /ready: timed out connecting (timeout 500 ms)",
+        "GET /ready: timed out before the response was complete (timeout 500 ms)",
     }
     assert observation.facts == {}
 
@@ -298,7 +303,7 @@ async def test_hung_target_times_out_inside_the_probe_before_the_scheduler_deadl
     # The read timeout (0.85 x timeout) fires before the scheduler's deadline would.
     assert 0.8 < time.perf_counter() - started < 0.95
     assert finding == Finding(
-        Status.UNHEALTHY, "timeout", f"{WHAT}: timed out waiting for the response (limit 0.85 s)"
+        Status.UNHEALTHY, "timeout", f"{WHAT}: timed out waiting for the response (timeout 1 s)"
     )
     assert observation.facts == {}
 
@@ -320,7 +325,7 @@ async def test_trickling_target_times_out_on_the_whole_exchange(
     assert finding == Finding(
         Status.UNHEALTHY,
         "timeout",
-        f"{WHAT}: timed out before the response was complete (limit 0.9 s)",
+        f"{WHAT}: timed out before the response was complete (timeout 1 s)",
     )
 
 
@@ -755,3 +760,220 @@ async def test_secret_in_the_url_path_is_named_by_its_template(
     assert finding == Finding(
         Status.UNHEALTHY, "http_status", "GET /hooks/${env:HEALTHD_TEST_TOKEN}/health returned 503"
     )
+
+
+# --- compressed bodies ----------------------------------------------------------------------
+
+GZIP_CONDITIONS = [{"json": "status", "equals": "ok"}]
+
+
+@pytest.mark.parametrize(
+    "coding",
+    ["gzip", "x-gzip", "deflate", "raw-deflate", "gzip, gzip", "deflate, gzip", "identity"],
+)
+@pytest.mark.asyncio
+async def test_compressed_body_the_server_sent_anyway_is_decoded_for_conditions(
+    http_target: HttpTarget, ctx: ProbeContext, coding: str
+) -> None:
+    text = '{"status": "ok"}'
+    reply = Reply.json(text) if coding == "identity" else Reply.encoded(text, coding)
+    http_target.route(PATH, reply)
+    check = http_check(http_target.url(PATH), conditions=GZIP_CONDITIONS)
+
+    observation, finding = await run_check(check, ctx)
+
+    assert finding == Finding(Status.HEALTHY, "ok", f"{WHAT} returned 200")
+    assert http_target.requests[0].headers["accept-encoding"] == "identity"
+    assert observation.payload == text.encode()
+    assert observation.facts["body_bytes"] == len(text)
+    if coding != "identity":
+        assert observation.facts["content_encoding"] == coding.replace("raw-", "")
+
+
+@pytest.mark.asyncio
+async def test_gzip_body_arriving_a_byte_at_a_time_is_decoded(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    encoded = Reply.encoded('{"status": "ok"}', "deflate")
+    http_target.route(
+        PATH,
+        Reply(
+            body=encoded.body,
+            headers=encoded.headers,
+            action="trickle",
+            trickle_interval_seconds=0.001,
+        ),
+    )
+    check = http_check(http_target.url(PATH), conditions=GZIP_CONDITIONS, timeout=2)
+
+    _, finding = await run_check(check, ctx)
+
+    assert finding == Finding(Status.HEALTHY, "ok", f"{WHAT} returned 200")
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "compress", "x-Made-Up"])
+@pytest.mark.asyncio
+async def test_body_in_a_coding_healthd_cannot_decode_is_protocol_error_naming_it(
+    http_target: HttpTarget, ctx: ProbeContext, coding: str
+) -> None:
+    http_target.route(PATH, Reply(body=b"\x8b\x07\x80{}\x03", headers={"Content-Encoding": coding}))
+
+    observation, finding = await run_check(http_check(http_target.url(PATH)), ctx)
+
+    assert finding == Finding(
+        Status.UNHEALTHY,
+        "protocol_error",
+        f"{WHAT}: body uses content coding '{coding.lower()}', which healthd cannot decode",
+    )
+    assert observation.facts == {}
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        pytest.param(
+            b"\x1f\x8b\x08\x00garbage that is no deflate", "gzip body is corrupt", id="corrupt"
+        ),
+        pytest.param(
+            Reply.encoded('{"status": "ok", "pad": "' + "x" * 500 + '"}', "gzip").body[:-20],
+            "gzip body ends before its coded stream does",
+            id="cut-short",
+        ),
+        pytest.param(b"plain text, not gzip", "gzip body is corrupt", id="not-gzip-at-all"),
+    ],
+)
+@pytest.mark.asyncio
+async def test_corrupt_gzip_is_protocol_error(
+    http_target: HttpTarget, ctx: ProbeContext, body: bytes, reason: str
+) -> None:
+    http_target.route(PATH, Reply(body=body, headers={"Content-Encoding": "gzip"}))
+
+    _, finding = await run_check(http_check(http_target.url(PATH)), ctx)
+
+    assert finding == Finding(Status.UNHEALTHY, "protocol_error", f"{WHAT}: {reason}")
+
+
+@pytest.mark.asyncio
+async def test_more_stacked_codings_than_healthd_undoes_are_refused(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    http_target.route(PATH, Reply.encoded('{"status": "ok"}', "gzip, gzip, gzip, gzip"))
+
+    _, finding = await run_check(http_check(http_target.url(PATH)), ctx)
+
+    assert finding == Finding(
+        Status.UNHEALTHY,
+        "protocol_error",
+        f"{WHAT}: body has 4 stacked content codings; healthd undoes 3",
+    )
+
+
+@pytest.mark.asyncio
+async def test_head_answer_labelled_with_any_coding_has_no_body_to_decode(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    http_target.route(PATH, Reply(body=b"\x8b\x07\x80{}\x03", headers={"Content-Encoding": "br"}))
+
+    _, finding = await run_check(http_check(http_target.url(PATH), method="HEAD"), ctx)
+
+    assert finding == Finding(Status.HEALTHY, "ok", f"HEAD {PATH} returned 200")
+
+
+@functools.cache
+def _gzip_bomb(decoded_bytes: int) -> bytes:
+    """``decoded_bytes`` of zeros, gzipped (about 1/1000 of the size), built once."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    block = bytes(1 << 20)
+    parts = [compressor.compress(block) for _ in range(decoded_bytes >> 20)]
+    return b"".join(parts) + compressor.flush()
+
+
+@pytest.mark.parametrize("coding", ["gzip", "gzip, gzip"])
+@pytest.mark.asyncio
+async def test_gzip_bomb_is_body_too_large_with_bounded_memory(
+    http_target: HttpTarget, ctx: ProbeContext, coding: str
+) -> None:
+    bomb = _gzip_bomb(256 << 20)
+    if coding == "gzip, gzip":
+        bomb = zlib.compress(bomb, wbits=31)
+    http_target.route(PATH, Reply(body=bomb, headers={"Content-Encoding": coding}))
+    check = http_check(http_target.url(PATH), conditions=GZIP_CONDITIONS)
+    await run_check(http_check(http_target.url("/warm-up")), ctx)  # the client, built once
+    started = time.perf_counter()
+    tracemalloc.start()
+    try:
+        observation, finding = await run_check(check, ctx)
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert finding == Finding(
+        Status.UNHEALTHY,
+        "body_too_large",
+        f"{WHAT}: body is larger than {check.max_body_bytes} bytes, conditions not evaluated",
+    )
+    # 256 MiB decoded would be 256 MiB; the cap (1 MiB) and zlib's window are all it may take.
+    assert peak_bytes < 10_000_000, peak_bytes
+    assert observation.facts["body_bytes"] == check.max_body_bytes
+    assert time.perf_counter() - started < 0.5
+
+
+# --- what reasons quote of the target -------------------------------------------------------
+
+ECHOED_SECRETS = ["Zq7kP2mW9vL4xR8t", 'Ab\\cd"ef\\gh"ij12']
+
+
+def _runs(secret: str, length: int = 4) -> set[str]:
+    return {secret[i : i + length] for i in range(len(secret) - length + 1)}
+
+
+@pytest.mark.parametrize("secret", ECHOED_SECRETS, ids=["plain", "backslash-and-quote"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(lambda s: s, id="the-secret-alone"),
+        pytest.param(lambda s: "x" * 90 + s + "y" * 20, id="across-the-cut"),
+        pytest.param(lambda s: {"token": s, "n": 1}, id="inside-an-object"),
+        pytest.param(lambda s: "\x00\n" * 3 + s, id="after-control-characters"),
+    ],
+)
+@pytest.mark.asyncio
+async def test_condition_reason_never_quotes_an_echoed_secret(
+    http_target: HttpTarget,
+    ctx: ProbeContext,
+    monkeypatch: pytest.MonkeyPatch,
+    secret: str,
+    value: Any,
+) -> None:
+    monkeypatch.setenv("HEALTHD_TEST_TOKEN", secret)
+    # The target echoes the key it was sent inside the value a condition looks at.
+    http_target.route(PATH, Reply.json(json.dumps({"status": value(secret)})))
+    check = http_check(
+        http_target.url(PATH),
+        headers={"X-Api-Key": "${env:HEALTHD_TEST_TOKEN}"},
+        conditions=[{"json": "status", "equals": "ok"}],
+    )
+
+    _, finding = await run_check(check, ctx)
+
+    assert finding.reason_code == "condition_failed"
+    assert not [run for run in _runs(secret) if run in finding.reason], finding.reason
+    quoted = finding.reason.split("(got ", 1)[1].removesuffix(")")
+    assert len(quoted.strip("'")) <= QUOTE_LIMIT, quoted
+    assert "<redact" in quoted  # redacted before the cut, which may fall inside the marker
+    assert finding.reason.isprintable()
+
+
+@pytest.mark.asyncio
+async def test_condition_reason_quotes_a_long_binary_value_escaped_and_cut(
+    http_target: HttpTarget, ctx: ProbeContext
+) -> None:
+    http_target.route(PATH, Reply.json(json.dumps({"status": "\x1b[2J\r\n" + "é" * 300})))
+    check = http_check(http_target.url(PATH), conditions=[{"json": "status", "equals": "ok"}])
+
+    _, finding = await run_check(check, ctx)
+
+    quoted = finding.reason.split("(got '", 1)[1].removesuffix("')")
+    assert quoted.startswith("\\x1b[2J\\r\\néé")
+    assert quoted.endswith("...")
+    assert len(quoted) == QUOTE_LIMIT

@@ -145,3 +145,25 @@ async def test_configured_host_header_is_sent(http_target: HttpTarget) -> None:
 def test_basic_auth_needs_both_username_and_password() -> None:
     with pytest.raises(ValueError, match="both 'username' and 'password'"):
         MlflowCheck(url="http://127.0.0.1:5000", username="healthd")
+
+
+@pytest.mark.asyncio
+async def test_version_echoing_the_password_is_redacted_then_cut(
+    http_target: HttpTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    password = "mlflow-Secret-7d2c9a"
+    monkeypatch.setenv("HEALTHD_TEST_MLFLOW_PASSWORD", password)
+    http_target.route("/health", Reply(body=b"OK"))
+    # A proxy in front that answers /version with whatever it was sent, and more.
+    http_target.route("/version", Reply(body=f"3.1.0 {password}\x00{'z' * 200}".encode()))
+    http_target.route("/api/2.0/mlflow/experiments/search", Reply.json('{"experiments": []}'))
+    check = _check(
+        http_target.url(), username="probe", password="${env:HEALTHD_TEST_MLFLOW_PASSWORD}"
+    )
+    async with component(check) as mlflow:
+        state = await mlflow.check_once()
+    version = state.details["version"]
+    assert version.startswith("3.1.0 <redacted>\\x00zzz")
+    assert len(version) == 40
+    assert version.endswith("...")
+    assert not any(password[i : i + 4] in str(state.details) for i in range(len(password) - 3))

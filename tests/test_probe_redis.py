@@ -171,6 +171,8 @@ async def test_frozen_server_times_out_within_deadline_without_delaying_others(
 
     frozen, frozen_seconds = results["frozen"]
     assert (frozen.status, frozen.reason_code) == (Status.UNHEALTHY, "timeout")
+    # The configured timeout, not redis-py's socket timeout (a share of it).
+    assert frozen.reason == "redis: timed out waiting for a reply (timeout 500 ms)"
     assert frozen_seconds < 0.5 + 0.3
     healthy, healthy_seconds = results["healthy"]
     assert healthy.status is Status.HEALTHY
@@ -429,6 +431,17 @@ def test_secrets_are_scrubbed_from_failure_messages() -> None:
     exc = redis.ResponseError("ERR weird reply mentioning hunter2-secret")
     failure = failure_for(exc, "redis", Redactor(["hunter2-secret"]))
     assert "hunter2-secret" not in failure.message
+
+
+def test_long_reply_is_redacted_before_it_is_cut_and_escaped() -> None:
+    secret = "hunter2-secret-value"
+    exc = redis.ResponseError("ERR " + "x" * 90 + secret + "\r\n\x00" * 500)
+    failure = failure_for(exc, "redis", Redactor([secret]))
+    quoted = failure.message.removeprefix("redis: error reply: ")
+    assert len(quoted) == 100
+    assert quoted == "ERR " + "x" * 90 + "<re..."
+    assert not any(secret[i : i + 4] in failure.message for i in range(len(secret) - 3))
+    assert failure.message.isprintable()
 
 
 _INFO = """# Server\r

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -14,7 +18,7 @@ from healthd.config import Config
 from healthd.model import ComponentState, Observation, Status
 from healthd.probes import PROBES, ProbeContext, ProbeKind
 from healthd.probes import tcp as tcp_probe
-from healthd.scheduler import Scheduler, phase_offset
+from healthd.scheduler import Scheduler, concurrency_limit, phase_offset, startup_spread
 from healthd.state import StateStore
 from tests.http_target import HttpTarget, Reply
 
@@ -150,7 +154,9 @@ async def test_hung_target_times_out_without_delaying_others(http_target: HttpTa
             "fast": {"kind": "http", "url": http_target.url("/fast"), "interval": 0.05},
         }
     )
-    scheduler = Scheduler(store, on_change=changed)
+    # Spread over 1 s, so that the fast check's first client build (a one-off hold of the loop
+    # of up to a few hundred ms on a busy machine) happens before the hung check starts.
+    scheduler = Scheduler(store, on_change=changed, startup_spread_seconds=1.0)
     started = anyio.current_time()
     with anyio.fail_after(3):
         async with anyio.create_task_group() as tg:
@@ -329,3 +335,39 @@ async def test_check_still_running_after_the_first_round_is_not_checked_then_tak
     # The placeholder is no history: the first real result counts as it is, not "recovering".
     assert (state.status, state.reason_code) == (Status.HEALTHY, "ok")
     assert state.consecutive_successes == 1
+
+
+def test_default_concurrency_has_a_slot_for_every_hung_check_with_headroom() -> None:
+    # 1,000 checks a second, each allowed its whole interval: all of them may hang at once.
+    busy = _config({f"c{i}": _tcp(1.0) for i in range(1000)})
+    assert concurrency_limit(busy) == 1000
+    # 10,000 checks every 60 s with 5 s timeouts keep 833 slots busy at worst, on average.
+    fleet = _config({f"c{i}": _tcp(60.0, 5.0) for i in range(10_000)})
+    assert concurrency_limit(fleet) == math.ceil(2 * 10_000 * 5 / 60) + 64
+    # Never more slots than checks, since a check cannot use two; an explicit value wins.
+    assert concurrency_limit(_config({"a": _tcp(1.0)})) == 1
+    assert concurrency_limit(_config({"a": _tcp(1.0)}, max_concurrency=7)) == 7
+
+
+def test_default_startup_spread_is_a_millisecond_per_check() -> None:
+    assert startup_spread(
+        _config({f"c{i}": _tcp(1.0) for i in range(10)}, startup_spread=None)
+    ) == (0.01)
+    assert startup_spread(_config({"a": _tcp(1.0)}, startup_spread=2.0)) == 2.0
+
+
+def test_datastore_clients_are_imported_only_when_the_config_uses_them(tmp_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "from healthd.probes import PROBES\n"
+        "import healthd.daemon\n"
+        "assert set(PROBES) >= {'postgres', 'redis', 'falkordb', 'http'}, set(PROBES)\n"
+        "PROBES['http']\n"
+        "print(sorted(m for m in ('psycopg', 'redis') if m in sys.modules))\n"
+        "PROBES['postgres']\n"
+        "print('psycopg' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    assert result.stdout.splitlines() == ["[]", "True"]

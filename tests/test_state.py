@@ -94,7 +94,7 @@ def test_unchanged_states_are_the_same_objects_in_every_snapshot() -> None:
 
     store.record(measured("db", U, reason_code="timeout"), stale_after_seconds=35)
     second = store.snapshot()
-    store.update_daemon(probe_errors_total=1)
+    store.probe_failed("probe_error")
     third = store.snapshot()
 
     assert first.components["api"] is api

@@ -54,6 +54,8 @@ def _config(tmp_path: Path, target: TcpTarget, **daemon: object) -> tuple[Path, 
         "metrics_address": f"127.0.0.1:{port}",
         "status_file": str(tmp_path / "state" / "status.json"),
         "status_file_refresh": "1s",
+        # STATUS= goes out with each status file write: a short minimum shows every verdict.
+        "status_file_min_interval": "50ms",
         "interval": "300ms",
         "timeout": "200ms",
         "startup_spread": "50ms",

@@ -8,9 +8,13 @@ fsync it, rename it over the old one, then fsync the directory so the rename sur
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import math
 import os
 import tempfile
+import threading
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -25,11 +29,25 @@ DetailLevel = Literal["full", "summary"]
 
 
 def iso_timestamp(unix_seconds: float | None) -> str | None:
-    """RFC 3339 in UTC with milliseconds: ``2026-11-21T23:00:00.123Z``."""
+    """UTC ISO 8601 with milliseconds: ``2026-11-21T23:00:00.123Z``."""
     if unix_seconds is None:
         return None
-    moment = datetime.fromtimestamp(unix_seconds, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    # Rounded to microseconds exactly as datetime.fromtimestamp does, then truncated to ms.
+    fraction, whole = math.modf(unix_seconds)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    elif micros < 0:
+        whole, micros = whole - 1, micros + 1_000_000
+    return f"{_second(int(whole))}{micros // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=8192)
+def _second(unix_seconds: int) -> str:
+    # strftime was most of the cost of a status file write; whole seconds repeat a lot
+    # (``since`` values, a round of checks), so each is formatted once.
+    m = datetime.fromtimestamp(unix_seconds, UTC)
+    return f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}."
 
 
 def document(
@@ -39,14 +57,17 @@ def document(
     components = {
         name: _component(state, details) for name, state in sorted(snapshot.components.items())
     }
-    doc = {
+    doc = {**_head(snapshot), "components": components}
+    return redactor.scrub_tree(doc) if redactor is not None else doc
+
+
+def _head(snapshot: Snapshot) -> dict[str, Any]:
+    return {
         "schema_version": SCHEMA_VERSION,
         "generated_at": iso_timestamp(snapshot.generated_at),
         "status": snapshot.overall.label,
         "summary": snapshot.summary(),
-        "components": components,
     }
-    return redactor.scrub_tree(doc) if redactor is not None else doc
 
 
 def _component(state: ComponentState, details: DetailLevel) -> dict[str, Any]:
@@ -77,16 +98,83 @@ def _component(state: ComponentState, details: DetailLevel) -> dict[str, Any]:
 
 def render(doc: dict[str, Any]) -> bytes:
     """Compact UTF-8 JSON with a trailing newline."""
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    return _dumps(doc) + b"\n"
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class StatusDocument:
+    """Renders the status file for snapshots, re-rendering only the components that changed.
+
+    Each component's JSON entry is kept as bytes, keyed on its ``ComponentState`` object: the
+    store hands out the very same object while a component's judged state (its dependency
+    impact included) is unchanged. The bytes equal ``render(document(...))``.
+
+    :param redactor: scrubs secrets from every entry; build a new ``StatusDocument`` when its
+        secrets change, since cached entries were scrubbed with the old ones.
+    :param details: ``full`` or ``summary``.
+    """
+
+    def __init__(self, redactor: Redactor | None = None, details: DetailLevel = "full") -> None:
+        self._redactor = redactor
+        self._details = details
+        self._lock = threading.Lock()
+        # Components in name order, with the state each entry shows.
+        self._names: list[str] = []
+        self._keys: list[ComponentState | None] = []
+        self._entries: list[bytes] = []
+        self._rows: dict[str, int] = {}
+        #: How many components the last ``render`` had to render afresh.
+        self.rendered_components = 0
+
+    def render(self, snapshot: Snapshot) -> bytes:
+        """The document for ``snapshot``, compact UTF-8 JSON with a trailing newline."""
+        components = snapshot.components
+        with self._lock:
+            if components.keys() != self._rows.keys():
+                self._reorder(components.keys())
+            rendered = 0
+            keys, entries = self._keys, self._entries
+            for row, name in enumerate(self._names):
+                state = components[name]
+                if keys[row] is not state:
+                    keys[row] = state
+                    entries[row] = self._fragment(name, state)
+                    rendered += 1
+            self.rendered_components = rendered
+            body = b",".join(entries)
+        head = _head(snapshot)
+        if self._redactor is not None:
+            head = self._redactor.scrub_tree(head)
+        return b"".join((_dumps(head)[:-1], b',"components":{', body, b"}}\n"))
+
+    def _reorder(self, names: Iterable[str]) -> None:
+        """Components came or went: lay the rows out again, keeping every cached entry."""
+        old = {name: row for row, name in enumerate(self._names)}
+        self._names = sorted(names)
+        self._rows = {name: row for row, name in enumerate(self._names)}
+        rows = [old.get(name) for name in self._names]
+        self._keys = [None if row is None else self._keys[row] for row in rows]
+        self._entries = [b"" if row is None else self._entries[row] for row in rows]
+
+    def _fragment(self, name: str, state: ComponentState) -> bytes:
+        entry = {name: _component(state, self._details)}
+        if self._redactor is not None:
+            entry = self._redactor.scrub_tree(entry)
+        return _dumps(entry)[1:-1]
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` so that readers see the old file or the new one, whole.
 
-    Raises ``OSError`` on failure, after removing its temp file; the old file is untouched.
+    Raises ``OSError`` on failure (a missing directory included), after removing its temp
+    file; the old file is untouched.
     """
     directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
+    # Never created here: a directory that vanished (an unmounted volume, say) must fail the
+    # write, not get recreated on the disk beneath it.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as tmp:

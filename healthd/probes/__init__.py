@@ -10,23 +10,12 @@ Every kind module exposes the same two functions:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import importlib
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from healthd.model import Finding, Observation
-from healthd.probes import (
-    api,
-    bentoml,
-    falkordb,
-    http,
-    mlflow,
-    opik,
-    postgres,
-    redis,
-    supabase,
-    tcp,
-)
 from healthd.probes._context import ProbeContext, SharedResources
 
 
@@ -38,17 +27,46 @@ class ProbeKind:
     assess: Callable[[Any, Observation], Finding]
 
 
-PROBES: dict[str, ProbeKind] = {
-    "http": ProbeKind(http.probe, http.assess),
-    "tcp": ProbeKind(tcp.probe, tcp.assess),
-    "postgres": ProbeKind(postgres.probe, postgres.assess),
-    "redis": ProbeKind(redis.probe, redis.assess),
-    "falkordb": ProbeKind(falkordb.probe, falkordb.assess),
-    "api": ProbeKind(api.probe, api.assess),
-    "mlflow": ProbeKind(mlflow.probe, mlflow.assess),
-    "bentoml": ProbeKind(bentoml.probe, bentoml.assess),
-    "opik": ProbeKind(opik.probe, opik.assess),
-    "supabase": ProbeKind(supabase.probe, supabase.assess),
-}
+class _KindTable(Mapping[str, ProbeKind]):
+    """Every kind is a key from the start; its module is imported on first lookup.
+
+    psycopg and redis-py took about 0.3 s of healthd's start-up here, and a config with no
+    datastore never needs them.
+    """
+
+    def __init__(self, modules: Mapping[str, str]) -> None:
+        self._modules = dict(modules)
+        self._loaded: dict[str, ProbeKind] = {}
+
+    def __getitem__(self, kind: str) -> ProbeKind:
+        try:
+            return self._loaded[kind]
+        except KeyError:
+            module = importlib.import_module(f"healthd.probes.{self._modules[kind]}")
+            loaded = self._loaded[kind] = ProbeKind(module.probe, module.assess)
+            return loaded
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+#: kind -> module in this package; each module has ``probe`` and ``assess``.
+PROBES: Mapping[str, ProbeKind] = _KindTable(
+    {
+        "http": "http",
+        "tcp": "tcp",
+        "postgres": "postgres",
+        "redis": "redis",
+        "falkordb": "falkordb",
+        "api": "api",
+        "mlflow": "mlflow",
+        "bentoml": "bentoml",
+        "opik": "opik",
+        "supabase": "supabase",
+    }
+)
 
 __all__ = ["PROBES", "ProbeContext", "ProbeKind", "SharedResources"]

@@ -7,7 +7,9 @@ import socket
 import ssl
 from collections.abc import Iterator
 
+from healthd.classify import format_seconds
 from healthd.model import Failure
+from healthd.quoting import quote
 
 #: The reason code of a check that failed for lack of healthd's own resources, not the
 #: target's: the scheduler keeps the last verdict instead of judging this one.
@@ -47,8 +49,13 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
                 stack.append(linked)
 
 
-def network_failure(exc: BaseException, what: str) -> Failure:
-    """The failure for a network-level exception; ``what`` names the attempt ("connect to x")."""
+def network_failure(
+    exc: BaseException, what: str, *, timeout_seconds: float | None = None
+) -> Failure:
+    """The failure for a network-level exception; ``what`` names the attempt ("connect to x").
+
+    ``timeout_seconds`` is the check's configured timeout, which a timeout's reason names.
+    """
     # healthd's own trouble first: a wrapped EMFILE must never become the target's failure.
     if (own := resource_failure(exc, what)) is not None:
         return own
@@ -65,12 +72,17 @@ def network_failure(exc: BaseException, what: str) -> Failure:
         if isinstance(item, ConnectionResetError | BrokenPipeError):
             return Failure("connection_reset", f"{what}: connection reset by peer")
         if isinstance(item, TimeoutError):
-            return Failure("timeout", f"{what}: timed out")
+            if timeout_seconds is None:
+                return Failure("timeout", f"{what}: timed out")
+            return Failure(
+                "timeout", f"{what}: timed out (timeout {format_seconds(timeout_seconds)})"
+            )
         if isinstance(item, OSError) and item.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
             return Failure("unreachable", f"{what}: {item.strerror}")
     return Failure("connection_error", f"{what}: {_describe(exc)}")
 
 
 def _describe(exc: BaseException) -> str:
+    # A library's message may carry what the target sent: quoted like any target text.
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {quote(text[0])}" if text else type(exc).__name__

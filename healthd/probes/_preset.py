@@ -37,6 +37,8 @@ from healthd.config import ServiceCheckBase
 from healthd.model import Finding, Observation, Status
 from healthd.probes._context import ProbeContext
 from healthd.probes.http import ProbeClient, build_client, request, status_finding, target
+from healthd.quoting import quote
+from healthd.secrets import Redactor, collect_secrets
 
 #: 2xx: what every documented endpoint of the presets answers when it is fine.
 SUCCESS_STATUS: tuple[tuple[int, int], ...] = ((200, 299),)
@@ -90,10 +92,10 @@ class Exchange:
         document, error = parse_json(self.body)
         return None if error is not None else document
 
-    def text(self, limit: int = 80) -> str:
-        """The body as one short line of text, for facts such as a version string."""
-        text = self.body.decode("utf-8", errors="replace").strip()
-        return text.splitlines()[0][:limit] if text else ""
+    def text(self, redactor: Redactor | None = None, limit: int = 80) -> str:
+        """The body as short text for facts such as a version string: redacted whole, then
+        escaped and cut (``quote``), since a target may echo what it was sent."""
+        return quote(self.body.strip(), redactor, limit)
 
 
 #: What a preset's ``probe`` puts into ``Observation.payload``: every exchange, by name.
@@ -149,6 +151,7 @@ async def exchange(
             headers=dict(call.headers) if call.headers else None,
             json=call.json,
             max_body_bytes=check.max_body_bytes,
+            timeout_seconds=check.timeout_seconds,
         )
         results[call.name] = Exchange(target(call.method, call.url), observation)
 
@@ -164,6 +167,16 @@ async def exchange(
 
 async def _close(client: ProbeClient) -> None:
     await client.aclose()
+
+
+def redactor(check: ServiceCheckBase, ctx: ProbeContext) -> Redactor:
+    """The check's own redactor, for target text that goes into facts; built once per check,
+    since collecting a check's secrets costs about 200 us."""
+    return ctx.get("redactor", lambda: Redactor(collect_secrets(check)), _keep)
+
+
+async def _keep(_: Redactor) -> None:
+    """A redactor holds nothing to close."""
 
 
 def _request_facts(ex: Exchange) -> dict[str, Any]:

@@ -102,6 +102,7 @@ class _Connection(asyncio.Protocol):
         "lost",
         "paused",
         "peer_closed",
+        "spoke_first",
         "status",
         "transport",
         "until_close",
@@ -113,6 +114,9 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.lost = False
         self.peer_closed = False
+        #: The peer sent bytes before any request on this connection: whatever it is (garbage,
+        #: an SSH or SMTP greeting), it is not HTTP, and the exchange says protocol_error.
+        self.spoke_first = False
         #: The OSError (or SSLError) that ended the connection, if one did.
         self.error: BaseException | None = None
         self.idle_since = 0.0
@@ -155,6 +159,7 @@ class _Connection(asyncio.Protocol):
         parser = self._parser
         if parser is None or self.complete or self.failed is not None:
             # Bytes nobody asked for: the connection is out of step and never reused.
+            self.spoke_first = self.spoke_first or parser is None
             self.keep_alive = False
             self.peer_closed = True
             self.abort()
@@ -611,7 +616,7 @@ def _describe(exc: OSError) -> str:
 
 def _failure(conn: _Connection, request: httpx.Request, disconnected: str) -> httpx.HTTPError:
     """The httpx exception for an exchange that cannot go on, its cause chained."""
-    if conn.failed is not None:
+    if conn.failed is not None or conn.spoke_first:
         error: httpx.HTTPError = httpx.RemoteProtocolError(_INVALID, request=request)
         error.__cause__ = conn.failed
         return error

@@ -22,6 +22,8 @@ from healthd.config import ApiCheck
 from healthd.model import Finding, Observation, Status
 from healthd.probes import _preset
 from healthd.probes._context import ProbeContext
+from healthd.quoting import quote, quote_value
+from healthd.secrets import Redactor, collect_secrets
 
 #: Report fields copied into ``details`` when they are plain values.
 _REPORTED = {"version": "version", "status": "reported_status", "database": "database"}
@@ -44,7 +46,7 @@ async def probe(check: ApiCheck, ctx: ProbeContext) -> Observation:
         for field, key in _REPORTED.items():
             value = report.get(field)
             if isinstance(value, str | int | float) and not isinstance(value, bool):
-                facts[key] = str(value)[:80]
+                facts[key] = quote(str(value), _preset.redactor(check, ctx), 80)
         agents = report.get("agents_available")
         if isinstance(agents, int) and not isinstance(agents, bool):
             facts["agents_available"] = agents
@@ -87,7 +89,7 @@ def _judge_report(check: ApiCheck, what: str, report: Mapping[str, Any]) -> Find
             Finding(
                 Status.DEGRADED,
                 "database_disconnected",
-                f"{what} reports database {_shown(database)}",
+                f"{what} reports database {_shown(database, check)}",
             )
         )
     agents = report.get("agents_available")
@@ -114,7 +116,7 @@ def _judge_report(check: ApiCheck, what: str, report: Mapping[str, Any]) -> Find
             Finding(
                 Status.DEGRADED,
                 "unexpected_report",
-                f"{what} reports status {_shown(status)}, not healthy/degraded/unhealthy",
+                f"{what} reports status {_shown(status, check)}, not healthy/degraded/unhealthy",
             )
         )
     if not findings:
@@ -123,8 +125,8 @@ def _judge_report(check: ApiCheck, what: str, report: Mapping[str, Any]) -> Find
     return Finding(Status.DEGRADED, findings[0].reason_code, "; ".join(f.reason for f in findings))
 
 
-def _shown(value: Any) -> str:
+def _shown(value: Any, check: ApiCheck) -> str:
+    """A report value as the reason shows it; the secrets are gathered only on this path."""
     if value is None:
         return "missing"
-    text = repr(value) if isinstance(value, str) else str(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return quote_value(value, Redactor(collect_secrets(check)), 40)

@@ -22,7 +22,9 @@ from healthd.classify import OK, format_seconds, worst
 from healthd.config import FalkorDbCheck
 from healthd.model import Finding, Observation, Status
 from healthd.probes._context import ProbeContext
-from healthd.probes.redis import assess_server, healthy_reason, observe
+from healthd.probes.redis import assess_server, healthy_reason, observe, secrets_of
+from healthd.quoting import quote
+from healthd.secrets import Redactor
 
 #: The name FalkorDB registers its module under, in ``INFO modules`` and ``MODULE LIST``.
 GRAPH_MODULE = "graph"
@@ -90,7 +92,8 @@ async def probe(check: FalkorDbCheck, ctx: ProbeContext) -> Observation:
             if _EMPTY_KEY not in str(exc):
                 if type(exc) is not ResponseError or not _is_query_error(exc):
                     raise
-                facts["graph_error"] = " ".join(str(exc).split())
+                # FalkorDB's words, which may echo the query: redacted, escaped, cut short.
+                facts["graph_error"] = quote(str(exc), Redactor(secrets_of(check)))
                 return
             if facts.get("role") != "master":
                 facts["probe_graph"] = "missing"
@@ -152,8 +155,13 @@ def _graph_findings(check: FalkorDbCheck, facts: Mapping[str, Any]) -> list[Find
             )
         ]
     if (error := facts.get("graph_error")) is not None:
-        code = "timeout" if "timed out" in str(error) else "graph_query_failed"
-        return [Finding(Status.UNHEALTHY, code, f"graph query failed: {error}")]
+        if "timed out" in str(error):
+            # FalkorDB's own TIMEOUT is a share of the check's: name the configured one.
+            limit = format_seconds(check.timeout_seconds)
+            return [
+                Finding(Status.UNHEALTHY, "timeout", f"graph query timed out (timeout {limit})")
+            ]
+        return [Finding(Status.UNHEALTHY, "graph_query_failed", f"graph query failed: {error}")]
     if facts.get("probe_graph") == "missing":
         return [
             Finding(

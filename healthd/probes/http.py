@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,12 +20,14 @@ from urllib.parse import urlsplit
 import anyio
 import httpx
 
-from healthd.classify import OK, failed, judge_conditions
+from healthd.classify import OK, failed, format_seconds, judge_conditions
 from healthd.config import HttpCheck
 from healthd.model import Failure, Finding, Observation, Status
 from healthd.probes._context import ProbeContext
 from healthd.probes._errors import network_failure
 from healthd.probes._transport import KEEPALIVE_IDLE_SECONDS, ProbeTransport
+from healthd.quoting import quote
+from healthd.secrets import Redactor, collect_secrets
 
 #: The client's own deadline is this share of the check's timeout, so that the library reports
 #: which phase timed out before the scheduler's deadline cancels the probe.
@@ -245,23 +248,29 @@ async def request(
     content: bytes | str | None = None,
     json: Any = None,
     max_body_bytes: int = 1 << 20,
+    timeout_seconds: float | None = None,
     total_timeout_seconds: float | None = None,
     spent_seconds: float = 0.0,
     what: str | None = None,
 ) -> Observation:
     """Send one request and observe the answer.
 
-    ``facts`` get ``http_status`` and ``body_bytes``; ``payload`` is the body, at most
-    ``max_body_bytes`` long, with ``facts["body_truncated"]`` set when there was more.
-    ``total_timeout_seconds`` bounds the whole exchange; by default it is derived from the
-    client's timeout. ``spent_seconds`` is how much of it the caller already used (building the
-    client, say); reasons still quote the whole limit. ``what`` names the request in reasons
+    ``facts`` get ``http_status`` and ``body_bytes``; ``payload`` is the body, decoded (gzip,
+    deflate) and at most ``max_body_bytes`` long, with ``facts["body_truncated"]`` set when
+    there was more; ``facts["content_encoding"]`` names the codings that were undone.
+    ``timeout_seconds`` is the check's configured timeout, which timeout reasons quote (by
+    default derived from the client's). ``total_timeout_seconds`` bounds the whole exchange; by
+    default it is derived from the client's timeout. ``spent_seconds`` is how much of it the
+    caller already used (building the client, say). ``what`` names the request in reasons
     (default: ``target(method, url)``).
     """
     what = what or target(method, url)
+    client_timeout = client.timeout.read or client.timeout.connect
+    if timeout_seconds is None and client_timeout is not None:
+        timeout_seconds = client_timeout / CLIENT_TIMEOUT_SHARE
     limit_seconds = total_timeout_seconds
-    if limit_seconds is None and client.timeout.read is not None:
-        limit_seconds = client.timeout.read / CLIENT_TIMEOUT_SHARE * TOTAL_TIMEOUT_SHARE
+    if limit_seconds is None and timeout_seconds is not None:
+        limit_seconds = timeout_seconds * TOTAL_TIMEOUT_SHARE
     started = time.perf_counter()
     remaining = None if limit_seconds is None else limit_seconds - spent_seconds
     with anyio.move_on_after(remaining) as deadline:
@@ -269,38 +278,158 @@ async def request(
         try:
             response = await client.send(prepared)
             try:
-                body, truncated = await _read_capped(response, max_body_bytes)
+                codings = _content_codings(response)
+                body, truncated = await _read_capped(response, max_body_bytes, codings)
             finally:
                 await response.aclose()
         except httpx.HTTPError as exc:
-            return Observation(time.perf_counter() - started, failure=_failure(exc, what, client))
+            failure = _failure(exc, what, timeout_seconds)
+            return Observation(time.perf_counter() - started, failure=failure)
+        except _BodyError as exc:
+            failure = Failure("protocol_error", f"{what}: {exc}")
+            return Observation(time.perf_counter() - started, failure=failure)
     latency = time.perf_counter() - started
     if deadline.cancelled_caught and limit_seconds is not None:
-        message = (
-            f"{what}: timed out before the response was complete (limit {limit_seconds:.3g} s)"
-        )
+        message = f"{what}: timed out before the response was complete{_limit(timeout_seconds)}"
         return Observation(latency, failure=Failure("timeout", message))
     facts: dict[str, Any] = {"http_status": response.status_code, "body_bytes": len(body)}
     if truncated:
         facts["body_truncated"] = True
+    if codings:
+        facts["content_encoding"] = ", ".join(codings)
     if response.history:
         facts["redirects"] = len(response.history)
     return Observation(latency, facts=facts, payload=body)
 
 
-async def _read_capped(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+def _limit(timeout_seconds: float | None) -> str:
+    """`` (timeout 500 ms)``: the check's configured timeout, as reasons quote it."""
+    return "" if timeout_seconds is None else f" (timeout {format_seconds(timeout_seconds)})"
+
+
+# --- content codings ------------------------------------------------------------------------
+
+#: Codings stacked deeper than this are refused: no server needs more, and each costs a window.
+MAX_CONTENT_CODINGS = 3
+_GZIP_WBITS = 16 + zlib.MAX_WBITS
+_ZLIB_WBITS = zlib.MAX_WBITS
+_RAW_DEFLATE_WBITS = -zlib.MAX_WBITS
+
+
+class _BodyError(Exception):
+    """The body is not what its headers say it is: ``protocol_error``, with this message."""
+
+
+def _content_codings(response: httpx.Response) -> list[str]:
+    """The response's content codings in the order they were applied; ``identity`` left out.
+
+    healthd asks for ``identity``, but servers and proxies that ignore it answer with gzip
+    anyway; a body judged as raw bytes would then fail every condition.
+    """
+    codings = [
+        coding.strip().lower()
+        for coding in response.headers.get_list("content-encoding", split_commas=True)
+    ]
+    codings = [coding for coding in codings if coding not in ("", "identity")]
+    if len(codings) > MAX_CONTENT_CODINGS:
+        raise _BodyError(f"body has {len(codings)} stacked content codings; healthd undoes 3")
+    return codings
+
+
+class _Decoder:
+    """Undoes one content coding, incrementally, never producing more than it is asked for.
+
+    ``gzip`` (and ``x-gzip``) may hold several members; ``deflate`` is zlib-wrapped as the RFC
+    says, or raw as some servers send it, told apart by the zlib header. Any other coding has
+    no decoder: its first byte is a ``_BodyError`` naming it.
+    """
+
+    __slots__ = ("_head", "_zlib", "coding", "started")
+
+    def __init__(self, coding: str) -> None:
+        self.coding = coding
+        self.started = False
+        self._head = b""
+        self._zlib: Any = None
+        if coding in ("gzip", "x-gzip"):
+            self._zlib = zlib.decompressobj(_GZIP_WBITS)
+
+    def decode(self, data: bytes, max_length: int) -> bytes:
+        """At most ``max_length`` (at least 1) bytes of output for ``data``; reaching it means
+        the caller's cap was passed, and the rest of the input is never wanted."""
+        if not data:
+            return b""
+        self.started = True
+        if self._zlib is None:
+            if self.coding != "deflate":
+                raise _BodyError(
+                    f"body uses content coding '{quote(self.coding, limit=40)}', "
+                    "which healthd cannot decode"
+                )
+            self._head += data
+            if len(self._head) < 2:
+                return b""  # too little to tell zlib-wrapped from raw deflate
+            data, self._head = self._head, b""
+            cmf, flg = data[0], data[1]
+            zlib_wrapped = cmf & 0x0F == 8 and (cmf << 8 | flg) % 31 == 0
+            self._zlib = zlib.decompressobj(_ZLIB_WBITS if zlib_wrapped else _RAW_DEFLATE_WBITS)
+        out: bytes = b""
+        try:
+            while True:
+                out += self._zlib.decompress(data, max_length - len(out))
+                if len(out) >= max_length or not self._zlib.eof:
+                    return out
+                data = self._zlib.unused_data
+                if not data:
+                    return out
+                if self.coding == "deflate":
+                    raise _BodyError("deflate body has data after its end")
+                self._zlib = zlib.decompressobj(_GZIP_WBITS)  # the next gzip member
+        except zlib.error:
+            raise _BodyError(f"{self.coding} body is corrupt") from None
+
+    def finish(self) -> None:
+        """The body ended: it must have ended where the coded stream does."""
+        if self.started and (self._zlib is None or not self._zlib.eof):
+            raise _BodyError(f"{self.coding} body ends before its coded stream does")
+
+
+async def _read_capped(
+    response: httpx.Response, limit: int, codings: list[str]
+) -> tuple[bytes, bool]:
+    """The body, decoded, and whether it was cut at ``limit`` bytes.
+
+    ``limit`` caps the raw bytes read and the output of every decoding stage, so a small gzip
+    bomb costs no more memory than a plain body of ``limit`` bytes. Closing the stream early
+    drops the connection: reading on would be an unbounded read.
+    """
+    decoders = [_Decoder(coding) for coding in reversed(codings)]
+    produced = [0] * len(decoders)
     chunks: list[bytes] = []
-    size = 0
+    raw_size = 0
     async for chunk in response.aiter_raw():
+        raw_size += len(chunk)
+        over = raw_size > limit
+        if over:
+            chunk = chunk[: len(chunk) - (raw_size - limit)]
+        for index, decoder in enumerate(decoders):
+            chunk = decoder.decode(chunk, limit - produced[index] + 1)
+            produced[index] += len(chunk)
+            if produced[index] > limit:
+                over = True
+                chunk = chunk[: len(chunk) - (produced[index] - limit)]
+                if index < len(decoders) - 1:
+                    chunk = b""  # an inner stage past the cap: what follows is not wanted
+                break
         chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            # Closing the stream drops the connection: reading on would be an unbounded read.
+        if over:
             return b"".join(chunks)[:limit], True
+    for decoder in decoders:
+        decoder.finish()
     return b"".join(chunks), False
 
 
-def _failure(exc: httpx.HTTPError, what: str, client: ProbeClient) -> Failure:
+def _failure(exc: httpx.HTTPError, what: str, timeout_seconds: float | None) -> Failure:
     if isinstance(exc, httpx.TimeoutException):
         phase = {
             httpx.ConnectTimeout: "connecting",
@@ -308,8 +437,8 @@ def _failure(exc: httpx.HTTPError, what: str, client: ProbeClient) -> Failure:
             httpx.WriteTimeout: "sending the request",
             httpx.PoolTimeout: "waiting for a connection",
         }.get(type(exc), "")
-        limit = client.timeout.read or client.timeout.connect or 0
-        return Failure("timeout", f"{what}: timed out {phase} (limit {limit:.3g} s)".strip())
+        message = f"{what}: timed out {phase}".rstrip()
+        return Failure("timeout", f"{message}{_limit(timeout_seconds)}")
     if isinstance(exc, httpx.TooManyRedirects):
         return Failure("redirect_loop", f"{what}: too many redirects")
     if isinstance(exc, httpx.RemoteProtocolError):
@@ -322,7 +451,7 @@ def _failure(exc: httpx.HTTPError, what: str, client: ProbeClient) -> Failure:
     if isinstance(exc, httpx.DecodingError):
         return Failure("protocol_error", f"{what}: response could not be decoded")
     if isinstance(exc, httpx.TransportError):
-        return network_failure(exc, what)
+        return network_failure(exc, what, timeout_seconds=timeout_seconds)
     return Failure("http_error", f"{what}: {type(exc).__name__}")
 
 
@@ -360,6 +489,7 @@ async def probe(check: HttpCheck, ctx: ProbeContext) -> Observation:
         check.url.reveal(),
         content=check.body.reveal() if check.body is not None else None,
         max_body_bytes=check.max_body_bytes,
+        timeout_seconds=check.timeout_seconds,
         total_timeout_seconds=check.timeout_seconds * TOTAL_TIMEOUT_SHARE,
         spent_seconds=time.perf_counter() - started,
         what=_safe_target(check),
@@ -400,6 +530,9 @@ def assess(check: HttpCheck, observation: Observation) -> Finding:
             "body_too_large",
             f"{what}: body is larger than {check.max_body_bytes} bytes, conditions not evaluated",
         )
-    if (condition := judge_conditions(check.conditions, body, what)) is not None:
+    condition = judge_conditions(
+        check.conditions, body, what, redactor=lambda: Redactor(collect_secrets(check))
+    )
+    if condition is not None:
         return condition
     return Finding(Status.HEALTHY, OK, f"{what} returned {observation.facts['http_status']}")

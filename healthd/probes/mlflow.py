@@ -55,7 +55,8 @@ async def probe(check: MlflowCheck, ctx: ProbeContext) -> Observation:
         headers=headers,
     )
     version = _preset.exchanges(observation)["version"]
-    return _preset.with_facts(observation, version=version.text(40) if version.ok else None)
+    text = version.text(_preset.redactor(check, ctx), 40) if version.ok else None
+    return _preset.with_facts(observation, version=text)
 
 
 def assess(check: MlflowCheck, observation: Observation) -> Finding:

@@ -28,6 +28,8 @@ from healthd.config import OpikCheck
 from healthd.model import Finding, Observation, Status
 from healthd.probes import _preset
 from healthd.probes._context import ProbeContext
+from healthd.quoting import QUOTE_LIMIT, quote
+from healthd.secrets import Redactor
 
 
 async def probe(check: OpikCheck, ctx: ProbeContext) -> Observation:
@@ -46,14 +48,16 @@ async def probe(check: OpikCheck, ctx: ProbeContext) -> Observation:
     recorded = _preset.exchanges(observation)
     version_doc = recorded["version"].json() if recorded["version"].ok else None
     version = version_doc.get("version") if isinstance(version_doc, Mapping) else None
+    redactor = _preset.redactor(check, ctx)
+    shown = quote(str(version), redactor, 40) if isinstance(version, str | int | float) else None
     return _preset.with_facts(
         observation,
-        version=str(version)[:40] if isinstance(version, str | int | float) else None,
-        failing_checks=_failing_checks(recorded["health_check"].json()),
+        version=shown,
+        failing_checks=_failing_checks(recorded["health_check"].json(), redactor),
     )
 
 
-def _failing_checks(document: Any) -> list[str] | None:
+def _failing_checks(document: Any, redactor: Redactor) -> list[str] | None:
     """Names of the sub-checks that report ``healthy: false``; ``None`` without a list."""
     if isinstance(document, Mapping):
         # Dropwizard's older admin format: {"mysql": {"healthy": false, ...}, ...}
@@ -61,7 +65,7 @@ def _failing_checks(document: Any) -> list[str] | None:
     if not isinstance(document, list):
         return None
     return sorted(
-        str(item.get("name", "?"))[:60]
+        quote(str(item.get("name", "?")), redactor, 60)
         for item in document
         if isinstance(item, Mapping) and item.get("healthy") is False
     )
@@ -74,7 +78,8 @@ def assess(check: OpikCheck, observation: Observation) -> Finding:
     recorded = _preset.exchanges(observation)
     ping = recorded["ping"]
     failing: list[str] = list(observation.facts.get("failing_checks") or [])
-    named = f" (failing: {', '.join(failing)})" if failing else ""
+    names = _joined(failing)
+    named = f" (failing: {names})" if failing else ""
     if ping.http_status == 500 or (ping.ok and _healthy(ping) is False):
         return Finding(
             Status.UNHEALTHY,
@@ -87,7 +92,7 @@ def assess(check: OpikCheck, observation: Observation) -> Finding:
         return Finding(
             Status.DEGRADED,
             "subcheck_failed",
-            f"backend is alive, but non-critical checks fail: {', '.join(failing)}",
+            f"backend is alive, but non-critical checks fail: {names}",
         )
     if check.ui_url is not None:
         ui_finding = _preset.first(
@@ -107,6 +112,12 @@ def assess(check: OpikCheck, observation: Observation) -> Finding:
     name = " ".join(("Opik", observation.facts.get("version", ""))).strip()
     parts = "backend and UI" if check.ui_url is not None else "backend"
     return Finding(Status.HEALTHY, OK, f"{name} {parts} healthy")
+
+
+def _joined(names: list[str]) -> str:
+    """Names (each quoted already) as one list, no longer than one quote."""
+    text = ", ".join(names)
+    return text if len(text) <= QUOTE_LIMIT else text[: QUOTE_LIMIT - 3] + "..."
 
 
 def _healthy(ex: _preset.Exchange) -> bool | None:

@@ -23,6 +23,7 @@ from healthd.classify import OK, failed, format_seconds, worst
 from healthd.config import PostgresCheck
 from healthd.model import Failure, Finding, Observation, Status
 from healthd.probes._context import ProbeContext
+from healthd.quoting import quote
 from healthd.secrets import Redactor
 
 #: The client's own connect timeout is this share of the check's timeout (but at least 2 s,
@@ -94,6 +95,22 @@ MESSAGE_CODES: tuple[tuple[str, str], ...] = (
     ("network is unreachable", "unreachable"),
     ("server closed the connection unexpectedly", "connection_reset"),
     ("connection reset", "connection_reset"),
+    # libpq's words for bytes that are not PostgreSQL's protocol. Before "ssl": libpq first
+    # asks for TLS, and an answer that is neither 'S' (yes) nor 'N' (no) is not a TLS failure
+    # but garbage from something that is not PostgreSQL. (An answer that starts with 'S' does
+    # begin a TLS handshake, and what follows fails as TLS, as for a ``tcp`` check with TLS.)
+    ("invalid response to ssl negotiation", "protocol_error"),
+    ("error response during ssl exchange", "protocol_error"),
+    ("unencrypted data after ssl request", "protocol_error"),
+    ("invalid response to gssapi negotiation", "protocol_error"),
+    ("expected authentication request from server", "protocol_error"),
+    ("unexpected message from server", "protocol_error"),
+    ("unexpected response from server", "protocol_error"),
+    ("lost synchronization with server", "protocol_error"),
+    ("invalid message length", "protocol_error"),
+    ("message contents do not agree with length", "protocol_error"),
+    ("insufficient data left in message", "protocol_error"),
+    ("arrived from server while idle", "protocol_error"),
     ("ssl", "tls_error"),
 )
 
@@ -112,9 +129,9 @@ def failure_code(sqlstate: str | None, message: str) -> str:
     return "connection_error"
 
 
-def _server_message(exc: psycopg.Error) -> str:
-    """The useful line of an error: the server's ``FATAL:`` text if there is one."""
-    text = str(exc).strip()
+def _server_message(text: str) -> str:
+    """The useful line of an error's text: the server's ``FATAL:`` text if there is one."""
+    text = text.strip()
     if "FATAL:" in text:
         text = text.rsplit("FATAL:", 1)[1]
     elif "failed:" in text:
@@ -123,10 +140,20 @@ def _server_message(exc: psycopg.Error) -> str:
 
 
 def _failure(exc: psycopg.Error, what: str, check: PostgresCheck) -> Failure:
-    # libpq never echoes a password, but a DSN fragment in a message could carry one.
+    code = failure_code(exc.sqlstate, str(exc))
+    if code == "timeout":
+        # libpq's "timeout expired" and the server's statement_timeout both enforce the
+        # configured timeout (or a share of it): name that, not libpq's own number.
+        return Failure("timeout", f"{what}: timed out{_limit(check)}")
+    # Redacted whole, before the message is cut to its useful line and quoted: libpq never
+    # echoes a password, but a DSN fragment, or a server that is not PostgreSQL, could.
     secrets = check.dsn.secrets + (check.password.secrets if check.password else ())
-    message = Redactor(secrets).scrub(_server_message(exc))
-    return Failure(failure_code(exc.sqlstate, str(exc)), f"{what}: {message}")
+    message = quote(_server_message(Redactor(secrets).scrub(str(exc))))
+    return Failure(code, f"{what}: {message}")
+
+
+def _limit(check: PostgresCheck) -> str:
+    return f" (timeout {format_seconds(check.timeout_seconds)})"
 
 
 def _script(check: PostgresCheck) -> str:
@@ -166,37 +193,53 @@ async def probe(check: PostgresCheck, ctx: ProbeContext) -> Observation:
         params["password"] = check.password.reveal()
     facts: dict[str, Any] = {}
     started = time.perf_counter()
-    try:
-        conn = await psycopg.AsyncConnection.connect(check.dsn.reveal(), **params)
-    except psycopg.Error as exc:
-        return Observation(
-            time.perf_counter() - started, failure=_failure(exc, f"{what} connect", check)
-        )
+    # Our own deadline, a little before the scheduler's, so the reason can name the phase
+    # (psycopg's own connect_timeout cannot go under 2 s).
+    deadline = anyio.current_time() + check.timeout_seconds * CLIENT_TIMEOUT_SHARE
+    with anyio.CancelScope(deadline=deadline) as scope:
+        try:
+            conn = await psycopg.AsyncConnection.connect(check.dsn.reveal(), **params)
+        except psycopg.Error as exc:
+            return Observation(
+                time.perf_counter() - started, failure=_failure(exc, f"{what} connect", check)
+            )
+    if scope.cancelled_caught:
+        failure = Failure("timeout", f"{what} connect: timed out{_limit(check)}")
+        return Observation(time.perf_counter() - started, failure=failure)
     facts["connect_seconds"] = round(time.perf_counter() - started, 6)
-    try:
-        cursor = await conn.execute(_script(check))
-        rows = []
-        while True:
-            if cursor.description is not None:
-                rows.append(await cursor.fetchone())
-            if not cursor.nextset():
-                break
-        liveness, row = rows
-    except psycopg.Error as exc:
-        return Observation(
-            time.perf_counter() - started,
-            failure=_failure(exc, f"{what} query", check),
-            facts=facts,
+    rows: list[Any] = []
+    with anyio.CancelScope(deadline=deadline) as scope:
+        try:
+            cursor = await conn.execute(_script(check))
+            while True:
+                if cursor.description is not None:
+                    rows.append(await cursor.fetchone())
+                if not cursor.nextset():
+                    break
+        except psycopg.Error as exc:
+            return Observation(
+                time.perf_counter() - started,
+                failure=_failure(exc, f"{what} query", check),
+                facts=facts,
+            )
+        finally:
+            # Closing only sends a Terminate and drops the socket; it must happen even when
+            # a deadline has cancelled us, or a frozen server would keep the connection.
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+    if scope.cancelled_caught:
+        failure = Failure("timeout", f"{what} query: timed out{_limit(check)}")
+        return Observation(time.perf_counter() - started, failure=failure, facts=facts)
+    if len(rows) != 2:
+        failure = Failure(
+            "protocol_error", f"{what}: the query returned {len(rows)} results, not 2"
         )
-    finally:
-        # Closing only sends a Terminate and drops the socket; it must happen even when the
-        # deadline has cancelled us, or a frozen server would keep the connection.
-        with anyio.CancelScope(shield=True):
-            await conn.close()
+        return Observation(time.perf_counter() - started, failure=failure, facts=facts)
+    liveness, row = rows
     latency = time.perf_counter() - started
     if liveness != (1,) or row is None:
         # Something between us and PostgreSQL answers, but not as PostgreSQL would.
-        failure = Failure("protocol_error", f"{what}: SELECT 1 returned {liveness!r}")
+        failure = Failure("protocol_error", f"{what}: SELECT 1 returned {quote(repr(liveness))}")
         return Observation(latency, failure=failure, facts=facts)
     facts.update(state_facts(row))
     return Observation(latency, facts=facts)

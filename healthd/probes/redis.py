@@ -18,12 +18,14 @@ from typing import Any
 
 import anyio
 import redis
+from redis._parsers import _AsyncRESP2Parser
 from redis.asyncio.connection import AbstractConnection, SSLConnection, parse_url
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     AuthenticationError,
     BusyLoadingError,
     ConnectionError,
+    InvalidResponse,
     MasterDownError,
     NoPermissionError,
     ReadOnlyError,
@@ -38,6 +40,7 @@ from healthd.config import RedisCheck, RedisCheckBase
 from healthd.model import Failure, Finding, Observation, Status
 from healthd.probes._context import ProbeContext
 from healthd.probes._errors import network_failure
+from healthd.quoting import QUOTE_LIMIT, quote
 from healthd.secrets import Redactor
 
 #: The socket timeouts are this share of the check's timeout, so that redis-py reports the
@@ -61,6 +64,64 @@ DEGRADED_FAILURES = frozenset({"saturated"})
 #: What ``then`` gets after ``INFO``: the open connection, the parsed ``INFO`` and the facts
 #: to add to. It may raise ``RedisError``; that becomes the observation's failure.
 Then = Callable[[AbstractConnection, Mapping[str, Any], dict[str, Any]], Awaitable[None]]
+
+
+#: The first byte of every RESP2 reply line: simple string, error, integer, bulk, array.
+_RESP2_TYPES = frozenset(b"+-:$*")
+_SERVER_CLOSED = "Connection closed by server."
+
+
+class NotResp(InvalidResponse):
+    """The target answered with bytes that are not RESP, or RESP that no Redis would send;
+    ``received`` is what came first, ``what`` says what is wrong with it."""
+
+    def __init__(self, received: bytes, what: str = "the reply is not RESP") -> None:
+        super().__init__(what)
+        self.received = received
+        self.what = what
+
+
+def _shown_reply(reply: Any) -> bytes:
+    """A parsed reply as bytes a reason can quote."""
+    return reply if isinstance(reply, bytes) else repr(reply).encode()
+
+
+class StrictParser(_AsyncRESP2Parser):
+    """redis-py's RESP2 parser, made to say "not RESP" at the first byte that is not.
+
+    redis-py reads a whole line before it looks at a reply, so garbage without a line end
+    waits for the timeout, and garbage with one can raise ``ValueError`` from ``int()``, which
+    would escape as a bug in healthd. Here the type byte of every reply line is checked as it
+    arrives, and whatever the parser cannot make sense of is ``NotResp``: ``protocol_error``.
+    """
+
+    async def read_response(self, disable_decoding: bool = False) -> Any:
+        try:
+            return await super().read_response(disable_decoding=disable_decoding)
+        except ValueError as exc:
+            # int() of a length that is no number, or a line longer than the reader's limit.
+            raise NotResp(b"".join(self._chunks) or self._buffer) from exc
+
+    async def _readline(self) -> bytes:
+        if self._pos < len(self._buffer):
+            return await super()._readline()  # the line is (partly) buffered already
+        stream = self._stream
+        if stream is None:
+            raise ConnectionError(_SERVER_CLOSED)
+        first = await stream.read(1)
+        if not first:
+            raise ConnectionError(_SERVER_CLOSED)
+        if first[0] not in _RESP2_TYPES:
+            # What else already arrived, without waiting for more (redis-py reads this
+            # buffer too, in ``can_read``).
+            pending = bytes(getattr(stream, "_buffer", b"")[:QUOTE_LIMIT])
+            raise NotResp(first + pending)
+        data = first + await stream.readline()
+        if not data.endswith(b"\r\n"):
+            raise ConnectionError(_SERVER_CLOSED)
+        self._chunks.append(data)
+        self._pos += len(data)
+        return data[:-2]
 
 
 def build_connection(check: RedisCheckBase) -> AbstractConnection:
@@ -89,6 +150,7 @@ def build_connection(check: RedisCheckBase) -> AbstractConnection:
         # clients reached". Passing None also skips the per-connection metadata lookup.
         driver_info=None,
         health_check_interval=0,
+        parser_class=StrictParser,
     )
     connection: AbstractConnection = connection_class(**kwargs)
     return connection
@@ -98,17 +160,27 @@ async def _disconnect(connection: AbstractConnection) -> None:
     await connection.disconnect(nowait=True)
 
 
-def _secrets(check: RedisCheckBase) -> tuple[str, ...]:
+def secrets_of(check: RedisCheckBase) -> tuple[str, ...]:
+    """The check's secrets: the URL's password and ``password``."""
     return check.url.secrets + (check.password.secrets if check.password else ())
 
 
-def failure_for(exc: RedisError, what: str, redactor: Redactor) -> Failure:
+def failure_for(
+    exc: RedisError, what: str, redactor: Redactor, timeout_seconds: float | None = None
+) -> Failure:
     """Map a redis-py exception to a reason code.
 
     ``AuthenticationError`` and ``BusyLoadingError`` subclass ``ConnectionError``, so they are
-    matched before it; error replies are matched by their prefix.
+    matched before it; error replies are matched by their prefix. What the server said is
+    quoted (redacted, escaped, cut short); timeouts name ``timeout_seconds``, the configured
+    timeout.
     """
-    message = redactor.scrub(" ".join(str(exc).split()))
+    message = quote(str(exc), redactor)
+    if isinstance(exc, NotResp):
+        received = quote(exc.received, redactor)
+        return Failure("protocol_error", f"{what}: {exc.what}: '{received}'")
+    if isinstance(exc, InvalidResponse):
+        return Failure("protocol_error", f"{what}: the reply is not RESP: {message}")
     if isinstance(exc, AuthenticationError):
         return Failure("auth_failed", f"{what}: authentication failed: {message}")
     if isinstance(exc, BusyLoadingError):
@@ -120,11 +192,15 @@ def failure_for(exc: RedisError, what: str, redactor: Redactor) -> Failure:
     if isinstance(exc, NoPermissionError):
         return Failure("permission_denied", f"{what}: the user may not run this: {message}")
     if isinstance(exc, TimeoutError):
-        return Failure("timeout", f"{what}: timed out: {message}")
+        phase = "connecting" if "connect" in str(exc).lower() else "waiting for a reply"
+        limit = "" if timeout_seconds is None else f" (timeout {format_seconds(timeout_seconds)})"
+        return Failure("timeout", f"{what}: timed out {phase}{limit}")
     if isinstance(exc, ConnectionError):
         if "max number of clients reached" in message:
             return Failure("saturated", f"{what}: max number of clients reached")
-        return network_failure(exc, what)
+        if str(exc) == _SERVER_CLOSED:
+            return Failure("connection_closed", f"{what}: server closed the connection")
+        return network_failure(exc, what, timeout_seconds=timeout_seconds)
     if isinstance(exc, ResponseError):
         reply = str(exc)
         status = getattr(exc, "status_code", None) or reply.split(" ", 1)[0]
@@ -219,8 +295,14 @@ async def observe(
         try:
             await connection.connect()  # type: ignore[no-untyped-call]
             facts["connect_seconds"] = round(time.perf_counter() - started, 6)
-            await _command(connection, "PING")
-            info = parse_info(await _command(connection, "INFO"))
+            if (pong := await _command(connection, "PING")) != b"PONG":
+                raise NotResp(_shown_reply(pong), "PING was not answered with PONG")
+            if not isinstance(raw_info := await _command(connection, "INFO"), bytes):
+                raise NotResp(_shown_reply(raw_info), "INFO was not answered with text")
+            info = parse_info(raw_info)
+            if "role" not in info:
+                # Every Redis (and Valkey, KeyDB, Dragonfly) names its role in INFO.
+                raise NotResp(raw_info[:200], "INFO was answered with text that is no INFO")
             facts.update(server_facts(info))
             if then is not None:
                 await then(connection, info, facts)
@@ -233,7 +315,7 @@ async def observe(
                 # returning, so a probe that has returned holds no connection.
                 await anyio.lowlevel.checkpoint()
     except RedisError as exc:
-        failure = failure_for(exc, what, Redactor(_secrets(check)))
+        failure = failure_for(exc, what, Redactor(secrets_of(check)), check.timeout_seconds)
         return Observation(time.perf_counter() - started, failure=failure, facts=facts)
     return Observation(time.perf_counter() - started, facts=facts)
 

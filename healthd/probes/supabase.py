@@ -27,6 +27,7 @@ from healthd.config import SupabaseCheck
 from healthd.model import Finding, Observation, Status
 from healthd.probes import _preset
 from healthd.probes._context import ProbeContext
+from healthd.quoting import quote
 
 #: The parts every check has, then the optional ones; each part's code when it fails.
 _DOWN_CODES = {
@@ -64,9 +65,8 @@ async def probe(check: SupabaseCheck, ctx: ProbeContext) -> Observation:
     auth = _preset.exchanges(observation)["auth"]
     document = auth.json() if auth.ok else None
     version = document.get("version") if isinstance(document, Mapping) else None
-    return _preset.with_facts(
-        observation, auth_version=str(version)[:40] if isinstance(version, str) else None
-    )
+    shown = quote(version, _preset.redactor(check, ctx), 40) if isinstance(version, str) else None
+    return _preset.with_facts(observation, auth_version=shown)
 
 
 def assess(check: SupabaseCheck, observation: Observation) -> Finding:

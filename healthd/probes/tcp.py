@@ -8,7 +8,7 @@ import time
 import anyio
 import anyio.abc
 
-from healthd.classify import OK, failed
+from healthd.classify import OK, failed, format_seconds
 from healthd.config import TcpCheck, parse_address
 from healthd.model import Failure, Finding, Observation, Status
 from healthd.probes._context import ProbeContext
@@ -34,12 +34,17 @@ async def probe(check: TcpCheck, ctx: ProbeContext) -> Observation:
             stream = await _connect(check, host, port, ssl_context)
         except (OSError, anyio.BrokenResourceError) as exc:
             # A peer that closes during the TLS handshake surfaces as BrokenResourceError.
-            return Observation(time.perf_counter() - started, failure=network_failure(exc, what))
+            # A peer that answers the hello with plain text (garbage, or HTTP) is tls_error,
+            # not protocol_error: TLS is the only protocol a tcp check speaks, and the code
+            # names the layer that broke, as for an https URL on a plain port.
+            failure = network_failure(exc, what, timeout_seconds=check.timeout_seconds)
+            return Observation(time.perf_counter() - started, failure=failure)
     latency = time.perf_counter() - started
     if deadline.cancelled_caught:
-        limit = check.timeout_seconds * CLIENT_TIMEOUT_SHARE
+        # The configured timeout, not our share of it: that is the number an operator set.
+        limit = format_seconds(check.timeout_seconds)
         return Observation(
-            latency, failure=Failure("timeout", f"{what}: timed out {phase} (limit {limit:.3g} s)")
+            latency, failure=Failure("timeout", f"{what}: timed out {phase} (timeout {limit})")
         )
     # Forcefully: a graceful TLS close waits for the peer's close_notify, which a stuck peer
     # never sends, and a peer that already left would make it raise.

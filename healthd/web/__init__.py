@@ -18,6 +18,7 @@ FILES = ("index.html", "status.css", "status.js")
 def install(directory: Path) -> list[Path]:
     """Copy the page into ``directory`` (each file replaced atomically); return the paths."""
     package = resources.files(__name__)
+    directory.mkdir(parents=True, exist_ok=True)  # write_atomic never creates directories
     installed = []
     for name in FILES:
         target = directory / name

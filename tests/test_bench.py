@@ -1,0 +1,43 @@
+"""The bench, scaled down: its in-process rows run and report cached renders, not timings."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
+
+
+def test_bench_renders_only_changed_components_and_prints_the_table() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--only",
+            "metrics,status",
+            "--scale",
+            "0.02",
+            "--rounds",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    lines = result.stdout.splitlines()
+    assert "| measure | result | goal |" in lines
+    rows = [line for line in lines if line.startswith("| /metrics") or line.startswith("| status")]
+    assert len(rows) == 3, result.stdout
+    # 5% of 200 components change between scrapes and writes: 10 are rendered again, not 200.
+    assert all(re.search(r"re-rendered 10 (of 200 components|entries)", row) for row in rows), rows
+
+
+def test_bench_rejects_an_unknown_row() -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--only", "nope"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 2
+    assert "unknown rows: nope" in result.stderr
