@@ -20,7 +20,7 @@ import logging
 import socket
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from typing import Any
 
@@ -32,6 +32,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from healthd.exporters._fragments import FragmentCache
 from healthd.log_routing import OncePerKind
 from healthd.model import ComponentState, Histogram, Snapshot, Status
 
@@ -239,37 +240,25 @@ class Exposition:
 
     def __init__(self, version: str, *, check_duration_histogram: bool = True) -> None:
         self._version = version
-        self._histogram = check_duration_histogram
         self._headers = _component_headers(check_duration_histogram)
         self._lock = threading.Lock()
-        # Components in name order; each family's pieces in that order, one column per family.
-        self._names: list[str] = []
-        self._states: list[ComponentState | None] = []
-        self._columns: list[list[bytes]] = [[] for _ in self._headers]
-        self._rows: dict[str, int] = {}
-        #: How many components the last ``render`` had to render afresh.
-        self.rendered_components = 0
+        # One row per component: its pieces of every family, in the families' order.
+        self._rows: FragmentCache[tuple[bytes, ...]] = FragmentCache(
+            functools.partial(_fragments, histogram=check_duration_histogram), ()
+        )
+
+    @property
+    def rendered_components(self) -> int:
+        """How many components the last ``render`` had to render afresh."""
+        return self._rows.rendered_components
 
     def render(self, snapshot: Snapshot) -> bytes:
         """healthd's metrics for ``snapshot`` in the Prometheus text format (0.0.4)."""
-        components = snapshot.components
         with self._lock:
-            if components.keys() != self._rows.keys():
-                self._reorder(components.keys())
-            rendered = 0
-            states, columns = self._states, self._columns
-            for row, name in enumerate(self._names):
-                state = components[name]
-                if states[row] is not state:
-                    states[row] = state
-                    for column, piece in zip(
-                        columns, _fragments(name, state, self._histogram), strict=True
-                    ):
-                        column[row] = piece
-                    rendered += 1
-            self.rendered_components = rendered
+            rows = self._rows.update(snapshot.components)
             # One join per family, then one of the families: each C call holds the GIL (and so
             # the event loop) for a few megabytes at most, not for every fragment at once.
+            columns = zip(*rows, strict=True) if rows else ((),) * len(self._headers)
             parts: list[bytes] = []
             for header, column in zip(self._headers, columns, strict=True):
                 parts += (header, b"".join(column))
@@ -278,20 +267,6 @@ class Exposition:
         _daemon(out, snapshot, self._version)
         parts.append(out.text())
         return b"".join(parts)
-
-    def _reorder(self, names: Iterable[str]) -> None:
-        """Components came or went: lay the rows out again, keeping every cached piece."""
-        old = {name: row for row, name in enumerate(self._names)}
-        self._names = sorted(names)
-        self._rows = {name: row for row, name in enumerate(self._names)}
-        states: list[ComponentState | None] = []
-        columns: list[list[bytes]] = [[] for _ in self._headers]
-        for name in self._names:
-            row = old.get(name)
-            states.append(None if row is None else self._states[row])
-            for column, previous in zip(columns, self._columns, strict=True):
-                column.append(b"" if row is None else previous[row])
-        self._states, self._columns = states, columns
 
 
 def exposition(snapshot: Snapshot, version: str, *, check_duration_histogram: bool = True) -> bytes:

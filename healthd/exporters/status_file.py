@@ -14,11 +14,11 @@ import math
 import os
 import tempfile
 import threading
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from healthd.exporters._fragments import FragmentCache
 from healthd.model import ComponentState, Snapshot
 from healthd.secrets import Redactor
 
@@ -121,43 +121,21 @@ class StatusDocument:
         self._redactor = redactor
         self._details = details
         self._lock = threading.Lock()
-        # Components in name order, with the state each entry shows.
-        self._names: list[str] = []
-        self._keys: list[ComponentState | None] = []
-        self._entries: list[bytes] = []
-        self._rows: dict[str, int] = {}
-        #: How many components the last ``render`` had to render afresh.
-        self.rendered_components = 0
+        self._entries: FragmentCache[bytes] = FragmentCache(self._fragment, b"")
+
+    @property
+    def rendered_components(self) -> int:
+        """How many components the last ``render`` had to render afresh."""
+        return self._entries.rendered_components
 
     def render(self, snapshot: Snapshot) -> bytes:
         """The document for ``snapshot``, compact UTF-8 JSON with a trailing newline."""
-        components = snapshot.components
         with self._lock:
-            if components.keys() != self._rows.keys():
-                self._reorder(components.keys())
-            rendered = 0
-            keys, entries = self._keys, self._entries
-            for row, name in enumerate(self._names):
-                state = components[name]
-                if keys[row] is not state:
-                    keys[row] = state
-                    entries[row] = self._fragment(name, state)
-                    rendered += 1
-            self.rendered_components = rendered
-            body = b",".join(entries)
+            body = b",".join(self._entries.update(snapshot.components))
         head = _head(snapshot)
         if self._redactor is not None:
             head = self._redactor.scrub_tree(head)
         return b"".join((_dumps(head)[:-1], b',"components":{', body, b"}}\n"))
-
-    def _reorder(self, names: Iterable[str]) -> None:
-        """Components came or went: lay the rows out again, keeping every cached entry."""
-        old = {name: row for row, name in enumerate(self._names)}
-        self._names = sorted(names)
-        self._rows = {name: row for row, name in enumerate(self._names)}
-        rows = [old.get(name) for name in self._names]
-        self._keys = [None if row is None else self._keys[row] for row in rows]
-        self._entries = [b"" if row is None else self._entries[row] for row in rows]
 
     def _fragment(self, name: str, state: ComponentState) -> bytes:
         entry = {name: _component(state, self._details)}
