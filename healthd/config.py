@@ -229,6 +229,8 @@ class CheckBase(_Strict):
     flap_window: int = Field(default=10, ge=0, le=1000)
     flap_threshold: float = Field(default=0.5, gt=0, le=1)
     depends_on: tuple[str, ...] = ()
+    #: Components whose reasons are appended to this one's while it is not healthy.
+    evidence: tuple[str, ...] = ()
     description: str = ""
     #: The availability objective (share of good checks), exported for the SLO burn-rate rules.
     slo: float | None = Field(default=None, gt=0, lt=1)
@@ -646,6 +648,76 @@ class SupabaseCheck(ServiceCheckBase):
         return key
 
 
+# --- the unit and the host ----------------------------------------------------------------
+
+#: A unit name as systemd spells it: no path, no spaces, a known suffix.
+_UNIT = re.compile(
+    r"[A-Za-z0-9:_.\\@-]{1,250}\.(service|socket|timer|mount|path|target|scope|slice)",
+    re.ASCII,
+)
+
+
+class SystemdCheck(CheckBase):
+    """A systemd unit's state, result and restarts, read with ``systemctl show``."""
+
+    kind: Literal["systemd"] = "systemd"
+    unit: str
+    restart_window: Duration = 600.0
+    max_restarts: int = Field(default=3, ge=1, le=10_000)
+
+    @field_validator("unit")
+    @classmethod
+    def _unit(cls, value: str) -> str:
+        if not _UNIT.fullmatch(value):
+            raise ValueError(f"unit {value[:80]!r} is not a unit name such as 'e2i-api.service'")
+        return value
+
+
+#: A share between 0 and 1, both included (0 disables a memory threshold, 1 a disk one).
+Share = Annotated[float, Field(ge=0, le=1)]
+
+
+class HostCheck(CheckBase):
+    """This machine: disk usage of ``disk_paths``, available memory and pressure stalls.
+
+    Usage and availability are shares (0 to 1); pressure is the percent ``some avg60``.
+    """
+
+    kind: Literal["host"] = "host"
+    disk_paths: tuple[str, ...] = ("/",)
+    degraded_disk_usage: Share = 0.85
+    unhealthy_disk_usage: Share = 0.95
+    degraded_memory_available: Share = 0.15
+    unhealthy_memory_available: Share = 0.05
+    degraded_pressure: float = Field(default=20.0, ge=0, le=100)
+    unhealthy_pressure: float = Field(default=50.0, ge=0, le=100)
+
+    @field_validator("disk_paths")
+    @classmethod
+    def _paths(cls, paths: tuple[str, ...]) -> tuple[str, ...]:
+        for path in paths:
+            if not path.startswith("/") or "\x00" in path:
+                raise ValueError(f"disk path {path[:80]!r} must be an absolute path")
+        return paths
+
+    @field_validator("unhealthy_disk_usage", "unhealthy_pressure")
+    @classmethod
+    def _above_degraded(cls, value: float, info: ValidationInfo) -> float:
+        degraded_key = info.field_name.replace("unhealthy", "degraded")  # type: ignore[union-attr]
+        degraded = info.data.get(degraded_key)
+        if degraded is not None and value < degraded:
+            raise ValueError(f"must not be below {degraded_key} ({degraded:g})")
+        return value
+
+    @field_validator("unhealthy_memory_available")
+    @classmethod
+    def _below_degraded(cls, value: float, info: ValidationInfo) -> float:
+        degraded = info.data.get("degraded_memory_available")
+        if degraded is not None and value > degraded:
+            raise ValueError(f"must not be above degraded_memory_available ({degraded:g})")
+        return value
+
+
 #: Every check kind. A new kind needs a model here, a row in ``probes.PROBES`` (a test holds
 #: the two to the same set), and its section in the README.
 CheckConfig = Annotated[
@@ -658,7 +730,9 @@ CheckConfig = Annotated[
     | MlflowCheck
     | BentomlCheck
     | OpikCheck
-    | SupabaseCheck,
+    | SupabaseCheck
+    | SystemdCheck
+    | HostCheck,
     Field(discriminator="kind"),
 ]
 
@@ -776,6 +850,13 @@ class Config(BaseSettings):
                     raise ValueError(
                         f"components.{name}.depends_on: no component named {dependency!r}"
                     )
+            for witness in check.evidence:
+                if witness == name:
+                    raise ValueError(
+                        f"components.{name}.evidence: a component cannot be its own evidence"
+                    )
+                if witness not in self.components:
+                    raise ValueError(f"components.{name}.evidence: no component named {witness!r}")
             resolved[name] = check.model_copy(update={"interval": interval, "timeout": timeout})
         _reject_cycles(resolved)
         object.__setattr__(self, "components", resolved)

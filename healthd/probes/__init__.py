@@ -66,6 +66,8 @@ PROBES: Mapping[str, ProbeKind] = _KindTable(
         "bentoml": "bentoml",
         "opik": "opik",
         "supabase": "supabase",
+        "systemd": "systemd",
+        "host": "host",
     }
 )
 
