@@ -440,3 +440,77 @@ def test_systemd_analyze_security_rates_the_unit_at_most_2_0(healthd: Healthd) -
     match = re.search(r"Overall exposure level for healthd\.service: (\d+\.\d+)", out)
     assert match is not None, out
     assert float(match[1]) <= 2.0, out
+
+
+# --- kind = "systemd": units watched from inside the sandbox --------------------------------
+
+_WATCHED_UNITS = {
+    # Exits 1 at once, restarted every 300 ms for ever (no start limit): a restart loop.
+    "ev-crash.service": "[Unit]\nStartLimitIntervalSec=0\n[Service]\n"
+    "ExecStart=/bin/sh -c 'exit 1'\nRestart=always\nRestartSec=300ms\n",
+    # Killed with SIGKILL, as the OOM killer would (cgroup memory limits are not enforced in
+    # the container); the restart is an hour away, so it waits in auto-restart.
+    "ev-killed.service": "[Service]\nExecStart=/bin/sleep infinity\nRestart=on-failure\n"
+    "RestartSec=1h\n",
+    "ev-up.service": "[Service]\nExecStart=/bin/sleep infinity\n",
+}
+
+
+@pytest.fixture
+def watched_units(container: Container) -> Iterator[None]:
+    """Three units for healthd's systemd checks to watch; stopped and removed after."""
+    for name, text in _WATCHED_UNITS.items():
+        container.write(f"/etc/systemd/system/{name}", text)
+    container.systemctl("daemon-reload")
+    yield
+    for name in _WATCHED_UNITS:
+        container.systemctl("stop", name, check=False)
+        container.systemctl("reset-failed", name, check=False)
+        container.run("rm", "-f", f"/etc/systemd/system/{name}")
+    container.systemctl("daemon-reload")
+
+
+def _component(unit: Healthd, name: str) -> dict[str, Any]:
+    try:
+        component: dict[str, Any] = unit.status()["components"].get(name) or {}
+    except (OSError, ValueError):  # not written yet
+        return {}
+    return component
+
+
+def test_sandboxed_healthd_tells_a_crash_loop_a_killed_unit_and_a_unit_that_stays_up(
+    healthd: Healthd, watched_units: None
+) -> None:
+    container = healthd.container
+    container.systemctl("start", "ev-up.service", "ev-killed.service")
+    container.systemctl("start", "--no-block", "ev-crash.service")
+    healthd.configure(
+        "".join(
+            f'[components.{name.removesuffix(".service")}]\nkind = "systemd"\n'
+            f'unit = "{name}"\nfailure_threshold = 1\n'
+            for name in _WATCHED_UNITS
+        ),
+        timeout="3s",
+    )
+    healthd.start()
+    killed_pid = container.show("ev-killed.service", "MainPID")["MainPID"]
+    container.run("kill", "-9", killed_pid)
+
+    _wait_for(
+        "a restart loop",
+        lambda: _component(healthd, "ev-crash").get("reason_code") == "restart_loop",
+        timeout_seconds=30,
+    )
+    _wait_for(
+        "the killed unit judged",
+        lambda: _component(healthd, "ev-killed").get("reason_code") == "unit_failed",
+    )
+    crash = _component(healthd, "ev-crash")
+    assert crash["status"] == "unhealthy"
+    assert re.search(r"\d+ restarts in 10 min, last result exit-code \(status 1\)", crash["reason"])
+    killed = _component(healthd, "ev-killed")
+    assert killed["status"] == "unhealthy"
+    assert killed["reason"] == "auto-restart, last result signal (SIGKILL)"
+    up = _component(healthd, "ev-up")
+    assert up["status"] == "healthy"
+    assert up["reason"] == "running, no restarts in 10 min"

@@ -1,0 +1,140 @@
+"""The systemd kind's judge in tables, and its probe where no systemd runs.
+
+The probe against a real systemd (a crash loop, a killed unit, a unit that stays up) is in
+tests/test_systemd_unit.py, which boots one in a container.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from healthd.config import SystemdCheck
+from healthd.model import Finding, Observation, Status
+from healthd.probes import ProbeContext
+from healthd.probes.systemd import _describe_result, assess
+from tests.probing import run_check
+
+
+def unit_check(**settings: Any) -> SystemdCheck:
+    """A check as the loaded config would have it (interval and timeout filled in)."""
+    settings.setdefault("interval", 10)
+    settings.setdefault("timeout", 5)
+    return SystemdCheck(unit="e2i-api.service", **settings)
+
+
+def seen(
+    active: str = "active",
+    sub: str = "running",
+    *,
+    restarts: int = 0,
+    last_failure: str | None = None,
+    load: str = "loaded",
+) -> Observation:
+    """An observation as the probe makes it."""
+    return Observation(
+        0.01,
+        facts={
+            "load_state": load,
+            "active_state": active,
+            "sub_state": sub,
+            "result": "success",
+            "n_restarts": restarts,
+            "restarts_in_window": restarts,
+            "last_failure": last_failure,
+            "invocation_id": "x",
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    ("observation", "expected"),
+    [
+        (seen(), Finding(Status.HEALTHY, "ok", "running, no restarts in 10 min")),
+        (
+            seen("activating", "auto-restart", restarts=4, last_failure="oom-kill"),
+            Finding(
+                Status.UNHEALTHY,
+                "restart_loop",
+                "auto-restart, 4 restarts in 10 min, last result oom-kill",
+            ),
+        ),
+        (
+            seen(restarts=3, last_failure="watchdog (SIGABRT)"),
+            Finding(
+                Status.UNHEALTHY,
+                "restart_loop",
+                "running, 3 restarts in 10 min, last result watchdog (SIGABRT)",
+            ),
+        ),
+        (
+            seen(restarts=1, last_failure="signal (SIGKILL)"),
+            Finding(
+                Status.DEGRADED,
+                "restarted",
+                "running, 1 restart in 10 min, last result signal (SIGKILL)",
+            ),
+        ),
+        (
+            seen("failed", "failed", last_failure="exit-code (status 1)"),
+            Finding(
+                Status.UNHEALTHY, "unit_failed", "failed (failed), last result exit-code (status 1)"
+            ),
+        ),
+        (
+            seen("activating", "auto-restart", last_failure="signal (SIGKILL)"),
+            Finding(Status.UNHEALTHY, "unit_failed", "auto-restart, last result signal (SIGKILL)"),
+        ),
+        (
+            seen("inactive", "dead"),
+            Finding(Status.UNHEALTHY, "unit_inactive", "inactive (dead)"),
+        ),
+        (
+            seen("activating", "start"),
+            Finding(Status.DEGRADED, "unit_changing", "activating (start)"),
+        ),
+        (
+            seen("inactive", "dead", load="not-found"),
+            Finding(Status.UNHEALTHY, "unit_not_found", "e2i-api.service is not-found"),
+        ),
+    ],
+)
+def test_assess_verdicts(observation: Observation, expected: Finding) -> None:
+    assert assess(unit_check(), observation) == expected
+
+
+def test_max_restarts_and_window_come_from_the_check() -> None:
+    finding = assess(unit_check(max_restarts=5, restart_window="90s"), seen(restarts=4))
+
+    assert finding == Finding(Status.DEGRADED, "restarted", "running, 4 restarts in 90 s")
+
+
+@pytest.mark.parametrize(
+    ("result", "code", "status", "text"),
+    [
+        ("exit-code", "1", "3", "exit-code (status 3)"),
+        ("signal", "2", "9", "signal (SIGKILL)"),
+        ("core-dump", "3", "11", "core-dump (SIGSEGV)"),
+        ("watchdog", "2", "6", "watchdog (SIGABRT)"),
+        ("oom-kill", "2", "9", "oom-kill"),
+        ("start-limit-hit", "0", "0", "start-limit-hit"),
+    ],
+)
+def test_result_names_exit_status_or_signal(result: str, code: str, status: str, text: str) -> None:
+    assert _describe_result(result, {"ExecMainCode": code, "ExecMainStatus": status}) == text
+
+
+@pytest.mark.asyncio
+async def test_without_a_running_systemd_the_check_is_unhealthy_saying_why(
+    ctx: ProbeContext,
+) -> None:
+    if Path("/run/systemd/system").exists():
+        pytest.skip("systemd runs here")
+
+    _, finding = await run_check(unit_check(), ctx)
+
+    assert finding.status is Status.UNHEALTHY
+    assert finding.reason_code == "systemd_unreachable"
+    assert finding.reason.startswith("systemctl show e2i-api.service: ")
