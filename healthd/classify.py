@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -296,6 +296,7 @@ def next_state(
         checks_total=MappingProxyType(checks_total),
         durations=durations.observe(latency),
         depends_on=check.depends_on,
+        evidence=check.evidence,
         flap_history=history,
         last_failure=last_failure,
     )
@@ -333,6 +334,7 @@ def unchecked_state(name: str, check: CheckBase, now: float) -> ComponentState:
         consecutive_failures=0,
         consecutive_successes=0,
         depends_on=check.depends_on,
+        evidence=check.evidence,
     )
 
 
@@ -343,6 +345,9 @@ STALE = "stale"
 
 _NOTHING: Mapping[str, ComponentState] = MappingProxyType({})
 _NOTHING_NEEDED: Mapping[str, tuple[str, ...]] = MappingProxyType({})
+_NOTHING_EVIDENCED: Mapping[str, tuple[ComponentState, str]] = MappingProxyType({})
+#: Each evidence reason appended to another component's is cut to this many characters.
+EVIDENCE_REASON_CHARS = 120
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,6 +372,10 @@ class World:
     unhealthy: AbstractSet[str]
     dependencies: Mapping[str, tuple[str, ...]]
     root_causes: Mapping[str, tuple[str, ...]]
+    #: Components whose reason got evidence appended: the state before, and the text added.
+    evidenced: Mapping[str, tuple[ComponentState, str]] = field(
+        default_factory=lambda: _NOTHING_EVIDENCED
+    )
 
 
 def judge_world(
@@ -382,6 +391,8 @@ def judge_world(
     - **Impact:** a component that is not healthy while an unhealthy component is among its
       dependencies (transitively) carries the root causes in ``impacted_by``; its own status
       stays as measured. See ``root_causes``.
+    - **Evidence:** a component that is not healthy gets the current reasons of its
+      ``evidence`` components appended to its reason, each cut to ``EVIDENCE_REASON_CHARS``.
     - **Overall:** see ``overall``.
 
     ``previous`` changes nothing in the result but its objects' identity: a judged state that
@@ -391,6 +402,7 @@ def judge_world(
     prev_measured = previous.measured if previous else _NOTHING
     prev_stale = previous.stale if previous else _NOTHING
     prev_judged = previous.components if previous else _NOTHING
+    prev_evidenced = previous.evidenced if previous else _NOTHING_EVIDENCED
     unhealthy_status, healthy_status = Status.UNHEALTHY, Status.HEALTHY
     judged: dict[str, ComponentState] = {}
     stale: dict[str, ComponentState] = {}
@@ -435,13 +447,17 @@ def judge_world(
             base = judged.get(name)
             if base is None or base.status is healthy_status:
                 continue
-            prior = prev_judged.get(name)
+            prior = prev_evidenced[name][0] if name in prev_evidenced else prev_judged.get(name)
             prior_base = prev_stale.get(name) or prev_measured.get(name)
             if prior is not None and prior.impacted_by == impacted_by and prior_base is base:
                 judged[name] = prior
             else:
                 judged[name] = dataclasses.replace(base, impacted_by=impacted_by)
                 differs.append(name)
+    evidenced = _NOTHING_EVIDENCED
+    if witnessed := [state.name for state in troubled if state.evidence]:
+        evidenced = _append_evidence(judged, witnessed, prev_judged, prev_evidenced)
+        differs.extend(witnessed)
     verdict = overall(troubled)
     changed = (
         previous is None
@@ -459,7 +475,42 @@ def judge_world(
         frozenset(unhealthy),
         dependencies,
         impact,
+        evidenced,
     )
+
+
+def _append_evidence(
+    judged: dict[str, ComponentState],
+    witnessed: Sequence[str],
+    prev_judged: Mapping[str, ComponentState],
+    prev_evidenced: Mapping[str, tuple[ComponentState, str]],
+) -> Mapping[str, tuple[ComponentState, str]]:
+    """Append the evidence components' reasons to each of ``witnessed`` in ``judged``; the
+    state before and the text appended, by name. A state whose base and text did not change
+    is the previous world's object."""
+    # Reasons as judged before any evidence is appended: evidence of evidence is not followed.
+    reasons = {name: judged[name].reason for name in witnessed}
+    evidenced: dict[str, tuple[ComponentState, str]] = {}
+    for name in witnessed:
+        base = judged[name]
+        added = "; ".join(
+            f"{witness}: {_cut(reasons.get(witness) or judged[witness].reason)}"
+            for witness in base.evidence
+            if witness in judged
+        )
+        prior = prev_evidenced.get(name)
+        if prior is not None and prior[0] is base and prior[1] == added:
+            judged[name] = prev_judged[name]
+        elif added:
+            judged[name] = dataclasses.replace(base, reason=f"{base.reason}; {added}")
+        evidenced[name] = (base, added)
+    return MappingProxyType(evidenced)
+
+
+def _cut(reason: str) -> str:
+    if len(reason) <= EVIDENCE_REASON_CHARS:
+        return reason
+    return reason[: EVIDENCE_REASON_CHARS - 3] + "..."
 
 
 def stale_state(state: ComponentState, limit_seconds: float) -> ComponentState:

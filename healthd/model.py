@@ -122,7 +122,8 @@ class ComponentState:
     ``flap_history`` is the failure window as bits, newest check in bit 0 (a 1 is a failure
     that counts toward flapping), and ``last_failure`` the reason of the latest failed check.
     ``impacted_by`` is set only in a snapshot: the root causes among the component's
-    dependencies while it is not healthy (``classify.judge_world``).
+    dependencies while it is not healthy (``classify.judge_world``). ``evidence`` names the
+    components whose reasons a snapshot appends to this one's while it is not healthy.
     """
 
     name: str
@@ -144,6 +145,7 @@ class ComponentState:
     flap_history: int = 0
     last_failure: str = ""
     impacted_by: tuple[str, ...] = ()
+    evidence: tuple[str, ...] = ()
 
 
 #: Upper bounds of healthd's own timing histograms (lateness, loop lag, status file writes):
