@@ -686,11 +686,12 @@ class HostCheck(CheckBase):
     kind: Literal["host"] = "host"
     disk_paths: tuple[str, ...] = ("/",)
     degraded_disk_usage: Share = 0.85
-    unhealthy_disk_usage: Share = 0.95
+    # Validated even when left out, so that a raised degraded threshold is checked against it.
+    unhealthy_disk_usage: Share = Field(default=0.95, validate_default=True)
     degraded_memory_available: Share = 0.15
-    unhealthy_memory_available: Share = 0.05
+    unhealthy_memory_available: Share = Field(default=0.05, validate_default=True)
     degraded_pressure: float = Field(default=20.0, ge=0, le=100)
-    unhealthy_pressure: float = Field(default=50.0, ge=0, le=100)
+    unhealthy_pressure: float = Field(default=50.0, ge=0, le=100, validate_default=True)
 
     @field_validator("disk_paths")
     @classmethod

@@ -3,6 +3,7 @@ healthy, as ``classify.judge_world`` and the state store's snapshots hand them o
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from healthd.classify import World, judge_world
 from healthd.config import ConfigError, load
 from healthd.model import ComponentState, Status
 from healthd.state import StateStore
+from tests.daemon_proc import healthd_cli
 
 H, D, U = Status.HEALTHY, Status.DEGRADED, Status.UNHEALTHY
 LIMIT = 35.0
@@ -170,3 +172,25 @@ def test_bad_evidence_names_file_key_and_line(tmp_path: Path, evidence: str, pro
         load(path)
 
     assert caught.value.problems == [f"{path}:4: {problem}"]
+
+
+def test_check_json_shows_the_service_reason_followed_by_the_host_evidence(
+    tmp_path: Path, closed_port: int
+) -> None:
+    config = tmp_path / "healthd.toml"
+    config.write_text(
+        f'[components.api]\nkind = "tcp"\naddress = "127.0.0.1:{closed_port}"\n'
+        'critical = true\nevidence = ["host"]\n'
+        '[components.host]\nkind = "host"\ndisk_paths = ["/"]\n'
+        "degraded_disk_usage = 0.0001\nunhealthy_disk_usage = 0.0001\n"
+    )
+
+    done = healthd_cli("--config", str(config), "check", "--json")
+
+    assert done.returncode == 2, done.stderr
+    components = json.loads(done.stdout)["components"]
+    host, api = components["host"], components["api"]
+    assert host["reason_code"] == "disk_full"
+    assert api["reason_code"] == "connection_refused"
+    assert api["reason"].endswith(f"; host: {host['reason']}")
+    assert api["reason"].startswith(f"connect to 127.0.0.1:{closed_port}: ")

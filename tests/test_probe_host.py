@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from healthd.config import HostCheck
+from healthd.config import ConfigError, HostCheck, load
 from healthd.model import Finding, Observation, Status
 from healthd.probes import ProbeContext
 from healthd.probes.host import assess
@@ -133,3 +133,37 @@ def test_assess_names_every_problem_worst_first() -> None:
         "memory: 1% available of 2 GiB; / is 90% full (5 GiB free); "
         "io pressure: some avg60 30.0% stalled"
     )
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        (
+            "degraded_disk_usage = 0.9\nunhealthy_disk_usage = 0.8",
+            ":4: components.host.unhealthy_disk_usage: must not be below degraded_disk_usage (0.9)",
+        ),
+        (
+            "unhealthy_memory_available = 0.5",
+            ":3: components.host.unhealthy_memory_available: must not be above "
+            "degraded_memory_available (0.15)",
+        ),
+        (
+            "degraded_pressure = 60",
+            ":1: components.host.unhealthy_pressure: must not be below degraded_pressure (60)",
+        ),
+        (
+            'disk_paths = ["var"]',
+            ":3: components.host.disk_paths: disk path 'var' must be an absolute path",
+        ),
+        ("degraded_disk_usage = 1.5", ":3: components.host.degraded_disk_usage: Input should be"),
+    ],
+)
+def test_bad_thresholds_name_file_key_and_line(tmp_path: Path, settings: str, problem: str) -> None:
+    path = tmp_path / "healthd.toml"
+    path.write_text(f'[components.host]\nkind = "host"\n{settings}\n')
+
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+
+    assert len(caught.value.problems) == 1
+    assert caught.value.problems[0].startswith(f"{path}{problem}")

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from healthd.config import SystemdCheck
+from healthd.config import ConfigError, SystemdCheck, load
 from healthd.model import Finding, Observation, Status
 from healthd.probes import ProbeContext
 from healthd.probes.systemd import _describe_result, assess
@@ -138,3 +138,26 @@ async def test_without_a_running_systemd_the_check_is_unhealthy_saying_why(
     assert finding.status is Status.UNHEALTHY
     assert finding.reason_code == "systemd_unreachable"
     assert finding.reason.startswith("systemctl show e2i-api.service: ")
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ('unit = "e2i api"', "components.u.unit: unit 'e2i api' is not a unit name"),
+        ('unit = "../x.service"', "components.u.unit: unit '../x.service' is not a unit name"),
+        ('unit = "a.service"\nmax_restarts = 0', "components.u.max_restarts: Input should be"),
+        ('unit = "a.service"\nrestart_window = "0s"', "components.u.restart_window: "),
+    ],
+)
+def test_bad_unit_settings_name_file_key_and_line(
+    tmp_path: Path, settings: str, problem: str
+) -> None:
+    path = tmp_path / "healthd.toml"
+    path.write_text(f'[components.u]\nkind = "systemd"\n{settings}\n')
+
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+
+    assert len(caught.value.problems) == 1
+    assert caught.value.problems[0].startswith(f"{path}:"), caught.value.problems
+    assert problem in caught.value.problems[0]
