@@ -6,6 +6,7 @@ tests/test_systemd_unit.py, which boots one in a container.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 from healthd.config import ConfigError, SystemdCheck, load
 from healthd.model import Finding, Observation, Status
 from healthd.probes import ProbeContext
-from healthd.probes.systemd import _describe_result, assess
+from healthd.probes.systemd import _describe_result, _History, _observe, assess
 from tests.probing import run_check
 
 
@@ -161,3 +162,41 @@ def test_bad_unit_settings_name_file_key_and_line(
     assert len(caught.value.problems) == 1
     assert caught.value.problems[0].startswith(f"{path}:"), caught.value.problems
     assert problem in caught.value.problems[0]
+
+
+def _shown(n_restarts: int, changed_seconds_ago: float) -> dict[str, str]:
+    changed = int((time.monotonic() - changed_seconds_ago) * 1e6)
+    return {
+        "LoadState": "loaded",
+        "ActiveState": "active",
+        "SubState": "running",
+        "Result": "success",
+        "NRestarts": str(n_restarts),
+        "StateChangeTimestampMonotonic": str(changed),
+    }
+
+
+def test_first_look_dates_earlier_restarts_at_the_last_state_change() -> None:
+    check = unit_check()
+
+    recent = _observe(check, _History(), _shown(4, changed_seconds_ago=60), 0.01)
+    old = _observe(check, _History(), _shown(4, changed_seconds_ago=700), 0.01)
+
+    assert recent.facts["restarts_in_window"] == 4
+    assert assess(check, recent).reason_code == "restart_loop"
+    assert old.facts["restarts_in_window"] == 0
+    assert assess(check, old).reason_code == "ok"
+
+
+def test_later_looks_count_the_increase_and_a_manual_start_is_a_new_baseline() -> None:
+    check = unit_check()
+    history = _History()
+    _observe(check, history, _shown(7, changed_seconds_ago=3600), 0.01)
+
+    once = _observe(check, history, _shown(8, changed_seconds_ago=1), 0.01)
+    reset = _observe(check, history, _shown(0, changed_seconds_ago=0), 0.01)
+    again = _observe(check, history, _shown(2, changed_seconds_ago=0), 0.01)
+
+    assert once.facts["restarts_in_window"] == 1
+    assert reset.facts["restarts_in_window"] == 1
+    assert again.facts["restarts_in_window"] == 3

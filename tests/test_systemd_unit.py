@@ -514,3 +514,37 @@ def test_sandboxed_healthd_tells_a_crash_loop_a_killed_unit_and_a_unit_that_stay
     up = _component(healthd, "ev-up")
     assert up["status"] == "healthy"
     assert up["reason"] == "running, no restarts in 10 min"
+
+
+def test_one_shot_check_json_in_the_container_sees_a_restart_loop_from_its_first_look(
+    healthd: Healthd, watched_units: None
+) -> None:
+    container = healthd.container
+    container.systemctl("start", "--no-block", "ev-crash.service", "ev-up.service")
+    _wait_for(
+        "3 restarts",
+        lambda: int(container.show("ev-crash.service", "NRestarts")["NRestarts"] or 0) >= 3,
+    )
+    container.write(
+        "/etc/healthd/check.toml",
+        '[components.crash]\nkind = "systemd"\nunit = "ev-crash.service"\n'
+        '[components.up]\nkind = "systemd"\nunit = "ev-up.service"\n'
+        '[components.missing]\nkind = "systemd"\nunit = "ev-missing.service"\n',
+    )
+
+    done = container.run(
+        "/opt/healthd/venv/bin/healthd", "--config", "/etc/healthd/check.toml", "check", "--json",
+        check=False,
+    )  # fmt: skip
+
+    components = json.loads(done.stdout)["components"]
+    assert components["crash"]["reason_code"] == "restart_loop", components["crash"]
+    assert re.fullmatch(
+        r"(auto-restart|activating \(start\)|running), \d+ restarts in 10 min(, last result "
+        r"exit-code \(status 1\))?",
+        components["crash"]["reason"],
+    ), components["crash"]["reason"]
+    assert components["up"]["reason_code"] == "ok"
+    assert components["missing"]["reason_code"] == "unit_not_found"
+    assert components["missing"]["reason"] == "ev-missing.service is not-found"
+    assert done.returncode == 1  # none is critical: the overall verdict is degraded

@@ -3,8 +3,10 @@
 The probe asks systemd with ``systemctl show`` (over the system bus: no dependency, and what an
 operator would type). Restarts are counted from ``NRestarts`` deltas between probes, kept in
 the probe context with their times, so "4 restarts in 10 min" means restarts healthd saw
-happen. Before healthd's first look it cannot tell when a restart happened: the first sample
-is the baseline.
+happen. At the first look (and for ``healthd check``, which looks once) healthd cannot tell
+when earlier restarts happened: if the unit's last state change (its latest restart) is within
+the window, all of ``NRestarts`` are taken to be, dated at that change, so that they leave the
+window with it.
 
 systemd resets ``Result`` when the unit starts again, so the probe also remembers the last
 failing result it saw: a unit that was OOM-killed and came back still says so while the
@@ -45,6 +47,7 @@ PROPERTIES = (
     "ExecMainCode",
     "ExecMainStatus",
     "InvocationID",
+    "StateChangeTimestampMonotonic",
 )
 #: ``ExecMainCode``: the ``si_code`` of the main process's exit (``CLD_*``).
 _EXIT_CODES = {1: "exited", 2: "killed", 3: "dumped"}
@@ -107,8 +110,12 @@ def _observe(
         n_restarts = int(properties.get("NRestarts") or 0)
     except ValueError:
         n_restarts = 0
+    if history.n_restarts is None:
+        changed_at = _monotonic_seconds(properties.get("StateChangeTimestampMonotonic", ""))
+        if n_restarts and changed_at is not None and changed_at >= now - check.restart_window:
+            history.restarts.append((changed_at, n_restarts))
     # NRestarts goes back to 0 when the unit is started by hand: a new baseline, no restart.
-    if history.n_restarts is not None and n_restarts > history.n_restarts:
+    elif n_restarts > history.n_restarts:
         history.restarts.append((now, n_restarts - history.n_restarts))
     history.n_restarts = n_restarts
     while history.restarts and history.restarts[0][0] < now - check.restart_window:
@@ -129,6 +136,15 @@ def _observe(
         "invocation_id": properties.get("InvocationID", ""),
     }
     return Observation(latency, facts=facts)
+
+
+def _monotonic_seconds(text: str) -> float | None:
+    """systemd's CLOCK_MONOTONIC microseconds as ``time.monotonic()`` seconds; 0 is never."""
+    try:
+        microseconds = int(text)
+    except ValueError:
+        return None
+    return microseconds / 1e6 if microseconds > 0 else None
 
 
 def _describe_result(result: str, properties: dict[str, str]) -> str:
