@@ -167,3 +167,14 @@ def test_bad_thresholds_name_file_key_and_line(tmp_path: Path, settings: str, pr
 
     assert len(caught.value.problems) == 1
     assert caught.value.problems[0].startswith(f"{path}{problem}")
+
+
+@pytest.mark.asyncio
+async def test_memory_and_pressure_alone_need_no_disk_path(ctx: ProbeContext) -> None:
+    check = host_check(disk_paths=(), degraded_pressure=100.0, unhealthy_pressure=100.0)
+
+    observation, finding = await run_check(check, ctx)
+
+    assert observation.facts["disks"] == {}
+    assert finding.status is Status.HEALTHY or finding.reason_code == "memory_low"
+    assert finding.reason.startswith("memory")  # no disk named

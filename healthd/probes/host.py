@@ -169,7 +169,8 @@ def assess(check: HostCheck, observation: Observation) -> Finding:
         reason = "; ".join([chosen.reason, *others])
         return Finding(chosen.status, chosen.reason_code, reason)
     disks = ", ".join(f"{path} {disk['usage']:.0%}" for path, disk in facts["disks"].items())
-    return Finding(Status.HEALTHY, OK, f"disks {disks} used; memory {available:.0%} available")
+    memory = f"memory {available:.0%} available"
+    return Finding(Status.HEALTHY, OK, f"disks {disks} used; {memory}" if disks else memory)
 
 
 def _status(unhealthy: bool, degraded: bool) -> Status | None:
