@@ -22,6 +22,7 @@ import anyio
 
 from healthd import __version__
 from healthd import config as config_module
+from healthd import shard as shard_module
 from healthd.config import Config, ConfigError
 from healthd.exporters import status_file
 from healthd.log_routing import OncePerKind, route_asyncio_to_logging, route_to_logging
@@ -104,7 +105,17 @@ def _parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="validate or show the config")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     config_commands.add_parser("validate", parents=[common], help="exit 0 or 78 with errors")
-    config_commands.add_parser("show", parents=[common], help="the effective config, redacted")
+    show = config_commands.add_parser(
+        "show", parents=[common], help="the effective config, redacted"
+    )
+    show.add_argument(
+        "--shards",
+        nargs="?",
+        const=0,
+        type=_shard_count,
+        metavar="N",
+        help="print each component's shard instead: of the config's N, or of N to plan",
+    )
     history = commands.add_parser("history", parents=[common], help="transitions and uptime")
     history.add_argument("component", nargs="?", help="only this component")
     history.add_argument("--since", default="24h", help="how far back: 30m, 24h, 7d, 2w")
@@ -135,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         return CHECK_UNKNOWN if args.command == "check" else EX_CONFIG
     redactor.replace(config.secrets())
     if args.command == "config":
+        if getattr(args, "shards", None) is not None:
+            return _show_shards(config, args.shards)
         return _config_command(args.config_command, path, config, redactor)
     if args.command == "check":
         return _check(config, redactor, as_json=args.json)
@@ -150,6 +163,25 @@ def _config_command(command: str, path: Path, config: Config, redactor: Redactor
     # Templates mask literal passwords; the redactor catches what sits in any other key.
     shown = redactor.scrub_tree(config.model_dump(mode="json", by_alias=True))
     print(redactor.scrub(json.dumps(shown, indent=2, sort_keys=False)))
+    return EX_OK
+
+
+def _shard_count(value: str) -> int:
+    try:
+        return shard_module.parse(f"1/{value}")[1]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"N must be a whole number from 1 to {shard_module.MAX_SHARDS}"
+        ) from None
+
+
+def _show_shards(config: Config, shards: int) -> int:
+    """One line per component, ``shard<TAB>component``, by shard then name; ``shards`` 0 takes
+    N from the config's own ``[daemon] shard``."""
+    shards = shards or config.daemon.shard_numbers()[1]
+    assignment = shard_module.assign(config.components, shards)
+    for name, shard in sorted(assignment.items(), key=lambda item: (item[1], item[0])):
+        print(f"{shard}/{shards}\t{name}")
     return EX_OK
 
 

@@ -25,6 +25,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -38,6 +39,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from healthd import shard as shard_module
 from healthd.secrets import (
     Redactor,
     SecretTemplated,
@@ -764,6 +766,21 @@ class DaemonConfig(_Strict):
     #: The history database; by default ``history.db`` beside the status file.
     history_file: Path | None = None
     history_retention: Retention = 90 * 86400.0
+    #: ``"i/N"``: check only the components that rendezvous hashing gives shard i of N
+    #: (``healthd.shard``); ``None`` checks them all.
+    shard: str | None = None
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        index, shards = shard_module.parse(value)
+        return f"{index}/{shards}"
+
+    def shard_numbers(self) -> tuple[int, int]:
+        """``(i, N)`` of ``shard``; ``(1, 1)`` when the instance checks everything."""
+        return shard_module.parse(self.shard) if self.shard is not None else (1, 1)
 
     @field_validator("metrics_address")
     @classmethod
@@ -814,6 +831,7 @@ class Config(BaseSettings):
 
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     components: dict[str, CheckConfig] = Field(default_factory=dict)
+    _local: dict[str, CheckBase] = PrivateAttr(default_factory=dict)
 
     @classmethod
     def settings_customise_sources(
@@ -861,11 +879,19 @@ class Config(BaseSettings):
             resolved[name] = check.model_copy(update={"interval": interval, "timeout": timeout})
         _reject_cycles(resolved)
         object.__setattr__(self, "components", resolved)
+        # A dependency on another shard's component stays valid: it is not judged here, so
+        # it counts as healthy and impact is computed from this shard's components only.
+        index, shards = self.daemon.shard_numbers()
+        self._local = {
+            name: check
+            for name, check in resolved.items()
+            if shards == 1 or shard_module.shard_of(name, shards) == index
+        }
         return self
 
     def checks(self) -> Mapping[str, CheckBase]:
-        """The components, typed as their common base."""
-        return self.components
+        """The components this instance checks (its shard's, or all), typed as their base."""
+        return self._local
 
     def secrets(self) -> set[str]:
         """Every secret value the config resolved; the redactor scrubs them from all output."""

@@ -76,7 +76,12 @@ class Daemon:
         self._clock = clock
         self.store = StateStore(clock)
         self._notifier.on_dropped = self.store.notify_dropped
-        self.store.config_loaded(True, clock(), slo_objectives=_slo_objectives(config))
+        self.store.config_loaded(
+            True,
+            clock(),
+            slo_objectives=_slo_objectives(config),
+            shard=config.daemon.shard_numbers(),
+        )
         self.history = History.for_config(config, self.store, redactor, clock=clock)
         self._last_status_line = ""
         self.status_writer = StatusFileWriter(
@@ -232,7 +237,12 @@ class Daemon:
             self.scheduler.apply(new)
             self.history.configure(new)
             self.status_writer.reconfigure(new.daemon)
-            self.store.config_loaded(True, self._clock(), slo_objectives=_slo_objectives(new))
+            self.store.config_loaded(
+                True,
+                self._clock(),
+                slo_objectives=_slo_objectives(new),
+                shard=new.daemon.shard_numbers(),
+            )
             log.info("reloaded %s: %d components", self._path, len(new.components))
             return True
         finally:

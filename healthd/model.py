@@ -197,6 +197,8 @@ class DaemonStats:
     probe_resource_errors_total: int = 0
     #: ``sd_notify`` messages dropped because the service manager's queue was full.
     notify_dropped_total: int = 0
+    #: ``(i, N)``: this instance checks shard i of N (``(1, 1)``: every component).
+    shard: tuple[int, int] = (1, 1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -128,7 +128,12 @@ class StateStore:
             self._version += 1
 
     def config_loaded(
-        self, ok: bool, at: float, *, slo_objectives: Mapping[str, float] | None = None
+        self,
+        ok: bool,
+        at: float,
+        *,
+        slo_objectives: Mapping[str, float] | None = None,
+        shard: tuple[int, int] = (1, 1),
     ) -> None:
         """Note a config (re)load; a failed one leaves healthd on its older config. A loaded one
         brings its components' ``slo`` objectives."""
@@ -139,6 +144,7 @@ class StateStore:
                     config_last_reload_successful=True,
                     config_last_reload_success_at=at,
                     slo_objectives=dict(slo_objectives or {}),
+                    shard=shard,
                 )
             else:
                 self._daemon = dataclasses.replace(

@@ -364,6 +364,17 @@ def _daemon(out: _Writer, snapshot: Snapshot, version: str) -> None:
         'reason="resource_exhausted"',
         daemon.probe_resource_errors_total,
     )
+    _shard(out, daemon.shard)
+
+
+def _shard(out: _Writer, shard: tuple[int, int]) -> None:
+    # Every instance exports both, (1, 1) when unsharded, so that a rule can count the shards
+    # present against the number configured (healthd.rules.yml, HealthdShardMissing).
+    index, shards = shard
+    out.family("healthd_shard_info", "gauge", "The shard of the components this instance checks.")
+    out.sample("healthd_shard_info", f'shard="{index}",shards="{shards}"', 1.0)
+    out.family("healthd_shards", "gauge", "Number of shards the components are split into.")
+    out.sample("healthd_shards", "", float(shards))
 
 
 # --- the server ------------------------------------------------------------------------------
