@@ -16,7 +16,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +43,20 @@ _API_HEALTHY = 'healthd_component_status{component="api"} == 0'
 
 
 class _Prometheus:
-    def __init__(self, directory: Path, healthd_port: int) -> None:
+    """Prometheus scraping the healthd on ``healthd_port`` (or each of several ports)."""
+
+    def __init__(self, directory: Path, healthd_port: int | Sequence[int]) -> None:
+        ports = [healthd_port] if isinstance(healthd_port, int) else list(healthd_port)
         self.port = free_port()
         rules = re.sub(r"(?m)^(\s+)for: \S+$", r"\1for: 2s", _RULES.read_text())
-        assert rules.count("for: 2s") == 9
+        assert rules.count("for: 2s") == 11
         (directory / "rules.yml").write_text(rules)
         scrape = _SCRAPE.read_text()
-        scrape = scrape.replace("127.0.0.1:9469", f"127.0.0.1:{healthd_port}")
+        targets = '", "'.join(f"127.0.0.1:{port}" for port in ports)
+        scrape = scrape.replace("127.0.0.1:9469", targets)
         scrape = scrape.replace("scrape_interval: 15s", "scrape_interval: 1s")
         scrape = scrape.replace("scrape_timeout: 5s", "scrape_timeout: 1s")
-        assert f"127.0.0.1:{healthd_port}" in scrape
+        assert f'["{targets}"]' in scrape
         (directory / "prometheus.yml").write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
             f"rule_files:\n  - {directory / 'rules.yml'}\n{scrape}"
