@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import pytest
 
 from healthd import shard
 from healthd.config import ConfigError, load
 from healthd.exporters.metrics import exposition
 from healthd.state import StateStore
-from tests.daemon_proc import healthd_cli
+from tests.daemon_proc import free_port, healthd_cli, running_healthd
 from tests.healthd_process import write_config
+from tests.http_target import HttpTarget
 
 NAMES = [f"svc-{n:04d}" for n in range(3000)]
 
@@ -132,3 +136,35 @@ def test_config_show_shards_refuses_a_bad_n(tmp_path: Path) -> None:
     result = healthd_cli("--config", str(path), "config", "show", "--shards", "0")
     assert result.returncode == 2
     assert "N must be a whole number from 1 to 1000" in result.stderr
+
+
+def test_a_running_instance_neither_probes_nor_exports_another_shards_components(
+    tmp_path: Path,
+) -> None:
+    names = [f"svc{n:02d}" for n in range(12)]
+    owner = shard.assign(names, 2)
+    target = HttpTarget()
+    port = free_port()
+    daemon = {
+        "metrics_address": f"127.0.0.1:{port}",
+        "status_file": str(tmp_path / "status.json"),
+        "startup_spread": "10ms",
+        "shard": "1/2",
+    }
+    components = {name: {"kind": "http", "url": target.url(f"/c/{name}")} for name in names}
+    config = write_config(tmp_path / "healthd.toml", daemon, components)
+    try:
+        with running_healthd(config, tmp_path) as healthd:
+            healthd.wait_for("READY", "1")
+            metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            status = json.loads((tmp_path / "status.json").read_text())
+        asked = {request.path.removeprefix("/c/") for request in target.requests}
+    finally:
+        target.close()
+    mine = {name for name in names if owner[name] == 1}
+    assert 0 < len(mine) < len(names)
+    assert asked == mine
+    exported = set(re.findall(r'healthd_component_status\{component="([^"]+)"', metrics))
+    assert exported == mine
+    assert set(status["components"]) == mine
+    assert 'healthd_shard_info{shard="1",shards="2"} 1' in metrics
