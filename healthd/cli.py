@@ -1,5 +1,5 @@
 """The command line: ``run``, ``check``, ``config validate``, ``config show``, ``history``,
-``web install``.
+``web install``, ``ping``.
 
 Exit codes follow sysexits for the daemon (78 for bad config, 75 for a busy metrics address,
 which may be transient) and the monitoring-plugin convention for ``check`` (0 healthy,
@@ -32,6 +32,7 @@ from healthd.state import StateStore
 
 EX_OK = 0
 EX_USAGE = 64
+EX_UNAVAILABLE = 69
 EX_NOINPUT = 66
 EX_CANTCREAT = 73
 EX_SOFTWARE = 70
@@ -124,11 +125,28 @@ def _parser() -> argparse.ArgumentParser:
     web_commands = web.add_subparsers(dest="web_command", required=True)
     install = web_commands.add_parser("install", help="copy the page into DIR")
     install.add_argument("directory", type=Path, metavar="DIR")
+    ping = commands.add_parser(
+        "ping",
+        parents=[common],
+        help="report a job's heartbeat to the running daemon",
+        usage="healthd ping NAME [--start | --fail [--exit-code N]]\n"
+        "       healthd ping NAME -- COMMAND [ARGS...]",
+    )
+    ping.add_argument("name", metavar="NAME", help="the heartbeat component")
+    which = ping.add_mutually_exclusive_group()
+    which.add_argument("--start", action="store_true", help="the job has started")
+    which.add_argument("--fail", action="store_true", help="the job has failed")
+    ping.add_argument("--exit-code", type=int, help="the failed job's exit code")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # ``healthd ping NAME -- COMMAND ARGS...``: everything after ``--`` is the job's.
+    job: list[str] | None = None
+    if "--" in argv and "ping" in argv[: argv.index("--")]:
+        job, argv = argv[argv.index("--") + 1 :], argv[: argv.index("--")]
     args = _parser().parse_args(argv)
     path = config_module.resolve_path(getattr(args, "config", None))
     redactor = Redactor()
@@ -153,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         return _check(config, redactor, as_json=args.json)
     if args.command == "history":
         return _history(args, config, redactor)
+    if args.command == "ping":
+        return _ping(args, job, path, config)
     return _run(path, config, redactor)
 
 
@@ -193,10 +213,17 @@ def loop_options() -> dict[str, Any]:
 
 
 def _check(config: Config, redactor: Redactor, *, as_json: bool) -> int:
+    from healthd.heartbeats import PingStore, heartbeat_tokens, pings_path
+    from healthd.probes import SharedResources
     from healthd.scheduler import Scheduler
 
     store = StateStore()
-    scheduler = Scheduler(store, max_concurrency=config.daemon.max_concurrency)
+    # Heartbeats are judged from the pings the daemon saved; nothing is written here.
+    shared = SharedResources()
+    shared.heartbeats = PingStore(pings_path(config))
+    shared.heartbeats.load()
+    shared.heartbeats.watch(heartbeat_tokens(config))
+    scheduler = Scheduler(store, max_concurrency=config.daemon.max_concurrency, shared=shared)
     try:
         anyio.run(scheduler.run_round, config, backend_options=loop_options())
     except Exception:
@@ -244,6 +271,66 @@ def _history(args: argparse.Namespace, config: Config, redactor: Redactor) -> in
         log.error("cannot read history %s: %s", path, exc)
         return EX_NOINPUT
     return EX_OK
+
+
+def _ping(args: argparse.Namespace, job: list[str] | None, path: Path, config: Config) -> int:
+    from healthd import heartbeats
+    from healthd.config import HeartbeatCheck
+
+    if not isinstance(config.components.get(args.name), HeartbeatCheck):
+        log.error("%s: no heartbeat component named %r", path, args.name)
+        return EX_USAGE
+    if args.exit_code is not None and not args.fail:
+        log.error("--exit-code goes with --fail")
+        return EX_USAGE
+    if job is None:
+        event: heartbeats.Event = "start" if args.start else "fail" if args.fail else "success"
+        try:
+            heartbeats.send_ping(config, args.name, event, args.exit_code)
+        except heartbeats.PingNotDelivered as exc:
+            log.error("ping %s: %s", args.name, exc)
+            return EX_UNAVAILABLE
+        return EX_OK
+    if not job or args.start or args.fail:
+        log.error("ping NAME -- COMMAND takes a command, and no --start or --fail")
+        return EX_USAGE
+    return _ping_job(config, args.name, job)
+
+
+def _ping_job(config: Config, name: str, job: list[str]) -> int:
+    """Ping start, run the job, ping its outcome; exit with the job's code. A ping that
+    cannot be delivered is logged, and never stops the job from running."""
+    import subprocess
+    import time
+
+    from healthd import heartbeats
+    from healthd.probes.heartbeat import human_seconds
+
+    try:
+        heartbeats.send_ping(config, name, "start")
+    except heartbeats.PingNotDelivered as exc:
+        log.warning("ping %s --start: %s; running the job anyway", name, exc)
+    started = time.monotonic()
+    try:
+        code = subprocess.run(job, check=False).returncode
+    except OSError as exc:
+        log.error("cannot run %s: %s", job[0], exc.strerror or exc)
+        code = 127 if isinstance(exc, FileNotFoundError) else 126
+    # Killed by a signal: the shell's convention, 128 + the signal's number.
+    code = 128 - code if code < 0 else code
+    took = human_seconds(time.monotonic() - started)
+    if code == 0:
+        log.info("job %s succeeded in %s", name, took)
+    else:
+        log.warning("job %s failed with exit code %d after %s", name, code, took)
+    try:
+        if code == 0:
+            heartbeats.send_ping(config, name, "success")
+        else:
+            heartbeats.send_ping(config, name, "fail", code)
+    except heartbeats.PingNotDelivered as exc:
+        log.error("ping %s: %s", name, exc)
+    return code
 
 
 def _web_install(directory: Path) -> int:

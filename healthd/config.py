@@ -721,6 +721,40 @@ class HostCheck(CheckBase):
         return value
 
 
+# --- heartbeat -----------------------------------------------------------------------------
+
+#: How often a job runs: up to a month, for a monthly cron job.
+Period = Annotated[float, BeforeValidator(lambda v: parse_duration(v, max_seconds=31 * 86400.0))]
+
+
+class HeartbeatCheck(CheckBase):
+    """A job that reports to healthd (``POST /ping/NAME`` on ``push_address``) every
+    ``period``, at most ``grace`` late, and runs no longer than ``max_runtime``.
+
+    Checked every second by default, so that a ping changes the verdict at once; a verdict
+    is taken as it is (``failure_threshold`` and ``recovery_threshold`` 1, no flapping),
+    because ``grace`` already is the tolerance.
+    """
+
+    kind: Literal["heartbeat"] = "heartbeat"
+    interval: Duration | None = 1.0
+    failure_threshold: int = Field(default=1, ge=1)
+    recovery_threshold: int = Field(default=1, ge=1)
+    flap_window: int = Field(default=0, ge=0, le=1000)
+    period: Period
+    grace: Period = 60.0
+    max_runtime: Period | None = None
+    #: Pings must carry ``Authorization: Bearer TOKEN`` when set.
+    token: SecretTemplated | None = None
+
+    @field_validator("token")
+    @classmethod
+    def _printable_token(cls, token: SecretTemplated | None) -> SecretTemplated | None:
+        if token is not None and not re.fullmatch(r"[!-~]+", token.reveal()):
+            raise ValueError("token must be printable ASCII without spaces")
+        return token
+
+
 #: Every check kind. A new kind needs a model here, a row in ``probes.PROBES`` (a test holds
 #: the two to the same set), and its section in the README.
 CheckConfig = Annotated[
@@ -735,7 +769,8 @@ CheckConfig = Annotated[
     | OpikCheck
     | SupabaseCheck
     | SystemdCheck
-    | HostCheck,
+    | HostCheck
+    | HeartbeatCheck,
     Field(discriminator="kind"),
 ]
 
@@ -747,6 +782,8 @@ class DaemonConfig(_Strict):
     """The ``[daemon]`` table: where healthd exports, and defaults for every component."""
 
     metrics_address: str = "127.0.0.1:9469"
+    #: Where jobs ping their heartbeats; listened on only when a heartbeat is configured.
+    push_address: str = "127.0.0.1:9470"
     status_file: Path = Path("/var/lib/healthd/status.json")
     status_file_refresh: Duration = 5.0
     interval: Duration = 15.0
@@ -782,7 +819,7 @@ class DaemonConfig(_Strict):
         """``(i, N)`` of ``shard``; ``(1, 1)`` when the instance checks everything."""
         return shard_module.parse(self.shard) if self.shard is not None else (1, 1)
 
-    @field_validator("metrics_address")
+    @field_validator("metrics_address", "push_address")
     @classmethod
     def _address(cls, value: str) -> str:
         # Resolved now, so that a name that does not resolve is a config error (exit 78), not
@@ -1054,7 +1091,7 @@ def _bad_variables(path: Path) -> Iterator[str]:
 
 #: Keys whose values may carry a secret (a URL's password), and keys that are secrets whole.
 _SECRET_BEARING = frozenset({"url", "ui_url", "dsn", "body", "username"})
-_SECRET_WHOLE = frozenset({"password", "api_key"})
+_SECRET_WHOLE = frozenset({"password", "api_key", "token"})
 
 
 def _secrets_in_input(data: Mapping[str, Any]) -> set[str]:

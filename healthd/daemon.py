@@ -26,8 +26,10 @@ from healthd import config as config_module
 from healthd.config import Config, ConfigError, parse_address
 from healthd.exporters.metrics import MetricsServer
 from healthd.exporters.status_writer import StatusFileWriter
+from healthd.heartbeats import PingStore, PushServer, heartbeat_tokens, pings_path
 from healthd.history import History
 from healthd.model import ComponentState, Snapshot
+from healthd.probes import SharedResources
 from healthd.scheduler import Scheduler, startup_spread
 from healthd.secrets import Redactor
 from healthd.state import StateStore
@@ -49,6 +51,10 @@ GIL_SWITCH_INTERVAL_SECONDS = 0.001
 
 class MetricsAddressInUse(Exception):
     """The metrics address cannot be bound. Often transient, so not a config error."""
+
+
+class PushAddressInUse(MetricsAddressInUse):
+    """The push address cannot be bound: a listener address in use, like the metrics one."""
 
 
 def summary_line(snapshot: Snapshot) -> str:
@@ -91,9 +97,18 @@ class Daemon:
         # READY=1 can never announce a daemon whose first round has not finished.
         self._ready = False
         self._reload_requested = False
+        # The last pings of job heartbeats: pushed in by the listener's thread, read by the
+        # heartbeat probes on the loop.
+        self.pings = PingStore(pings_path(config), clock)
+        self.pings.load()
+        tokens = heartbeat_tokens(config)
+        self.pings.watch(tokens)
+        shared = SharedResources()
+        shared.heartbeats = self.pings
         # Concurrency and spread come from each config applied, so a reload resizes them.
         self.scheduler = Scheduler(
             self.store,
+            shared=shared,
             clock=clock,
             stall_file=stall_file,
             on_change=self._status_changed,
@@ -113,6 +128,18 @@ class Daemon:
                 f"cannot listen on metrics_address {config.daemon.metrics_address}: "
                 f"{exc.strerror or exc}"
             ) from None
+        # Only with a heartbeat to receive: no port is opened for nothing.
+        self.push: PushServer | None = None
+        if tokens:
+            host, port = parse_address(config.daemon.push_address)
+            try:
+                self.push = PushServer(host, port, self.pings, tokens)
+            except OSError as exc:
+                self.metrics.stop()
+                raise PushAddressInUse(
+                    f"cannot listen on push_address {config.daemon.push_address}: "
+                    f"{exc.strerror or exc}"
+                ) from None
 
     async def run(self) -> None:
         """Run until SIGTERM or SIGINT; then cancel probes and write the last status."""
@@ -124,6 +151,11 @@ class Daemon:
                 tg.start_soon(self._handle_signals, tg.cancel_scope)
                 tg.start_soon(measure_loop_lag, self.store, LOOP_LAG_PERIOD_SECONDS)
                 self.status_writer.prepare()
+                if self.push is not None:
+                    # At once: a job that finishes while the first round runs is heard.
+                    self.push.start()
+                    self.push.persist_soon()
+                    log.info("heartbeat pings on http://%s:%d/ping/NAME", *self.push.address)
                 tg.start_soon(self.scheduler.run, self._config)
                 await self._first_round()
                 await self.status_writer.write()
@@ -152,6 +184,8 @@ class Daemon:
                 await self.status_writer.write()
                 await anyio.to_thread.run_sync(self.history.close)
             self.metrics.stop()
+            if self.push is not None:
+                self.push.stop()
             self._notifier.close()
             sys.setswitchinterval(previous_switch_interval)
 
@@ -233,6 +267,7 @@ class Daemon:
             if new.daemon.metrics_address != self._config.daemon.metrics_address:
                 log.warning("metrics_address changed; it takes effect at the next restart")
             self._redactor.replace(new.secrets())
+            self._reload_heartbeats(new)
             self._config = new
             self.scheduler.apply(new)
             self.history.configure(new)
@@ -247,6 +282,19 @@ class Daemon:
             return True
         finally:
             self._notifier.ready(self._last_status_line or "reloaded")
+
+    def _reload_heartbeats(self, new: Config) -> None:
+        tokens = heartbeat_tokens(new)
+        self.pings.watch(tokens)
+        if self.push is not None:
+            if new.daemon.push_address != self._config.daemon.push_address:
+                log.warning("push_address changed; it takes effect at the next restart")
+            self.push.configure(tokens)
+            self.push.persist_soon()
+        elif tokens:
+            log.warning(
+                "the first heartbeat was added; its push listener starts at the next restart"
+            )
 
 
 def _slo_objectives(config: Config) -> dict[str, float]:

@@ -203,7 +203,7 @@ class Scheduler:
     async def _loop(
         self, name: str, check: CheckBase, first_start: float, scope: anyio.CancelScope
     ) -> None:
-        ctx = ProbeContext(self._shared)
+        ctx = ProbeContext(self._shared, name)
         kind = self._probes[check.kind]
         interval = check.interval_seconds
         try:
@@ -336,7 +336,7 @@ class Scheduler:
         """Run every check once, concurrently, as ``healthd check`` does: no loops."""
 
         async def one(name: str, check: CheckBase) -> None:
-            ctx = ProbeContext(self._shared)
+            ctx = ProbeContext(self._shared, name)
             try:
                 await self.run_once(name, check, self._probes[check.kind], ctx)
             finally:

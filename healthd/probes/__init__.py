@@ -68,6 +68,7 @@ PROBES: Mapping[str, ProbeKind] = _KindTable(
         "supabase": "supabase",
         "systemd": "systemd",
         "host": "host",
+        "heartbeat": "heartbeat",
     }
 )
 

@@ -6,7 +6,10 @@ import contextlib
 import ssl
 from collections.abc import Awaitable, Callable, Hashable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from healthd.heartbeats import PingStore
 
 T = TypeVar("T")
 
@@ -22,6 +25,8 @@ class SharedResources:
         self._ssl: dict[tuple[bool, Path | None], ssl.SSLContext] = {}
         #: Leased resources by key: the resource, its closer and how many hold it.
         self._leases: dict[Hashable, list[Any]] = {}
+        #: The pings jobs pushed, for the ``heartbeat`` kind; ``None`` outside the daemon.
+        self.heartbeats: PingStore | None = None
 
     def ssl_context(self, *, verify: bool = True, ca_file: Path | None = None) -> ssl.SSLContext:
         """A client context: the system trust store, or ``ca_file``, or no verification."""
@@ -77,8 +82,10 @@ class ProbeContext:
     or a reload that changes or removes it).
     """
 
-    def __init__(self, shared: SharedResources) -> None:
+    def __init__(self, shared: SharedResources, name: str = "") -> None:
         self.shared = shared
+        #: The component's name, for kinds that look their facts up by it (``heartbeat``).
+        self.name = name
         self._resources: dict[str, Any] = {}
         self._closers: list[Callable[[], Awaitable[None]]] = []
 
