@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -29,6 +29,9 @@ from healthd.log_routing import OncePerKind, route_asyncio_to_logging, route_to_
 from healthd.model import Status
 from healthd.secrets import Redactor
 from healthd.state import StateStore
+
+if TYPE_CHECKING:
+    from healthd.heartbeats import PingTarget
 
 EX_OK = 0
 EX_USAGE = 64
@@ -156,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.enable()
     if args.command == "web":
         return _web_install(args.directory)
+    if args.command == "ping":
+        return _ping(args, job, path, redactor)
     try:
         config = config_module.load(path)
     except ConfigError as exc:
@@ -171,8 +176,6 @@ def main(argv: list[str] | None = None) -> int:
         return _check(config, redactor, as_json=args.json)
     if args.command == "history":
         return _history(args, config, redactor)
-    if args.command == "ping":
-        return _ping(args, job, path, config)
     return _run(path, config, redactor)
 
 
@@ -273,20 +276,26 @@ def _history(args: argparse.Namespace, config: Config, redactor: Redactor) -> in
     return EX_OK
 
 
-def _ping(args: argparse.Namespace, job: list[str] | None, path: Path, config: Config) -> int:
+def _ping(args: argparse.Namespace, job: list[str] | None, path: Path, redactor: Redactor) -> int:
     from healthd import heartbeats
-    from healthd.config import HeartbeatCheck
 
-    if not isinstance(config.components.get(args.name), HeartbeatCheck):
+    try:
+        target = heartbeats.ping_target(path, args.name)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"healthd: {problem}", file=sys.stderr)
+        return EX_CONFIG
+    except KeyError:
         log.error("%s: no heartbeat component named %r", path, args.name)
         return EX_USAGE
+    redactor.replace([target.token] if target.token else [])
     if args.exit_code is not None and not args.fail:
         log.error("--exit-code goes with --fail")
         return EX_USAGE
     if job is None:
         event: heartbeats.Event = "start" if args.start else "fail" if args.fail else "success"
         try:
-            heartbeats.send_ping(config, args.name, event, args.exit_code)
+            heartbeats.send_ping(target, args.name, event, args.exit_code)
         except heartbeats.PingNotDelivered as exc:
             log.error("ping %s: %s", args.name, exc)
             return EX_UNAVAILABLE
@@ -294,10 +303,10 @@ def _ping(args: argparse.Namespace, job: list[str] | None, path: Path, config: C
     if not job or args.start or args.fail:
         log.error("ping NAME -- COMMAND takes a command, and no --start or --fail")
         return EX_USAGE
-    return _ping_job(config, args.name, job)
+    return _ping_job(target, args.name, job)
 
 
-def _ping_job(config: Config, name: str, job: list[str]) -> int:
+def _ping_job(target: PingTarget, name: str, job: list[str]) -> int:
     """Ping start, run the job, ping its outcome; exit with the job's code. A ping that
     cannot be delivered is logged, and never stops the job from running."""
     import subprocess
@@ -307,7 +316,7 @@ def _ping_job(config: Config, name: str, job: list[str]) -> int:
     from healthd.probes.heartbeat import human_seconds
 
     try:
-        heartbeats.send_ping(config, name, "start")
+        heartbeats.send_ping(target, name, "start")
     except heartbeats.PingNotDelivered as exc:
         log.warning("ping %s --start: %s; running the job anyway", name, exc)
     started = time.monotonic()
@@ -325,9 +334,9 @@ def _ping_job(config: Config, name: str, job: list[str]) -> int:
         log.warning("job %s failed with exit code %d after %s", name, code, took)
     try:
         if code == 0:
-            heartbeats.send_ping(config, name, "success")
+            heartbeats.send_ping(target, name, "success")
         else:
-            heartbeats.send_ping(config, name, "fail", code)
+            heartbeats.send_ping(target, name, "fail", code)
     except heartbeats.PingNotDelivered as exc:
         log.error("ping %s: %s", name, exc)
     return code

@@ -14,9 +14,11 @@ import hmac
 import json
 import logging
 import math
+import os
 import re
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -24,10 +26,19 @@ from typing import Literal
 
 import h11
 import httpx
+from pydantic import ValidationError
 
-from healthd.config import Config, HeartbeatCheck, parse_address
+from healthd.config import (
+    MAX_CONFIG_BYTES,
+    Config,
+    ConfigError,
+    DaemonConfig,
+    HeartbeatCheck,
+    parse_address,
+)
 from healthd.exporters.status_file import write_atomic
 from healthd.listener import HttpListener, request_header
+from healthd.secrets import UnreadableFile, read_capped
 
 log = logging.getLogger("healthd.heartbeats")
 
@@ -300,8 +311,52 @@ def push_url(address: str, name: str, event: Event, exit_code: int | None = None
     return f"http://{host}:{port}/ping/{name}{path}{query}"
 
 
+@dataclass(frozen=True, slots=True)
+class PingTarget:
+    """Where a job's pings go, and the token they carry (revealed; ``None``: none)."""
+
+    address: str
+    token: str | None
+
+
+def ping_target(path: Path, name: str) -> PingTarget:
+    """``push_address`` and the token of heartbeat ``name``, read from the config file alone.
+
+    Only those two are resolved: a job's user cannot resolve the service's other secrets
+    (``${credential:}`` exists only inside the service). ``HEALTHD_DAEMON__PUSH_ADDRESS``
+    overrides the file, as for the daemon. Raises ``ConfigError`` (one line) or ``KeyError``
+    when there is no heartbeat of that name.
+    """
+    try:
+        raw = read_capped(path, MAX_CONFIG_BYTES, "config", regular_only=False)
+        data = tomllib.loads(raw.decode("utf-8").removeprefix("\ufeff"))
+    except UnreadableFile as exc:
+        raise ConfigError([f"{path}: cannot read config: {exc.reason}"]) from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise ConfigError([f"{path}: malformed config: {exc}"]) from None
+    daemon = data.get("daemon")
+    daemon = daemon if isinstance(daemon, dict) else {}
+    components = data.get("components")
+    entry = components.get(name) if isinstance(components, dict) else None
+    if not isinstance(entry, dict) or entry.get("kind") != "heartbeat":
+        raise KeyError(name)
+    try:
+        settings = DaemonConfig.model_validate(
+            {"push_address": os.environ.get("HEALTHD_DAEMON__PUSH_ADDRESS")}
+            if os.environ.get("HEALTHD_DAEMON__PUSH_ADDRESS")
+            else {k: v for k, v in daemon.items() if k == "push_address"}
+        )
+        check = HeartbeatCheck.model_validate(entry)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        key = ".".join(str(part) for part in first["loc"])
+        raise ConfigError([f"{path}: {key}: {first['msg']}"]) from None
+    token = check.token.reveal() if check.token is not None else None
+    return PingTarget(settings.push_address, token)
+
+
 def send_ping(
-    config: Config,
+    target: PingTarget,
     name: str,
     event: Event,
     exit_code: int | None = None,
@@ -309,10 +364,8 @@ def send_ping(
     timeout_seconds: float = 10.0,
 ) -> None:
     """Deliver one ping to the running daemon, or raise ``PingNotDelivered``."""
-    check = config.checks()[name]
-    assert isinstance(check, HeartbeatCheck)
-    url = push_url(config.daemon.push_address, name, event, exit_code)
-    headers = {"Authorization": f"Bearer {check.token.reveal()}"} if check.token else {}
+    url = push_url(target.address, name, event, exit_code)
+    headers = {"Authorization": f"Bearer {target.token}"} if target.token else {}
     try:
         response = httpx.post(url, headers=headers, timeout=timeout_seconds)
     except httpx.HTTPError as exc:

@@ -454,3 +454,19 @@ def test_the_token_never_appears_in_logs_status_metrics_or_config_show(tmp_path:
     }.items():
         assert TOKEN not in text, where
         assert TOKEN.replace("/", "%2F") not in text, where
+
+
+def test_healthd_ping_needs_only_its_own_part_of_the_config(tmp_path: Path) -> None:
+    """A cron job cannot resolve the service's ${credential:} secrets; ping never tries."""
+    path = tmp_path / "healthd.toml"
+    port = free_port()
+    path.write_text(
+        f'[daemon]\npush_address = "127.0.0.1:{port}"\n'
+        '[components.web]\nkind = "http"\nurl = "http://127.0.0.1:1/"\n'
+        'headers = { Authorization = "${credential:web_token}" }\n'
+        '[components.job]\nkind = "heartbeat"\nperiod = "5m"\n'
+    )
+    result = healthd_cli("ping", "--config", str(path), "job", env={"CREDENTIALS_DIRECTORY": ""})
+    # Not 78: the config was good enough; healthd just is not running.
+    assert result.returncode == 69, result.stderr
+    assert f"127.0.0.1:{port}" in result.stderr
