@@ -58,7 +58,7 @@ def test_platform_config_validates_with_its_credentials() -> None:
         "--config", str(PLATFORM_CONFIG), "config", "validate", env=EXAMPLE_CREDENTIALS
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"{PLATFORM_CONFIG}: OK, 11 components"
+    assert result.stdout.strip() == f"{PLATFORM_CONFIG}: OK, 13 components"
 
 
 def test_platform_config_without_its_credentials_is_a_config_error() -> None:
@@ -79,6 +79,7 @@ def test_platform_layout_runs_where_nothing_runs_and_says_why(tmp_path: Path) ->
     env = {
         **EXAMPLE_CREDENTIALS,
         "HEALTHD_DAEMON__METRICS_ADDRESS": f"127.0.0.1:{port}",
+        "HEALTHD_DAEMON__PUSH_ADDRESS": f"127.0.0.1:{free_port()}",
         "HEALTHD_DAEMON__STATUS_FILE": str(tmp_path / "status.json"),
         "HEALTHD_DAEMON__STARTUP_SPREAD": "10ms",
     }
@@ -88,20 +89,23 @@ def test_platform_layout_runs_where_nothing_runs_and_says_why(tmp_path: Path) ->
         code, stderr = healthd.stop()
     assert code == 0, stderr
     doc = json.loads((tmp_path / "status.json").read_bytes())
-    assert len(doc["components"]) == 11
+    assert len(doc["components"]) == 13
     # The host is this machine, judged as it is; the units' systemd may not run here at all.
     evidence = {name: c for name, c in doc["components"].items() if c["kind"] in EVIDENCE_KINDS}
     assert sorted(evidence) == ["e2i-api.service", "e2i-bentoml.service", "host"]
     host_healthy = int(evidence["host"]["status"] == "healthy")
     host_degraded = int(evidence["host"]["status"] == "degraded")
+    # The two job heartbeats wait for their first ping: healthy.
+    heartbeats = {n: c for n, c in doc["components"].items() if c["kind"] == "heartbeat"}
+    assert {c["reason_code"] for c in heartbeats.values()} == {"waiting"}
     assert ready["STATUS"] == (
-        f"{host_healthy} healthy, {host_degraded} degraded, {11 - host_healthy - host_degraded} "
-        "unhealthy; overall unhealthy"
+        f"{host_healthy + 2} healthy, {host_degraded} degraded, "
+        f"{11 - host_healthy - host_degraded} unhealthy; overall unhealthy"
     )
     for name in ("e2i-api.service", "e2i-bentoml.service"):
         assert evidence[name]["status"] == "unhealthy", evidence[name]
     for name, component in doc["components"].items():
-        if name in evidence:
+        if name in evidence or name in heartbeats:
             continue
         # Nothing of the platform listens here: each says so in its own words, not "ok".
         assert component["status"] == "unhealthy", name

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import sys
 import time
@@ -470,3 +471,27 @@ def test_healthd_ping_needs_only_its_own_part_of_the_config(tmp_path: Path) -> N
     # Not 78: the config was good enough; healthd just is not running.
     assert result.returncode == 69, result.stderr
     assert f"127.0.0.1:{port}" in result.stderr
+
+
+def test_a_busy_push_address_fails_fast_with_exit_75(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = _daemon_config(tmp_path, port, free_port())
+        result = healthd_cli("run", "--config", str(config), timeout=20)
+    assert result.returncode == 75, result.stderr
+    assert f"cannot listen on push_address 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_reload_takes_the_new_token_at_once(tmp_path: Path) -> None:
+    with _running(tmp_path) as daemon:
+        text = daemon.config.read_text()
+        daemon.config.write_text(text.replace(TOKEN, "rotated-token-2"))
+        daemon.healthd.process.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while daemon.post("/ping/cleanup", token="rotated-token-2").status_code != 200:
+            assert time.monotonic() < deadline, "the new token was never accepted"
+            time.sleep(0.05)
+        assert daemon.post("/ping/cleanup").status_code == 403
