@@ -319,7 +319,7 @@ class HttpListener:
         """The request's body, complete within the idle timeout from ``since``; ``None`` when
         it is larger than ``max_body_bytes`` (a declared length too large is not read)."""
         declared = request_header(request, b"content-length")
-        if declared.isdigit() and int(declared) > self._max_body_bytes:
+        if declared.isascii() and declared.isdigit() and int(declared) > self._max_body_bytes:
             return None
         chunks: list[bytes] = []
         size = 0

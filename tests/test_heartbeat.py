@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from healthd.config import HeartbeatCheck
-from healthd.heartbeats import Pings, PingStore
+from healthd.heartbeats import Pings, PingStore, PushServer
 from healthd.model import Observation, Status
 from healthd.probes.heartbeat import HeartbeatFacts, assess, human_seconds
 from tests.daemon_proc import Healthd, free_port, healthd_cli, running_healthd
@@ -495,3 +495,31 @@ def test_a_reload_takes_the_new_token_at_once(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the new token was never accepted"
             time.sleep(0.05)
         assert daemon.post("/ping/cleanup").status_code == 403
+
+
+def _closed_without_answer(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_slow_client_is_dropped_and_its_ping_not_counted() -> None:
+    store = PingStore(None)
+    store.watch(["job"])
+    server = PushServer("127.0.0.1", 0, store, {"job": None}, idle_timeout_seconds=0.3)
+    server.start()
+    try:
+        with socket.create_connection(server.address, timeout=5) as head_only:
+            head_only.sendall(b"POST /ping/job HTTP/1.1\r\nHost: x\r\n")
+            with socket.create_connection(server.address, timeout=5) as short_body:
+                short_body.sendall(
+                    b"POST /ping/job HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc"
+                )
+                assert _closed_without_answer(head_only)
+                assert _closed_without_answer(short_body)
+        pings = store.get("job")
+        assert pings is not None
+        assert pings.success_at is None
+    finally:
+        server.stop()
