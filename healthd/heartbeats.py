@@ -9,7 +9,6 @@ JSON file beside the status file, so that the last ping survives a restart.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
@@ -37,7 +36,7 @@ from healthd.config import (
     parse_address,
 )
 from healthd.exporters.status_file import write_atomic
-from healthd.listener import HttpListener, request_header
+from healthd.listener import HttpListener, Reply, request_header
 from healthd.secrets import UnreadableFile, read_capped
 
 log = logging.getLogger("healthd.heartbeats")
@@ -230,22 +229,13 @@ class PushServer(HttpListener):
         else:
             threading.Thread(target=self._store.save, name="healthd-push-save").start()
 
-    async def _answer(
-        self,
-        http: h11.Connection,
-        writer: asyncio.StreamWriter,
-        request: h11.Request,
-        body: bytes,
-        close: bool,
-    ) -> None:
-        code, text, extra = self._ping(request)
-        if close:
-            extra.append(("Connection", "close"))
+    def _answer(self, request: h11.Request, body: bytes) -> Reply:
+        code, text, headers = self._ping(request)
         if code == 200:
             # Blocking, but on the listener's own thread: pings are rare, and a job told "ok"
             # can rely on its ping surviving a restart.
             self._store.save()
-        await self._send(http, writer, code, text.encode() + b"\n", "text/plain", extra)
+        return Reply(code, text.encode() + b"\n", headers=tuple(headers))
 
     def _ping(self, request: h11.Request) -> tuple[int, str, list[tuple[str, str]]]:
         target = request.target.decode("ascii", "replace")

@@ -11,6 +11,7 @@ import errno
 import logging
 import socket
 import threading
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -22,6 +23,18 @@ from healthd.log_routing import OncePerKind
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: How long accepting pauses after such an error, instead of spinning on it.
 _ACCEPT_PAUSE_SECONDS = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One answer: its status, body and type, extra headers; ``head`` leaves the body out
+    (an answer to HEAD keeps the length of the body it does not send)."""
+
+    code: int
+    body: bytes
+    content_type: str = "text/plain"
+    headers: tuple[tuple[str, str], ...] = ()
+    head: bool = False
 
 
 class HttpListener:
@@ -39,7 +52,8 @@ class HttpListener:
 
     With ``max_body_bytes`` 0, a request body is never read: the request is answered, then the
     connection closed. Otherwise bodies up to that size are read and handed to ``_answer``; a
-    larger one is refused with 413 and the connection closed.
+    larger one is refused with 413 and the connection closed. A subclass answers in
+    ``_answer``, which returns a ``Reply``.
 
     :param host: an IPv4 or IPv6 address or a name; ``[::1]`` is accepted too.
     :param port: the port; 0 picks a free one (see ``address``).
@@ -99,15 +113,8 @@ class HttpListener:
             self._loop.close()
         self._socket.close()
 
-    async def _answer(
-        self,
-        http: h11.Connection,
-        writer: asyncio.StreamWriter,
-        request: h11.Request,
-        body: bytes,
-        close: bool,
-    ) -> None:
-        """Answer one request (with ``_send``); ``close`` asks for ``Connection: close``."""
+    def _answer(self, request: h11.Request, body: bytes) -> Reply:
+        """The answer to one request; runs on the server's thread, never on healthd's loop."""
         raise NotImplementedError
 
     # --- the event loop of the server thread ---------------------------------------------------
@@ -291,7 +298,11 @@ class HttpListener:
                 return
             # Where bodies are not read, a request with one is answered, then closed.
             close = not self._max_body_bytes and not isinstance(http.next_event(), h11.EndOfMessage)
-            await self._answer(http, writer, request, body, close)
+            reply = self._answer(request, body)
+            headers = [*reply.headers, ("Connection", "close")] if close else list(reply.headers)
+            await self._send(
+                http, writer, reply.code, reply.body, reply.content_type, headers, head=reply.head
+            )
             if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
                 return
             http.start_next_cycle()

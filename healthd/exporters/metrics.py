@@ -13,7 +13,6 @@ ever wedges, scrapes still answer, and the stale
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import threading
@@ -30,7 +29,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from healthd.exporters._fragments import FragmentCache
-from healthd.listener import HttpListener, request_header
+from healthd.listener import HttpListener, Reply, request_header
 from healthd.model import ComponentState, Histogram, Snapshot, Status
 
 log = logging.getLogger("healthd.metrics")
@@ -455,39 +454,26 @@ class MetricsServer(HttpListener):
                 self._cache = (snapshot.version, text)
         return text
 
-    async def _answer(
-        self,
-        http: h11.Connection,
-        writer: asyncio.StreamWriter,
-        request: h11.Request,
-        body: bytes,
-        close: bool,
-    ) -> None:
+    def _answer(self, request: h11.Request, body: bytes) -> Reply:
         method = request.method.decode("ascii", "replace")
         path = request.target.decode("ascii", "replace").split("?", 1)[0]
-        extra: list[tuple[str, str]] = []
+        head = method == "HEAD"
         if method not in ("GET", "HEAD"):
-            code, body, content_type = 405, b"method not allowed\n", "text/plain"
-            extra.append(("Allow", "GET, HEAD"))
-        elif path == "/metrics":
-            gzip = _accepts_gzip(request_header(request, b"accept-encoding"))
-            try:
-                body = self.exposition_gzip() if gzip else self.exposition()
-            except Exception as exc:
-                self._log_once(f"render {type(exc).__name__}", "rendering /metrics failed", exc=exc)
-                code, body, content_type = 500, b"rendering metrics failed\n", "text/plain"
-            else:
-                code, content_type = 200, CONTENT_TYPE
-                extra.append(("Vary", "Accept-Encoding"))
-                if gzip:
-                    extra.append(("Content-Encoding", "gzip"))
-        elif path == "/":
-            code, body, content_type = 200, _INDEX, "text/html"
-        else:
-            code, body, content_type = 404, b"not found\n", "text/plain"
-        if close:
-            extra.append(("Connection", "close"))
-        await self._send(http, writer, code, body, content_type, extra, head=method == "HEAD")
+            return Reply(405, b"method not allowed\n", headers=(("Allow", "GET, HEAD"),))
+        if path == "/":
+            return Reply(200, _INDEX, "text/html", head=head)
+        if path != "/metrics":
+            return Reply(404, b"not found\n", head=head)
+        gzip = _accepts_gzip(request_header(request, b"accept-encoding"))
+        try:
+            text = self.exposition_gzip() if gzip else self.exposition()
+        except Exception as exc:
+            self._log_once(f"render {type(exc).__name__}", "rendering /metrics failed", exc=exc)
+            return Reply(500, b"rendering metrics failed\n", head=head)
+        headers = [("Vary", "Accept-Encoding")]
+        if gzip:
+            headers.append(("Content-Encoding", "gzip"))
+        return Reply(200, text, CONTENT_TYPE, tuple(headers), head=head)
 
 
 def _accepts_gzip(accept_encoding: str) -> bool:
