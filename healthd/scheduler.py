@@ -8,6 +8,7 @@ its interval skips the ticks it missed instead of bunching them up.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -368,14 +369,23 @@ async def observe(
     passes through."""
     timeout = check.timeout_seconds
     started = anyio.current_time()
+    timed_out = Observation(
+        0.0, failure=Failure("timeout", f"no answer within {classify.format_seconds(timeout)}")
+    )
     try:
         with anyio.fail_after(timeout):
             return await kind.probe(check, ctx)
     except TimeoutError:
-        return Observation(
-            anyio.current_time() - started,
-            failure=Failure("timeout", f"no answer within {classify.format_seconds(timeout)}"),
-        )
+        return dataclasses.replace(timed_out, latency_seconds=anyio.current_time() - started)
+    except anyio.get_cancelled_exc_class():
+        # A client's own timeout firing together with a deadline (ours, or the client's total
+        # one) can hand this task a cancellation that no scope recognises as its own (one
+        # forwarded from a task the client cancelled). Let through, it would end this check's
+        # loop for good: a component silently stale. When nothing outside this probe is
+        # cancelling us (shutdown, reload), it is a timeout.
+        if anyio.current_effective_deadline() == -math.inf:
+            raise
+        return dataclasses.replace(timed_out, latency_seconds=anyio.current_time() - started)
     except Exception as exc:
         if (own := resource_failure(exc, f"check {name or check.kind}")) is not None:
             await ctx.aclose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import socket
 import statistics
 import subprocess
 import sys
@@ -371,3 +372,47 @@ def test_datastore_clients_are_imported_only_when_the_config_uses_them(tmp_path:
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=tmp_path
     )
     assert result.stdout.splitlines() == ["[]", "True"]
+
+
+@pytest.mark.asyncio
+async def test_client_timeouts_racing_the_deadline_never_end_a_check_loop() -> None:
+    # A listener that never accepts: connects stall once its backlog is full, so the clients'
+    # own connect timeouts, the http probe's total deadline and the scheduler's deadline fire
+    # together, again and again. A cancellation forwarded from a task a client cancelled used
+    # to escape every scope and end its check's loop for good (200 checks: dozens died within
+    # seconds), leaving the component silently stale.
+    frozen = socket.socket()
+    frozen.bind(("127.0.0.1", 0))
+    frozen.listen(8)
+    port = frozen.getsockname()[1]
+    components: dict[str, dict[str, Any]] = {}
+    for i in range(200):
+        target = (
+            {"kind": "http", "url": f"http://127.0.0.1:{port}/health"}
+            if i % 2
+            else {"kind": "tcp", "address": f"127.0.0.1:{port}"}
+        )
+        components[f"c{i}"] = {**target, "interval": 0.1, "timeout": 0.08}
+    store = StateStore()
+    scheduler = Scheduler(store, max_concurrency=200)
+    wanted_checks = 20
+
+    def behind() -> list[str]:
+        return [
+            name
+            for name in components
+            if (state := store.get(name)) is None
+            or sum(state.checks_total.values()) < wanted_checks
+        ]
+
+    try:
+        with anyio.move_on_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(scheduler.run, _config(components))
+                while behind():
+                    await anyio.sleep(0.1)
+                tg.cancel_scope.cancel()
+    finally:
+        frozen.close()
+    assert behind() == []
+    assert {store.get(name).reason_code for name in components} == {"timeout"}  # type: ignore[union-attr]

@@ -280,10 +280,11 @@ class _Connection(asyncio.Protocol):
         drain: asyncio.Future[None] = loop.create_future()
         self._drain = drain
         timer = None if limit_seconds is None else loop.call_later(limit_seconds, drain.cancel)
+        requests = _cancel_requests()
         try:
             await drain
         except asyncio.CancelledError:
-            if not drain.cancelled() or _being_cancelled():
+            if not drain.cancelled() or _cancel_requests() > requests:
                 raise
             return False
         finally:
@@ -344,9 +345,12 @@ def _expire(waiter: asyncio.Future[bool]) -> None:
         waiter.set_result(False)
 
 
-def _being_cancelled() -> bool:
+def _cancel_requests() -> int:
+    """How many cancellations of the current task are pending, to compare before and after a
+    wait: only a rise means someone else cancels us too. (A count left over from an earlier
+    race must not make every later timeout look like a cancellation.)"""
     task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
+    return task.cancelling() if task is not None else 0
 
 
 class ProbeTransport(httpx.AsyncBaseTransport):
@@ -448,12 +452,13 @@ class ProbeTransport(httpx.AsyncBaseTransport):
             task.cancel()
 
         timer = None if limit_seconds is None else loop.call_later(limit_seconds, expire)
+        requests = _cancel_requests()
         try:
             await task
         except asyncio.CancelledError:
             if task.done() and not task.cancelled() and task.exception() is None:
                 conn.abort()  # connected just as we were cancelled
-            if timed_out and not _being_cancelled():
+            if timed_out and _cancel_requests() == requests:
                 raise httpx.ConnectTimeout("timed out connecting", request=request) from None
             raise
         except OSError as exc:  # refused, unreachable, DNS (gaierror), TLS (SSLError)
