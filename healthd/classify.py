@@ -19,6 +19,8 @@ from types import MappingProxyType
 from typing import Any
 
 from healthd.config import CheckBase, Condition
+from healthd.maintenance import Window
+from healthd.maintenance import active as maintenance_windows
 from healthd.model import (
     DURATION_BUCKETS_SECONDS,
     ComponentState,
@@ -376,6 +378,8 @@ class World:
     evidenced: Mapping[str, tuple[ComponentState, str]] = field(
         default_factory=lambda: _NOTHING_EVIDENCED
     )
+    #: Components in maintenance: the state marked so, by name.
+    maintained: Mapping[str, ComponentState] = field(default_factory=lambda: _NOTHING)
 
 
 def judge_world(
@@ -383,6 +387,7 @@ def judge_world(
     stale_after_seconds: Mapping[str, float],
     now: float,
     previous: World | None = None,
+    windows: Sequence[Window] = (),
 ) -> World:
     """Judge every component together, from the states its checks left behind.
 
@@ -393,6 +398,8 @@ def judge_world(
       stays as measured. See ``root_causes``.
     - **Evidence:** a component that is not healthy gets the current reasons of its
       ``evidence`` components appended to its reason, each cut to ``EVIDENCE_REASON_CHARS``.
+    - **Maintenance:** a component inside one of ``windows`` carries ``maintenance`` and is
+      left out of the overall verdict; it is still judged, and may still be a root cause.
     - **Overall:** see ``overall``.
 
     ``previous`` changes nothing in the result but its objects' identity: a judged state that
@@ -403,10 +410,14 @@ def judge_world(
     prev_stale = previous.stale if previous else _NOTHING
     prev_judged = previous.components if previous else _NOTHING
     prev_evidenced = previous.evidenced if previous else _NOTHING_EVIDENCED
+    prev_maintained = previous.maintained if previous else _NOTHING
+    in_maintenance, next_change_at = (
+        maintenance_windows(windows, now) if windows else ({}, math.inf)
+    )
+    maintained: dict[str, ComponentState] = {}
     unhealthy_status, healthy_status = Status.UNHEALTHY, Status.HEALTHY
     judged: dict[str, ComponentState] = {}
     stale: dict[str, ComponentState] = {}
-    next_change_at = math.inf
     # Healthy states change neither the verdict nor anybody's impact: only the others are kept.
     troubled: list[ComponentState] = []
     unhealthy: set[str] = set()
@@ -423,6 +434,12 @@ def judge_world(
             stale[name] = state = variant
         elif deadline < next_change_at:
             next_change_at = deadline
+        if (planned := in_maintenance.get(name)) is not None:
+            marked = prev_maintained.get(name)
+            unmarked = prev_stale.get(name) or prev_measured.get(name)
+            if marked is None or marked.maintenance != planned or unmarked is not state:
+                marked = dataclasses.replace(state, maintenance=planned)
+            maintained[name] = state = marked
         judged[name] = state
         if state is not prev_judged.get(name):
             differs.append(name)
@@ -448,7 +465,9 @@ def judge_world(
             if base is None or base.status is healthy_status:
                 continue
             prior = prev_evidenced[name][0] if name in prev_evidenced else prev_judged.get(name)
-            prior_base = prev_stale.get(name) or prev_measured.get(name)
+            prior_base = (
+                prev_maintained.get(name) or prev_stale.get(name) or prev_measured.get(name)
+            )
             if prior is not None and prior.impacted_by == impacted_by and prior_base is base:
                 judged[name] = prior
             else:
@@ -458,7 +477,7 @@ def judge_world(
     if witnessed := [state.name for state in troubled if state.evidence]:
         evidenced = _append_evidence(judged, witnessed, prev_judged, prev_evidenced)
         differs.extend(witnessed)
-    verdict = overall(troubled)
+    verdict = overall(state for state in troubled if state.maintenance is None)
     changed = (
         previous is None
         or verdict is not previous.overall
@@ -476,6 +495,7 @@ def judge_world(
         dependencies,
         impact,
         evidenced,
+        MappingProxyType(maintained),
     )
 
 

@@ -15,9 +15,11 @@ import re
 import socket
 import tomllib
 from collections.abc import Iterator, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     AfterValidator,
@@ -40,6 +42,7 @@ from pydantic_settings import (
 )
 
 from healthd import shard as shard_module
+from healthd.maintenance import Window, parse_weekly
 from healthd.secrets import (
     Redactor,
     SecretTemplated,
@@ -785,6 +788,8 @@ class DaemonConfig(_Strict):
     #: Where jobs ping their heartbeats; listened on only when a heartbeat is configured.
     push_address: str = "127.0.0.1:9470"
     status_file: Path = Path("/var/lib/healthd/status.json")
+    #: The Unix socket ``healthd maintenance`` talks to (mode 0660; never a network port).
+    control_socket: Path = Path("/run/healthd/control.sock")
     status_file_refresh: Duration = 5.0
     interval: Duration = 15.0
     timeout: Duration = 5.0
@@ -827,7 +832,7 @@ class DaemonConfig(_Strict):
         bind_address(value)
         return value
 
-    @field_validator("status_file", "history_file", mode="before")
+    @field_validator("status_file", "history_file", "control_socket", mode="before")
     @classmethod
     def _file(cls, value: Any, info: ValidationInfo) -> Any:
         key = info.field_name
@@ -845,6 +850,69 @@ class DaemonConfig(_Strict):
             if value.endswith("/") or path.name in ("", ".", "..") or _is_directory(path):
                 raise ValueError(f"{key} {value!r} must name a file, not a directory")
         return value
+
+
+class MaintenanceConfig(_Strict):
+    """A ``[[maintenance]]`` table: planned work on ``components``, once (``start``/``end``,
+    RFC 3339 with an offset) or every week (``weekly = "Sun 02:00-03:00"`` in ``timezone``)."""
+
+    components: tuple[str, ...] = Field(min_length=1)
+    reason: str = Field(min_length=1, max_length=500)
+    timezone: str = "UTC"
+    start: datetime | None = None
+    end: datetime | None = None
+    weekly: str | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}; use a zoneinfo name") from None
+        return value
+
+    @field_validator("start", "end")
+    @classmethod
+    def _aware(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
+        if value is not None and value.utcoffset() is None:
+            raise ValueError(f"{info.field_name} needs a UTC offset (RFC 3339), such as 'Z'")
+        if info.field_name == "end" and value is not None:
+            start = info.data.get("start")
+            if start is not None and value <= start:
+                raise ValueError("end must be after start")
+        return value
+
+    @field_validator("weekly")
+    @classmethod
+    def _weekly(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            parse_weekly(value, info.data.get("timezone", "UTC"))
+        return value
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> MaintenanceConfig:
+        fixed = self.start is not None or self.end is not None
+        if self.weekly is not None and fixed:
+            raise ValueError("give either start and end, or weekly, not both")
+        if self.weekly is None and (self.start is None or self.end is None):
+            raise ValueError("needs start and end, or weekly")
+        return self
+
+    def window(self) -> Window:
+        """The window this table describes."""
+        if self.weekly is not None:
+            return Window(
+                self.components,
+                self.reason,
+                "config",
+                weekly=parse_weekly(self.weekly, self.timezone),
+            )
+        assert self.start is not None
+        assert self.end is not None
+        return Window(
+            self.components, self.reason, "config", self.start.timestamp(), self.end.timestamp()
+        )
 
 
 def _is_directory(path: Path) -> bool:
@@ -868,6 +936,7 @@ class Config(BaseSettings):
 
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     components: dict[str, CheckConfig] = Field(default_factory=dict)
+    maintenance: list[MaintenanceConfig] = Field(default_factory=list)
     _local: dict[str, CheckBase] = PrivateAttr(default_factory=dict)
 
     @classmethod
@@ -915,6 +984,10 @@ class Config(BaseSettings):
                     raise ValueError(f"components.{name}.evidence: no component named {witness!r}")
             resolved[name] = check.model_copy(update={"interval": interval, "timeout": timeout})
         _reject_cycles(resolved)
+        for index, planned in enumerate(self.maintenance):
+            for name in planned.components:
+                if name not in self.components:
+                    raise ValueError(f"maintenance.{index}.components: no component named {name!r}")
         object.__setattr__(self, "components", resolved)
         # A dependency on another shard's component stays valid: it is not judged here, so
         # it counts as healthy and impact is computed from this shard's components only.
@@ -929,6 +1002,10 @@ class Config(BaseSettings):
     def checks(self) -> Mapping[str, CheckBase]:
         """The components this instance checks (its shard's, or all), typed as their base."""
         return self._local
+
+    def windows(self) -> tuple[Window, ...]:
+        """The scheduled maintenance windows."""
+        return tuple(planned.window() for planned in self.maintenance)
 
     def secrets(self) -> set[str]:
         """Every secret value the config resolved; the redactor scrubs them from all output."""

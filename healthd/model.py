@@ -112,6 +112,16 @@ class Histogram:
 
 
 @dataclass(frozen=True, slots=True)
+class Maintenance:
+    """Planned maintenance a component is in: until when (Unix seconds), why, and who said so
+    (``"config"`` for a scheduled window, ``"cli"`` for ``healthd maintenance start``)."""
+
+    until: float
+    reason: str
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
 class ComponentState:
     """Everything healthd knows about one component after its latest check.
 
@@ -146,6 +156,8 @@ class ComponentState:
     last_failure: str = ""
     impacted_by: tuple[str, ...] = ()
     evidence: tuple[str, ...] = ()
+    #: Set only in a snapshot, while the component is in maintenance (``classify.judge_world``).
+    maintenance: Maintenance | None = None
 
 
 #: Upper bounds of healthd's own timing histograms (lateness, loop lag, status file writes):

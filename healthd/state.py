@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from healthd.classify import World, judge_world
+from healthd.maintenance import Window
 from healthd.model import ComponentState, DaemonStats, Snapshot
 
 #: A component whose last check is older than this many intervals (plus its timeout) is
@@ -36,6 +37,7 @@ class StateStore:
         self._lock = threading.Lock()
         self._components: dict[str, ComponentState] = {}
         self._stale_after: dict[str, float] = {}
+        self._windows: tuple[Window, ...] = ()
         self._daemon = DaemonStats(started_at=clock())
         # Updated on every check (or tick), so kept as plain fields and folded in on read.
         self._progress_at: float | None = None
@@ -65,6 +67,17 @@ class StateStore:
             self._progress_at = state.checked_at
             self._version += 1
             self._measured_version += 1
+
+    def set_windows(self, windows: tuple[Window, ...]) -> None:
+        """Replace the maintenance windows (the config's and the CLI's together)."""
+        with self._lock:
+            self._windows = windows
+            self._version += 1
+            self._measured_version += 1
+
+    def windows(self) -> tuple[Window, ...]:
+        """The maintenance windows as last set."""
+        return self._windows
 
     def observe_lateness(self, seconds: float) -> None:
         """Count how late a check started compared with its schedule."""
@@ -187,11 +200,12 @@ class StateStore:
                 if previous is None or measured_version != self._seen_measured_version:
                     measured = dict(self._components)
                     self._limits = dict(self._stale_after)
+                windows = self._windows
             world = previous
             if measured is not None:
-                world = judge_world(measured, self._limits, now, previous)
-            elif previous is not None and now > previous.next_change_at:
-                world = judge_world(previous.measured, self._limits, now, previous)
+                world = judge_world(measured, self._limits, now, previous, windows)
+            elif previous is not None and now >= previous.next_change_at:
+                world = judge_world(previous.measured, self._limits, now, previous, windows)
             assert world is not None
             if (world is not previous and world.changed) or version != self._seen_version:
                 self._published_version += 1

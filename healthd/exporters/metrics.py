@@ -160,6 +160,10 @@ _IMPACTED = (
     "1 for each unhealthy root cause among the dependencies of a component that is not "
     "healthy; absent otherwise.",
 )
+_MAINTENANCE = (
+    "healthd_component_maintenance",
+    "1 while the component is in planned maintenance (left out of the verdict); absent otherwise.",
+)
 _CHECKS = (
     "healthd_checks_total",
     "Completed checks by result: 'success' or the failure's reason code.",
@@ -173,6 +177,7 @@ def _component_headers(histogram: bool) -> list[bytes]:
     headers += [_header(name, "gauge", help_text) for name, help_text, _ in _GAUGES]
     headers.append(_header(_REASON[0], "gauge", _REASON[1]))
     headers.append(_header(_IMPACTED[0], "gauge", _IMPACTED[1]))
+    headers.append(_header(_MAINTENANCE[0], "gauge", _MAINTENANCE[1]))
     headers.append(_header(_CHECKS[0], "counter", _CHECKS[1]))
     if histogram:
         headers.append(_header(_DURATIONS[0], "histogram", _DURATIONS[1]))
@@ -209,6 +214,7 @@ def _fragments(name: str, state: ComponentState, histogram: bool) -> tuple[bytes
             for root_cause in state.impacted_by
         )
     )
+    pieces.append("" if state.maintenance is None else f"{_MAINTENANCE[0]}{component}}} 1.0\n")
     pieces.append(
         "".join(
             f'{_CHECKS[0]}{component_kind},result="{_escape(result)}"}} {_number(count)}\n'

@@ -80,6 +80,11 @@ def _component(state: ComponentState, details: DetailLevel) -> dict[str, Any]:
     # Root causes are component names, which the document already shows: kept in summary too.
     if state.impacted_by:
         entry["impacted_by"] = list(state.impacted_by)
+    if (planned := state.maintenance) is not None:
+        until = None if math.isinf(planned.until) else iso_timestamp(planned.until)
+        entry["maintenance"] = {"until": until, "source": planned.source}
+        if details == "full":
+            entry["maintenance"]["reason"] = planned.reason
     if details == "summary":
         entry["checked_at"] = iso_timestamp(state.checked_at)
         entry["since"] = iso_timestamp(state.since)

@@ -1,0 +1,239 @@
+"""Maintenance: window arithmetic, config validation, the judgement, and the control socket."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from healthd.classify import judge_world, next_state
+from healthd.config import ConfigError, TcpCheck, load
+from healthd.maintenance import Window, active, parse_weekly
+from healthd.model import ComponentState, Finding, Maintenance, Observation, Status
+from healthd.state import StateStore
+
+
+def ts(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+# --- window arithmetic ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("weekly", "zone", "now", "until"),
+    [
+        # 2026-11-29 is a Sunday.
+        ("Sun 02:00-03:00", "UTC", "2026-11-29T02:30:00Z", "2026-11-29T03:00:00Z"),
+        ("Sun 02:00-03:00", "UTC", "2026-11-29T03:00:00Z", None),
+        ("Sun 02:00-03:00", "UTC", "2026-11-29T01:59:59Z", None),
+        # Across midnight: Saturday 23:00 to Sunday 01:00, seen from both days.
+        ("Sat 23:00-01:00", "UTC", "2026-11-28T23:30:00Z", "2026-11-29T01:00:00Z"),
+        ("Sat 23:00-01:00", "UTC", "2026-11-29T00:30:00Z", "2026-11-29T01:00:00Z"),
+        ("Sat 23:00-01:00", "UTC", "2026-11-29T01:00:00Z", None),
+        # Across the week's end: Sunday night into Monday.
+        ("Sun 23:00-Mon 01:00", "UTC", "2026-11-30T00:10:00Z", "2026-11-30T01:00:00Z"),
+        # Local time in a zone: 02:00 Berlin is 01:00 UTC in winter.
+        ("Sun 02:00-03:00", "Europe/Berlin", "2026-11-29T01:30:00Z", "2026-11-29T02:00:00Z"),
+        # The night Berlin goes to summer time (2026-03-29): 01:30-04:00 local is 1.5 hours.
+        ("Sun 01:30-04:00", "Europe/Berlin", "2026-03-29T01:45:00Z", "2026-03-29T02:00:00Z"),
+        # The night it goes back (2026-10-25): 01:30-04:00 local is 3.5 hours.
+        ("Sun 01:30-04:00", "Europe/Berlin", "2026-10-25T02:45:00Z", "2026-10-25T03:00:00Z"),
+        ("Sun 01:30-04:00", "Europe/Berlin", "2026-10-24T23:29:00Z", None),
+    ],
+)  # fmt: skip
+def test_weekly_window_is_active_in_its_local_hours(
+    weekly: str, zone: str, now: str, until: str | None
+) -> None:
+    window = Window(("db",), "upgrade", "config", weekly=parse_weekly(weekly, zone))
+    found, _ = active([window], ts(now))
+    assert (found["db"].until if "db" in found else None) == (ts(until) if until else None)
+
+
+def test_next_boundary_is_the_next_start_or_end() -> None:
+    window = Window(("db",), "upgrade", "config", weekly=parse_weekly("Sat 23:00-01:00"))
+    _, boundary = active([window], ts("2026-11-28T12:00:00+00:00"))
+    assert boundary == ts("2026-11-28T23:00:00+00:00")
+    _, boundary = active([window], ts("2026-11-28T23:00:00+00:00"))
+    assert boundary == ts("2026-11-29T01:00:00+00:00")
+    fixed = Window(("db",), "once", "cli", 100.0, 200.0)
+    assert active([fixed], 50.0) == ({}, 100.0)
+    assert active([fixed], 250.0) == ({}, math.inf)
+
+
+@pytest.mark.parametrize(
+    "text", ["Sun 02:00", "Sun 25:00-26:00", "Xyz 01:00-02:00", "Sun 02:00-02:00", "02:00-03:00"]
+)
+def test_bad_weekly_windows_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="weekly"):
+        parse_weekly(text)
+
+
+# --- config ---------------------------------------------------------------------------------
+
+_BASE = """\
+[components.db]
+kind = "tcp"
+address = "127.0.0.1:5432"
+
+"""
+
+
+def write(tmp_path: Path, tables: str) -> Path:
+    path = tmp_path / "healthd.toml"
+    path.write_text(_BASE + tables, encoding="utf-8")
+    return path
+
+
+def test_scheduled_windows_load_as_windows(tmp_path: Path) -> None:
+    config = load(
+        write(
+            tmp_path,
+            '[[maintenance]]\ncomponents = ["db"]\nreason = "upgrade"\n'
+            "start = 2026-11-29T02:00:00Z\nend = 2026-11-29T04:00:00+01:00\n\n"
+            '[[maintenance]]\ncomponents = ["db"]\nreason = "vacuum"\n'
+            'weekly = "Sat 23:00-01:00"\ntimezone = "Europe/Berlin"\n',
+        )
+    )
+    fixed, weekly = config.windows()
+    assert (fixed.start, fixed.end) == (ts("2026-11-29T02:00:00Z"), ts("2026-11-29T03:00:00Z"))
+    assert weekly.weekly == parse_weekly("Sat 23:00-01:00", "Europe/Berlin")
+    assert (fixed.source, weekly.reason) == ("config", "vacuum")
+
+
+@pytest.mark.parametrize(
+    ("tables", "expected"),
+    [
+        (
+            '[[maintenance]]\ncomponents = ["nope"]\nreason = "x"\nweekly = "Sun 02:00-03:00"\n',
+            "healthd.toml:6: maintenance.0.components: no component named 'nope'",
+        ),
+        (
+            '[[maintenance]]\ncomponents = ["db"]\nreason = "x"\n'
+            "start = 2026-11-29T03:00:00Z\nend = 2026-11-29T02:00:00Z\n",
+            "healthd.toml:9: maintenance.0.end: end must be after start",
+        ),
+        (
+            '[[maintenance]]\ncomponents = ["db"]\nreason = "x"\n'
+            "start = 2026-11-29T03:00:00\nend = 2026-11-29T04:00:00Z\n",
+            "healthd.toml:8: maintenance.0.start: start needs a UTC offset (RFC 3339), such as 'Z'",
+        ),
+        (
+            '[[maintenance]]\ncomponents = ["db"]\nreason = "x"\nweekly = "Sun 2am"\n',
+            "healthd.toml:8: maintenance.0.weekly: weekly 'Sun 2am': expected 'DAY HH:MM-HH:MM', "
+            "such as 'Sun 02:00-03:00'",
+        ),
+        (
+            '[[maintenance]]\ncomponents = ["db"]\nreason = "x"\nweekly = "Sun 02:00-03:00"\n'
+            'timezone = "Mars/Olympus"\n',
+            "healthd.toml:9: maintenance.0.timezone: unknown time zone 'Mars/Olympus'; use a "
+            "zoneinfo name",
+        ),
+        (
+            '[[maintenance]]\ncomponents = ["db"]\nreason = "x"\n',
+            "healthd.toml:5: maintenance.0: needs start and end, or weekly",
+        ),
+        (
+            '[[maintenance]]\ncomponents = ["db"]\nreason = "x"\nweekly = "Sun 02:00-03:00"\n'
+            "start = 2026-11-29T03:00:00Z\n",
+            "healthd.toml:5: maintenance.0: give either start and end, or weekly, not both",
+        ),
+        (
+            '[[maintenance]]\ncomponents = []\nreason = "x"\nweekly = "Sun 02:00-03:00"\n',
+            "healthd.toml:6: maintenance.0.components: Tuple should have at least 1 item after "
+            "validation, not 0",
+        ),
+    ],
+)
+def test_bad_maintenance_window_names_file_key_and_line(
+    tmp_path: Path, tables: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, tables))
+    assert caught.value.problems == [f"{tmp_path}/{expected}"]
+
+
+# --- judgement ------------------------------------------------------------------------------
+
+CHECK = TcpCheck(address="127.0.0.1:1", interval=10, timeout=1, critical=True)
+DOWN = Finding(Status.UNHEALTHY, "connection_refused", "connect: connection refused")
+UP = Finding(Status.HEALTHY, "ok", "connected")
+
+
+def measured(name: str, finding: Finding, now: float, **extra: Any) -> ComponentState:
+    check = CHECK.model_copy(update=extra)
+    return next_state(
+        None, name=name, check=check, finding=finding, observation=Observation(0.01), now=now
+    )
+
+
+def test_component_in_maintenance_is_left_out_of_the_overall_verdict() -> None:
+    states = {"db": measured("db", DOWN, 1000.0), "api": measured("api", UP, 1000.0)}
+    limits = {"db": 100.0, "api": 100.0}
+    window = Window(("db",), "upgrade", "cli", 900.0, 1100.0)
+    world = judge_world(states, limits, 1010.0, None, (window,))
+    assert world.overall is Status.HEALTHY
+    assert world.components["db"].status is Status.UNHEALTHY  # still measured
+    assert world.components["db"].maintenance == Maintenance(1100.0, "upgrade", "cli")
+    assert world.components["api"].maintenance is None
+    after = judge_world(states, limits, 1100.0, world, (window,))
+    assert after.overall is Status.UNHEALTHY
+    assert after.components["db"].maintenance is None
+
+
+def test_root_cause_in_maintenance_still_explains_its_dependents() -> None:
+    states = {
+        "db": measured("db", DOWN, 1000.0),
+        "api": measured("api", DOWN, 1000.0, depends_on=("db",)),
+    }
+    limits = {"db": 100.0, "api": 100.0}
+    window = Window(("db",), "upgrade", "config", 900.0, 1100.0)
+    world = judge_world(states, limits, 1010.0, None, (window,))
+    # The API is impacted by a root cause in maintenance: the rules page neither.
+    assert world.components["api"].impacted_by == ("db",)
+    assert world.components["db"].maintenance is not None
+    again = judge_world(states, limits, 1020.0, world, (window,))
+    assert not again.changed
+    assert again.components["api"] is world.components["api"]
+    assert again.components["db"] is world.components["db"]
+
+
+def test_snapshot_version_changes_when_a_window_starts_and_ends_without_a_check() -> None:
+    now = [1000.0]
+    store = StateStore(clock=lambda: now[0])
+    store.record(measured("db", DOWN, 1000.0), stale_after_seconds=10_000.0)
+    store.set_windows((Window(("db",), "upgrade", "cli", 1050.0, 1100.0),))
+    before = store.snapshot()
+    assert before.overall is Status.UNHEALTHY
+    now[0] = 1049.0
+    assert store.snapshot().version == before.version
+    now[0] = 1050.0
+    during = store.snapshot()
+    assert during.version > before.version
+    assert during.overall is Status.HEALTHY
+    assert during.components["db"].maintenance == Maintenance(1100.0, "upgrade", "cli")
+    now[0] = 1070.0
+    assert store.snapshot().version == during.version
+    now[0] = 1100.0
+    after = store.snapshot()
+    assert after.version > during.version
+    assert after.overall is Status.UNHEALTHY
+    assert after.components["db"].maintenance is None
+
+
+def test_weekly_window_in_a_store_turns_on_at_its_local_start() -> None:
+    start = ts("2026-11-28T22:00:00+00:00")  # Sat 23:00 in Berlin
+    now = [start - 1]
+    store = StateStore(clock=lambda: now[0])
+    store.record(measured("db", DOWN, now[0]), stale_after_seconds=1e9)
+    weekly = parse_weekly("Sat 23:00-01:00", "Europe/Berlin")
+    store.set_windows((Window(("db",), "vacuum", "config", weekly=weekly),))
+    assert store.snapshot().components["db"].maintenance is None
+    now[0] = start
+    assert store.snapshot().components["db"].maintenance == Maintenance(
+        start + 7200, "vacuum", "config"
+    )
+    assert datetime.fromtimestamp(start + 7200, UTC).hour == 0
