@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from healthd import __version__
+from healthd import __version__, control
 from healthd import config as config_module
 from healthd import shard as shard_module
 from healthd.config import Config, ConfigError
+from healthd.control import MAX_WINDOW_SECONDS, WINDOWS_FILE_NAME, AdHocWindows
 from healthd.exporters import status_file
 from healthd.log_routing import OncePerKind, route_asyncio_to_logging, route_to_logging
 from healthd.model import Status
@@ -140,6 +141,24 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--start", action="store_true", help="the job has started")
     which.add_argument("--fail", action="store_true", help="the job has failed")
     ping.add_argument("--exit-code", type=int, help="the failed job's exit code")
+    planned = commands.add_parser(
+        "maintenance", help="ad hoc maintenance windows, through the running daemon"
+    )
+    planned_commands = planned.add_subparsers(dest="maintenance_command", required=True)
+    begin = planned_commands.add_parser(
+        "start", parents=[common], help="put components in maintenance"
+    )
+    begin.add_argument("components", nargs="+", metavar="COMPONENT")
+    begin.add_argument(
+        "--for", dest="duration", required=True, help="how long: 30m, 2h (at most 30 days)"
+    )
+    begin.add_argument("--reason", required=True, help="why, for the status file and alerts")
+    finish = planned_commands.add_parser(
+        "end", parents=[common], help="end components' ad hoc maintenance"
+    )
+    finish.add_argument("components", nargs="+", metavar="COMPONENT")
+    listing = planned_commands.add_parser("list", parents=[common], help="the windows running now")
+    listing.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -176,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         return _check(config, redactor, as_json=args.json)
     if args.command == "history":
         return _history(args, config, redactor)
+    if args.command == "maintenance":
+        return _maintenance(args, config)
     return _run(path, config, redactor)
 
 
@@ -226,6 +247,10 @@ def _check(config: Config, redactor: Redactor, *, as_json: bool) -> int:
     shared.heartbeats = PingStore(pings_path(config))
     shared.heartbeats.load()
     shared.heartbeats.watch(heartbeat_tokens(config))
+    # The config's windows and the daemon's ad hoc ones (read from its file, never written).
+    adhoc = AdHocWindows(config.daemon.status_file.with_name(WINDOWS_FILE_NAME))
+    adhoc.load()
+    store.set_windows(config.windows() + adhoc.windows())
     scheduler = Scheduler(store, max_concurrency=config.daemon.max_concurrency, shared=shared)
     try:
         anyio.run(scheduler.run_round, config, backend_options=loop_options())
@@ -245,12 +270,53 @@ def _table(doc: dict[str, Any], summary: str) -> str:
     rows = [("COMPONENT", "KIND", "STATUS", "LATENCY", "REASON")]
     for name, entry in doc["components"].items():
         latency = f"{entry['latency_ms']:.1f} ms"
-        rows.append((name, entry["kind"], entry["status"], latency, entry["reason"]))
+        status, reason = entry["status"], entry["reason"]
+        if planned := entry.get("maintenance"):
+            status += " (maintenance)"
+            reason += (
+                f" [maintenance until {planned['until'] or 'further notice'}: {planned['reason']}]"
+            )
+        rows.append((name, entry["kind"], status, latency, reason))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[4]
              for row in rows]  # fmt: skip
     lines.append(f"\noverall: {doc['status']} ({summary})")
     return "\n".join(lines)
+
+
+def _maintenance(args: argparse.Namespace, config: Config) -> int:
+    socket_path = config.daemon.control_socket
+    message: dict[str, Any] = {"op": args.maintenance_command}
+    if args.maintenance_command != "list":
+        message["components"] = args.components
+    if args.maintenance_command == "start":
+        try:
+            message["seconds"] = config_module.parse_duration(
+                args.duration, max_seconds=MAX_WINDOW_SECONDS
+            )
+        except ValueError as exc:
+            log.error("--for: %s", exc)
+            return EX_USAGE
+        message["reason"] = args.reason
+    try:
+        reply = control.request(socket_path, message)
+    except control.ControlError as exc:
+        log.error("maintenance %s: %s", args.maintenance_command, exc)
+        return EX_UNAVAILABLE
+    if args.maintenance_command == "end":
+        ended = reply.get("ended") or []
+        print(f"ended: {', '.join(ended)}" if ended else "no ad hoc window to end")
+        return EX_OK
+    rows = reply.get("maintenance") or []
+    if getattr(args, "json", False):
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+    elif not rows:
+        print("no component is in maintenance")
+    else:
+        for row in rows:
+            until = row["until"] or "further notice"
+            print(f"{row['component']}\tuntil {until}\t{row['source']}\t{row['reason']}")
+    return EX_OK
 
 
 def _history(args: argparse.Namespace, config: Config, redactor: Redactor) -> int:

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -24,6 +25,7 @@ import anyio.to_thread
 from healthd import __version__
 from healthd import config as config_module
 from healthd.config import Config, ConfigError, parse_address
+from healthd.control import WINDOWS_FILE_NAME, AdHocWindows, answer, serve
 from healthd.exporters.metrics import MetricsServer
 from healthd.exporters.status_writer import StatusFileWriter
 from healthd.heartbeats import PingStore, PushServer, heartbeat_tokens, pings_path
@@ -100,6 +102,10 @@ class Daemon:
         # The last pings of job heartbeats: pushed in by the listener's thread, read by the
         # heartbeat probes on the loop.
         self.pings = PingStore(pings_path(config), clock)
+        # Ad hoc maintenance from the CLI, kept beside the status file across restarts.
+        self.adhoc = AdHocWindows(config.daemon.status_file.with_name(WINDOWS_FILE_NAME), clock)
+        self.adhoc.load()
+        self._apply_windows()
         self.pings.load()
         tokens = heartbeat_tokens(config)
         self.pings.watch(tokens)
@@ -157,6 +163,7 @@ class Daemon:
                     self.push.persist_soon()
                     log.info("heartbeat pings on http://%s:%d/ping/NAME", *self.push.address)
                 tg.start_soon(self.scheduler.run, self._config)
+                tg.start_soon(self._serve_control)
                 await self._first_round()
                 await self.status_writer.write()
                 _freeze_startup_objects()
@@ -201,6 +208,25 @@ class Daemon:
                 bound,
                 ", ".join(missing),
             )
+
+    def _apply_windows(self) -> None:
+        self.store.set_windows(self._config.windows() + self.adhoc.windows())
+
+    def _control(self, line: bytes) -> dict[str, Any]:
+        reply = answer(line, self.adhoc, self._config.checks(), self.store.windows, self._clock())
+        self._apply_windows()
+        self.status_writer.changed()
+        return reply
+
+    async def _serve_control(self) -> None:
+        path = self._config.daemon.control_socket
+        try:
+            await serve(path, self._control)
+        except OSError as exc:
+            log.error(
+                "cannot listen on control_socket %s: %s; `healthd maintenance` will not reach "
+                "this daemon", path, exc.strerror or exc,
+            )  # fmt: skip
 
     def stuck(self) -> list[str]:
         """What is not making progress: lagging checks, or a status writer that stopped.
@@ -271,6 +297,8 @@ class Daemon:
             self._config = new
             self.scheduler.apply(new)
             self.history.configure(new)
+            self.adhoc.forget(new.components)
+            self._apply_windows()
             self.status_writer.reconfigure(new.daemon)
             self.store.config_loaded(
                 True,

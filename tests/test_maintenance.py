@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
+import socket
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from healthd.classify import judge_world, next_state
@@ -14,6 +21,7 @@ from healthd.config import ConfigError, TcpCheck, load
 from healthd.maintenance import Window, active, parse_weekly
 from healthd.model import ComponentState, Finding, Maintenance, Observation, Status
 from healthd.state import StateStore
+from tests.daemon_proc import free_port, healthd_cli, running_healthd
 
 
 def ts(text: str) -> float:
@@ -237,3 +245,146 @@ def test_weekly_window_in_a_store_turns_on_at_its_local_start() -> None:
         start + 7200, "vacuum", "config"
     )
     assert datetime.fromtimestamp(start + 7200, UTC).hour == 0
+
+
+# --- the daemon and its control socket ------------------------------------------------------
+
+
+def _daemon_config(tmp_path: Path, metrics_port: int) -> Path:
+    path = tmp_path / "healthd.toml"
+    path.write_text(
+        f"""
+[daemon]
+metrics_address = "127.0.0.1:{metrics_port}"
+status_file = "{tmp_path}/status.json"
+control_socket = "{tmp_path}/control.sock"
+status_file_refresh = "0.2s"
+status_file_min_interval = "0.1s"
+interval = "1s"
+
+[components.db]
+kind = "tcp"
+address = "127.0.0.1:{free_port()}"
+critical = true
+failure_threshold = 1
+"""
+    )
+    return path
+
+
+def _status(tmp_path: Path) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads((tmp_path / "status.json").read_text())
+    return document
+
+
+def _wait_status(tmp_path: Path, test: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """The status document once ``test`` holds (rewritten every 0.2 s here)."""
+    deadline = time.monotonic() + 10
+    while True:
+        document = _status(tmp_path)
+        if test(document) or time.monotonic() > deadline:
+            return document
+        time.sleep(0.05)
+
+
+def _in_maintenance(document: dict[str, Any]) -> bool:
+    return "maintenance" in document["components"]["db"]
+
+
+def test_maintenance_from_the_cli_survives_a_restart_and_ends(tmp_path: Path) -> None:
+    metrics_port = free_port()
+    config = _daemon_config(tmp_path, metrics_port)
+    cli = ("--config", str(config))
+    with running_healthd(config, tmp_path) as healthd:
+        healthd.wait_for("READY", "1")
+        assert _status(tmp_path)["status"] == "unhealthy"
+        started = healthd_cli("maintenance", "start", "db", "--for", "30m", "--reason",
+                              "disk swap", *cli)  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        document = _wait_status(tmp_path, _in_maintenance)
+        entry = document["components"]["db"]
+        assert entry["status"] == "unhealthy"  # still checked and measured
+        assert entry["maintenance"]["source"] == "cli"
+        assert entry["maintenance"]["reason"] == "disk swap"
+        until = datetime.fromisoformat(entry["maintenance"]["until"]).timestamp()
+        assert 29 * 60 < until - time.time() <= 30 * 60
+        assert document["status"] != "unhealthy"
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        assert 'healthd_component_maintenance{component="db"} 1.0' in metrics
+        listed = healthd_cli("maintenance", "list", "--json", *cli)
+        assert listed.returncode == 0, listed.stderr
+        [row] = json.loads(listed.stdout)
+        assert (row["component"], row["source"], row["reason"]) == ("db", "cli", "disk swap")
+        assert oct(os.stat(tmp_path / "control.sock").st_mode & 0o777) == "0o660"
+        code, _ = healthd.stop()
+        assert code == 0
+    with running_healthd(config, tmp_path) as healthd:
+        healthd.wait_for("READY", "1")
+        document = _wait_status(tmp_path, _in_maintenance)
+        assert document["components"]["db"]["maintenance"]["reason"] == "disk swap"
+        assert document["status"] != "unhealthy"
+        ended = healthd_cli("maintenance", "end", "db", *cli)
+        assert ended.returncode == 0, ended.stderr
+        assert ended.stdout.strip() == "ended: db"
+        document = _wait_status(tmp_path, lambda d: not _in_maintenance(d))
+        assert not _in_maintenance(document)
+        assert document["status"] == "unhealthy"
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        assert "healthd_component_maintenance{" not in metrics
+        assert json.loads(healthd_cli("maintenance", "list", "--json", *cli).stdout) == []
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"not json\n",
+        b"[1, 2]\n",
+        b'{"op": "start", "components": ["db"], "seconds": -1, "reason": "x"}\n',
+        b'{"op": "start", "components": ["nope"], "seconds": 60, "reason": "x"}\n',
+        b'{"op": "start", "components": ["db"], "seconds": 60, "reason": ""}\n',
+        b'{"op": "reboot"}\n',
+        b"x" * (70 * 1024),
+    ],
+)
+def test_bad_control_requests_get_an_error_and_change_nothing(
+    tmp_path: Path, request_bytes: bytes
+) -> None:
+    config = _daemon_config(tmp_path, free_port())
+    with running_healthd(config, tmp_path) as healthd:
+        healthd.wait_for("READY", "1")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(tmp_path / "control.sock"))
+            with contextlib.suppress(OSError):
+                sock.sendall(request_bytes)
+            reply = json.loads(sock.makefile("rb").readline())
+        assert reply["ok"] is False
+        assert reply["error"]
+        # Still serving: a good request after the bad one works.
+        listed = healthd_cli("maintenance", "list", "--json", "--config", str(config))
+        assert listed.returncode == 0, listed.stderr
+        assert json.loads(listed.stdout) == []
+        assert not _in_maintenance(_status(tmp_path))
+
+
+def test_maintenance_cli_without_a_daemon_says_so(tmp_path: Path) -> None:
+    config = _daemon_config(tmp_path, free_port())
+    result = healthd_cli("maintenance", "list", "--config", str(config))
+    assert result.returncode == 69
+    assert "cannot reach healthd" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_shows_a_scheduled_window(tmp_path: Path) -> None:
+    config = _daemon_config(tmp_path, free_port())
+    config.write_text(
+        config.read_text()
+        + '\n[[maintenance]]\ncomponents = ["db"]\nreason = "yearly"\n'
+        + "start = 2000-01-01T00:00:00Z\nend = 2100-01-01T00:00:00Z\n"
+    )
+    table = healthd_cli("check", "--config", str(config))
+    assert "unhealthy (maintenance)" in table.stdout
+    assert "[maintenance until 2100-01-01T00:00:00" in table.stdout
+    assert table.returncode == 0  # the only component is out of the verdict
+    document = json.loads(healthd_cli("check", "--json", "--config", str(config)).stdout)
+    assert document["components"]["db"]["maintenance"]["source"] == "config"
