@@ -222,6 +222,12 @@ class Daemon:
         path = self._config.daemon.control_socket
         try:
             await serve(path, self._control)
+        except FileNotFoundError:
+            # Outside systemd (no RuntimeDirectory=) the default directory is usually absent.
+            log.warning(
+                "no directory for control_socket %s; `healthd maintenance` will not reach this "
+                "daemon", path,
+            )  # fmt: skip
         except OSError as exc:
             log.error(
                 "cannot listen on control_socket %s: %s; `healthd maintenance` will not reach "
