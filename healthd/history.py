@@ -64,8 +64,8 @@ _DAY = 86400
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS components (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
--- One row per status change. `maintenance` is the seam for planned maintenance (not recorded
--- yet): a transition flagged 1 opens a maintenance period instead of an incident.
+-- One row per status change. `maintenance` is 1 for a change during planned maintenance: it
+-- opens no incident.
 CREATE TABLE IF NOT EXISTS transitions (
     id INTEGER PRIMARY KEY,
     component_id INTEGER NOT NULL REFERENCES components(id),
@@ -78,7 +78,7 @@ CREATE TABLE IF NOT EXISTS transitions (
 );
 CREATE INDEX IF NOT EXISTS transitions_by_component ON transitions (component_id, at);
 -- Per hour (Unix seconds of its start) and component: checks by status and milliseconds
--- spent in each status. `maintenance_ms` stays 0 until maintenance is recorded. Keyed by hour
+-- spent in each status; time in maintenance counts as `maintenance_ms` only. Keyed by hour
 -- first: every reader asks for a time range.
 CREATE TABLE IF NOT EXISTS hours (
     hour INTEGER NOT NULL,
@@ -97,15 +97,16 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
 
 _UPSERT_HOUR = """
 INSERT INTO hours (component_id, hour, checks_healthy, checks_degraded, checks_unhealthy,
-                   healthy_ms, degraded_ms, unhealthy_ms)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                   healthy_ms, degraded_ms, unhealthy_ms, maintenance_ms)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (hour, component_id) DO UPDATE SET
     checks_healthy = checks_healthy + excluded.checks_healthy,
     checks_degraded = checks_degraded + excluded.checks_degraded,
     checks_unhealthy = checks_unhealthy + excluded.checks_unhealthy,
     healthy_ms = healthy_ms + excluded.healthy_ms,
     degraded_ms = degraded_ms + excluded.degraded_ms,
-    unhealthy_ms = unhealthy_ms + excluded.unhealthy_ms
+    unhealthy_ms = unhealthy_ms + excluded.unhealthy_ms,
+    maintenance_ms = maintenance_ms + excluded.maintenance_ms
 """
 
 
@@ -119,13 +120,18 @@ class Transition:
     previous_status: str | None
     reason_code: str
     reason: str
+    maintenance: bool = False
+
+
+#: The column of ``_Pending.hours`` rows that collects seconds in maintenance.
+_MAINTENANCE_COLUMN = 6
 
 
 @dataclass
 class _Pending:
     """What the loop handed over since the last flush."""
 
-    #: (component, hour) -> [checks by status..., seconds by status...]
+    #: (component, hour) -> [checks by status..., seconds by status..., seconds in maintenance]
     hours: dict[tuple[str, int], list[float]] = field(default_factory=dict)
     transitions: list[Transition] = field(default_factory=list)
 
@@ -135,7 +141,7 @@ class _Pending:
     def merge_older(self, older: _Pending) -> None:
         """Put back what a failed flush could not write, before what came since."""
         for key, row in older.hours.items():
-            mine = self.hours.setdefault(key, [0.0] * 6)
+            mine = self.hours.setdefault(key, [0.0] * 7)
             for i, value in enumerate(row):
                 mine[i] += value
         self.transitions[:0] = older.transitions
@@ -223,13 +229,16 @@ class History:
             hours = self._pending.hours
             row = hours.get((state.name, _hour(state.checked_at)))
             if row is None:
-                row = hours[(state.name, _hour(state.checked_at))] = [0.0] * 6
+                row = hours[(state.name, _hour(state.checked_at))] = [0.0] * 7
             row[status] += 1
             if previous is not None:
                 start = previous.checked_at
                 gap = min(state.checked_at - start, self._max_gap.get(state.name, _HOUR))
                 if gap > 0:
-                    _credit(hours, state.name, start, gap, 3 + int(previous.status))
+                    # Planned work counts against nobody: the span goes to maintenance only.
+                    planned = self._store.in_maintenance(state.name, start)
+                    column = _MAINTENANCE_COLUMN if planned else 3 + int(previous.status)
+                    _credit(hours, state.name, start, gap, column)
             if previous is None or previous.status is not state.status:
                 self._pending.transitions.append(
                     Transition(
@@ -239,6 +248,7 @@ class History:
                         previous.status.label if previous is not None else None,
                         state.reason_code,
                         state.reason,
+                        self._store.in_maintenance(state.name, state.checked_at),
                     )
                 )
                 # Transitions are rare (hysteresis): write them, and history.json, promptly.
@@ -383,7 +393,7 @@ class History:
                         continue
                     db.execute(
                         "INSERT INTO transitions (component_id, at, status, previous_status,"
-                        " reason_code, reason) VALUES (?, ?, ?, ?, ?, ?)",
+                        " reason_code, reason, maintenance) VALUES (?, ?, ?, ?, ?, ?, ?)",
                         (
                             self._component_id(db, t.component),
                             t.at,
@@ -391,6 +401,7 @@ class History:
                             last_status.get(t.component, t.previous_status),
                             t.reason_code,
                             self._redactor.scrub(t.reason),
+                            int(t.maintenance),
                         ),
                     )
                     last_status[t.component] = t.status
@@ -439,7 +450,7 @@ def _credit(
         piece = min(end, hour + _HOUR) - start
         row = hours.get((name, hour))
         if row is None:
-            row = hours[(name, hour)] = [0.0] * 6
+            row = hours[(name, hour)] = [0.0] * 7
         row[column] += piece
         start += piece
 

@@ -107,3 +107,13 @@ def active(windows: Iterable[Window], now: float) -> tuple[Mapping[str, Maintena
             elif begin > now:
                 boundary = min(boundary, begin)
     return found, boundary
+
+
+def covers(windows: Iterable[Window], name: str, at: float) -> bool:
+    """Whether one of ``windows`` holds ``name`` in maintenance at ``at``."""
+    return any(
+        begin <= at < finish
+        for window in windows
+        if name in window.components
+        for begin, finish in window.spans(at)
+    )

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from healthd.classify import World, judge_world
-from healthd.maintenance import Window
+from healthd.maintenance import Window, covers
 from healthd.model import ComponentState, DaemonStats, Snapshot
 
 #: A component whose last check is older than this many intervals (plus its timeout) is
@@ -74,6 +74,10 @@ class StateStore:
             self._windows = windows
             self._version += 1
             self._measured_version += 1
+
+    def in_maintenance(self, name: str, at: float) -> bool:
+        """Whether a window covers ``name`` at ``at`` (Unix seconds)."""
+        return covers(self._windows, name, at)
 
     def windows(self) -> tuple[Window, ...]:
         """The maintenance windows as last set."""

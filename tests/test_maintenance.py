@@ -388,3 +388,40 @@ def test_check_shows_a_scheduled_window(tmp_path: Path) -> None:
     assert table.returncode == 0  # the only component is out of the verdict
     document = json.loads(healthd_cli("check", "--json", "--config", str(config)).stdout)
     assert document["components"]["db"]["maintenance"]["source"] == "config"
+
+
+# --- history --------------------------------------------------------------------------------
+
+
+def test_time_in_maintenance_is_left_out_of_uptime_and_opens_no_incident(tmp_path: Path) -> None:
+    from healthd import history
+    from tests.test_history import T0, _history, _Run
+
+    recorder, store = _history(tmp_path)
+    store.set_windows((Window(("api",), "upgrade", "cli", T0 + 10, T0 + 20),))
+    run = _Run(recorder)
+    for i in range(10):  # healthy 0-9 s, unhealthy 10-19 s in maintenance, healthy again
+        run.check("api", Status.HEALTHY, T0 + i)
+    for i in range(10, 20):
+        run.check("api", Status.UNHEALTHY, T0 + i)
+    for i in range(20, 31):
+        run.check("api", Status.HEALTHY, T0 + i)
+    recorder.flush()
+
+    db = history.open_read_only(tmp_path / "history.db")
+    try:
+        api = history.report(db, T0 - 3600, T0 + 86400)["api"]
+        [(api_id,)] = db.execute("SELECT id FROM components WHERE name = 'api'").fetchall()
+        incidents = history.incidents(db, api_id, T0 + 100)
+        flagged = db.execute("SELECT status, maintenance FROM transitions ORDER BY at").fetchall()
+    finally:
+        db.close()
+    assert incidents == []
+    assert api["seconds"] == {
+        "healthy": 20.0,
+        "degraded": 0.0,
+        "unhealthy": 0.0,
+        "maintenance": 10.0,
+    }
+    assert api["uptime"] == 1.0
+    assert flagged == [("healthy", 0), ("unhealthy", 1), ("healthy", 0)]
