@@ -327,7 +327,13 @@ def test_no_secret_in_any_form_reaches_any_output(
     run = _run(tmp_path / "json", config, env, "--log-level", "debug", "--log-format", "json")
     for name, text in run.items():
         outputs[f"run (JSON logs, summary): {name}"] = text
-    for args in (["check", "--json"], ["check"], ["config", "show"], ["config", "validate"]):
+    for args in (
+        ["check", "--json"],
+        ["check"],
+        ["config", "show"],
+        ["config", "validate"],
+        ["maintenance", "list", "--json"],
+    ):
         result = healthd_cli("--config", str(config), "--log-level", "debug", *args, env=env)
         outputs[" ".join(args)] = result.stdout + result.stderr
 
