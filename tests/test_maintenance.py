@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -425,3 +426,20 @@ def test_time_in_maintenance_is_left_out_of_uptime_and_opens_no_incident(tmp_pat
     }
     assert api["uptime"] == 1.0
     assert flagged == [("healthy", 0), ("unhealthy", 1), ("healthy", 0)]
+
+
+def test_a_window_added_by_a_reload_takes_effect_without_a_restart(tmp_path: Path) -> None:
+    config = _daemon_config(tmp_path, free_port())
+    with running_healthd(config, tmp_path) as healthd:
+        healthd.wait_for("READY", "1")
+        assert not _in_maintenance(_status(tmp_path))
+        config.write_text(
+            config.read_text()
+            + '\n[[maintenance]]\ncomponents = ["db"]\nreason = "reindex"\n'
+            + 'weekly = "Mon 00:00-Mon 00:00"\n'  # the whole week
+        )
+        healthd.process.signal(signal.SIGHUP)
+        document = _wait_status(tmp_path, _in_maintenance)
+        assert document["components"]["db"]["maintenance"]["source"] == "config"
+        assert document["components"]["db"]["maintenance"]["reason"] == "reindex"
+        assert document["status"] != "unhealthy"
