@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -565,3 +568,30 @@ dsn = "{pg_primary.dsn(user=PG_PROBE_USER, dbname="nowhere")}"
     assert 'healthd_component_status{component="db",kind="postgres"} 0.0' in out.metrics
     assert PG_PASSWORD not in out.everything()
     assert wrong not in out.everything()
+
+
+@pytest.mark.asyncio
+async def test_healthd_out_of_descriptors_is_its_own_trouble_not_the_databases(
+    pg_primary: PostgresServer,
+) -> None:
+    # libpq reports EMFILE as a message ("could not create socket: Too many open files"), not
+    # as an OSError: it must still read as healthd's trouble, which keeps the last verdict.
+    check = _check(pg_primary.dsn(user=PG_PROBE_USER))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    try:
+        # Fill every descriptor below a lowered limit, so the next socket() fails.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        observation, _ = await probe_once(check)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert observation.failure is not None
+    assert observation.failure.code == "resource_exhausted", observation.failure
+    # And with descriptors back, the same check is healthy.
+    _, finding = await probe_once(check)
+    assert finding.reason_code == "ok"

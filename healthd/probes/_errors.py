@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import os
+import resource
 import socket
 import ssl
 from collections.abc import Iterator
@@ -30,6 +32,20 @@ def resource_failure(exc: BaseException, what: str) -> Failure | None:
                 RESOURCE_EXHAUSTED, f"{what}: healthd is out of resources: {item.strerror}"
             )
     return None
+
+
+def descriptors_exhausted(margin: int = 4) -> bool:
+    """Whether this process has (nearly) no file descriptors left, so that a connection failure
+    right now may be healthd's own: some clients (libpq) report EMFILE only as "connection is
+    bad", with no errno to map."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return False
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except OSError as exc:
+        return exc.errno in _RESOURCE_ERRNOS
+    return used >= soft - margin
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

@@ -23,6 +23,7 @@ from healthd.classify import OK, failed, format_seconds, worst
 from healthd.config import PostgresCheck
 from healthd.model import Failure, Finding, Observation, Status
 from healthd.probes._context import ProbeContext
+from healthd.probes._errors import RESOURCE_EXHAUSTED, descriptors_exhausted
 from healthd.quoting import quote
 from healthd.secrets import Redactor
 
@@ -139,7 +140,23 @@ def _server_message(text: str) -> str:
     return " ".join(text.split("\n", 1)[0].split())
 
 
+#: libpq's own words (strerror) when healthd, not the server, ran out of descriptors, memory or
+#: buffers: it reports EMFILE as a message, never as an ``OSError``.
+_OWN_RESOURCES = (
+    "too many open files",
+    "cannot allocate memory",
+    "no buffer space available",
+    "out of memory",
+)
+
+
 def _failure(exc: psycopg.Error, what: str, check: PostgresCheck) -> Failure:
+    text = str(exc).lower()
+    if exc.sqlstate is None and (
+        any(words in text for words in _OWN_RESOURCES) or descriptors_exhausted()
+    ):
+        # healthd's trouble, not the database's: the scheduler keeps the last verdict.
+        return Failure(RESOURCE_EXHAUSTED, f"{what}: healthd is out of its own resources")
     code = failure_code(exc.sqlstate, str(exc))
     if code == "timeout":
         # libpq's "timeout expired" and the server's statement_timeout both enforce the
