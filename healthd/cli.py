@@ -183,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_module.load(path)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"healthd: {problem}", file=sys.stderr)
+        _config_problems(exc.problems, getattr(args, "log_format", "text"))
         return CHECK_UNKNOWN if args.command == "check" else EX_CONFIG
     redactor.replace(config.secrets())
     if args.command == "config":
@@ -198,6 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "maintenance":
         return _maintenance(args, config)
     return _run(path, config, redactor)
+
+
+def _config_problems(problems: list[str], log_format: str) -> None:
+    """One line per problem: plain ``healthd: file:line: key: message`` for people, or a log
+    line through the formatter under ``--log-format json``, so that stderr stays all JSON."""
+    for problem in problems:
+        if log_format == "json":
+            log.error("%s", problem)
+        else:
+            print(f"healthd: {problem}", file=sys.stderr)
 
 
 def _config_command(command: str, path: Path, config: Config, redactor: Redactor) -> int:
@@ -348,8 +357,7 @@ def _ping(args: argparse.Namespace, job: list[str] | None, path: Path, redactor:
     try:
         target = heartbeats.ping_target(path, args.name)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"healthd: {problem}", file=sys.stderr)
+        _config_problems(exc.problems, getattr(args, "log_format", "text"))
         return EX_CONFIG
     except KeyError:
         log.error("%s: no heartbeat component named %r", path, args.name)

@@ -831,3 +831,18 @@ def test_ipv6_metrics_address_is_accepted_and_resolved_to_its_family(
     assert cli.main(["--config", str(path), "config", "validate"]) == 0
     assert bind_address("[::1]:9469") == (socket.AF_INET6, "::1", 9469)
     assert bind_address("localhost:9469")[0] in (socket.AF_INET, socket.AF_INET6)
+
+
+def test_config_errors_under_json_logs_are_json_lines(tmp_path: Path) -> None:
+    path = tmp_path / "healthd.toml"
+    path.write_text(
+        '[daemon]\ninterval = "fast"\n\n[components.a]\nkind = "tcp"\naddress = "127.0.0.1:9"\n'
+    )
+    for command in (["config", "validate"], ["run"], ["check"]):
+        result = healthd_cli("--config", str(path), "--log-format", "json", *command)
+        assert result.returncode == (3 if command == ["check"] else 78)
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1, result.stderr
+        entry = json.loads(lines[0])
+        assert entry["level"] == "error"
+        assert f"{path}:2: daemon.interval:" in entry["message"]
