@@ -6,8 +6,9 @@ and, on a replica, the link to its master.
 
 Each check keeps one ``redis.asyncio.Connection`` object and opens a new socket with it per
 probe: a fresh socket is the honest liveness check, and reusing the object skips the
-constructor's cost (docs/performance.md, "Client library costs"). redis-py sets no socket timeout and retries by default, so
-both are explicit here. The ``falkordb`` kind builds on ``observe`` and ``assess_server``.
+constructor's cost (docs/performance.md, "Client library costs"). redis-py sets no socket
+timeout and retries by default, so both are explicit here. The ``falkordb`` kind builds on
+``observe`` and ``assess_server``.
 """
 
 from __future__ import annotations
