@@ -43,7 +43,9 @@ WORKDIR /var/lib/healthd
 # The config is mounted read-only at /etc/healthd; the status file lives in a volume, so that a
 # sidecar (nginx) can serve it and it survives a restart.
 VOLUME ["/var/lib/healthd"]
-EXPOSE 9469
+# 9469: /metrics. 9470: job heartbeats (push_address), which stays on loopback until the
+# operator sets HEALTHD_DAEMON__PUSH_ADDRESS=0.0.0.0:9470 (give each heartbeat a token then).
+EXPOSE 9469 9470
 
 # The status file is rewritten at least every status_file_refresh (5 s by default); 60 s
 # without a rewrite means the event loop is stuck. Override if status_file is moved.
