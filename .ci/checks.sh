@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Deployment checks, run in CI and wrapped by tests/test_deploy_files.py: the systemd unit
 # (verify, and security exposure below 2.0), the Prometheus rules (check and unit tests), the
-# scrape snippet, the Dockerfile (hadolint) and a live scrape of a real `healthd run`
-# (promtool check metrics). Needs systemd-analyze, promtool and the project venv.
+# scrape snippet, the Dockerfile (hadolint), a live scrape of a real `healthd run`
+# (promtool check metrics), and that every reference in the docs and the unit's Documentation=
+# points at a file that exists. Needs systemd-analyze, promtool and the project venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${VENV:-$PWD/.venv}"
@@ -16,6 +17,9 @@ cleanup() {
 trap cleanup EXIT
 
 step() { printf '\n== %s\n' "$*"; }
+
+step "documentation: links, anchors and repository paths (tests/test_docs.py)"
+"$venv/bin/python" tests/test_docs.py
 
 step "systemd-analyze verify systemd/healthd.service"
 # verify insists that ExecStart='s binary exists. The unit names the production path
