@@ -759,7 +759,7 @@ class HeartbeatCheck(CheckBase):
 
 
 #: Every check kind. A new kind needs a model here, a row in ``probes.PROBES`` (a test holds
-#: the two to the same set), and its section in the README.
+#: the two to the same set), and its section in docs/probes.md.
 CheckConfig = Annotated[
     HttpCheck
     | TcpCheck
