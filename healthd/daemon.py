@@ -118,7 +118,7 @@ class Daemon:
             clock=clock,
             stall_file=stall_file,
             on_change=self._status_changed,
-            on_result=self.history.observe,
+            on_result=self.history.check_completed,
         )
         host, port = parse_address(config.daemon.metrics_address)
         try:

@@ -1,6 +1,6 @@
 """History that survives restarts: status transitions and hourly counts in SQLite.
 
-The event loop only appends to in-memory aggregates (``observe``, a dict update under a lock);
+The event loop only appends to in-memory aggregates (``check_completed``, a locked dict update);
 a worker thread flushes them in one transaction every few seconds, prunes old rows and writes
 ``history.json`` beside the status file. A corrupt, locked, read-only or full database is logged
 once and counted in ``healthd_history_write_failures_total``; the pending aggregates are kept
@@ -222,7 +222,7 @@ class History:
 
     # --- the event loop's side ---------------------------------------------------------------
 
-    def observe(self, previous: ComponentState | None, state: ComponentState) -> None:
+    def check_completed(self, previous: ComponentState | None, state: ComponentState) -> None:
         """Count one completed check. Cheap and non-blocking: called on the event loop."""
         status = int(state.status)
         with self._lock:

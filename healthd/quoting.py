@@ -60,6 +60,14 @@ def quote_value(value: Any, redactor: Redactor | None = None, limit: int = QUOTE
     return quote(json.dumps(value, ensure_ascii=False), limit=limit)
 
 
+def shorten(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """Text that is already fit to show (a reason, quoted names), cut to ``limit`` characters,
+    the last three ``...`` when it was cut."""
+    if len(text) <= limit:
+        return text
+    return text[: limit - len(_ELLIPSIS)] + _ELLIPSIS
+
+
 def _escape(char: str) -> str:
     named = _NAMED.get(char)
     if named is not None:

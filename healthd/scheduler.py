@@ -23,6 +23,7 @@ import anyio.lowlevel
 
 from healthd import classify
 from healthd.config import CheckBase, Config
+from healthd.findings import format_seconds
 from healthd.model import ComponentState, Failure, Observation, Status
 from healthd.probes import PROBES, ProbeContext, ProbeKind, SharedResources
 from healthd.probes._errors import RESOURCE_EXHAUSTED, resource_failure
@@ -190,7 +191,7 @@ class Scheduler:
                 offset = phase_offset(name, check.interval_seconds, spread)
                 self._task_group.start_soon(self._loop, name, check, start + offset, scope)
 
-    def lagging(self, now: float, grace_seconds: float = 5.0) -> list[str]:
+    def lagging(self, now: float, grace_seconds: float) -> list[str]:
         """Checks that have not completed within two intervals and a timeout: a stuck loop."""
         return [
             name
@@ -254,8 +255,8 @@ class Scheduler:
             if self._stall_file is not None:
                 self._stall_while_file_exists(self._stall_file)
             if scheduled is not None:
-                self._store.observe_lateness(anyio.current_time() - scheduled)
-            observation = await self._observe(name, check, kind, ctx)
+                self._store.check_started(anyio.current_time() - scheduled)
+            observation = await self._probe_and_count(name, check, kind, ctx)
         finally:
             self._limiter.release()
         # A check cancelled by a reload while its probe finished must not record a stale result.
@@ -324,10 +325,11 @@ class Scheduler:
                 )
         return missing
 
-    async def _observe(
+    async def _probe_and_count(
         self, name: str, check: CheckBase, kind: ProbeKind, ctx: ProbeContext
     ) -> Observation:
-        observation = await observe(check, kind, ctx, name=name)
+        """``run_probe``, counting the checks healthd itself could not run."""
+        observation = await run_probe(check, kind, ctx, name=name)
         failure = observation.failure
         if failure is not None and failure.code in (PROBE_ERROR, RESOURCE_EXHAUSTED):
             self._store.probe_failed(failure.code)
@@ -359,7 +361,7 @@ class Scheduler:
 PROBE_ERROR = "probe_error"
 
 
-async def observe(
+async def run_probe(
     check: CheckBase, kind: ProbeKind, ctx: ProbeContext, *, name: str = ""
 ) -> Observation:
     """Probe once under the check's deadline. Every outcome is an observation: a deadline that
@@ -370,7 +372,7 @@ async def observe(
     timeout = check.timeout_seconds
     started = anyio.current_time()
     timed_out = Observation(
-        0.0, failure=Failure("timeout", f"no answer within {classify.format_seconds(timeout)}")
+        0.0, failure=Failure("timeout", f"no answer within {format_seconds(timeout)}")
     )
     try:
         with anyio.fail_after(timeout):

@@ -83,10 +83,10 @@ class StateStore:
         """The maintenance windows as last set."""
         return self._windows
 
-    def observe_lateness(self, seconds: float) -> None:
-        """Count how late a check started compared with its schedule."""
+    def check_started(self, lateness_seconds: float) -> None:
+        """Count a check that started ``lateness_seconds`` after its schedule said."""
         with self._lock:
-            self._lateness = self._lateness.observe(seconds)
+            self._lateness = self._lateness.observe(lateness_seconds)
 
     def remove(self, name: str) -> None:
         """Forget a component that the config no longer has; its series disappear with it."""

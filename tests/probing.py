@@ -10,7 +10,7 @@ from healthd import classify
 from healthd.config import CheckBase
 from healthd.model import ComponentState, Finding, Observation
 from healthd.probes import PROBES, ProbeContext, SharedResources
-from healthd.scheduler import observe
+from healthd.scheduler import run_probe
 
 __all__ = ["ctx", "probe_once", "run_check", "states_after"]
 
@@ -29,7 +29,7 @@ async def ctx() -> AsyncIterator[ProbeContext]:
 async def run_check(check: CheckBase, ctx: ProbeContext) -> tuple[Observation, Finding]:
     """Probe under the check's deadline with the scheduler's own code, then judge."""
     kind = PROBES[check.kind]
-    observation = await observe(check, kind, ctx)
+    observation = await run_probe(check, kind, ctx)
     return observation, classify.judge(check, observation, kind.assess)
 
 

@@ -14,18 +14,15 @@ import pytest
 from healthd.classify import (
     World,
     check_latency,
-    failed,
-    format_seconds,
     judge,
-    judge_conditions,
     judge_world,
     next_state,
     overall,
     root_causes,
-    worst,
 )
 from healthd.config import Condition, HttpCheck, TcpCheck
 from healthd.exporters.metrics import exposition
+from healthd.findings import failed, format_seconds, judge_conditions, worst
 from healthd.model import ComponentState, Failure, Finding, Observation, Status
 from healthd.probes import PROBES, ProbeContext
 from healthd.scheduler import Scheduler

@@ -51,7 +51,7 @@ def _state(name: str, status: Status, at: float, reason: str = "fine") -> Compon
 
 
 class _Run:
-    """Feeds ``History.observe`` a sequence of checks, each given the one before as previous."""
+    """Feeds ``History.check_completed`` a sequence of checks, each given the one before."""
 
     def __init__(self, recorder: History) -> None:
         self.recorder = recorder
@@ -59,7 +59,7 @@ class _Run:
 
     def check(self, name: str, status: Status, at: float, reason: str = "fine") -> None:
         state = _state(name, status, at, reason)
-        self.recorder.observe(self.last.get(name), state)
+        self.recorder.check_completed(self.last.get(name), state)
         self.last[name] = state
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from healthd.config import SupabaseCheck
 from healthd.model import Failure, Observation, Status
-from healthd.probes._preset import Exchange
+from healthd.probes._preset import Outcome
 from healthd.probes.supabase import assess, is_legacy_key
 from tests.http_target import HttpTarget, Reply
 from tests.services import component, free_port, serve_supabase
@@ -291,7 +291,7 @@ def _observed(**statuses: int | str) -> Observation:
             outcome = Observation(0.01, failure=Failure(status, f"GET /{name}: {status}"))
         else:
             outcome = Observation(0.01, facts={"http_status": status}, payload=b"{}")
-        recorded[name] = Exchange(f"GET /{name}", outcome)
+        recorded[name] = Outcome(f"GET /{name}", outcome)
     return Observation(0.01, facts={"requests": {}}, payload=recorded)
 
 

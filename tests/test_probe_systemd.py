@@ -15,7 +15,7 @@ import pytest
 from healthd.config import ConfigError, SystemdCheck, load
 from healthd.model import Finding, Observation, Status
 from healthd.probes import ProbeContext
-from healthd.probes.systemd import _describe_result, _History, _observe, assess
+from healthd.probes.systemd import _describe_result, _History, _unit_observation, assess
 from tests.probing import run_check
 
 
@@ -179,8 +179,8 @@ def _shown(n_restarts: int, changed_seconds_ago: float) -> dict[str, str]:
 def test_first_look_dates_earlier_restarts_at_the_last_state_change() -> None:
     check = unit_check()
 
-    recent = _observe(check, _History(), _shown(4, changed_seconds_ago=60), 0.01)
-    old = _observe(check, _History(), _shown(4, changed_seconds_ago=700), 0.01)
+    recent = _unit_observation(check, _History(), _shown(4, changed_seconds_ago=60), 0.01)
+    old = _unit_observation(check, _History(), _shown(4, changed_seconds_ago=700), 0.01)
 
     assert recent.facts["restarts_in_window"] == 4
     assert assess(check, recent).reason_code == "restart_loop"
@@ -191,11 +191,11 @@ def test_first_look_dates_earlier_restarts_at_the_last_state_change() -> None:
 def test_later_looks_count_the_increase_and_a_manual_start_is_a_new_baseline() -> None:
     check = unit_check()
     history = _History()
-    _observe(check, history, _shown(7, changed_seconds_ago=3600), 0.01)
+    _unit_observation(check, history, _shown(7, changed_seconds_ago=3600), 0.01)
 
-    once = _observe(check, history, _shown(8, changed_seconds_ago=1), 0.01)
-    reset = _observe(check, history, _shown(0, changed_seconds_ago=0), 0.01)
-    again = _observe(check, history, _shown(2, changed_seconds_ago=0), 0.01)
+    once = _unit_observation(check, history, _shown(8, changed_seconds_ago=1), 0.01)
+    reset = _unit_observation(check, history, _shown(0, changed_seconds_ago=0), 0.01)
+    again = _unit_observation(check, history, _shown(2, changed_seconds_ago=0), 0.01)
 
     assert once.facts["restarts_in_window"] == 1
     assert reset.facts["restarts_in_window"] == 1

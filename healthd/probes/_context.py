@@ -89,12 +89,19 @@ class ProbeContext:
         self._resources: dict[str, Any] = {}
         self._closers: list[Callable[[], Awaitable[None]]] = []
 
-    def get(self, key: str, factory: Callable[[], T], close: Callable[[T], Awaitable[None]]) -> T:
-        """The resource stored under ``key``, built by ``factory`` the first time."""
+    def get(
+        self,
+        key: str,
+        factory: Callable[[], T],
+        close: Callable[[T], Awaitable[None]] | None = None,
+    ) -> T:
+        """The resource stored under ``key``, built by ``factory`` the first time; ``close``
+        closes it with the check (none for plain state, such as counts from the last run)."""
         if key not in self._resources:
             resource = factory()
             self._resources[key] = resource
-            self._closers.append(lambda: close(resource))
+            if close is not None:
+                self._closers.append(lambda: close(resource))
         value: T = self._resources[key]
         return value
 

@@ -9,9 +9,14 @@ import socket
 import ssl
 from collections.abc import Iterator
 
-from healthd.classify import format_seconds
+from healthd.findings import format_seconds
 from healthd.model import Failure
 from healthd.quoting import quote
+
+#: A probe's own deadline (or its client's timeouts) is this share of the check's timeout, a
+#: little before the scheduler's, so that the probe can still name the phase that hung
+#: ("timed out connecting") instead of being cancelled with nothing to say.
+CLIENT_TIMEOUT_SHARE = 0.9
 
 #: The reason code of a check that failed for lack of healthd's own resources, not the
 #: target's: the scheduler keeps the last verdict instead of judging this one.

@@ -1,9 +1,9 @@
 """What the service presets (``api``, ``mlflow``, ``bentoml``, ``opik``, ``supabase``) share.
 
 A preset is the ``http`` probe, several times over: it sends a few documented requests
-concurrently through ONE long-lived client per check (built by ``http.build_client``; every
-request in flight has its own connection, kept with ``ctx.get("client", ...)``), measures each with
-``http.request``, and leaves the judging to its pure ``assess``.
+concurrently through ONE long-lived client per check (``http.check_client``; every request in
+flight has its own connection), measures each with ``http.request``, and leaves the judging to
+its pure ``assess``.
 
 Every preset exports the same ``details`` shape, so the status file shows which part failed::
 
@@ -32,11 +32,11 @@ from typing import Any
 
 import anyio
 
-from healthd.classify import parse_json
 from healthd.config import ServiceCheckBase
+from healthd.findings import failed, parse_json
 from healthd.model import Finding, Observation, Status
 from healthd.probes._context import ProbeContext
-from healthd.probes.http import ProbeClient, build_client, request, status_finding, target
+from healthd.probes.http import check_client, request, status_finding, target
 from healthd.quoting import quote
 from healthd.secrets import Redactor, collect_secrets
 
@@ -56,8 +56,8 @@ class Call:
 
 
 @dataclass(frozen=True, slots=True)
-class Exchange:
-    """One request's outcome: ``what`` names it in reasons (``GET /health``, no host or query)."""
+class Outcome:
+    """What one call got: ``what`` names it in reasons (``GET /health``, no host or query)."""
 
     what: str
     observation: Observation
@@ -98,10 +98,6 @@ class Exchange:
         return quote(self.body.strip(), redactor, limit)
 
 
-#: What a preset's ``probe`` puts into ``Observation.payload``: every exchange, by name.
-Exchanges = Mapping[str, Exchange]
-
-
 def join(base: str, path: str) -> str:
     """``base`` (scheme, host, optional prefix) followed by an absolute ``path``."""
     return base.rstrip("/") + path
@@ -113,7 +109,7 @@ def basic_auth(username: str, password: str) -> str:
     return f"Basic {token}"
 
 
-async def exchange(
+async def send_all(
     check: ServiceCheckBase,
     ctx: ProbeContext,
     calls: Sequence[Call],
@@ -123,25 +119,12 @@ async def exchange(
     """Send every call concurrently with the check's long-lived client and observe them all.
 
     ``headers`` go with every request, after the check's own ``headers``. The observation's
-    ``latency_seconds`` is the wall time of the whole exchange (what ``degraded_latency``
-    judges), its ``facts`` are ``{"requests": ...}`` and its ``payload`` is ``Exchanges``.
-    Request failures are data; only bugs raise.
+    ``latency_seconds`` is the wall time of all the calls together (what ``degraded_latency``
+    judges), its ``facts`` are ``{"requests": ...}`` and its ``payload`` every call's
+    ``Outcome`` by name (``outcomes_of``). Request failures are data; only bugs raise.
     """
-    common = {name: value.reveal() for name, value in check.headers.items()}
-    common.update(headers or {})
-    client = ctx.get(
-        "client",
-        lambda: build_client(
-            ctx,
-            timeout_seconds=check.timeout_seconds,
-            interval_seconds=check.interval_seconds,
-            tls_verify=check.tls_verify,
-            ca_file=check.ca_file,
-            headers=common,
-        ),
-        _close,
-    )
-    results: dict[str, Exchange] = {}
+    client = check_client(ctx, check, extra_headers=headers)
+    results: dict[str, Outcome] = {}
 
     async def send(call: Call) -> None:
         observation = await request(
@@ -153,7 +136,7 @@ async def exchange(
             max_body_bytes=check.max_body_bytes,
             timeout_seconds=check.timeout_seconds,
         )
-        results[call.name] = Exchange(target(call.method, call.url), observation)
+        results[call.name] = Outcome(target(call.method, call.url), observation)
 
     started = time.perf_counter()
     async with anyio.create_task_group() as group:
@@ -161,26 +144,18 @@ async def exchange(
             group.start_soon(send, call)
     latency = time.perf_counter() - started
     ordered = {call.name: results[call.name] for call in calls}
-    facts = {"requests": {name: _request_facts(ex) for name, ex in ordered.items()}}
+    facts = {"requests": {name: _request_facts(outcome) for name, outcome in ordered.items()}}
     return Observation(latency, facts=facts, payload=ordered)
-
-
-async def _close(client: ProbeClient) -> None:
-    await client.aclose()
 
 
 def redactor(check: ServiceCheckBase, ctx: ProbeContext) -> Redactor:
     """The check's own redactor, for target text that goes into facts; built once per check,
     since collecting a check's secrets costs about 200 us."""
-    return ctx.get("redactor", lambda: Redactor(collect_secrets(check)), _keep)
+    return ctx.get("redactor", lambda: Redactor(collect_secrets(check)))
 
 
-async def _keep(_: Redactor) -> None:
-    """A redactor holds nothing to close."""
-
-
-def _request_facts(ex: Exchange) -> dict[str, Any]:
-    observation = ex.observation
+def _request_facts(outcome: Outcome) -> dict[str, Any]:
+    observation = outcome.observation
     facts: dict[str, Any] = {}
     if observation.failure is not None:
         facts["error"] = observation.failure.code
@@ -199,48 +174,57 @@ def with_facts(observation: Observation, **facts: Any) -> Observation:
     return dataclasses.replace(observation, facts=merged)
 
 
-def exchanges(observation: Observation) -> Exchanges:
-    """The exchanges a preset's probe recorded."""
-    recorded: Exchanges = observation.payload
+def outcomes_of(observation: Observation) -> Mapping[str, Outcome]:
+    """What each call of a preset's probe got, by the call's name, in the order sent."""
+    recorded: Mapping[str, Outcome] = observation.payload
     return recorded
 
 
-def problem(ex: Exchange, status: Status, code: str | None = None) -> Finding | None:
+def down(observation: Observation, *names: str) -> Finding | None:
+    """Unhealthy when the probe could not complete, or when one of the calls ``names`` (the
+    liveness requests) got no answer or a non-2xx one; ``None`` when all of them are live."""
+    if observation.failure is not None:
+        return failed(observation)
+    recorded = outcomes_of(observation)
+    return first(*(problem(recorded[name], Status.UNHEALTHY) for name in names))
+
+
+def problem(outcome: Outcome, status: Status, code: str | None = None) -> Finding | None:
     """A finding of ``status`` when the request got no answer or a non-2xx one, else ``None``.
 
     The reason code is the transport's (``timeout``, ``connection_refused``) or ``http_status``,
     unless ``code`` names the failing part (``not_ready``, ``search_failed``).
     """
-    if ex.observation.failure is not None:
-        failure = ex.observation.failure
+    if outcome.observation.failure is not None:
+        failure = outcome.observation.failure
         return Finding(status, code or failure.code, failure.message)
-    finding = status_finding(ex.what, ex.observation, SUCCESS_STATUS)
+    finding = status_finding(outcome.what, outcome.observation, SUCCESS_STATUS)
     if finding is None:
         return None
     return Finding(status, code or finding.reason_code, finding.reason)
 
 
-def auth_problem(ex: Exchange, what_failed: str) -> Finding | None:
+def auth_problem(outcome: Outcome, what_failed: str) -> Finding | None:
     """Degraded ``auth_failed`` for a 401 or 403: the credentials are wrong, which is a config
     problem for an operator, not an outage for users."""
-    if ex.http_status in (401, 403):
+    if outcome.http_status in (401, 403):
         return Finding(
             Status.DEGRADED,
             "auth_failed",
-            f"{ex.what} returned {ex.http_status}: {what_failed}",
+            f"{outcome.what} returned {outcome.http_status}: {what_failed}",
         )
     return None
 
 
-def slow(ex: Exchange, limit_seconds: float | None) -> Finding | None:
+def slow(outcome: Outcome, limit_seconds: float | None) -> Finding | None:
     """Degraded ``slow`` when an answered request took longer than ``limit_seconds``."""
-    latency = ex.observation.latency_seconds
-    if limit_seconds is None or not ex.answered or latency <= limit_seconds:
+    latency = outcome.observation.latency_seconds
+    if limit_seconds is None or not outcome.answered or latency <= limit_seconds:
         return None
     return Finding(
         Status.DEGRADED,
         "slow",
-        f"{ex.what} took {latency * 1000:.0f} ms (limit {limit_seconds * 1000:.0f} ms)",
+        f"{outcome.what} took {latency * 1000:.0f} ms (limit {limit_seconds * 1000:.0f} ms)",
     )
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from healthd.classify import OK, failed
 from healthd.config import ApiCheck
+from healthd.findings import OK
 from healthd.model import Finding, Observation, Status
 from healthd.probes import _preset
 from healthd.probes._context import ProbeContext
@@ -32,7 +32,7 @@ _REPORTED = {"version": "version", "status": "reported_status", "database": "dat
 async def probe(check: ApiCheck, ctx: ProbeContext) -> Observation:
     """Ask for liveness and for the service's own health report."""
     base = check.url.reveal()
-    observation = await _preset.exchange(
+    observation = await _preset.send_all(
         check,
         ctx,
         [
@@ -40,7 +40,7 @@ async def probe(check: ApiCheck, ctx: ProbeContext) -> Observation:
             _preset.Call("health", _preset.join(base, check.health_path)),
         ],
     )
-    report = _preset.exchanges(observation)["health"].json()
+    report = _preset.outcomes_of(observation)["health"].json()
     facts: dict[str, Any] = {}
     if isinstance(report, Mapping):
         for field, key in _REPORTED.items():
@@ -55,16 +55,9 @@ async def probe(check: ApiCheck, ctx: ProbeContext) -> Observation:
 
 def assess(check: ApiCheck, observation: Observation) -> Finding:
     """Liveness and the report's transport first, then what the report says."""
-    if observation.failure is not None:
-        return failed(observation)
-    recorded = _preset.exchanges(observation)
-    liveness, health = recorded["liveness"], recorded["health"]
-    down = _preset.first(
-        _preset.problem(liveness, Status.UNHEALTHY),
-        _preset.problem(health, Status.UNHEALTHY),
-    )
-    if down is not None:
+    if (down := _preset.down(observation, "liveness", "health")) is not None:
         return down
+    health = _preset.outcomes_of(observation)["health"]
     report = health.json()
     if not isinstance(report, Mapping):
         return Finding(

@@ -21,8 +21,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from healthd.classify import OK, failed
 from healthd.config import BentomlCheck
+from healthd.findings import OK
 from healthd.model import Finding, Observation, Status
 from healthd.probes import _preset
 from healthd.probes._context import ProbeContext
@@ -36,10 +36,6 @@ class _Counts:
     errors: float | None = None
 
 
-async def _forget(_: _Counts) -> None:
-    """Counters need no closing."""
-
-
 async def probe(check: BentomlCheck, ctx: ProbeContext) -> Observation:
     """Liveness and readiness, and the request counters when ``metrics`` is on."""
     base = check.url.reveal()
@@ -49,15 +45,15 @@ async def probe(check: BentomlCheck, ctx: ProbeContext) -> Observation:
     ]
     if check.metrics:
         calls.append(_preset.Call("metrics", _preset.join(base, check.metrics_path)))
-    observation = await _preset.exchange(check, ctx, calls)
+    observation = await _preset.send_all(check, ctx, calls)
     if not check.metrics:
         return observation
-    metrics = _preset.exchanges(observation)["metrics"]
+    metrics = _preset.outcomes_of(observation)["metrics"]
     probes = {check.livez_path, check.readyz_path, check.metrics_path, "/healthz"}
     counts = _request_counts(metrics.body, probes) if metrics.ok else None
     if counts is None:
         return observation
-    previous = ctx.get("counts", _Counts, _forget)
+    previous = ctx.get("counts", _Counts)
     facts = _window(previous, *counts)
     previous.requests, previous.errors = counts
     return _preset.with_facts(observation, **facts)
@@ -110,12 +106,10 @@ def _window(previous: _Counts, requests: float, errors: float) -> dict[str, Any]
 
 def assess(check: BentomlCheck, observation: Observation) -> Finding:
     """Liveness decides unhealthy; readiness and the error rate decide degraded."""
-    if observation.failure is not None:
-        return failed(observation)
-    recorded = _preset.exchanges(observation)
-    livez, readyz = recorded["livez"], recorded["readyz"]
-    if (down := _preset.problem(livez, Status.UNHEALTHY)) is not None:
+    if (down := _preset.down(observation, "livez")) is not None:
         return down
+    recorded = _preset.outcomes_of(observation)
+    livez, readyz = recorded["livez"], recorded["readyz"]
     if (not_ready := _preset.problem(readyz, Status.DEGRADED, "not_ready")) is not None:
         reason = (
             f"live but not ready: {not_ready.reason} (loading, or a runner or dependency is down)"

@@ -18,11 +18,17 @@ from typing import Any
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
 
-from healthd.classify import OK, format_seconds, worst
 from healthd.config import FalkorDbCheck
+from healthd.findings import OK, format_seconds, worst
 from healthd.model import Finding, Observation, Status
 from healthd.probes._context import ProbeContext
-from healthd.probes.redis import assess_server, healthy_reason, observe, secrets_of
+from healthd.probes.redis import (
+    assess_server,
+    command,
+    healthy_reason,
+    measure_server,
+    secrets_of,
+)
 from healthd.quoting import quote
 from healthd.secrets import Redactor
 
@@ -43,21 +49,12 @@ class _QueueMemory:
     waiting_queries: int | None = None
 
 
-async def _forget(_: _QueueMemory) -> None:
-    """Nothing to close."""
-
-
 def module_version(encoded: str | None) -> str | None:
     """``41603`` -> ``4.16.3``; FalkorDB encodes its version as ``major*10000+minor*100+patch``."""
     if encoded is None or not encoded.isdigit():
         return encoded
     number = int(encoded)
     return f"{number // 10000}.{number // 100 % 100}.{number % 100}"
-
-
-async def _command(connection: AbstractConnection, *args: Any) -> Any:
-    await connection.send_command(*args)
-    return await connection.read_response()
 
 
 def _waiting_queries(reply: Any) -> int | None:
@@ -73,7 +70,7 @@ def _waiting_queries(reply: Any) -> int | None:
 
 async def probe(check: FalkorDbCheck, ctx: ProbeContext) -> Observation:
     """``PING``, ``INFO``, then a read-only query on the probe graph and ``GRAPH.INFO``."""
-    memory = ctx.get("queue", _QueueMemory, _forget)
+    memory = ctx.get("queue", _QueueMemory)
 
     async def graph(
         connection: AbstractConnection, info: Mapping[str, Any], facts: dict[str, Any]
@@ -86,7 +83,7 @@ async def probe(check: FalkorDbCheck, ctx: ProbeContext) -> Observation:
         query = ("GRAPH.RO_QUERY", check.graph, check.query, "TIMEOUT", _timeout_ms(check))
         started = time.perf_counter()
         try:
-            await _command(connection, *query)
+            await command(connection, *query)
             facts["probe_graph"] = "exists"
         except ResponseError as exc:
             if _EMPTY_KEY not in str(exc):
@@ -98,20 +95,20 @@ async def probe(check: FalkorDbCheck, ctx: ProbeContext) -> Observation:
             if facts.get("role") != "master":
                 facts["probe_graph"] = "missing"
                 return
-            await _command(connection, "GRAPH.QUERY", check.graph, _CREATE_PROBE_GRAPH)
+            await command(connection, "GRAPH.QUERY", check.graph, _CREATE_PROBE_GRAPH)
             facts["probe_graph"] = "created"
             started = time.perf_counter()
-            await _command(connection, *query)
+            await command(connection, *query)
         facts["query_seconds"] = round(time.perf_counter() - started, 6)
         try:
-            waiting = _waiting_queries(await _command(connection, "GRAPH.INFO"))
+            waiting = _waiting_queries(await command(connection, "GRAPH.INFO"))
         except ResponseError:
             waiting = None  # older FalkorDB has no GRAPH.INFO: nothing to judge
         facts["waiting_queries"] = waiting
         facts["waiting_queries_previous"] = memory.waiting_queries
         memory.waiting_queries = waiting
 
-    return await observe(check, ctx, what="falkordb", then=graph)
+    return await measure_server(check, ctx, what="falkordb", then=graph)
 
 
 def _timeout_ms(check: FalkorDbCheck) -> int:

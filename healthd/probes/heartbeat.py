@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from healthd.classify import OK, failed
 from healthd.config import HeartbeatCheck
+from healthd.findings import OK, failed
 from healthd.heartbeats import Pings
 from healthd.model import Failure, Finding, Observation, Status
 from healthd.probes._context import ProbeContext

@@ -22,13 +22,12 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
-from healthd.classify import OK, failed, format_seconds, worst
 from healthd.config import HostCheck
+from healthd.findings import OK, failed, format_seconds, worst
 from healthd.model import Failure, Finding, Observation, Status
 from healthd.probes._context import ProbeContext
+from healthd.probes._errors import CLIENT_TIMEOUT_SHARE
 
-#: Our deadline's share of the check's timeout, so a hung mount is named in the reason.
-CLIENT_TIMEOUT_SHARE = 0.9
 #: The resources whose pressure is judged, in the order a reason names them.
 PRESSURE_RESOURCES = ("memory", "io", "cpu")
 

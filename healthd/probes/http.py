@@ -12,7 +12,7 @@ from __future__ import annotations
 import json as jsonlib
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,23 +20,24 @@ from urllib.parse import urlsplit
 import anyio
 import httpx
 
-from healthd.classify import OK, failed, format_seconds, judge_conditions
-from healthd.config import HttpCheck
+from healthd.config import HttpCheck, ServiceCheckBase
+from healthd.findings import OK, failed, format_seconds, judge_conditions
 from healthd.model import Failure, Finding, Observation, Status
 from healthd.probes._context import ProbeContext
-from healthd.probes._errors import network_failure
+from healthd.probes._errors import CLIENT_TIMEOUT_SHARE, network_failure
 from healthd.probes._transport import KEEPALIVE_IDLE_SECONDS, ProbeTransport
 from healthd.quoting import quote
 from healthd.secrets import Redactor, collect_secrets
 
-#: The client's own deadline is this share of the check's timeout, so that the library reports
-#: which phase timed out before the scheduler's deadline cancels the probe.
-CLIENT_TIMEOUT_SHARE = 0.85
+#: httpx's per-phase timeouts (connect, each read, ...) are this share of the check's timeout,
+#: so that the library reports which phase timed out before any deadline cancels the probe.
+PHASE_TIMEOUT_SHARE = 0.85
 #: httpx's timeouts bound each read, not the whole exchange, so a target trickling one byte at
-#: a time would never time out. One deadline for the whole request, between the per-phase
-#: deadlines and the scheduler's, catches that and still names it as a timeout. The gap to the
-#: scheduler's deadline leaves room for building the client (SSL context) on the first run.
-TOTAL_TIMEOUT_SHARE = 0.9
+#: a time would never time out. One deadline for the whole request (``CLIENT_TIMEOUT_SHARE`` of
+#: the check's timeout, as every kind's own deadline), between the per-phase deadlines and the
+#: scheduler's, catches that and still names it as a timeout. The gap to the scheduler's
+#: deadline leaves room for building the client (SSL context) on the first run.
+TOTAL_TIMEOUT_SHARE = CLIENT_TIMEOUT_SHARE
 
 
 def build_client(
@@ -78,7 +79,7 @@ def build_client(
         )
         client = httpx.AsyncClient(
             transport=transport,
-            timeout=httpx.Timeout(timeout_seconds * CLIENT_TIMEOUT_SHARE),
+            timeout=httpx.Timeout(timeout_seconds * PHASE_TIMEOUT_SHARE),
             follow_redirects=follow_redirects,
             max_redirects=max_redirects,
             # Ask for the body as is: we cap and judge raw bytes, and a compressed body would
@@ -96,6 +97,34 @@ def build_client(
 
 async def _close_client(pair: tuple[httpx.AsyncClient, ProbeTransport]) -> None:
     await pair[0].aclose()
+
+
+def check_client(
+    ctx: ProbeContext,
+    check: HttpCheck | ServiceCheckBase,
+    *,
+    extra_headers: Mapping[str, str] | None = None,
+    follow_redirects: bool = True,
+    max_redirects: int = 5,
+) -> ProbeClient:
+    """The check's long-lived client, kept in ``ctx``: built on the first run with the check's
+    timeouts, TLS settings and ``headers`` (then ``extra_headers``), closed with the check."""
+
+    def create() -> ProbeClient:
+        headers = {name: value.reveal() for name, value in check.headers.items()}
+        headers.update(extra_headers or {})
+        return build_client(
+            ctx,
+            timeout_seconds=check.timeout_seconds,
+            interval_seconds=check.interval_seconds,
+            tls_verify=check.tls_verify,
+            ca_file=check.ca_file,
+            follow_redirects=follow_redirects,
+            max_redirects=max_redirects,
+            headers=headers,
+        )
+
+    return ctx.get("client", create, ProbeClient.aclose)
 
 
 class ProbeClient:
@@ -267,7 +296,7 @@ async def request(
     what = what or target(method, url)
     client_timeout = client.timeout.read or client.timeout.connect
     if timeout_seconds is None and client_timeout is not None:
-        timeout_seconds = client_timeout / CLIENT_TIMEOUT_SHARE
+        timeout_seconds = client_timeout / PHASE_TIMEOUT_SHARE
     limit_seconds = total_timeout_seconds
     if limit_seconds is None and timeout_seconds is not None:
         limit_seconds = timeout_seconds * TOTAL_TIMEOUT_SHARE
@@ -469,19 +498,8 @@ async def probe(check: HttpCheck, ctx: ProbeContext) -> Observation:
     """Send the configured request with this check's long-lived client."""
     # The scheduler's deadline runs from here: building the client on the first run counts.
     started = time.perf_counter()
-    client = ctx.get(
-        "client",
-        lambda: build_client(
-            ctx,
-            timeout_seconds=check.timeout_seconds,
-            interval_seconds=check.interval_seconds,
-            tls_verify=check.tls_verify,
-            ca_file=check.ca_file,
-            follow_redirects=check.follow_redirects,
-            max_redirects=check.max_redirects,
-            headers={name: value.reveal() for name, value in check.headers.items()},
-        ),
-        lambda c: c.aclose(),
+    client = check_client(
+        ctx, check, follow_redirects=check.follow_redirects, max_redirects=check.max_redirects
     )
     return await request(
         client,

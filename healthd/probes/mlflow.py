@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from healthd.classify import OK, failed
 from healthd.config import MlflowCheck
+from healthd.findings import OK
 from healthd.model import Finding, Observation, Status
 from healthd.probes import _preset
 from healthd.probes._context import ProbeContext
@@ -39,7 +39,7 @@ async def probe(check: MlflowCheck, ctx: ProbeContext) -> Observation:
         )
     if check.host is not None:
         headers["Host"] = check.host
-    observation = await _preset.exchange(
+    observation = await _preset.send_all(
         check,
         ctx,
         [
@@ -54,19 +54,16 @@ async def probe(check: MlflowCheck, ctx: ProbeContext) -> Observation:
         ],
         headers=headers,
     )
-    version = _preset.exchanges(observation)["version"]
+    version = _preset.outcomes_of(observation)["version"]
     text = version.text(_preset.redactor(check, ctx), 40) if version.ok else None
     return _preset.with_facts(observation, version=text)
 
 
 def assess(check: MlflowCheck, observation: Observation) -> Finding:
     """Liveness decides unhealthy; the search decides degraded."""
-    if observation.failure is not None:
-        return failed(observation)
-    recorded = _preset.exchanges(observation)
-    health, search = recorded["health"], recorded["search"]
-    if (down := _preset.problem(health, Status.UNHEALTHY)) is not None:
+    if (down := _preset.down(observation, "health")) is not None:
         return down
+    search = _preset.outcomes_of(observation)["search"]
     if search.http_status == 403 and search.body.startswith(_INVALID_HOST):
         return Finding(
             Status.DEGRADED,

@@ -23,12 +23,12 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from healthd.classify import OK, failed
 from healthd.config import OpikCheck
+from healthd.findings import OK, failed
 from healthd.model import Finding, Observation, Status
 from healthd.probes import _preset
 from healthd.probes._context import ProbeContext
-from healthd.quoting import QUOTE_LIMIT, quote
+from healthd.quoting import quote, shorten
 from healthd.secrets import Redactor
 
 
@@ -44,8 +44,8 @@ async def probe(check: OpikCheck, ctx: ProbeContext) -> Observation:
         ui = check.ui_url.reveal()
         calls.append(_preset.Call("ui", _preset.join(ui, check.ui_path)))
         calls.append(_preset.Call("ui_ping", _preset.join(ui, check.ui_ping_path)))
-    observation = await _preset.exchange(check, ctx, calls)
-    recorded = _preset.exchanges(observation)
+    observation = await _preset.send_all(check, ctx, calls)
+    recorded = _preset.outcomes_of(observation)
     version_doc = recorded["version"].json() if recorded["version"].ok else None
     version = version_doc.get("version") if isinstance(version_doc, Mapping) else None
     redactor = _preset.redactor(check, ctx)
@@ -75,10 +75,10 @@ def assess(check: OpikCheck, observation: Observation) -> Finding:
     """The backend decides unhealthy; its non-critical sub-checks and the UI decide degraded."""
     if observation.failure is not None:
         return failed(observation)
-    recorded = _preset.exchanges(observation)
+    recorded = _preset.outcomes_of(observation)
     ping = recorded["ping"]
     failing: list[str] = list(observation.facts.get("failing_checks") or [])
-    names = _joined(failing)
+    names = shorten(", ".join(failing))  # each name is quoted already
     named = f" (failing: {names})" if failing else ""
     if ping.http_status == 500 or (ping.ok and _healthy(ping) is False):
         return Finding(
@@ -114,14 +114,8 @@ def assess(check: OpikCheck, observation: Observation) -> Finding:
     return Finding(Status.HEALTHY, OK, f"{name} {parts} healthy")
 
 
-def _joined(names: list[str]) -> str:
-    """Names (each quoted already) as one list, no longer than one quote."""
-    text = ", ".join(names)
-    return text if len(text) <= QUOTE_LIMIT else text[: QUOTE_LIMIT - 3] + "..."
-
-
-def _healthy(ex: _preset.Exchange) -> bool | None:
-    document = ex.json()
+def _healthy(outcome: _preset.Outcome) -> bool | None:
+    document = outcome.json()
     if isinstance(document, Mapping) and isinstance(document.get("healthy"), bool):
         healthy: bool = document["healthy"]
         return healthy

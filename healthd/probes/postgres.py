@@ -19,17 +19,26 @@ from typing import Any
 import anyio
 import psycopg
 
-from healthd.classify import OK, failed, format_seconds, worst
 from healthd.config import PostgresCheck
+from healthd.findings import (
+    OK,
+    above_limit,
+    failed_unless_busy,
+    format_seconds,
+    percent,
+    worst,
+)
 from healthd.model import Failure, Finding, Observation, Status
 from healthd.probes._context import ProbeContext
-from healthd.probes._errors import RESOURCE_EXHAUSTED, descriptors_exhausted
+from healthd.probes._errors import (
+    CLIENT_TIMEOUT_SHARE,
+    RESOURCE_EXHAUSTED,
+    descriptors_exhausted,
+)
 from healthd.quoting import quote
 from healthd.secrets import Redactor
 
-#: The client's own connect timeout is this share of the check's timeout (but at least 2 s,
-#: psycopg's floor), so the library can name the phase before the scheduler cancels.
-CLIENT_TIMEOUT_SHARE = 0.9
+#: psycopg raises any ``connect_timeout`` under 2 s to 2 s.
 _CONNECT_TIMEOUT_FLOOR_SECONDS = 2
 
 #: One round trip for everything the verdict needs. ``reserved_connections`` exists from
@@ -114,9 +123,6 @@ MESSAGE_CODES: tuple[tuple[str, str], ...] = (
     ("arrived from server while idle", "protocol_error"),
     ("ssl", "tls_error"),
 )
-
-#: Failures that mean "too busy", not "down": the server answered, and will again.
-DEGRADED_FAILURES = frozenset({"saturated"})
 
 
 def failure_code(sqlstate: str | None, message: str) -> str:
@@ -282,10 +288,8 @@ def state_facts(row: tuple[Any, ...]) -> dict[str, Any]:
 
 def assess(check: PostgresCheck, observation: Observation) -> Finding:
     """Role first (a wrong role is unhealthy), then saturation, replay lag, long transactions."""
-    failure = observation.failure
-    if failure is not None:
-        status = Status.DEGRADED if failure.code in DEGRADED_FAILURES else Status.UNHEALTHY
-        return failed(observation, status)
+    if observation.failure is not None:
+        return failed_unless_busy(observation)
     facts = observation.facts
     role = facts["role"]
     if check.expect_role != "any" and role != check.expect_role:
@@ -296,38 +300,28 @@ def assess(check: PostgresCheck, observation: Observation) -> Finding:
         )
     used, usable = facts["connections_used"], facts["connections_usable"]
     connections = f"{used} of {usable} connections"
-    findings = []
-    if facts["saturation"] > check.degraded_saturation:
-        findings.append(
-            Finding(
-                Status.DEGRADED,
-                "saturated",
-                f"{connections} in use ({facts['saturation']:.0%}, "
-                f"limit {check.degraded_saturation:.0%})",
-            )
-        )
-    lag = facts.get("replay_lag_seconds")
-    lag_limit = check.degraded_replay_lag
-    if lag_limit is not None and lag is not None and lag > lag_limit:
-        findings.append(
-            Finding(
-                Status.DEGRADED,
-                "replication_lag",
-                f"standby replay is {format_seconds(lag)} behind "
-                f"(limit {format_seconds(lag_limit)})",
-            )
-        )
-    oldest = facts.get("longest_transaction_seconds")
-    limit = check.degraded_transaction_age
-    if limit is not None and oldest is not None and oldest > limit:
-        findings.append(
-            Finding(
-                Status.DEGRADED,
-                "long_transaction",
-                f"a transaction has been open for {format_seconds(oldest)} "
-                f"(limit {format_seconds(limit)})",
-            )
-        )
+    findings = (
+        above_limit(
+            facts["saturation"],
+            check.degraded_saturation,
+            "saturated",
+            "{connections} in use ({value}, limit {limit})",
+            percent,
+            facts={"connections": connections},
+        ),
+        above_limit(
+            facts.get("replay_lag_seconds"),
+            check.degraded_replay_lag,
+            "replication_lag",
+            "standby replay is {value} behind (limit {limit})",
+        ),
+        above_limit(
+            facts.get("longest_transaction_seconds"),
+            check.degraded_transaction_age,
+            "long_transaction",
+            "a transaction has been open for {value} (limit {limit})",
+        ),
+    )
     healthy = Finding(
         Status.HEALTHY,
         OK,

@@ -8,7 +8,7 @@ Each check keeps one ``redis.asyncio.Connection`` object and opens a new socket 
 probe: a fresh socket is the honest liveness check, and reusing the object skips the
 constructor's cost (docs/performance.md, "Client library costs"). redis-py sets no socket
 timeout and retries by default, so both are explicit here. The ``falkordb`` kind builds on
-``observe`` and ``assess_server``.
+``measure_server`` and ``assess_server``.
 """
 
 from __future__ import annotations
@@ -36,17 +36,13 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
-from healthd.classify import OK, failed, format_seconds, worst
 from healthd.config import RedisCheck, RedisCheckBase
+from healthd.findings import OK, above_limit, failed_unless_busy, format_seconds, percent, worst
 from healthd.model import Failure, Finding, Observation, Status
 from healthd.probes._context import ProbeContext
-from healthd.probes._errors import network_failure
+from healthd.probes._errors import CLIENT_TIMEOUT_SHARE, network_failure
 from healthd.quoting import QUOTE_LIMIT, quote
 from healthd.secrets import Redactor
-
-#: The socket timeouts are this share of the check's timeout, so that redis-py reports the
-#: phase that hung before the scheduler's deadline cancels the probe.
-CLIENT_TIMEOUT_SHARE = 0.9
 
 #: Error replies with a meaning of their own, by their first word; the rest are ``error_reply``.
 _REPLY_CODES: tuple[tuple[str, str], ...] = (
@@ -58,9 +54,6 @@ _REPLY_CODES: tuple[tuple[str, str], ...] = (
     ("NOAUTH", "auth_failed"),
     ("WRONGPASS", "auth_failed"),
 )
-
-#: Failures that mean "too busy", not "down".
-DEGRADED_FAILURES = frozenset({"saturated"})
 
 #: What ``then`` gets after ``INFO``: the open connection, the parsed ``INFO`` and the facts
 #: to add to. It may raise ``RedisError``; that becomes the observation's failure.
@@ -166,6 +159,18 @@ def secrets_of(check: RedisCheckBase) -> tuple[str, ...]:
     return check.url.secrets + (check.password.secrets if check.password else ())
 
 
+#: redis-py exceptions with a reason code of their own, in the order they are matched, and
+#: what the reason says (``{message}``: the server's words, quoted).
+_EXCEPTION_CODES: tuple[tuple[type[RedisError], str, str], ...] = (
+    (InvalidResponse, "protocol_error", "the reply is not RESP: {message}"),
+    (AuthenticationError, "auth_failed", "authentication failed: {message}"),
+    (BusyLoadingError, "loading", "server is loading its dataset into memory"),
+    (MasterDownError, "master_down", "replica lost its master and serves no data"),
+    (ReadOnlyError, "wrong_role", "server is read-only (a replica): {message}"),
+    (NoPermissionError, "permission_denied", "the user may not run this: {message}"),
+)
+
+
 def failure_for(
     exc: RedisError, what: str, redactor: Redactor, timeout_seconds: float | None = None
 ) -> Failure:
@@ -180,18 +185,9 @@ def failure_for(
     if isinstance(exc, NotResp):
         received = quote(exc.received, redactor)
         return Failure("protocol_error", f"{what}: {exc.what}: '{received}'")
-    if isinstance(exc, InvalidResponse):
-        return Failure("protocol_error", f"{what}: the reply is not RESP: {message}")
-    if isinstance(exc, AuthenticationError):
-        return Failure("auth_failed", f"{what}: authentication failed: {message}")
-    if isinstance(exc, BusyLoadingError):
-        return Failure("loading", f"{what}: server is loading its dataset into memory")
-    if isinstance(exc, MasterDownError):
-        return Failure("master_down", f"{what}: replica lost its master and serves no data")
-    if isinstance(exc, ReadOnlyError):
-        return Failure("wrong_role", f"{what}: server is read-only (a replica): {message}")
-    if isinstance(exc, NoPermissionError):
-        return Failure("permission_denied", f"{what}: the user may not run this: {message}")
+    for exc_type, code, text in _EXCEPTION_CODES:
+        if isinstance(exc, exc_type):
+            return Failure(code, f"{what}: " + text.format(message=message))
     if isinstance(exc, TimeoutError):
         phase = "connecting" if "connect" in str(exc).lower() else "waiting for a reply"
         limit = "" if timeout_seconds is None else f" (timeout {format_seconds(timeout_seconds)})"
@@ -277,12 +273,13 @@ def server_facts(info: Mapping[str, Any]) -> dict[str, Any]:
     return facts
 
 
-async def _command(connection: AbstractConnection, *args: Any) -> Any:
+async def command(connection: AbstractConnection, *args: Any) -> Any:
+    """Send one command on ``connection`` and read its reply."""
     await connection.send_command(*args)
     return await connection.read_response()
 
 
-async def observe(
+async def measure_server(
     check: RedisCheckBase, ctx: ProbeContext, *, what: str = "redis", then: Then | None = None
 ) -> Observation:
     """Connect fresh, ``PING``, ``INFO``, then ``then`` on the same connection; disconnect.
@@ -296,9 +293,9 @@ async def observe(
         try:
             await connection.connect()  # type: ignore[no-untyped-call]
             facts["connect_seconds"] = round(time.perf_counter() - started, 6)
-            if (pong := await _command(connection, "PING")) != b"PONG":
+            if (pong := await command(connection, "PING")) != b"PONG":
                 raise NotResp(_shown_reply(pong), "PING was not answered with PONG")
-            if not isinstance(raw_info := await _command(connection, "INFO"), bytes):
+            if not isinstance(raw_info := await command(connection, "INFO"), bytes):
                 raise NotResp(_shown_reply(raw_info), "INFO was not answered with text")
             info = parse_info(raw_info)
             if "role" not in info:
@@ -323,7 +320,7 @@ async def observe(
 
 async def probe(check: RedisCheck, ctx: ProbeContext) -> Observation:
     """``PING`` and ``INFO`` on a fresh connection."""
-    return await observe(check, ctx)
+    return await measure_server(check, ctx)
 
 
 def assess_server(check: RedisCheckBase, observation: Observation) -> list[Finding]:
@@ -331,10 +328,8 @@ def assess_server(check: RedisCheckBase, observation: Observation) -> list[Findi
 
     A failure of the probe is the only finding when there is one.
     """
-    failure = observation.failure
-    if failure is not None:
-        status = Status.DEGRADED if failure.code in DEGRADED_FAILURES else Status.UNHEALTHY
-        return [failed(observation, status)]
+    if observation.failure is not None:
+        return [failed_unless_busy(observation)]
     facts = observation.facts
     role = facts.get("role")
     if check.expect_role != "any" and role != check.expect_role:
@@ -365,26 +360,15 @@ def assess_server(check: RedisCheckBase, observation: Observation) -> list[Findi
                 f"{what} failed: writes may be refused (MISCONF)",
             )
         )
-    memory = facts.get("memory_ratio")
-    if memory is not None and memory > check.degraded_memory:
-        findings.append(
-            Finding(
-                Status.DEGRADED,
-                "memory_high",
-                f"memory at {memory:.0%} of maxmemory ({facts['used_memory']} of "
-                f"{facts['maxmemory']} bytes, limit {check.degraded_memory:.0%})",
-            )
-        )
-    clients = facts.get("clients_ratio")
-    if clients is not None and clients > check.degraded_clients:
-        findings.append(
-            Finding(
-                Status.DEGRADED,
-                "clients_high",
-                f"{facts['connected_clients']} of {facts['maxclients']} clients connected "
-                f"({clients:.0%}, limit {check.degraded_clients:.0%})",
-            )
-        )
+    # Each ratio against its limit; the reason names the counts the ratio was made of.
+    for ratio, limit, code, reason in (
+        ("memory_ratio", check.degraded_memory, "memory_high",
+         "memory at {value} of maxmemory ({used_memory} of {maxmemory} bytes, limit {limit})"),
+        ("clients_ratio", check.degraded_clients, "clients_high",
+         "{connected_clients} of {maxclients} clients connected ({value}, limit {limit})"),
+    ):  # fmt: skip
+        if found := above_limit(facts.get(ratio), limit, code, reason, percent, facts=facts):
+            findings.append(found)
     return findings
 
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
-from healthd.classify import OK, failed
 from healthd.config import SupabaseCheck
+from healthd.findings import OK, failed
 from healthd.model import Finding, Observation, Status
 from healthd.probes import _preset
 from healthd.probes._context import ProbeContext
@@ -61,8 +61,8 @@ async def probe(check: SupabaseCheck, ctx: ProbeContext) -> Observation:
     if check.table is not None:
         query = f"/rest/v1/{check.table}?select={check.select}&limit=1"
         calls.append(_preset.Call("table", _preset.join(base, query)))
-    observation = await _preset.exchange(check, ctx, calls, headers=headers)
-    auth = _preset.exchanges(observation)["auth"]
+    observation = await _preset.send_all(check, ctx, calls, headers=headers)
+    auth = _preset.outcomes_of(observation)["auth"]
     document = auth.json() if auth.ok else None
     version = document.get("version") if isinstance(document, Mapping) else None
     shown = quote(version, _preset.redactor(check, ctx), 40) if isinstance(version, str) else None
@@ -73,19 +73,19 @@ def assess(check: SupabaseCheck, observation: Observation) -> Finding:
     """Unreachable or both core services down: unhealthy; anything less: degraded."""
     if observation.failure is not None:
         return failed(observation)
-    recorded = _preset.exchanges(observation)
-    if not any(ex.answered for ex in recorded.values()):
+    recorded = _preset.outcomes_of(observation)
+    if not any(outcome.answered for outcome in recorded.values()):
         first = recorded["auth"].observation
         assert first.failure is not None
         return Finding(
             Status.UNHEALTHY, first.failure.code, f"gateway unreachable: {first.failure.message}"
         )
-    rejected = [name for name, ex in recorded.items() if ex.http_status == 401]
+    rejected = [name for name, outcome in recorded.items() if outcome.http_status == 401]
     down = {
         name: finding
-        for name, ex in recorded.items()
+        for name, outcome in recorded.items()
         if name not in rejected
-        and (finding := _preset.problem(ex, Status.DEGRADED, _DOWN_CODES[name])) is not None
+        and (finding := _preset.problem(outcome, Status.DEGRADED, _DOWN_CODES[name])) is not None
     }
     if "auth" in down and "rest" in down:
         return Finding(

@@ -31,13 +31,12 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from healthd.classify import OK, failed, format_seconds
 from healthd.config import SystemdCheck
+from healthd.findings import OK, failed, format_seconds
 from healthd.model import Failure, Finding, Observation, Status
 from healthd.probes._context import ProbeContext
+from healthd.probes._errors import CLIENT_TIMEOUT_SHARE
 
-#: Our deadline's share of the check's timeout, so a hung bus is named in the reason.
-CLIENT_TIMEOUT_SHARE = 0.9
 PROPERTIES = (
     "LoadState",
     "ActiveState",
@@ -67,13 +66,9 @@ class _History:
     last_failure: str | None = None
 
 
-async def _no_close(_: _History) -> None:
-    return None
-
-
 async def probe(check: SystemdCheck, ctx: ProbeContext) -> Observation:
     """``systemctl show`` the unit's properties and count restarts since the last probe."""
-    history = ctx.get("history", _History, _no_close)
+    history = ctx.get("history", _History)
     argv = ["systemctl", "show", "--no-pager", "-p", ",".join(PROPERTIES), "--", check.unit]
     started = time.perf_counter()
     with anyio.move_on_after(check.timeout_seconds * CLIENT_TIMEOUT_SHARE):
@@ -87,7 +82,7 @@ async def probe(check: SystemdCheck, ctx: ProbeContext) -> Observation:
             text = done.stderr.decode("utf-8", "replace").strip().splitlines()
             message = f"systemctl show {check.unit}: {text[0][:160] if text else done.returncode}"
             return Observation(latency, failure=Failure("systemd_unreachable", message))
-        return _observe(check, history, _parse(done.stdout), latency)
+        return _unit_observation(check, history, _parse(done.stdout), latency)
     limit = format_seconds(check.timeout_seconds)
     failure = Failure("timeout", f"systemctl show {check.unit}: no answer (timeout {limit})")
     return Observation(time.perf_counter() - started, failure=failure)
@@ -102,9 +97,11 @@ def _parse(out: bytes) -> dict[str, str]:
     return properties
 
 
-def _observe(
+def _unit_observation(
     check: SystemdCheck, history: _History, properties: dict[str, str], latency: float
 ) -> Observation:
+    """The unit's facts from its ``properties``; restarts seen since the last probe are added
+    to ``history``."""
     now = time.monotonic()
     try:
         n_restarts = int(properties.get("NRestarts") or 0)

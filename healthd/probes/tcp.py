@@ -8,14 +8,11 @@ import time
 import anyio
 import anyio.abc
 
-from healthd.classify import OK, failed, format_seconds
 from healthd.config import TcpCheck, parse_address
+from healthd.findings import OK, failed, format_seconds
 from healthd.model import Failure, Finding, Observation, Status
 from healthd.probes._context import ProbeContext
-from healthd.probes._errors import network_failure
-
-#: Our deadline's share of the check's timeout, as for the http probe.
-CLIENT_TIMEOUT_SHARE = 0.9
+from healthd.probes._errors import CLIENT_TIMEOUT_SHARE, network_failure
 
 
 async def probe(check: TcpCheck, ctx: ProbeContext) -> Observation:
