@@ -780,6 +780,9 @@ CheckConfig = Annotated[
 
 # --- daemon and the whole file ------------------------------------------------------------
 
+#: How much the status file shows (``status_details``).
+DetailLevel = Literal["full", "summary"]
+
 
 class DaemonConfig(_Strict):
     """The ``[daemon]`` table: where healthd exports, and defaults for every component."""
@@ -804,7 +807,7 @@ class DaemonConfig(_Strict):
     check_duration_histogram: bool = False
     #: ``full`` writes reasons and details; ``summary`` leaves out everything that could reveal
     #: internal addresses (reasons, details, latencies), for a status file served to the public.
-    status_details: Literal["full", "summary"] = "full"
+    status_details: DetailLevel = "full"
     #: The history database; by default ``history.db`` beside the status file.
     history_file: Path | None = None
     history_retention: Retention = 90 * 86400.0

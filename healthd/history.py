@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from healthd.config import Config
+from healthd.config import Config, DetailLevel
 from healthd.exporters.status_file import iso_timestamp, write_atomic
 from healthd.model import ComponentState, Status
 from healthd.secrets import Redactor
@@ -163,7 +163,7 @@ class History:
         *,
         retention_seconds: float,
         export_path: Path | None = None,
-        details: str = "full",
+        details: DetailLevel = "full",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._path = path
@@ -647,7 +647,7 @@ def export_document(
     components: Iterable[str],
     now: float,
     *,
-    details: str = "full",
+    details: DetailLevel = "full",
     cache: ExportCache | None = None,
 ) -> dict[str, Any]:
     """``history.json``: per component, 90 daily uptime shares and the last 50 incidents."""

@@ -14,18 +14,8 @@ Details = Mapping[str, Any]
 
 #: Upper bounds of the probe duration histogram, in seconds.
 DURATION_BUCKETS_SECONDS: tuple[float, ...] = (
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
 
 
 class Status(enum.IntEnum):
@@ -163,18 +153,8 @@ class ComponentState:
 #: Upper bounds of healthd's own timing histograms (lateness, loop lag, status file writes):
 #: fine below 10 ms, where the goals are, coarse above.
 DAEMON_BUCKETS_SECONDS: tuple[float, ...] = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    5.0,
-)
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+)  # fmt: skip
 
 
 def _daemon_histogram() -> Histogram:
@@ -194,7 +174,6 @@ class DaemonStats:
     event_loop_lag: Histogram = field(default_factory=_daemon_histogram)
     status_file_write_duration: Histogram = field(default_factory=_daemon_histogram)
     status_file_last_write_at: float | None = None
-    status_file_last_write_ok: bool = True
     status_file_write_failures_total: int = 0
     status_file_writes_total: int = 0
     config_last_reload_successful: bool = True

@@ -132,14 +132,12 @@ class StateStore:
                     daemon,
                     status_file_writes_total=daemon.status_file_writes_total + 1,
                     status_file_last_write_at=at,
-                    status_file_last_write_ok=True,
                     status_file_write_duration=duration,
                 )
             else:
                 self._daemon = dataclasses.replace(
                     daemon,
                     status_file_write_failures_total=daemon.status_file_write_failures_total + 1,
-                    status_file_last_write_ok=False,
                     status_file_write_duration=duration,
                 )
             self._version += 1

@@ -3,11 +3,9 @@
 A scrape does no I/O and never triggers a probe. ``exposition()`` writes the text format
 straight from the snapshot: prometheus_client's ``generate_latest`` took 200 ms for 1,000
 components (27,000 samples) here, and a scrape holds the GIL, so the event loop stood still and
-every probe in flight measured that stall as latency. ``SnapshotCollector`` offers the same
-samples to a prometheus_client registry, parsed from that one text, so there is a single
-source of truth. Each component's lines are cached until its state changes (``Exposition``),
-so a scrape renders only what changed. The server runs in its own thread: if the event loop
-ever wedges, scrapes still answer, and the stale
+every probe in flight measured that stall as latency. Each component's lines are cached until
+its state changes (``Exposition``), so a scrape renders only what changed. The server runs in
+its own thread: if the event loop ever wedges, scrapes still answer, and the stale
 ``healthd_scheduler_last_progress_timestamp_seconds`` tells Prometheus so.
 """
 
@@ -17,15 +15,12 @@ import functools
 import logging
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import h11
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import Metric
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.process_collector import ProcessCollector
-from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from healthd.exporters._fragments import FragmentCache
@@ -37,30 +32,6 @@ log = logging.getLogger("healthd.metrics")
 #: The classic text format: every name here is a legacy-valid name, and every Prometheus
 #: release (Debian's 2.42 included) negotiates it.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-class SnapshotCollector(Collector):
-    """healthd's metrics for a prometheus_client registry, from the snapshot ``source()``
-    returns. Sample output::
-
-        # HELP healthd_component_up 1 if the component is healthy or degraded, 0 if unhealthy.
-        # TYPE healthd_component_up gauge
-        healthd_component_up{component="api",kind="http"} 1
-        # HELP healthd_component_status Component status: 0 healthy, 1 degraded, 2 unhealthy.
-        # TYPE healthd_component_status gauge
-        healthd_component_status{component="api",kind="http"} 1
-        healthd_checks_total{component="api",kind="http",result="timeout"} 2
-        healthd_overall_status 1
-    """
-
-    def __init__(self, source: Callable[[], Snapshot], version: str) -> None:
-        self._source = source
-        self._version = version
-
-    def collect(self) -> Iterator[Metric]:
-        """Every family, from one snapshot."""
-        text = exposition(self._source(), self._version).decode()
-        return iter(text_string_to_metric_families(text))
 
 
 def _escape(value: str) -> str:
@@ -293,60 +264,48 @@ def _daemon(out: _Writer, snapshot: Snapshot, version: str) -> None:
     daemon = snapshot.daemon
     out.family("healthd_build_info", "gauge", "healthd's version.")
     out.sample("healthd_build_info", f'version="{_escape(version)}"', 1.0)
-    gauges: list[tuple[str, str, float | None]] = [
-        ("healthd_start_time_seconds", "Unix time healthd started.", daemon.started_at),
-        ("healthd_scheduler_last_progress_timestamp_seconds",
+    # The daemon's unlabelled families, in the order written: (name, type, help, value); a
+    # value of ``None`` leaves the family out.
+    families: list[tuple[str, str, str, float | Histogram | None]] = [
+        ("healthd_start_time_seconds", "gauge", "Unix time healthd started.", daemon.started_at),
+        ("healthd_scheduler_last_progress_timestamp_seconds", "gauge",
          "Unix time any check last completed.", daemon.scheduler_last_progress_at),
-        ("healthd_status_file_last_write_timestamp_seconds",
+        ("healthd_status_file_last_write_timestamp_seconds", "gauge",
          "Unix time the status file was last written successfully.",
          daemon.status_file_last_write_at),
-        ("healthd_config_last_reload_successful",
+        ("healthd_config_last_reload_successful", "gauge",
          "1 if the last config (re)load succeeded, 0 if healthd runs on an older config.",
          1.0 if daemon.config_last_reload_successful else 0.0),
-        ("healthd_config_last_reload_success_timestamp_seconds",
+        ("healthd_config_last_reload_success_timestamp_seconds", "gauge",
          "Unix time of the last successful config load.", daemon.config_last_reload_success_at),
-    ]  # fmt: skip
-    for name, help_text, value in gauges:
-        if value is not None:
-            out.family(name, "gauge", help_text)
-            out.sample(name, "", value)
-    out.family(
-        "healthd_scheduler_lateness_seconds",
-        "histogram",
-        "How late checks started compared with their schedule.",
-    )
-    out.histogram("healthd_scheduler_lateness_seconds", "", daemon.lateness)
-    out.family(
-        "healthd_event_loop_lag_seconds",
-        "histogram",
-        "How late the event loop woke a task sleeping a fixed period; every latency it measured "
-        "is that much wrong.",
-    )
-    out.histogram("healthd_event_loop_lag_seconds", "", daemon.event_loop_lag)
-    out.family(
-        "healthd_status_file_write_duration_seconds",
-        "histogram",
-        "How long rendering and writing the status file took, in its worker thread.",
-    )
-    out.histogram(
-        "healthd_status_file_write_duration_seconds", "", daemon.status_file_write_duration
-    )
-    counters: list[tuple[str, str, int]] = [
-        ("healthd_status_file_writes_total", "Successful status file writes.",
+        ("healthd_scheduler_lateness_seconds", "histogram",
+         "How late checks started compared with their schedule.", daemon.lateness),
+        ("healthd_event_loop_lag_seconds", "histogram",
+         "How late the event loop woke a task sleeping a fixed period; every latency it "
+         "measured is that much wrong.", daemon.event_loop_lag),
+        ("healthd_status_file_write_duration_seconds", "histogram",
+         "How long rendering and writing the status file took, in its worker thread.",
+         daemon.status_file_write_duration),
+        ("healthd_status_file_writes_total", "counter", "Successful status file writes.",
          daemon.status_file_writes_total),
-        ("healthd_status_file_write_failures_total",
+        ("healthd_status_file_write_failures_total", "counter",
          "Status file writes that failed; the previous file was kept.",
          daemon.status_file_write_failures_total),
-        ("healthd_history_write_failures_total",
+        ("healthd_history_write_failures_total", "counter",
          "History database writes that failed; checks went on and the rows were kept to retry.",
          daemon.history_write_failures_total),
-        ("healthd_notify_dropped_total",
+        ("healthd_notify_dropped_total", "counter",
          "sd_notify messages dropped because the service manager's queue was full.",
          daemon.notify_dropped_total),
     ]  # fmt: skip
-    for name, help_text, count in counters:
-        out.family(name, "counter", help_text)
-        out.sample(name, "", count)
+    for name, kind, help_text, value in families:
+        if value is None:
+            continue
+        out.family(name, kind, help_text)
+        if isinstance(value, Histogram):
+            out.histogram(name, "", value)
+        else:
+            out.sample(name, "", value)
     out.family(
         "healthd_component_slo_objective",
         "gauge",

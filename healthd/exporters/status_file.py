@@ -16,16 +16,14 @@ import tempfile
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from healthd.config import DetailLevel
 from healthd.exporters._fragments import FragmentCache
 from healthd.model import ComponentState, Snapshot
 from healthd.secrets import Redactor
 
 SCHEMA_VERSION = 1
-#: ``full`` shows reasons and details; ``summary`` leaves out what could reveal internal
-#: addresses, for a file served to the public.
-DetailLevel = Literal["full", "summary"]
 
 
 def iso_timestamp(unix_seconds: float | None) -> str | None:
