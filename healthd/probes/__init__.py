@@ -5,7 +5,9 @@ Every kind module exposes the same two functions:
 - ``async def probe(check, ctx) -> Observation`` measures. It maps every failure of the target
   into ``Observation.failure`` and raises only for bugs. It never retries, and it never swallows
   cancellation: the scheduler owns the deadline.
-- ``def assess(check, observation) -> Finding`` judges the observation alone: pure, no I/O.
+- ``def assess(check, observation) -> Finding`` judges the observation alone: pure, no I/O,
+  in the words of ``healthd.findings``. No kind imports ``classify``: hysteresis, staleness
+  and the overall verdict are the judge's, applied to every kind alike.
 """
 
 from __future__ import annotations
