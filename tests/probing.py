@@ -14,7 +14,7 @@ from healthd.scheduler import run_probe
 
 __all__ = ["ctx", "probe_once", "run_check", "states_after"]
 
-#: Shared as the daemon shares them: an SSL context costs ~25 ms to build.
+#: Shared as the daemon shares them: an SSL context costs about 21 ms of CPU to build.
 _SHARED = SharedResources()
 
 

@@ -3,8 +3,8 @@
 Each check holds one ``ProbeClient``: its requests, built once, and an ``httpx.AsyncClient``
 shared with every check of the same settings, over healthd's own transport
 (``_transport.ProbeTransport``: asyncio and llhttp, one connection per request in flight).
-Clients are built once, with a shared ``SSLContext``, because building one costs about 29 ms
-of CPU.
+Clients are built once, with a shared ``SSLContext``, because building one costs about 21 ms
+of CPU (docs/performance.md, "Client library costs").
 """
 
 from __future__ import annotations
