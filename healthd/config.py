@@ -228,7 +228,7 @@ def _with_daemon_defaults(
     if daemon is None:
         return components  # [daemon] is invalid, and says so; the config fails either way
     # In place: the dict is validation's own, and a check replaced as we go is freed at once,
-    # rather than every check being held twice until the end (11 MB more at 10,000).
+    # rather than every check being held twice until the end (11 MB at 10,000 components).
     for name, check in components.items():
         interval = check.interval or daemon.interval
         timeout = check.timeout or min(daemon.timeout, interval)
