@@ -862,3 +862,55 @@ def test_a_value_of_the_wrong_type_is_one_problem_not_one_per_union_member(
     (problem,) = problems(path)
 
     assert expected in problem
+
+
+@pytest.mark.parametrize(
+    ("metrics", "push", "clash"),
+    [
+        ("127.0.0.1:9469", "127.0.0.1:9469", True),
+        ("0.0.0.0:9469", "127.0.0.1:9469", True),
+        ("[::]:9469", "127.0.0.1:9469", True),
+        ("localhost:9469", "127.0.0.1:9469", True),
+        ("127.0.0.1:9469", "127.0.0.1:9470", False),
+        ("127.0.0.1:9469", "[::1]:9469", False),
+    ],
+)
+def test_heartbeats_need_a_port_of_their_own(
+    tmp_path: Path, metrics: str, push: str, clash: bool
+) -> None:
+    path = write(
+        tmp_path,
+        f"""
+        [daemon]
+        metrics_address = "{metrics}"
+        push_address = "{push}"
+
+        [components.nightly]
+        kind = "heartbeat"
+        period = "1h"
+        grace = "5m"
+        """,
+    )
+    if clash:
+        assert problems(path) == [
+            f"{path}:3: daemon.push_address: {push} takes the port of metrics_address "
+            f"{metrics}; heartbeats need a port of their own"
+        ]
+    else:
+        assert load(path).daemon.push_address == push
+
+
+def test_the_push_port_is_free_to_share_without_heartbeats(tmp_path: Path) -> None:
+    # No heartbeat, no push listener: the address is never bound.
+    path = write(
+        tmp_path,
+        """
+        [daemon]
+        push_address = "127.0.0.1:9469"
+
+        [components.web]
+        kind = "tcp"
+        address = "127.0.0.1:80"
+        """,
+    )
+    assert load(path).daemon.push_address == "127.0.0.1:9469"
