@@ -28,7 +28,13 @@ from healthd.config import Config, ConfigError, parse_address
 from healthd.control import WINDOWS_FILE_NAME, AdHocWindows, answer, serve
 from healthd.exporters.metrics import MetricsServer
 from healthd.exporters.status_writer import StatusFileWriter
-from healthd.heartbeats import PingStore, PushServer, heartbeat_tokens, pings_path
+from healthd.heartbeats import (
+    PingStore,
+    PushServer,
+    heartbeat_shards,
+    heartbeat_tokens,
+    pings_path,
+)
 from healthd.history import History
 from healthd.model import ComponentState, Snapshot
 from healthd.probes import SharedResources
@@ -136,10 +142,11 @@ class Daemon:
             ) from None
         # Only with a heartbeat to receive: no port is opened for nothing.
         self.push: PushServer | None = None
-        if tokens:
+        elsewhere = heartbeat_shards(config)
+        if tokens or elsewhere:
             host, port = parse_address(config.daemon.push_address)
             try:
-                self.push = PushServer(host, port, self.pings, tokens)
+                self.push = PushServer(host, port, self.pings, tokens, elsewhere)
             except OSError as exc:
                 self.metrics.stop()
                 raise PushAddressInUse(
@@ -323,7 +330,7 @@ class Daemon:
         if self.push is not None:
             if new.daemon.push_address != self._config.daemon.push_address:
                 log.warning("push_address changed; it takes effect at the next restart")
-            self.push.configure(tokens)
+            self.push.configure(tokens, heartbeat_shards(new))
             self.push.persist_soon()
         elif tokens:
             log.warning(

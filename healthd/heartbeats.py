@@ -27,6 +27,7 @@ import h11
 import httpx
 from pydantic import ValidationError
 
+from healthd import shard as shard_module
 from healthd.config import (
     MAX_CONFIG_BYTES,
     Config,
@@ -75,6 +76,21 @@ def heartbeat_tokens(config: Config) -> dict[str, str | None]:
         name: check.token.reveal() if check.token is not None else None
         for name, check in config.checks().items()
         if isinstance(check, HeartbeatCheck)
+    }
+
+
+def heartbeat_shards(config: Config) -> dict[str, str]:
+    """The heartbeats another shard checks, each with that shard (``"2/3"``).
+
+    A job that pings this instance for one of them is told where to ping instead (421): a
+    ping kept here would never reach the instance that judges it.
+    """
+    index, shards = config.daemon.shard_numbers()
+    return {
+        name: f"{owner}/{shards}"
+        for name, check in config.components.items()
+        if isinstance(check, HeartbeatCheck)
+        and (owner := shard_module.shard_of(name, shards)) != index
     }
 
 
@@ -191,11 +207,13 @@ class PushServer(HttpListener):
     """The push listener: ``POST /ping/NAME[/start|/fail]`` from jobs, into ``store``.
 
     Everything that is not a well-formed ping of a known heartbeat with its token gets a 4xx
-    and changes nothing: an unknown name 404, a missing token 401, a wrong one 403, a body
-    over ``MAX_PING_BODY_BYTES`` 413, garbage or a bad ``exit_code`` 400, another method 405.
-    Tokens are compared in constant time and never logged.
+    and changes nothing: an unknown name 404, a heartbeat another shard checks 421 naming the
+    shard, a missing token 401, a wrong one 403, a body over ``MAX_PING_BODY_BYTES`` 413,
+    garbage or a bad ``exit_code`` 400, another method 405. Tokens are compared in constant
+    time and never logged.
 
     :param tokens: every heartbeat's name and token (``None``: no token needed).
+    :param elsewhere: the heartbeats other shards check, each with its shard (``"2/3"``).
     """
 
     def __init__(
@@ -204,6 +222,7 @@ class PushServer(HttpListener):
         port: int,
         store: PingStore,
         tokens: Mapping[str, str | None],
+        elsewhere: Mapping[str, str] | None = None,
         *,
         idle_timeout_seconds: float = 5.0,
     ) -> None:
@@ -216,11 +235,13 @@ class PushServer(HttpListener):
             max_body_bytes=MAX_PING_BODY_BYTES,
         )
         self._store = store
-        self._tokens: Mapping[str, str | None] = dict(tokens)
+        self._routes = (dict(tokens), dict(elsewhere or {}))
 
-    def configure(self, tokens: Mapping[str, str | None]) -> None:
+    def configure(
+        self, tokens: Mapping[str, str | None], elsewhere: Mapping[str, str] | None = None
+    ) -> None:
         """Take a new set of heartbeats and tokens (a reload); one reference swap."""
-        self._tokens = dict(tokens)
+        self._routes = (dict(tokens), dict(elsewhere or {}))
 
     def persist_soon(self) -> None:
         """Save the store from the listener's thread, off the caller's event loop."""
@@ -249,8 +270,10 @@ class PushServer(HttpListener):
             return 404, "not found: ping /ping/NAME, /ping/NAME/start or /ping/NAME/fail", []
         if request.method != b"POST":
             return 405, "method not allowed: use POST", [("Allow", "POST")]
-        tokens = self._tokens
+        tokens, elsewhere = self._routes
         if name not in tokens:
+            if name in elsewhere:
+                return 421, f"shard {elsewhere[name]} checks this heartbeat: ping that instance", []
             return 404, "no heartbeat of that name", []
         expected = tokens[name]
         if expected is not None:

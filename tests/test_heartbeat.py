@@ -523,3 +523,44 @@ def test_a_slow_client_is_dropped_and_its_ping_not_counted() -> None:
         assert pings.success_at is None
     finally:
         server.stop()
+
+
+def test_a_ping_for_another_shards_heartbeat_is_told_where_to_go(tmp_path: Path) -> None:
+    # shard_of("monitor", 2) is 1 and shard_of("backup", 2) is 2 (rendezvous hashing).
+    push_port, metrics_port = free_port(), free_port()
+    config = tmp_path / "healthd.toml"
+    config.write_text(
+        f"""
+[daemon]
+shard = "1/2"
+metrics_address = "127.0.0.1:{metrics_port}"
+push_address = "127.0.0.1:{push_port}"
+status_file = "{tmp_path}/status.json"
+
+[components.monitor]
+kind = "heartbeat"
+period = "1h"
+
+[components.backup]
+kind = "heartbeat"
+period = "1h"
+"""
+    )
+    with running_healthd(config, tmp_path) as healthd:
+        healthd.wait_for("READY", "1")
+        base = f"http://127.0.0.1:{push_port}"
+        assert httpx.post(f"{base}/ping/monitor", timeout=5).status_code == 200
+        misdirected = httpx.post(f"{base}/ping/backup", timeout=5)
+        assert misdirected.status_code == 421
+        assert "shard 2/2" in misdirected.text
+        assert httpx.post(f"{base}/ping/nosuchjob", timeout=5).status_code == 404
+        sent = healthd_cli("ping", "--config", str(config), "backup")
+        assert sent.returncode == 69
+        assert "421" in sent.stderr
+        assert "shard 2/2" in sent.stderr
+        pings = json.loads((tmp_path / "heartbeats.json").read_text())["heartbeats"]
+        assert "backup" not in pings
+        assert pings["monitor"]["success_at"] is not None
+        code, log = healthd.stop()
+    assert code == 0
+    assert "Traceback" not in log
