@@ -21,16 +21,13 @@ import atexit
 import contextlib
 import functools
 import importlib.util
-import json
 import os
 import pwd
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +39,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tests.daemon_proc import running_healthd
-from tests.healthd_process import free_port
+from tests.daemon import free_port
 
 __all__ = [
     "FALKORDB_PASSWORD",
@@ -51,12 +47,10 @@ __all__ = [
     "PG_PASSWORD_USER",
     "PG_PROBE_USER",
     "REDIS_PASSWORD",
-    "DaemonOutput",
     "PostgresServer",
     "RedisServer",
     "falkordb",
     "falkordb_server",
-    "free_port",
     "pg_primary",
     "pg_primary_server",
     "pg_standby",
@@ -69,7 +63,6 @@ __all__ = [
     "redis_replication_servers",
     "redis_victim",
     "redis_victim_server",
-    "run_daemon_once",
     "wait_until",
 ]
 
@@ -94,68 +87,6 @@ def wait_until(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_seconds} s waiting for {what}")
         time.sleep(0.01)
-
-
-@dataclass(frozen=True)
-class DaemonOutput:
-    """Everything a real ``healthd run`` exported after its first round of checks."""
-
-    status: dict[str, Any]
-    status_text: str
-    metrics: str
-    logs: str
-    check_json: str
-
-    def everything(self) -> str:
-        """All output in one string, for "this secret appears nowhere" assertions."""
-        return "\n".join((self.status_text, self.metrics, self.logs, self.check_json))
-
-
-def run_daemon_once(
-    tmp_path: Path, components_toml: str, env: dict[str, str] | None = None
-) -> DaemonOutput:
-    """Run ``healthd check --json``, then ``healthd run`` until READY (first round done); return
-    the status file, a metrics scrape and the debug logs of both."""
-    port = free_port()
-    status_path = tmp_path / "status.json"
-    config = tmp_path / "healthd.toml"
-    config.write_text(
-        "[daemon]\n"
-        f'metrics_address = "127.0.0.1:{port}"\n'
-        f'status_file = "{status_path}"\n'
-        'startup_spread = "10ms"\n'
-        'interval = "2s"\n'
-        'timeout = "1s"\n\n' + components_toml
-    )
-    # Both at once: each spends most of its time importing.
-    argv = [sys.executable, "-m", "healthd", "--config", str(config), "check", "--json"]
-    check = subprocess.Popen(
-        [*argv, "--log-level", "debug"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        with running_healthd(config, tmp_path, env or {}, "--log-level", "debug") as daemon:
-            daemon.wait_for("READY", "1")
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-                metrics = reply.read().decode()
-            status_text = status_path.read_text()
-            _, logs = daemon.stop()
-        check_json, check_logs = check.communicate(timeout=30)
-    finally:
-        if check.poll() is None:
-            check.kill()
-            check.communicate()
-    assert check.returncode in (0, 1, 2), check_logs
-    return DaemonOutput(
-        status=json.loads(status_text),
-        status_text=status_text,
-        metrics=metrics,
-        logs=logs + check_logs,
-        check_json=check_json,
-    )
 
 
 # --- processes -------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ and releases anything still hanging.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import ssl
@@ -24,6 +25,8 @@ from typing import Any, Literal
 
 import pytest
 
+from tests.daemon import free_port
+
 __all__ = [
     "GARBAGE",
     "Certificate",
@@ -33,6 +36,7 @@ __all__ = [
     "RecordedRequest",
     "Reply",
     "TcpListener",
+    "TcpTarget",
     "closed_port",
     "compress",
     "garbage_server",
@@ -42,6 +46,7 @@ __all__ = [
     "https_target_server",
     "tcp_listener",
     "tcp_listener_server",
+    "tcp_target",
     "tls_certificate",
     "unresponsive_port",
 ]
@@ -532,6 +537,52 @@ class TcpListener:
         self._thread.stop()
 
 
+class TcpTarget:
+    """A TCP service on a fixed loopback port that accepts and closes; stop it, start it again.
+
+    Unlike ``TcpListener`` it keeps its port across a stop, so a check's address stays valid
+    while the target is down.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Listen (again) on the same port."""
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(64)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._accept, args=(sock,), daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _accept(sock: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            conn.close()
+
+    def stop(self) -> None:
+        """Stop listening: connections are refused from now on."""
+        if self._sock is not None:
+            # shutdown() wakes the thread blocked in accept(); close() alone would not.
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+            self._sock = None
+        if self._thread is not None:
+            self._thread.join(2)
+            self._thread = None
+
+
 @pytest.fixture
 def closed_port() -> Iterator[int]:
     """A port on 127.0.0.1 where nothing listens: bound (so nobody else takes it), not listening."""
@@ -711,3 +762,11 @@ def tcp_listener(tcp_listener_server: TcpListener) -> Iterator[TcpListener]:
     tcp_listener_server.reset()
     yield tcp_listener_server
     tcp_listener_server.reset()
+
+
+@pytest.fixture
+def tcp_target() -> Iterator[TcpTarget]:
+    """A fresh ``TcpTarget`` per test (a test stops and starts it), stopped afterwards."""
+    target = TcpTarget()
+    yield target
+    target.stop()

@@ -31,7 +31,7 @@ from healthd.model import ComponentState
 from healthd.probes import PROBES, ProbeContext, SharedResources
 from healthd.scheduler import Scheduler
 from healthd.state import StateStore
-from tests.healthd_process import free_port
+from tests.daemon import free_port
 from tests.http_target import HttpTarget, Reply
 
 __all__ = [

@@ -24,8 +24,7 @@ from healthd.history import History
 from healthd.model import ComponentState, Status
 from healthd.secrets import Redactor
 from healthd.state import StateStore
-from tests.daemon_proc import free_port, healthd_cli, running_healthd
-from tests.healthd_process import write_config
+from tests.daemon import free_port, healthd_cli, running_healthd, write_config
 from tests.http_target import HttpTarget, Reply
 
 T0 = 1_764_000_000.0  # 2025-11-24T16:00:00Z, the start of an hour
@@ -415,15 +414,15 @@ def test_history_survives_a_restart_and_the_cli_reports_it(
     )  # fmt: skip
     env = {"HEALTHD_TEST_SECRET": SECRET}
     started = time.time()
-    with running_healthd(config, tmp_path, env) as healthd:
+    with running_healthd(config, env=env) as healthd:
         healthd.wait_for("READY", "1")
         _wait_for_file(status, _api_status("healthy"))
         http_target.default = Reply(status=503, body=b"down")
         _wait_for_file(status, _api_status("unhealthy"))
-        code, _ = healthd.stop()
+        code = healthd.stop()
         assert code == 0
     stopped = time.time()
-    with running_healthd(config, tmp_path, env) as healthd:
+    with running_healthd(config, env=env) as healthd:
         healthd.wait_for("READY", "1")
         restarted = time.time()
         http_target.default = Reply()
@@ -508,7 +507,7 @@ def test_a_reload_changes_objectives_and_the_components_in_history_json(
     }
     api = {"kind": "http", "url": http_target.url("/"), "slo": 0.99}
     config = write_config(tmp_path / "healthd.toml", settings, {"api": api})
-    with running_healthd(config, tmp_path) as healthd:
+    with running_healthd(config) as healthd:
         healthd.wait_for("READY", "1")
         _wait_for_file(tmp_path / "history.json", lambda d: set(d["components"]) == {"api"})
         write_config(
@@ -516,7 +515,7 @@ def test_a_reload_changes_objectives_and_the_components_in_history_json(
             settings,
             {"api": {**api, "slo": 0.999}, "db": {"kind": "tcp", "address": "127.0.0.1:1"}},
         )
-        healthd.process.signal(signal.SIGHUP)
+        healthd.signal(signal.SIGHUP)
         healthd.wait_for("RELOADING", "1")
         _wait_for_file(tmp_path / "history.json", lambda d: set(d["components"]) == {"api", "db"})
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:

@@ -28,7 +28,7 @@ from urllib.parse import quote
 import pytest
 
 from healthd.secrets import derived_forms
-from tests.daemon_proc import free_port, healthd_cli, running_healthd
+from tests.daemon import free_port, healthd_cli, running_healthd
 from tests.http_target import HttpTarget, Reply
 
 #: Each holds a character some encoding changes: backslash, quote, percent, plus, slash,
@@ -293,14 +293,15 @@ def _write_setup(tmp_path: Path, components: str, **daemon: str) -> tuple[Path, 
 
 def _run(tmp_path: Path, config: Path, env: dict[str, str], *args: str) -> dict[str, str]:
     """``healthd run`` until READY; the log, a scrape and the status file, by name."""
-    with running_healthd(config, tmp_path, env, *args) as daemon:
+    with running_healthd(config, env=env, args=args) as daemon:
         daemon.wait_for("READY", "1")
         text = config.read_text()
         port = text.split('metrics_address = "127.0.0.1:', 1)[1].split('"', 1)[0]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
             metrics = reply.read().decode()
         status = (tmp_path / "status.json").read_text()
-        code, log = daemon.stop()
+        code = daemon.stop()
+        log = daemon.log()
     assert code == 0, log
     return {"log": log, "metrics": metrics, "status file": status}
 

@@ -22,7 +22,7 @@ from healthd.config import ConfigError, TcpCheck, load
 from healthd.maintenance import Window, active, parse_weekly
 from healthd.model import ComponentState, Finding, Maintenance, Observation, Status
 from healthd.state import StateStore
-from tests.daemon_proc import free_port, healthd_cli, running_healthd
+from tests.daemon import free_port, healthd_cli, running_healthd
 
 
 def ts(text: str) -> float:
@@ -296,7 +296,7 @@ def test_maintenance_from_the_cli_survives_a_restart_and_ends(tmp_path: Path) ->
     metrics_port = free_port()
     config = _daemon_config(tmp_path, metrics_port)
     cli = ("--config", str(config))
-    with running_healthd(config, tmp_path) as healthd:
+    with running_healthd(config) as healthd:
         healthd.wait_for("READY", "1")
         assert _status(tmp_path)["status"] == "unhealthy"
         started = healthd_cli("maintenance", "start", "db", "--for", "30m", "--reason",
@@ -317,9 +317,9 @@ def test_maintenance_from_the_cli_survives_a_restart_and_ends(tmp_path: Path) ->
         [row] = json.loads(listed.stdout)
         assert (row["component"], row["source"], row["reason"]) == ("db", "cli", "disk swap")
         assert oct(os.stat(tmp_path / "control.sock").st_mode & 0o777) == "0o660"
-        code, _ = healthd.stop()
+        code = healthd.stop()
         assert code == 0
-    with running_healthd(config, tmp_path) as healthd:
+    with running_healthd(config) as healthd:
         healthd.wait_for("READY", "1")
         document = _wait_status(tmp_path, _in_maintenance)
         assert document["components"]["db"]["maintenance"]["reason"] == "disk swap"
@@ -351,7 +351,7 @@ def test_bad_control_requests_get_an_error_and_change_nothing(
     tmp_path: Path, request_bytes: bytes
 ) -> None:
     config = _daemon_config(tmp_path, free_port())
-    with running_healthd(config, tmp_path) as healthd:
+    with running_healthd(config) as healthd:
         healthd.wait_for("READY", "1")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(10)
@@ -430,7 +430,7 @@ def test_time_in_maintenance_is_left_out_of_uptime_and_opens_no_incident(tmp_pat
 
 def test_a_window_added_by_a_reload_takes_effect_without_a_restart(tmp_path: Path) -> None:
     config = _daemon_config(tmp_path, free_port())
-    with running_healthd(config, tmp_path) as healthd:
+    with running_healthd(config) as healthd:
         healthd.wait_for("READY", "1")
         assert not _in_maintenance(_status(tmp_path))
         config.write_text(
@@ -438,7 +438,7 @@ def test_a_window_added_by_a_reload_takes_effect_without_a_restart(tmp_path: Pat
             + '\n[[maintenance]]\ncomponents = ["db"]\nreason = "reindex"\n'
             + 'weekly = "Mon 00:00-Mon 00:00"\n'  # the whole week
         )
-        healthd.process.signal(signal.SIGHUP)
+        healthd.signal(signal.SIGHUP)
         document = _wait_status(tmp_path, _in_maintenance)
         assert document["components"]["db"]["maintenance"]["source"] == "config"
         assert document["components"]["db"]["maintenance"]["reason"] == "reindex"

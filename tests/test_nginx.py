@@ -18,14 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.healthd_process import (
-    REPO,
-    HealthdProcess,
-    NotifySocket,
-    TcpTarget,
-    free_port,
-    write_config,
-)
+from tests.daemon import REPO, free_port, running_healthd, write_config
+from tests.http_target import TcpTarget
 
 SNIPPET = REPO / "config" / "nginx" / "healthd.conf"
 _PUBLISHED_PATH = "/var/lib/healthd/status.json"
@@ -128,18 +122,15 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[_Nginx, P
         "db": {"kind": "tcp", "address": f"127.0.0.1:{closed}", "description": "primary"},
     }
     config = write_config(tmp / "healthd.toml", settings, components)
-    notify = NotifySocket()
-    daemon = HealthdProcess(config, env={"NOTIFY_SOCKET": notify.address})
-    nginx: _Nginx | None = None
     try:
-        notify.wait_for(lambda m: "READY" in m, 15)
-        nginx = _Nginx(tmp / "nginx", status_file)
-        yield nginx, status_file
+        with running_healthd(config) as daemon:
+            daemon.wait_for("READY", "1")
+            nginx = _Nginx(tmp / "nginx", status_file)
+            try:
+                yield nginx, status_file
+            finally:
+                nginx.stop()
     finally:
-        if nginx is not None:
-            nginx.stop()
-        daemon.stop()
-        notify.close()
         target.stop()
 
 

@@ -13,11 +13,11 @@ import pytest
 from healthd.config import FalkorDbCheck
 from healthd.model import Failure, Observation, Status
 from healthd.probes.falkordb import assess, module_version
+from tests.daemon import run_daemon_once
 from tests.datastores import (
     FALKORDB_PASSWORD,
     REDIS_PASSWORD,
     RedisServer,
-    run_daemon_once,
     wait_until,
 )
 from tests.probing import probe_once

@@ -18,12 +18,12 @@ from healthd.model import Failure, Finding, Observation, Status
 from healthd.probes import ProbeContext, SharedResources
 from healthd.probes import postgres as postgres_probe
 from healthd.probes.postgres import assess, connect_timeout_seconds, failure_code
+from tests.daemon import run_daemon_once
 from tests.datastores import (
     PG_PASSWORD,
     PG_PASSWORD_USER,
     PG_PROBE_USER,
     PostgresServer,
-    run_daemon_once,
     wait_until,
 )
 from tests.probing import probe_once, run_check, states_after

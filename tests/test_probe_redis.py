@@ -19,10 +19,10 @@ from healthd.model import Failure, Finding, Observation, Status
 from healthd.probes import ProbeContext, SharedResources
 from healthd.probes.redis import assess, failure_for, parse_info, server_facts
 from healthd.secrets import Redactor
+from tests.daemon import run_daemon_once
 from tests.datastores import (
     REDIS_PASSWORD,
     RedisServer,
-    run_daemon_once,
     wait_until,
 )
 from tests.probing import probe_once, run_check, states_after

@@ -9,22 +9,17 @@ key appears in no log line, metric or status file.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from healthd.config import SupabaseCheck
 from healthd.model import Failure, Observation, Status
 from healthd.probes._preset import Outcome
 from healthd.probes.supabase import assess, is_legacy_key
+from tests.daemon import free_port, healthd_cli, running_healthd, scrape
 from tests.http_target import HttpTarget, Reply
-from tests.services import component, free_port, serve_supabase
+from tests.services import component, serve_supabase
 
 #: Shaped like a legacy anon key (a JWT), and unique enough to search every output for it.
 LEGACY_KEY = "eyJhbGciOiJIUzI1NiJ9.eyJyb2xlIjoiYW5vbiJ9.c2VjcmV0LXNpZ25hdHVyZS0xMjM0NQ"
@@ -192,10 +187,6 @@ password = "${{env:MLFLOW_PASSWORD}}"
     return path
 
 
-def _healthd(config: Path) -> list[str]:
-    return [sys.executable, "-m", "healthd", "--config", str(config), "--log-level", "debug"]
-
-
 _MLFLOW_PASSWORD = "mlflow-Pa55word-nobody-may-see"
 _SECRET_ENV = {"SUPABASE_ANON_KEY": LEGACY_KEY, "MLFLOW_PASSWORD": _MLFLOW_PASSWORD}
 
@@ -212,11 +203,14 @@ def test_check_json_reports_rejected_credentials_without_showing_them(
 ) -> None:
     _serve_rotated_key_and_wrong_password(http_target)
     config = _config(tmp_path / "healthd.toml", http_target)
-    result = subprocess.run(
-        [*_healthd(config), "check", "--json"],
-        env={**os.environ, **_SECRET_ENV},
-        capture_output=True,
-        text=True,
+    result = healthd_cli(
+        "--config",
+        str(config),
+        "--log-level",
+        "debug",
+        "check",
+        "--json",
+        env=_SECRET_ENV,
         timeout=60,
     )
     assert result.returncode == 1, result.stderr  # degraded
@@ -242,42 +236,17 @@ def test_daemon_keeps_keys_out_of_logs_metrics_and_status_file(
         'interval = "1s"\nstartup_spread = "10ms"\nstatus_file_refresh = "1s"'
     )
     config = _config(tmp_path / "healthd.toml", http_target, daemon)
-    log = tmp_path / "healthd.log"
-    with log.open("w") as stderr:
-        process = subprocess.Popen(
-            [*_healthd(config), "run"],
-            env={**os.environ, **_SECRET_ENV},
-            stdout=stderr,
-            stderr=stderr,
-        )
-    try:
-        metrics = _scrape_when_ready(process, f"http://127.0.0.1:{metrics_port}/metrics")
+    with running_healthd(config, env=_SECRET_ENV, args=("--log-level", "debug")) as healthd:
+        healthd.wait_for("READY", "1")
+        metrics = scrape(metrics_port)
         status = status_file.read_text()
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(15)
-    logs = log.read_text()
+        healthd.stop()
+    logs = healthd.log()
     assert 'healthd_component_status{component="supabase"' in metrics
     assert json.loads(status)["components"]["supabase"]["reason_code"] == "auth_failed"
     assert "supabase" in logs
     for text in (metrics, status, logs):
         _assert_no_key(text, LEGACY_KEY, _MLFLOW_PASSWORD)
-
-
-def _scrape_when_ready(process: subprocess.Popen[str], url: str) -> str:
-    """The metrics page, once the daemon serves it (it starts after the first round)."""
-    deadline = time.monotonic() + 30
-    with httpx.Client(timeout=2, trust_env=False) as client:
-        while time.monotonic() < deadline:
-            assert process.poll() is None, "healthd exited early"
-            try:
-                response = client.get(url)
-            except httpx.HTTPError:
-                time.sleep(0.1)
-                continue
-            if response.status_code == 200:
-                return response.text
-    pytest.fail("healthd never served its metrics")
 
 
 # --- the verdict table, judged purely ----------------------------------------------------------

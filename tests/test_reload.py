@@ -11,8 +11,7 @@ import logging
 import re
 import signal
 import time
-import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +23,8 @@ from healthd.daemon import Daemon
 from healthd.model import ComponentState, Status
 from healthd.secrets import Redactor
 from healthd.watchdog import Notifier
-from tests.healthd_process import HealthdProcess, NotifySocket, TcpTarget, free_port, write_config
-
-
-@pytest.fixture
-def target() -> Iterator[TcpTarget]:
-    tcp = TcpTarget()
-    yield tcp
-    tcp.stop()
-
-
-@pytest.fixture
-def notify_socket() -> Iterator[NotifySocket]:
-    sock = NotifySocket()
-    yield sock
-    sock.close()
+from tests.daemon import free_port, running_healthd, scrape, write_config
+from tests.http_target import TcpTarget
 
 
 def _daemon_settings(tmp_path: Path) -> dict[str, Any]:
@@ -82,12 +68,12 @@ class _Running:
 
 
 @contextlib.asynccontextmanager
-async def _run_daemon(tmp_path: Path, target: TcpTarget) -> AsyncIterator[_Running]:
+async def _run_daemon(tmp_path: Path, tcp_target: TcpTarget) -> AsyncIterator[_Running]:
     """A daemon with ``steady`` (a live target, slow to go unhealthy) and ``old``."""
     settings = _daemon_settings(tmp_path)
     components: dict[str, dict[str, Any]] = {
-        "steady": {"kind": "tcp", "address": target.address, "failure_threshold": 1000},
-        "old": {"kind": "tcp", "address": target.address},
+        "steady": {"kind": "tcp", "address": tcp_target.address, "failure_threshold": 1000},
+        "old": {"kind": "tcp", "address": tcp_target.address},
     }
     path = write_config(tmp_path / "healthd.toml", settings, components)
     daemon = Daemon(path, config_module.load(path), Redactor(), notifier=Notifier(environ={}))
@@ -99,28 +85,30 @@ async def _run_daemon(tmp_path: Path, target: TcpTarget) -> AsyncIterator[_Runni
         tg.cancel_scope.cancel()
 
 
-def _components(target: TcpTarget, **extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    steady = {"kind": "tcp", "address": target.address, "failure_threshold": 1000}
+def _components(tcp_target: TcpTarget, **extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    steady = {"kind": "tcp", "address": tcp_target.address, "failure_threshold": 1000}
     return {"steady": steady, **extra}
 
 
 @pytest.mark.asyncio
 async def test_reload_keeps_hysteresis_and_since_of_unchanged_components(
-    tmp_path: Path, target: TcpTarget
+    tmp_path: Path, tcp_target: TcpTarget
 ) -> None:
-    async with _run_daemon(tmp_path, target) as running:
-        await _scenario_reload_keeps_hysteresis_and_since_of_unchanged_components(running, target)
+    async with _run_daemon(tmp_path, tcp_target) as running:
+        await _scenario_reload_keeps_hysteresis_and_since_of_unchanged_components(
+            running, tcp_target
+        )
 
 
 async def _scenario_reload_keeps_hysteresis_and_since_of_unchanged_components(
-    running: _Running, target: TcpTarget
+    running: _Running, tcp_target: TcpTarget
 ) -> None:
     # Failing, but held at degraded by a high failure_threshold: "n of 1000 failures".
-    target.stop()
+    tcp_target.stop()
     before = await running.until("steady", lambda s: s.consecutive_failures >= 3)
     assert before.status is Status.DEGRADED
 
-    running.rewrite(_components(target, added={"kind": "tcp", "address": target.address}))
+    running.rewrite(_components(tcp_target, added={"kind": "tcp", "address": tcp_target.address}))
     assert running.daemon.reload()
 
     after = await running.until(
@@ -134,21 +122,21 @@ async def _scenario_reload_keeps_hysteresis_and_since_of_unchanged_components(
 
 @pytest.mark.asyncio
 async def test_reload_starts_new_checks_and_drops_removed_ones_with_their_series(
-    tmp_path: Path, target: TcpTarget
+    tmp_path: Path, tcp_target: TcpTarget
 ) -> None:
-    async with _run_daemon(tmp_path, target) as running:
+    async with _run_daemon(tmp_path, tcp_target) as running:
         await _scenario_reload_starts_new_checks_and_drops_removed_ones_with_their_series(
-            running, target
+            running, tcp_target
         )
 
 
 async def _scenario_reload_starts_new_checks_and_drops_removed_ones_with_their_series(
-    running: _Running, target: TcpTarget
+    running: _Running, tcp_target: TcpTarget
 ) -> None:
     await running.until("old", lambda s: True)
     assert 'component="old"' in running.metrics()
 
-    running.rewrite(_components(target, added={"kind": "tcp", "address": target.address}))
+    running.rewrite(_components(tcp_target, added={"kind": "tcp", "address": tcp_target.address}))
     assert running.daemon.reload()
 
     assert running.state("old") is None
@@ -164,17 +152,17 @@ async def _scenario_reload_starts_new_checks_and_drops_removed_ones_with_their_s
 
 @pytest.mark.asyncio
 async def test_reload_restarts_a_changed_check_with_fresh_history(
-    tmp_path: Path, target: TcpTarget
+    tmp_path: Path, tcp_target: TcpTarget
 ) -> None:
-    async with _run_daemon(tmp_path, target) as running:
-        await _scenario_reload_restarts_a_changed_check_with_fresh_history(running, target)
+    async with _run_daemon(tmp_path, tcp_target) as running:
+        await _scenario_reload_restarts_a_changed_check_with_fresh_history(running, tcp_target)
 
 
 async def _scenario_reload_restarts_a_changed_check_with_fresh_history(
-    running: _Running, target: TcpTarget
+    running: _Running, tcp_target: TcpTarget
 ) -> None:
     before = await running.until("steady", lambda s: sum(s.checks_total.values()) >= 3)
-    changed = _components(target)
+    changed = _components(tcp_target)
     changed["steady"]["critical"] = True
     running.rewrite(changed)
     assert running.daemon.reload()
@@ -185,19 +173,19 @@ async def _scenario_reload_restarts_a_changed_check_with_fresh_history(
 
 @pytest.mark.asyncio
 async def test_invalid_reload_keeps_the_old_config_logs_once_and_sets_the_metric(
-    tmp_path: Path, target: TcpTarget, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, tcp_target: TcpTarget, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with _run_daemon(tmp_path, target) as running:
+    async with _run_daemon(tmp_path, tcp_target) as running:
         await _scenario_invalid_reload_keeps_the_old_config_logs_once_and_sets_the_metric(
-            running, target, caplog
+            running, tcp_target, caplog
         )
 
 
 async def _scenario_invalid_reload_keeps_the_old_config_logs_once_and_sets_the_metric(
-    running: _Running, target: TcpTarget, caplog: pytest.LogCaptureFixture
+    running: _Running, tcp_target: TcpTarget, caplog: pytest.LogCaptureFixture
 ) -> None:
     good_reload_at = time.time()
-    running.rewrite(_components(target))
+    running.rewrite(_components(tcp_target))
     assert running.daemon.reload()
     metrics = running.metrics()
     assert "healthd_config_last_reload_successful 1.0" in metrics
@@ -224,38 +212,32 @@ async def _scenario_invalid_reload_keeps_the_old_config_logs_once_and_sets_the_m
     assert len(errors) == 1, [r.getMessage() for r in errors]
     assert "components.broken.address" in errors[0].getMessage()
 
-    running.rewrite(_components(target))
+    running.rewrite(_components(tcp_target))
     assert running.daemon.reload()
     assert "healthd_config_last_reload_successful 1.0" in running.metrics()
 
 
 def test_sighup_sends_reloading_with_monotonic_usec_then_ready_and_applies_the_config(
-    tmp_path: Path, target: TcpTarget, notify_socket: NotifySocket
+    tmp_path: Path, tcp_target: TcpTarget
 ) -> None:
     settings = _daemon_settings(tmp_path)
     port = int(settings["metrics_address"].rsplit(":", 1)[1])
-    components = {"old": {"kind": "tcp", "address": target.address}}
+    components = {"old": {"kind": "tcp", "address": tcp_target.address}}
     path = write_config(tmp_path / "healthd.toml", settings, components)
-    daemon = HealthdProcess(path, env={"NOTIFY_SOCKET": notify_socket.address})
-    try:
-        ready = notify_socket.wait_for(lambda m: "READY" in m, 15)
-        write_config(path, settings, {"added": {"kind": "tcp", "address": target.address}})
+    with running_healthd(path) as daemon:
+        ready = daemon.notify.wait_for(lambda m: "READY" in m, 15)
+        write_config(path, settings, {"added": {"kind": "tcp", "address": tcp_target.address}})
         sent_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         daemon.signal(signal.SIGHUP)
 
-        reloading = notify_socket.wait_for(lambda m: "RELOADING" in m, 5, after=ready.at)
+        reloading = daemon.notify.wait_for(lambda m: "RELOADING" in m, 5, after=ready.at)
         assert reloading.fields["RELOADING"] == "1"
         assert int(reloading.fields["MONOTONIC_USEC"]) >= sent_usec
-        again = notify_socket.wait_for(lambda m: "READY" in m, 5, after=reloading.at)
+        again = daemon.notify.wait_for(lambda m: "READY" in m, 5, after=reloading.at)
         assert again.fields["READY"] == "1"
 
-        def metrics() -> str:
-            url = f"http://127.0.0.1:{port}/metrics"
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return str(response.read().decode())
-
         deadline = time.monotonic() + 5
-        while 'component="added"' not in (text := metrics()) and time.monotonic() < deadline:
+        while 'component="added"' not in (text := scrape(port)) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert 'healthd_component_up{component="added",kind="tcp"} 1.0' in text
         assert 'component="old"' not in text
@@ -264,21 +246,19 @@ def test_sighup_sends_reloading_with_monotonic_usec_then_ready_and_applies_the_c
         # An invalid file: RELOADING=1 and READY=1 all the same, the metric says 0.
         path.write_text("[daemon\n")
         daemon.signal(signal.SIGHUP)
-        failed = notify_socket.wait_for(lambda m: "RELOADING" in m, 5, after=again.at)
-        notify_socket.wait_for(lambda m: "READY" in m, 5, after=failed.at)
-        assert "healthd_config_last_reload_successful 0.0" in metrics()
-        assert 'healthd_component_up{component="added",kind="tcp"} 1.0' in metrics()
+        failed = daemon.notify.wait_for(lambda m: "RELOADING" in m, 5, after=again.at)
+        daemon.notify.wait_for(lambda m: "READY" in m, 5, after=failed.at)
+        assert "healthd_config_last_reload_successful 0.0" in scrape(port)
+        assert 'healthd_component_up{component="added",kind="tcp"} 1.0' in scrape(port)
         assert daemon.stop() == 0
         assert daemon.log().count("reload failed") == 1
-    finally:
-        daemon.stop()
 
 
 @pytest.mark.asyncio
 async def test_reload_to_a_config_without_components_is_refused_and_keeps_the_old_one(
-    tmp_path: Path, target: TcpTarget, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, tcp_target: TcpTarget, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with _run_daemon(tmp_path, target) as running:
+    async with _run_daemon(tmp_path, tcp_target) as running:
         status_file = running.settings["status_file"]
         caplog.set_level(logging.ERROR, logger="healthd")
         for text in ("", f'[daemon]\nstatus_file = "{tmp_path / "elsewhere.json"}"\n'):

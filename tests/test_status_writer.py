@@ -22,7 +22,7 @@ from healthd.exporters.status_writer import StatusFileWriter
 from healthd.model import ComponentState, Snapshot, Status
 from healthd.secrets import Redactor
 from healthd.state import StateStore
-from tests.daemon_proc import free_port, running_healthd
+from tests.daemon import free_port, running_healthd
 from tests.http_target import HttpTarget, Reply
 
 
@@ -217,7 +217,7 @@ url = "{http_target.url("/health")}"
 """
     )
     count = re.compile(r"^(healthd_\w+_seconds)_count (\S+)$", re.M)
-    with running_healthd(config, tmp_path) as healthd:
+    with running_healthd(config) as healthd:
         healthd.wait_for("READY", "1")
         counts: dict[str, float] = {}
         # The lag sampler wakes ten times a second; wait for a few of its observations.
@@ -227,7 +227,7 @@ url = "{http_target.url("/health")}"
             if counts.get("healthd_event_loop_lag_seconds", 0) >= 3:
                 break
             threading.Event().wait(0.05)
-        code, _ = healthd.stop()
+        code = healthd.stop()
     assert code == 0
     assert counts["healthd_event_loop_lag_seconds"] >= 3
     # READY promises the first status file, written and timed in the writer's thread.

@@ -27,8 +27,7 @@ from healthd.model import Status
 from healthd.probes import ProbeContext, SharedResources
 from healthd.probes._transport import ProbeTransport
 from healthd.probes.http import build_client
-from tests.daemon_proc import free_port, running_healthd
-from tests.healthd_process import write_config
+from tests.daemon import free_port, running_healthd, write_config
 from tests.http_target import HttpTarget, Reply
 from tests.probing import run_check
 
@@ -410,10 +409,11 @@ def test_daemon_runs_with_and_without_uvloop(
         {"web": {"kind": "http", "url": http_target.url("/health"), "interval": 1}},
     )
     env = {"HEALTHD_NO_UVLOOP": "0" if uvloop_wanted else "1"}
-    with running_healthd(config, tmp_path, env) as daemon:
+    with running_healthd(config, env=env) as daemon:
         daemon.wait_for("READY", "1")
-        maps = Path(f"/proc/{daemon.process.pid}/maps").read_text()
-        code, log = daemon.stop(signal.SIGTERM)
+        maps = Path(f"/proc/{daemon.pid}/maps").read_text()
+        code = daemon.stop(signal.SIGTERM)
+        log = daemon.log()
 
     assert ("uvloop" in maps) is uvloop_wanted
     assert code == 0, log

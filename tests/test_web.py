@@ -18,8 +18,7 @@ import pytest
 
 from healthd import web
 from tests.browser import Browser, chromium_binary
-from tests.daemon_proc import Healthd, free_port, healthd_cli, running_healthd
-from tests.healthd_process import REPO, write_config
+from tests.daemon import REPO, Healthd, free_port, healthd_cli, running_healthd, write_config
 from tests.http_target import HttpTarget, Reply
 
 SNIPPET = REPO / "config" / "nginx" / "healthd.conf"
@@ -140,7 +139,7 @@ def _module_site(
                        "degraded_latency": "50ms"},
         },
     )  # fmt: skip
-    with running_healthd(config, tmp_path) as healthd:
+    with running_healthd(config) as healthd:
         healthd.wait_for("READY", "1")
         nginx = _Nginx(tmp_path / "nginx", directory)
         try:
@@ -369,7 +368,7 @@ def test_summary_mode_without_history_shows_statuses_and_no_reasons(
         {"api": {"kind": "http", "url": http_target.url("/")},
          "db": {"kind": "tcp", "address": f"127.0.0.1:{free_port()}"}},
     )  # fmt: skip
-    with running_healthd(config, tmp_path) as healthd:
+    with running_healthd(config) as healthd:
         healthd.wait_for("READY", "1")
         nginx = _Nginx(tmp_path / "nginx", directory)
         try:
