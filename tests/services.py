@@ -19,28 +19,21 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from healthd.config import CheckBase
-from healthd.model import ComponentState
-from healthd.probes import PROBES, ProbeContext, SharedResources
-from healthd.scheduler import Scheduler
-from healthd.state import StateStore
 from tests.daemon import free_port
 from tests.http_target import HttpTarget, Reply
 
 __all__ = [
     "BentoServer",
-    "Component",
     "MlflowServer",
     "bentoml_server",
     "bentoml_service",
-    "component",
     "mlflow_server",
     "mlflow_service",
     "serve_api",
@@ -63,38 +56,6 @@ _QUIET_ENV = {
     "PYTHONDONTWRITEBYTECODE": "1",
     "NO_PROXY": "*",
 }
-
-
-# --- running a check the way the daemon does -------------------------------------------------
-
-
-class Component:
-    """One component checked through the real scheduler path: probe under the check's deadline,
-    assess, latency limit, hysteresis, state store. ``ctx`` lives as long as the component, so
-    clients are reused across checks exactly as in the daemon."""
-
-    def __init__(self, check: CheckBase, name: str = "svc") -> None:
-        self.name = name
-        self.check = check
-        self.store = StateStore()
-        self.scheduler = Scheduler(self.store)
-        self.ctx = ProbeContext(SharedResources())
-
-    async def check_once(self) -> ComponentState:
-        """Run one check and return the component's new state."""
-        return await self.scheduler.run_once(
-            self.name, self.check, PROBES[self.check.kind], self.ctx
-        )
-
-
-@contextlib.asynccontextmanager
-async def component(check: CheckBase, name: str = "svc") -> AsyncIterator[Component]:
-    """A ``Component`` whose resources are closed at the end."""
-    running = Component(check, name)
-    try:
-        yield running
-    finally:
-        await running.ctx.aclose()
 
 
 # --- real servers --------------------------------------------------------------------------

@@ -18,11 +18,12 @@ import httpx
 import pytest
 
 from healthd.classify import judge_world, next_state
-from healthd.config import ConfigError, TcpCheck, load
+from healthd.config import ConfigError, load
 from healthd.maintenance import Window, active, parse_weekly
 from healthd.model import ComponentState, Finding, Maintenance, Observation, Status
 from healthd.state import StateStore
 from tests.daemon import free_port, healthd_cli, running_healthd
+from tests.probing import make_check
 
 
 def ts(text: str) -> float:
@@ -167,7 +168,7 @@ def test_bad_maintenance_window_names_file_key_and_line(
 
 # --- judgement ------------------------------------------------------------------------------
 
-CHECK = TcpCheck(address="127.0.0.1:1", interval=10, timeout=1, critical=True)
+CHECK = make_check("tcp", address="127.0.0.1:1", critical=True)
 DOWN = Finding(Status.UNHEALTHY, "connection_refused", "connect: connection refused")
 UP = Finding(Status.HEALTHY, "ok", "connected")
 

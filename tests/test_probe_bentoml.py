@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
-from healthd.config import BentomlCheck
 from healthd.model import Status
 from healthd.probes.bentoml import _request_counts
-from tests.services import BentoServer, component
+from tests.probing import component, make_check
+from tests.services import BentoServer
 
-
-def _check(url: str, **overrides: object) -> BentomlCheck:
-    settings: dict[str, object] = {"url": url, "interval": 10, "timeout": 3}
-    settings.update(overrides)
-    return BentomlCheck.model_validate(settings)
+_check = functools.partial(make_check, "bentoml", timeout=3)
 
 
 @pytest.mark.asyncio
 @pytest.mark.slow
 async def test_live_and_ready_service_is_healthy(bentoml_service: BentoServer) -> None:
-    async with component(_check(bentoml_service.url)) as bento:
+    async with component(_check(url=bentoml_service.url)) as bento:
         state = await bento.check_once()
     assert state.status is Status.HEALTHY
     assert state.reason_code == "ok"
@@ -33,7 +31,7 @@ async def test_live_and_ready_service_is_healthy(bentoml_service: BentoServer) -
 async def test_not_ready_while_live_is_degraded_not_ready_then_recovers(
     bentoml_service: BentoServer,
 ) -> None:
-    async with component(_check(bentoml_service.url)) as bento:
+    async with component(_check(url=bentoml_service.url)) as bento:
         bentoml_service.set_ready(False)
         state = await bento.check_once()
         assert state.status is Status.DEGRADED
@@ -52,7 +50,7 @@ async def test_not_ready_while_live_is_degraded_not_ready_then_recovers(
 async def test_hung_server_is_unhealthy_timeout_and_recovers_after_two_successes(
     bentoml_service: BentoServer,
 ) -> None:
-    check = _check(bentoml_service.url, timeout="1s", failure_threshold=2)
+    check = _check(url=bentoml_service.url, timeout="1s", failure_threshold=2)
     async with component(check) as bento:
         assert (await bento.check_once()).status is Status.HEALTHY
         bentoml_service.pause()
@@ -77,7 +75,7 @@ async def test_hung_server_is_unhealthy_timeout_and_recovers_after_two_successes
 async def test_unreachable_service_is_unhealthy(
     bentoml_server: BentoServer, closed_port: int
 ) -> None:
-    async with component(_check(f"http://127.0.0.1:{closed_port}")) as bento:
+    async with component(_check(url=f"http://127.0.0.1:{closed_port}")) as bento:
         state = await bento.check_once()
     assert state.status is Status.UNHEALTHY
     assert state.reason_code == "connection_refused"
@@ -89,7 +87,7 @@ async def test_unreachable_service_is_unhealthy(
 async def test_error_rate_between_checks_is_read_from_metrics(
     bentoml_service: BentoServer,
 ) -> None:
-    check = _check(bentoml_service.url, metrics=True, min_requests=4, degraded_error_rate=0.25)
+    check = _check(url=bentoml_service.url, metrics=True, min_requests=4, degraded_error_rate=0.25)
     async with component(check) as bento:
         first = await bento.check_once()
         assert first.status is Status.HEALTHY
@@ -118,7 +116,7 @@ async def test_error_rate_between_checks_is_read_from_metrics(
 async def test_not_ready_service_does_not_count_its_own_readyz_503_as_errors(
     bentoml_service: BentoServer,
 ) -> None:
-    check = _check(bentoml_service.url, metrics=True, min_requests=1)
+    check = _check(url=bentoml_service.url, metrics=True, min_requests=1)
     async with component(check) as bento:
         await bento.check_once()
         bentoml_service.set_ready(False)

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from healthd.config import ConfigError, HostCheck, load
+from healthd.config import ConfigError, load
 from healthd.model import Finding, Observation, Status
 from healthd.probes import ProbeContext
 from healthd.probes.host import assess
-from tests.probing import run_check
+from tests.probing import make_check, run_check
 
-
-def host_check(**settings: Any) -> HostCheck:
-    """A check as the loaded config would have it (interval and timeout filled in)."""
-    settings.setdefault("interval", 10)
-    settings.setdefault("timeout", 2)
-    return HostCheck(**settings)
+host_check = functools.partial(make_check, "host", timeout=2)
 
 
 @pytest.mark.asyncio

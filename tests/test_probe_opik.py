@@ -7,20 +7,17 @@ answers, failure shapes included.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from healthd.config import OpikCheck
 from healthd.model import Status
 from tests.http_target import HttpTarget, Reply
-from tests.services import component, serve_opik_backend, serve_opik_ui
+from tests.probing import component, make_check
+from tests.services import serve_opik_backend, serve_opik_ui
 
-
-def _check(backend: HttpTarget, ui: HttpTarget | None = None, **overrides: object) -> OpikCheck:
-    settings: dict[str, object] = {"url": backend.url(), "interval": 10, "timeout": 2}
-    if ui is not None:
-        settings["ui_url"] = ui.url()
-    settings.update(overrides)
-    return OpikCheck.model_validate(settings)
+_check = functools.partial(make_check, "opik", timeout=2)
 
 
 @pytest.mark.asyncio
@@ -29,7 +26,7 @@ async def test_healthy_backend_and_ui_are_healthy_with_version(
 ) -> None:
     serve_opik_backend(http_target)
     serve_opik_ui(ui_target)
-    async with component(_check(http_target, ui_target)) as opik:
+    async with component(_check(url=http_target.url(), ui_url=ui_target.url())) as opik:
         state = await opik.check_once()
     assert state.status is Status.HEALTHY
     assert state.reason_code == "ok"
@@ -47,7 +44,9 @@ async def test_backend_500_is_unhealthy_naming_the_failing_checks_then_recovers(
 ) -> None:
     serve_opik_backend(http_target, failing=("clickhouse", "redis"))
     serve_opik_ui(ui_target, proxy="unhealthy")
-    async with component(_check(http_target, ui_target, recovery_threshold=1)) as opik:
+    async with component(
+        _check(url=http_target.url(), ui_url=ui_target.url(), recovery_threshold=1)
+    ) as opik:
         state = await opik.check_once()
         assert state.status is Status.UNHEALTHY
         assert state.reason_code == "backend_unhealthy"
@@ -65,7 +64,7 @@ async def test_backend_500_is_unhealthy_naming_the_failing_checks_then_recovers(
 @pytest.mark.asyncio
 async def test_failing_non_critical_check_is_degraded_and_named(http_target: HttpTarget) -> None:
     serve_opik_backend(http_target, failing=("clickhouse-readonly-freeform-sql",), critical=False)
-    async with component(_check(http_target)) as opik:
+    async with component(_check(url=http_target.url())) as opik:
         state = await opik.check_once()
     assert state.status is Status.DEGRADED
     assert state.reason_code == "subcheck_failed"
@@ -75,9 +74,7 @@ async def test_failing_non_critical_check_is_degraded_and_named(http_target: Htt
 @pytest.mark.asyncio
 async def test_unreachable_backend_is_unhealthy(ui_target: HttpTarget, closed_port: int) -> None:
     serve_opik_ui(ui_target, proxy="no_upstream")
-    check = OpikCheck(
-        url=f"http://127.0.0.1:{closed_port}", ui_url=ui_target.url(), interval=10, timeout=2
-    )
+    check = _check(url=f"http://127.0.0.1:{closed_port}", ui_url=ui_target.url())
     async with component(check) as opik:
         state = await opik.check_once()
     assert state.status is Status.UNHEALTHY
@@ -91,7 +88,7 @@ async def test_ui_proxy_failing_while_backend_is_fine_is_degraded(
 ) -> None:
     serve_opik_backend(http_target)
     serve_opik_ui(ui_target, proxy="no_upstream")
-    async with component(_check(http_target, ui_target)) as opik:
+    async with component(_check(url=http_target.url(), ui_url=ui_target.url())) as opik:
         state = await opik.check_once()
     assert state.status is Status.DEGRADED
     assert state.reason_code == "ui_proxy_failed"
@@ -105,7 +102,7 @@ async def test_ui_down_while_backend_is_fine_is_degraded(
     http_target: HttpTarget, closed_port: int
 ) -> None:
     serve_opik_backend(http_target)
-    check = _check(http_target, ui_url=f"http://127.0.0.1:{closed_port}")
+    check = _check(url=http_target.url(), ui_url=f"http://127.0.0.1:{closed_port}")
     async with component(check) as opik:
         state = await opik.check_once()
     assert state.status is Status.DEGRADED
@@ -117,7 +114,7 @@ async def test_ui_down_while_backend_is_fine_is_degraded(
 async def test_backend_that_hangs_is_unhealthy_timeout(http_target: HttpTarget) -> None:
     serve_opik_backend(http_target)
     http_target.route("/is-alive/ping", Reply(action="hang"))
-    async with component(_check(http_target, timeout="300ms")) as opik:
+    async with component(_check(url=http_target.url(), timeout="300ms")) as opik:
         state = await opik.check_once()
     assert state.status is Status.UNHEALTHY
     assert state.reason_code == "timeout"

@@ -8,6 +8,7 @@ key appears in no log line, metric or status file.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -19,22 +20,15 @@ from healthd.probes._preset import Outcome
 from healthd.probes.supabase import assess, is_legacy_key
 from tests.daemon import free_port, healthd_cli, running_healthd, scrape
 from tests.http_target import HttpTarget, Reply
-from tests.services import component, serve_supabase
+from tests.probing import component, make_check
+from tests.services import serve_supabase
 
 #: Shaped like a legacy anon key (a JWT), and unique enough to search every output for it.
 LEGACY_KEY = "eyJhbGciOiJIUzI1NiJ9.eyJyb2xlIjoiYW5vbiJ9.c2VjcmV0LXNpZ25hdHVyZS0xMjM0NQ"
 NEW_KEY = "sb_publishable_Zx9SecretPublishableKey42"
 
 
-def _check(target: HttpTarget, key: str = LEGACY_KEY, **overrides: object) -> SupabaseCheck:
-    settings: dict[str, object] = {
-        "url": target.url(),
-        "api_key": key,
-        "interval": 10,
-        "timeout": 2,
-    }
-    settings.update(overrides)
-    return SupabaseCheck.model_validate(settings)
+_check = functools.partial(make_check, "supabase", api_key=LEGACY_KEY, timeout=2)
 
 
 def _assert_no_key(text: str, *keys: str) -> None:
@@ -47,7 +41,7 @@ def _assert_no_key(text: str, *keys: str) -> None:
 @pytest.mark.asyncio
 async def test_auth_and_rest_up_is_healthy_with_gotrue_version(http_target: HttpTarget) -> None:
     serve_supabase(http_target)
-    async with component(_check(http_target)) as supabase:
+    async with component(_check(url=http_target.url())) as supabase:
         state = await supabase.check_once()
     assert state.status is Status.HEALTHY
     assert state.reason_code == "ok"
@@ -59,7 +53,7 @@ async def test_auth_and_rest_up_is_healthy_with_gotrue_version(http_target: Http
 @pytest.mark.asyncio
 async def test_legacy_key_goes_as_apikey_and_bearer(http_target: HttpTarget) -> None:
     serve_supabase(http_target)
-    async with component(_check(http_target)) as supabase:
+    async with component(_check(url=http_target.url())) as supabase:
         await supabase.check_once()
     for recorded in http_target.requests:
         assert recorded.headers["apikey"] == LEGACY_KEY
@@ -69,7 +63,7 @@ async def test_legacy_key_goes_as_apikey_and_bearer(http_target: HttpTarget) -> 
 @pytest.mark.asyncio
 async def test_new_style_key_goes_as_apikey_only(http_target: HttpTarget) -> None:
     serve_supabase(http_target)
-    async with component(_check(http_target, key=NEW_KEY)) as supabase:
+    async with component(_check(url=http_target.url(), api_key=NEW_KEY)) as supabase:
         assert (await supabase.check_once()).status is Status.HEALTHY
     for recorded in http_target.requests:
         assert recorded.headers["apikey"] == NEW_KEY
@@ -81,7 +75,7 @@ async def test_gotrue_down_behind_live_kong_is_degraded_then_recovers(
     http_target: HttpTarget,
 ) -> None:
     serve_supabase(http_target, auth="down")
-    async with component(_check(http_target)) as supabase:
+    async with component(_check(url=http_target.url())) as supabase:
         state = await supabase.check_once()
         assert state.status is Status.DEGRADED
         assert state.reason_code == "auth_down"
@@ -97,7 +91,7 @@ async def test_gotrue_down_behind_live_kong_is_degraded_then_recovers(
 @pytest.mark.asyncio
 async def test_auth_and_rest_both_down_is_unhealthy(http_target: HttpTarget) -> None:
     serve_supabase(http_target, auth="down", rest="down")
-    async with component(_check(http_target)) as supabase:
+    async with component(_check(url=http_target.url())) as supabase:
         state = await supabase.check_once()
     assert state.status is Status.UNHEALTHY
     assert state.reason_code == "services_down"
@@ -108,7 +102,7 @@ async def test_auth_and_rest_both_down_is_unhealthy(http_target: HttpTarget) -> 
 @pytest.mark.asyncio
 async def test_rotated_key_is_degraded_auth_failed(http_target: HttpTarget) -> None:
     serve_supabase(http_target, auth="rejected", rest="rejected")
-    async with component(_check(http_target)) as supabase:
+    async with component(_check(url=http_target.url())) as supabase:
         state = await supabase.check_once()
     assert state.status is Status.DEGRADED
     assert state.reason_code == "auth_failed"
@@ -118,9 +112,7 @@ async def test_rotated_key_is_degraded_auth_failed(http_target: HttpTarget) -> N
 
 @pytest.mark.asyncio
 async def test_unreachable_gateway_is_unhealthy(closed_port: int) -> None:
-    check = SupabaseCheck(
-        url=f"http://127.0.0.1:{closed_port}", api_key=LEGACY_KEY, interval=10, timeout=2
-    )
+    check = _check(url=f"http://127.0.0.1:{closed_port}")
     async with component(check) as supabase:
         state = await supabase.check_once()
     assert state.status is Status.UNHEALTHY
@@ -133,7 +125,7 @@ async def test_storage_and_table_read_are_checked_when_configured(
     http_target: HttpTarget,
 ) -> None:
     serve_supabase(http_target, table="missing")
-    check = _check(http_target, storage=True, table="todos", select="id")
+    check = _check(url=http_target.url(), storage=True, table="todos", select="id")
     async with component(check) as supabase:
         state = await supabase.check_once()
     assert state.status is Status.DEGRADED
@@ -146,7 +138,7 @@ async def test_storage_and_table_read_are_checked_when_configured(
 @pytest.mark.asyncio
 async def test_storage_down_is_degraded(http_target: HttpTarget) -> None:
     serve_supabase(http_target, storage="down")
-    async with component(_check(http_target, storage=True)) as supabase:
+    async with component(_check(url=http_target.url(), storage=True)) as supabase:
         state = await supabase.check_once()
     assert state.status is Status.DEGRADED
     assert state.reason_code == "storage_down"

@@ -8,6 +8,7 @@ the shared ``http_target`` server.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
@@ -22,14 +23,13 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from healthd.config import HttpCheck
 from healthd.model import Status
 from healthd.probes import ProbeContext, SharedResources
 from healthd.probes._transport import ProbeTransport
 from healthd.probes.http import build_client
 from tests.daemon import free_port, running_healthd, write_config
 from tests.http_target import HttpTarget, Reply
-from tests.probing import run_check
+from tests.probing import make_check, run_check
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -293,18 +293,14 @@ def _open_descriptors() -> int:
 # --- keep-alive policy and shared clients ---------------------------------------------------
 
 
-def http_check(url: str, **settings: object) -> HttpCheck:
-    """A check as the loaded config would have it."""
-    settings.setdefault("interval", 10)
-    settings.setdefault("timeout", 1)
-    return HttpCheck(url=url, **settings)  # type: ignore[arg-type]
+http_check = functools.partial(make_check, "http")
 
 
 @pytest.mark.asyncio
 async def test_check_that_runs_less_often_than_the_idle_time_connects_per_probe(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
-    check = http_check(http_target.url("/health"), interval=60, timeout=5)
+    check = http_check(url=http_target.url("/health"), interval=60, timeout=5)
 
     for _ in range(2):
         _, finding = await run_check(check, ctx)
@@ -319,7 +315,7 @@ async def test_check_that_builds_its_request_per_run_still_keeps_headers_home(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
     http_target.route("/old", Reply.redirect(http_target.url("/landing", host="localhost")))
-    check = http_check(http_target.url("/old"), interval=60, headers={"X-Api-Key": "k"})
+    check = http_check(url=http_target.url("/old"), interval=60, headers={"X-Api-Key": "k"})
 
     for _ in range(2):
         observation, finding = await run_check(check, ctx)
@@ -360,8 +356,8 @@ async def test_hung_request_does_not_delay_another_check_to_the_same_host(
     http_target.route("/hung", Reply(action="hang"))
     shared = SharedResources()
     hung_ctx, healthy_ctx = ProbeContext(shared), ProbeContext(shared)
-    hung = http_check(http_target.url("/hung"), timeout=2)
-    healthy = http_check(http_target.url("/ok"), timeout=2)
+    hung = http_check(url=http_target.url("/hung"), timeout=2)
+    healthy = http_check(url=http_target.url("/ok"), timeout=2)
     healthy_done = anyio.Event()
     hung_finished_first = False
 
