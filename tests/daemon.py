@@ -33,6 +33,7 @@ __all__ = [
     "Healthd",
     "Message",
     "NotifySocket",
+    "daemon_settings",
     "free_port",
     "healthd_cli",
     "notify_socket",
@@ -73,6 +74,20 @@ def _toml_value(value: Any) -> str:
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'
+
+
+def daemon_settings(
+    directory: Path, metrics_port: int | None = None, **settings: Any
+) -> dict[str, Any]:
+    """A test daemon's ``[daemon]`` table: metrics on loopback (``metrics_port``, or a free
+    port), ``status.json`` in ``directory``, the first round spread over 10 ms; ``settings``
+    add to that or override it."""
+    return {
+        "metrics_address": f"127.0.0.1:{metrics_port or free_port()}",
+        "status_file": str(directory / "status.json"),
+        "startup_spread": "10ms",
+        **settings,
+    }
 
 
 def write_config(path: Path, daemon: Mapping[str, Any], components: Mapping[str, Any]) -> Path:

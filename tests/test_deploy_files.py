@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from healthd.exporters import status_file
-from tests.daemon import REPO, free_port, running_healthd, write_config
+from tests.daemon import REPO, daemon_settings, running_healthd, write_config
 from tests.http_target import TcpTarget
 
 UNIT = REPO / "systemd" / "healthd.service"
@@ -167,14 +167,9 @@ def test_healthcheck_passes_while_healthd_reports_an_outage_and_fails_when_it_is
 ) -> None:
     state = tmp_path / "status.json"
     stall = tmp_path / "stall"
-    settings = {
-        "metrics_address": f"127.0.0.1:{free_port()}",
-        "status_file": str(state),
-        "status_file_refresh": "100ms",
-        "interval": "200ms",
-        "timeout": "100ms",
-        "startup_spread": "10ms",
-    }
+    settings = daemon_settings(
+        tmp_path, status_file_refresh="100ms", interval="200ms", timeout="100ms"
+    )
     components = {"db": {"kind": "tcp", "address": _refused_address(), "critical": True}}
     config = write_config(tmp_path / "healthd.toml", settings, components)
     healthcheck = _healthcheck_command(state, max_age_seconds=1.0)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from healthd import shard
-from tests.daemon import free_port, running_healthd, write_config
+from tests.daemon import daemon_settings, free_port, running_healthd, write_config
 from tests.http_target import HttpTarget
 from tests.prometheus import ALERT_RULES, Prometheus
 
@@ -40,14 +40,10 @@ def _start(
     """A running healthd named ``name``; returns its metrics port. It stops with ``stack``, or
     when the test calls ``_STOP[port]``."""
     port = free_port()
-    settings = {
-        "metrics_address": f"127.0.0.1:{port}",
-        "status_file": str(tmp / f"{name}.json"),
-        "interval": "500ms",
-        "timeout": "300ms",
-        "startup_spread": "10ms",
-        **daemon,
-    }
+    settings = daemon_settings(
+        tmp, port, status_file=str(tmp / f"{name}.json"), interval="500ms", timeout="300ms"
+    )
+    settings.update(daemon)
     config = write_config(tmp / f"{name}.toml", settings, components)
     healthd = stack.enter_context(running_healthd(config))
     _STOP[port] = healthd.stop

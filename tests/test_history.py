@@ -24,7 +24,7 @@ from healthd.history import History
 from healthd.model import ComponentState, Status
 from healthd.secrets import Redactor
 from healthd.state import StateStore
-from tests.daemon import free_port, healthd_cli, running_healthd, write_config
+from tests.daemon import daemon_settings, free_port, healthd_cli, running_healthd, write_config
 from tests.http_target import HttpTarget, Reply
 
 T0 = 1_764_000_000.0  # 2025-11-24T16:00:00Z, the start of an hour
@@ -406,8 +406,7 @@ def test_history_survives_a_restart_and_the_cli_reports_it(
     status = tmp_path / "status.json"
     config = write_config(
         tmp_path / "healthd.toml",
-        {"metrics_address": f"127.0.0.1:{free_port()}", "status_file": str(status),
-         "interval": "1s", "timeout": "900ms", "startup_spread": "10ms"},
+        daemon_settings(tmp_path, interval="1s", timeout="900ms"),
         {"api": {"kind": "http", "url": http_target.url(f"/health?token={SECRET}"),
                  "critical": True, "failure_threshold": 1, "recovery_threshold": 1,
                  "slo": 0.99}},
@@ -498,13 +497,7 @@ def test_a_reload_changes_objectives_and_the_components_in_history_json(
     tmp_path: Path, http_target: HttpTarget
 ) -> None:
     port = free_port()
-    settings = {
-        "metrics_address": f"127.0.0.1:{port}",
-        "status_file": str(tmp_path / "status.json"),
-        "interval": "1s",
-        "timeout": "900ms",
-        "startup_spread": "10ms",
-    }
+    settings = daemon_settings(tmp_path, port, interval="1s", timeout="900ms")
     api = {"kind": "http", "url": http_target.url("/"), "slo": 0.99}
     config = write_config(tmp_path / "healthd.toml", settings, {"api": api})
     with running_healthd(config) as healthd:

@@ -28,7 +28,7 @@ from urllib.parse import quote
 import pytest
 
 from healthd.secrets import derived_forms
-from tests.daemon import free_port, healthd_cli, running_healthd
+from tests.daemon import daemon_settings, healthd_cli, running_healthd
 from tests.http_target import HttpTarget, Reply
 
 #: Each holds a character some encoding changes: backslash, quote, percent, plus, slash,
@@ -272,14 +272,7 @@ def _write_setup(tmp_path: Path, components: str, **daemon: str) -> tuple[Path, 
     (secrets / "mlflow_user").write_text(MLFLOW_USER + "\n")
     (secrets / "mlflow_password").write_text(MLFLOW_PASSWORD)
     (secrets / "redis_password").write_text(REDIS_PASSWORD + "\n")
-    settings = {
-        "metrics_address": f"127.0.0.1:{free_port()}",
-        "status_file": str(tmp_path / "status.json"),
-        "startup_spread": "10ms",
-        "interval": "1s",
-        "timeout": "900ms",
-        **daemon,
-    }
+    settings = daemon_settings(tmp_path, interval="1s", timeout="900ms", **daemon)
     lines = ["[daemon]", *(f"{k} = {json.dumps(v)}" for k, v in settings.items())]
     config = tmp_path / "healthd.toml"
     config.write_text("\n".join(lines) + "\n" + components.replace("{secrets}", str(secrets)))

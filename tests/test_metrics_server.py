@@ -24,7 +24,7 @@ import pytest
 from healthd.exporters.metrics import MetricsServer
 from healthd.model import ComponentState, Status
 from healthd.state import StateStore
-from tests.daemon import free_port, running_healthd, write_config
+from tests.daemon import daemon_settings, free_port, running_healthd, write_config
 from tests.http_target import TcpTarget
 
 NOW = 1_800_000_000.0
@@ -349,13 +349,7 @@ def test_a_real_daemon_shrugs_off_idle_slowloris_and_hang_ups(
     port = free_port()
     config = write_config(
         tmp_path / "healthd.toml",
-        {
-            "metrics_address": f"127.0.0.1:{port}",
-            "status_file": str(tmp_path / "status.json"),
-            "interval": "500ms",
-            "timeout": "300ms",
-            "startup_spread": "100ms",
-        },
+        daemon_settings(tmp_path, port, interval="500ms", timeout="300ms", startup_spread="100ms"),
         {f"c{i:02d}": {"kind": "tcp", "address": tcp_target.address} for i in range(40)},
     )
     with running_healthd(config, args=("--log-format", "json")) as daemon:

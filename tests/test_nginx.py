@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import REPO, free_port, running_healthd, write_config
+from tests.daemon import REPO, daemon_settings, free_port, running_healthd, write_config
 from tests.http_target import TcpTarget
 
 SNIPPET = REPO / "config" / "nginx" / "healthd.conf"
@@ -108,15 +108,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[_Nginx, P
     status_file = tmp / "state" / "status.json"
     target = TcpTarget()
     closed = free_port()
-    settings = {
-        "metrics_address": f"127.0.0.1:{free_port()}",
-        "status_file": str(status_file),
-        "status_file_refresh": "1ms",
-        "status_details": "summary",
-        "interval": "100ms",
-        "timeout": "80ms",
-        "startup_spread": "10ms",
-    }
+    settings = daemon_settings(
+        tmp,
+        status_file=str(status_file),
+        status_file_refresh="1ms",
+        status_details="summary",
+        interval="100ms",
+        timeout="80ms",
+    )
     components = {
         "api": {"kind": "tcp", "address": target.address, "critical": True},
         "db": {"kind": "tcp", "address": f"127.0.0.1:{closed}", "description": "primary"},

@@ -21,7 +21,7 @@ import pytest
 from healthd.probes._errors import network_failure
 from healthd.scheduler import Scheduler
 from healthd.state import StateStore
-from tests.daemon import free_port, running_healthd, write_config
+from tests.daemon import daemon_settings, free_port, running_healthd, write_config
 from tests.http_target import TcpTarget
 
 # --- mapping, in-process -----------------------------------------------------------------------
@@ -101,14 +101,14 @@ def test_a_daemon_out_of_descriptors_never_blames_its_healthy_targets(
     components = {f"c{i}": {"kind": "tcp", "address": tcp_target.address} for i in range(4)}
     config = write_config(
         tmp_path / "healthd.toml",
-        {
-            "metrics_address": f"127.0.0.1:{port}",
-            "status_file": str(tmp_path / "status.json"),
-            "status_file_refresh": "500ms",
-            "interval": "500ms",
-            "timeout": "300ms",
-            "startup_spread": "100ms",
-        },
+        daemon_settings(
+            tmp_path,
+            port,
+            status_file_refresh="500ms",
+            interval="500ms",
+            timeout="300ms",
+            startup_spread="100ms",
+        ),
         components,
     )
     with running_healthd(config, args=("--log-format", "json")) as daemon:
@@ -179,10 +179,7 @@ def test_the_daemon_raises_its_descriptor_limit_and_says_so(
         pytest.skip("needs a finite hard limit above 256")
     config = write_config(
         tmp_path / "healthd.toml",
-        {
-            "metrics_address": f"127.0.0.1:{free_port()}",
-            "status_file": str(tmp_path / "status.json"),
-        },
+        daemon_settings(tmp_path),
         {"db": {"kind": "tcp", "address": tcp_target.address}},
     )
 

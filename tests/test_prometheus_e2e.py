@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.daemon import free_port, running_healthd, write_config
+from tests.daemon import daemon_settings, free_port, running_healthd, write_config
 from tests.http_target import TcpTarget
 from tests.prometheus import ALERT_RULES, Prometheus
 
@@ -33,13 +33,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Prometheus
     tmp = tmp_path_factory.mktemp("prometheus")
     target = TcpTarget()
     healthd_port = free_port()
-    settings = {
-        "metrics_address": f"127.0.0.1:{healthd_port}",
-        "status_file": str(tmp / "status.json"),
-        "interval": "500ms",
-        "timeout": "300ms",
-        "startup_spread": "10ms",
-    }
+    settings = daemon_settings(tmp, healthd_port, interval="500ms", timeout="300ms")
     components = {
         "api": {"kind": "tcp", "address": target.address, "critical": True},
         "cache": {"kind": "tcp", "address": target.address},

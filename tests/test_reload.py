@@ -23,19 +23,14 @@ from healthd.daemon import Daemon
 from healthd.model import ComponentState, Status
 from healthd.secrets import Redactor
 from healthd.watchdog import Notifier
-from tests.daemon import free_port, running_healthd, scrape, write_config
+from tests.daemon import daemon_settings, running_healthd, scrape, write_config
 from tests.http_target import TcpTarget
 
 
 def _daemon_settings(tmp_path: Path) -> dict[str, Any]:
-    return {
-        "metrics_address": f"127.0.0.1:{free_port()}",
-        "status_file": str(tmp_path / "status.json"),
-        "status_file_refresh": "1s",
-        "interval": "100ms",
-        "timeout": "80ms",
-        "startup_spread": "20ms",
-    }
+    return daemon_settings(
+        tmp_path, status_file_refresh="1s", interval="100ms", timeout="80ms", startup_spread="20ms"
+    )
 
 
 class _Running:

@@ -14,7 +14,7 @@ from healthd import shard
 from healthd.config import ConfigError, load
 from healthd.exporters.metrics import exposition
 from healthd.state import StateStore
-from tests.daemon import free_port, healthd_cli, running_healthd, write_config
+from tests.daemon import daemon_settings, free_port, healthd_cli, running_healthd, write_config
 from tests.http_target import HttpTarget
 
 NAMES = [f"svc-{n:04d}" for n in range(3000)]
@@ -144,12 +144,7 @@ def test_a_running_instance_neither_probes_nor_exports_another_shards_components
     owner = shard.assign(names, 2)
     target = HttpTarget()
     port = free_port()
-    daemon = {
-        "metrics_address": f"127.0.0.1:{port}",
-        "status_file": str(tmp_path / "status.json"),
-        "startup_spread": "10ms",
-        "shard": "1/2",
-    }
+    daemon = daemon_settings(tmp_path, port, shard="1/2")
     components = {name: {"kind": "http", "url": target.url(f"/c/{name}")} for name in names}
     config = write_config(tmp_path / "healthd.toml", daemon, components)
     try:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon import REPO, free_port, running_healthd, write_config
+from tests.daemon import REPO, daemon_settings, free_port, running_healthd, write_config
 from tests.http_target import TcpTarget
 from tests.prometheus import SLO_RULES, Prometheus
 
@@ -37,13 +37,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]
     healthd_port = free_port()
     config = write_config(
         tmp / "healthd.toml",
-        {
-            "metrics_address": f"127.0.0.1:{healthd_port}",
-            "status_file": str(tmp / "status.json"),
-            "interval": "250ms",
-            "timeout": "200ms",
-            "startup_spread": "10ms",
-        },
+        daemon_settings(tmp, healthd_port, interval="250ms", timeout="200ms"),
         {
             "api": {"kind": "tcp", "address": target.address, "critical": True, "slo": 0.99},
             "db": {"kind": "tcp", "address": f"127.0.0.1:{free_port()}", "slo": 0.999},

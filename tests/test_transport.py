@@ -27,7 +27,7 @@ from healthd.model import Status
 from healthd.probes import ProbeContext, SharedResources
 from healthd.probes._transport import ProbeTransport
 from healthd.probes.http import build_client
-from tests.daemon import free_port, running_healthd, write_config
+from tests.daemon import daemon_settings, running_healthd, write_config
 from tests.http_target import HttpTarget, Reply
 from tests.probing import make_check, run_check
 
@@ -397,11 +397,7 @@ def test_daemon_runs_with_and_without_uvloop(
     pytest.importorskip("uvloop")
     config = write_config(
         tmp_path / "healthd.toml",
-        {
-            "metrics_address": f"127.0.0.1:{free_port()}",
-            "status_file": str(tmp_path / "status.json"),
-            "startup_spread": 0.1,
-        },
+        daemon_settings(tmp_path, startup_spread=0.1),
         {"web": {"kind": "http", "url": http_target.url("/health"), "interval": 1}},
     )
     env = {"HEALTHD_NO_UVLOOP": "0" if uvloop_wanted else "1"}

@@ -26,7 +26,14 @@ from healthd.daemon import Daemon
 from healthd.exporters import status_file
 from healthd.secrets import Redactor
 from healthd.watchdog import Notifier
-from tests.daemon import NotifySocket, free_port, running_healthd, scrape, write_config
+from tests.daemon import (
+    NotifySocket,
+    daemon_settings,
+    free_port,
+    running_healthd,
+    scrape,
+    write_config,
+)
 from tests.http_target import TcpTarget
 
 _WATCHDOG_USEC = 1_000_000
@@ -35,17 +42,18 @@ _STATUS = re.compile(r"^\d+ healthy, \d+ degraded, \d+ unhealthy; overall \w+$")
 
 def _config(tmp_path: Path, tcp_target: TcpTarget, **daemon: object) -> tuple[Path, int]:
     port = free_port()
-    settings: dict[str, object] = {
-        "metrics_address": f"127.0.0.1:{port}",
-        "status_file": str(tmp_path / "state" / "status.json"),
-        "status_file_refresh": "1s",
+    settings = daemon_settings(
+        tmp_path,
+        port,
+        status_file=str(tmp_path / "state" / "status.json"),
+        status_file_refresh="1s",
         # STATUS= goes out with each status file write: a short minimum shows every verdict.
-        "status_file_min_interval": "50ms",
-        "interval": "300ms",
-        "timeout": "200ms",
-        "startup_spread": "50ms",
-        **daemon,
-    }
+        status_file_min_interval="50ms",
+        interval="300ms",
+        timeout="200ms",
+        startup_spread="50ms",
+    )
+    settings.update(daemon)
     components = {"db": {"kind": "tcp", "address": tcp_target.address, "critical": True}}
     return write_config(tmp_path / "healthd.toml", settings, components), port
 

@@ -18,7 +18,15 @@ import pytest
 
 from healthd import web
 from tests.browser import Browser, chromium_binary
-from tests.daemon import REPO, Healthd, free_port, healthd_cli, running_healthd, write_config
+from tests.daemon import (
+    REPO,
+    Healthd,
+    daemon_settings,
+    free_port,
+    healthd_cli,
+    running_healthd,
+    write_config,
+)
 from tests.http_target import HttpTarget, Reply
 
 SNIPPET = REPO / "config" / "nginx" / "healthd.conf"
@@ -100,14 +108,7 @@ class _Site:
 
 
 def _settings(directory: Path, **extra: str) -> dict[str, str]:
-    return {
-        "metrics_address": f"127.0.0.1:{free_port()}",
-        "status_file": str(directory / "status.json"),
-        "interval": "1s",
-        "timeout": "800ms",
-        "startup_spread": "10ms",
-        **extra,
-    }
+    return daemon_settings(directory, interval="1s", timeout="800ms", **extra)
 
 
 @pytest.fixture(scope="module")
