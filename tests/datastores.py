@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -257,9 +257,23 @@ class _Controlled:
     """Fault controls shared by the test servers: kill, freeze, thaw, and repair."""
 
     process: _Process | None
+    #: Everything the server wrote: removed with it.
+    root: Path
 
     def start(self) -> None:
         raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def tidy(self) -> None:
+        """Undo whatever a test did to the server."""
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        """Stop the server and delete its data."""
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
 
     def kill(self) -> None:
         """SIGKILL the server and every process it started."""
@@ -284,6 +298,9 @@ class _Controlled:
             self.start()
 
 
+_S = TypeVar("_S", bound=_Controlled)
+
+
 class PostgresServer(_Controlled):
     """One PostgreSQL cluster: a data directory and a postmaster on ``port``."""
 
@@ -294,6 +311,7 @@ class PostgresServer(_Controlled):
         self.port = free_port()
         self.settings: dict[str, str] = dict(_PG_SETTINGS)
         self.process: _Process | None = None
+        self.root = data_dir.parent
 
     def start(self, *, wait: bool = True, **extra: str) -> None:
         """Start the postmaster with the base settings plus ``extra`` (this start only)."""
@@ -331,6 +349,17 @@ class PostgresServer(_Controlled):
         """Fast shutdown (SIGINT): roll back transactions, disconnect clients, exit."""
         if self.process is not None:
             self.process.stop(signal.SIGINT)
+
+    def tidy(self) -> None:
+        """Running and thawed, no client connections left, WAL replay (on a standby) resumed."""
+        self.ensure_running()
+        self.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
+        self.execute(
+            "SELECT pg_wal_replay_resume() WHERE pg_is_in_recovery() AND pg_is_wal_replay_paused()"
+        )
 
     def dsn(self, user: str = "postgres", dbname: str = "postgres") -> str:
         """A key=value DSN without a password."""
@@ -373,10 +402,18 @@ def _init_cluster(user: _User, name: str) -> PostgresServer:
     return PostgresServer(data, user, name)
 
 
-def _remove(server: PostgresServer | RedisServer) -> None:
-    server.stop()
-    root = server.data_dir.parent if isinstance(server, PostgresServer) else server.data_dir
-    shutil.rmtree(root, ignore_errors=True)
+def _for_the_session(server: _S) -> Iterator[_S]:
+    """Start ``server``, and remove it when the session ends."""
+    server.start()
+    yield server
+    server.remove()
+
+
+def _tidied(server: _S) -> Iterator[_S]:
+    """The session's ``server``, tidied before and after the test."""
+    server.tidy()
+    yield server
+    server.tidy()
 
 
 @pytest.fixture(scope="session")
@@ -388,19 +425,13 @@ def pg_primary_server() -> Iterator[PostgresServer]:
     server.execute(f"GRANT pg_monitor TO {PG_PROBE_USER}")
     server.execute(f"CREATE ROLE {PG_PASSWORD_USER} LOGIN PASSWORD '{PG_PASSWORD}'")
     yield server
-    _remove(server)
+    server.remove()
 
 
 @pytest.fixture
 def pg_primary(pg_primary_server: PostgresServer) -> Iterator[PostgresServer]:
-    """The session's primary, running; connections a test leaves behind are terminated."""
-    pg_primary_server.ensure_running()
-    yield pg_primary_server
-    pg_primary_server.ensure_running()
-    pg_primary_server.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
-    )
+    """The session's primary, running, its client connections terminated."""
+    yield from _tidied(pg_primary_server)
 
 
 @pytest.fixture(scope="session")
@@ -416,38 +447,25 @@ def pg_standby_server(pg_primary_server: PostgresServer) -> Iterator[PostgresSer
             *("-U", "postgres", "-D", str(data), "-R", "-X", "stream", "-c", "fast", "--no-sync"),
         ]
     )
-    server = PostgresServer(data, user, "pg-standby")
-    server.start()
-    yield server
-    _remove(server)
+    yield from _for_the_session(PostgresServer(data, user, "pg-standby"))
 
 
 @pytest.fixture
 def pg_standby(pg_standby_server: PostgresServer) -> Iterator[PostgresServer]:
     """The session's standby, running, hot and replaying."""
-    pg_standby_server.ensure_running()
-    yield pg_standby_server
-    pg_standby_server.ensure_running()
-    pg_standby_server.execute(
-        "SELECT pg_wal_replay_resume() WHERE pg_is_in_recovery() AND pg_is_wal_replay_paused()"
-    )
+    yield from _tidied(pg_standby_server)
 
 
 @pytest.fixture(scope="session")
 def pg_victim_server() -> Iterator[PostgresServer]:
     """A cluster of its own for tests that kill or freeze it."""
-    server = _init_cluster(_User.for_servers(), "pg-victim")
-    server.start()
-    yield server
-    _remove(server)
+    yield from _for_the_session(_init_cluster(_User.for_servers(), "pg-victim"))
 
 
 @pytest.fixture
 def pg_victim(pg_victim_server: PostgresServer) -> Iterator[PostgresServer]:
     """The victim, running and thawed before and after each test."""
-    pg_victim_server.ensure_running()
-    yield pg_victim_server
-    pg_victim_server.ensure_running()
+    yield from _tidied(pg_victim_server)
 
 
 # --- Redis and FalkorDB -------------------------------------------------------------------------
@@ -480,6 +498,7 @@ class RedisServer(_Controlled):
         self.replica_of = replica_of
         self.port = free_port()
         self.data_dir = _scratch_dir(user, f"healthd-{name}-")
+        self.root = self.data_dir
         self.process: _Process | None = None
 
     def argv(self) -> list[str]:
@@ -541,7 +560,7 @@ class RedisServer(_Controlled):
         if self.process is not None:
             self.process.stop()
 
-    def reset(self) -> None:
+    def tidy(self) -> None:
         """Undo every fault a test may have caused, and empty the data set."""
         self.ensure_running()
         with self.client() as client:
@@ -569,35 +588,27 @@ def _not_busy(client: redis.Redis) -> bool:
 @pytest.fixture(scope="session")
 def redis_main_server() -> Iterator[RedisServer]:
     """A plain Redis 8 with ``requirepass``."""
-    server = RedisServer("redis-main", _User.for_servers(), password=REDIS_PASSWORD)
-    server.start()
-    yield server
-    _remove(server)
+    yield from _for_the_session(
+        RedisServer("redis-main", _User.for_servers(), password=REDIS_PASSWORD)
+    )
 
 
 @pytest.fixture
 def redis_main(redis_main_server: RedisServer) -> Iterator[RedisServer]:
-    """The main Redis, reset after each test."""
-    redis_main_server.reset()
-    yield redis_main_server
-    redis_main_server.reset()
+    """The main Redis, reset around each test."""
+    yield from _tidied(redis_main_server)
 
 
 @pytest.fixture(scope="session")
 def redis_victim_server() -> Iterator[RedisServer]:
     """A Redis of its own for tests that kill or freeze it."""
-    server = RedisServer("redis-victim", _User.for_servers())
-    server.start()
-    yield server
-    _remove(server)
+    yield from _for_the_session(RedisServer("redis-victim", _User.for_servers()))
 
 
 @pytest.fixture
 def redis_victim(redis_victim_server: RedisServer) -> Iterator[RedisServer]:
-    """The victim, running and thawed before and after each test."""
-    redis_victim_server.reset()
-    yield redis_victim_server
-    redis_victim_server.ensure_running()
+    """The victim, running, thawed and reset around each test."""
+    yield from _tidied(redis_victim_server)
 
 
 @pytest.fixture(scope="session")
@@ -609,8 +620,8 @@ def redis_replication_servers() -> Iterator[tuple[RedisServer, RedisServer]]:
     replica = RedisServer("redis-replica", user, password=REDIS_PASSWORD, replica_of=master)
     replica.start()
     yield master, replica
-    _remove(replica)
-    _remove(master)
+    replica.remove()
+    master.remove()
 
 
 def _link_up(replica: RedisServer) -> bool:
@@ -635,15 +646,12 @@ def redis_replication(
 @pytest.fixture(scope="session")
 def falkordb_server() -> Iterator[RedisServer]:
     """Redis 8 with the FalkorDB module loaded, and a password."""
-    server = RedisServer("falkordb", _User.for_servers(), password=FALKORDB_PASSWORD, falkordb=True)
-    server.start()
-    yield server
-    _remove(server)
+    yield from _for_the_session(
+        RedisServer("falkordb", _User.for_servers(), password=FALKORDB_PASSWORD, falkordb=True)
+    )
 
 
 @pytest.fixture
 def falkordb(falkordb_server: RedisServer) -> Iterator[RedisServer]:
-    """FalkorDB, reset (and emptied) after each test."""
-    falkordb_server.reset()
-    yield falkordb_server
-    falkordb_server.reset()
+    """FalkorDB, reset (and emptied) around each test."""
+    yield from _tidied(falkordb_server)

@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 import pytest
 
@@ -37,6 +37,7 @@ __all__ = [
     "Reply",
     "TcpListener",
     "TcpTarget",
+    "closed_after",
     "closed_port",
     "compress",
     "garbage_server",
@@ -44,6 +45,7 @@ __all__ = [
     "http_target_server",
     "https_target",
     "https_target_server",
+    "reset_around",
     "tcp_listener",
     "tcp_listener_server",
     "tcp_target",
@@ -702,28 +704,44 @@ class GarbageServer:
 # --- fixtures ---------------------------------------------------------------------------------
 
 
+class _Server(Protocol):
+    def reset(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+_S = TypeVar("_S", bound=_Server)
+
+
+def closed_after(server: _S) -> Iterator[_S]:
+    """``server`` for as long as its fixture lasts, closed at its end."""
+    yield server
+    server.close()
+
+
+def reset_around(server: _S) -> Iterator[_S]:
+    """A session's ``server``, reset before and after the test."""
+    server.reset()
+    yield server
+    server.reset()
+
+
 @pytest.fixture
 def garbage_server() -> Iterator[GarbageServer]:
     """A fresh garbage server per test (``GARBAGE``, variant ``close``)."""
-    server = GarbageServer()
-    yield server
-    server.close()
+    yield from closed_after(GarbageServer())
 
 
 @pytest.fixture(scope="session")
 def http_target_server() -> Iterator[HttpTarget]:
     """One plain HTTP target for the whole session; use ``http_target`` in tests."""
-    server = HttpTarget()
-    yield server
-    server.close()
+    yield from closed_after(HttpTarget())
 
 
 @pytest.fixture
 def http_target(http_target_server: HttpTarget) -> Iterator[HttpTarget]:
     """The session's HTTP target, reset before and after the test."""
-    http_target_server.reset()
-    yield http_target_server
-    http_target_server.reset()
+    yield from reset_around(http_target_server)
 
 
 @pytest.fixture(scope="session")
@@ -735,33 +753,25 @@ def tls_certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
 @pytest.fixture(scope="session")
 def https_target_server(tls_certificate: Certificate) -> Iterator[HttpTarget]:
     """One HTTPS target presenting ``tls_certificate``; use ``https_target`` in tests."""
-    server = HttpTarget(tls_certificate.server_context())
-    yield server
-    server.close()
+    yield from closed_after(HttpTarget(tls_certificate.server_context()))
 
 
 @pytest.fixture
 def https_target(https_target_server: HttpTarget) -> Iterator[HttpTarget]:
     """The session's HTTPS target, reset before and after the test."""
-    https_target_server.reset()
-    yield https_target_server
-    https_target_server.reset()
+    yield from reset_around(https_target_server)
 
 
 @pytest.fixture(scope="session")
 def tcp_listener_server() -> Iterator[TcpListener]:
     """One TCP listener for the whole session; use ``tcp_listener`` in tests."""
-    listener = TcpListener()
-    yield listener
-    listener.close()
+    yield from closed_after(TcpListener())
 
 
 @pytest.fixture
 def tcp_listener(tcp_listener_server: TcpListener) -> Iterator[TcpListener]:
     """The session's TCP listener, reset before and after the test."""
-    tcp_listener_server.reset()
-    yield tcp_listener_server
-    tcp_listener_server.reset()
+    yield from reset_around(tcp_listener_server)
 
 
 @pytest.fixture
