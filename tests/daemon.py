@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import urllib.request
@@ -27,6 +28,8 @@ from typing import Any
 
 import pytest
 
+from tests.serving import closed_after
+
 __all__ = [
     "REPO",
     "DaemonOutput",
@@ -36,11 +39,13 @@ __all__ = [
     "daemon_settings",
     "free_port",
     "healthd_cli",
+    "no_healthd_environment",
     "notify_socket",
     "run_daemon_once",
     "running_healthd",
     "scrape",
     "write_config",
+    "write_toml",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,6 +79,22 @@ def _toml_value(value: Any) -> str:
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'
+
+
+@pytest.fixture
+def no_healthd_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests set the overrides they mean; the developer's own ``HEALTHD_*`` and
+    ``CREDENTIALS_DIRECTORY`` must not leak into a config loaded in this process."""
+    for name in list(os.environ):
+        if name.upper().startswith("HEALTHD_") or name == "CREDENTIALS_DIRECTORY":
+            monkeypatch.delenv(name)
+
+
+def write_toml(directory: Path, text: str, name: str = "healthd.toml") -> Path:
+    """Write a config file from indented text, dedented, and return its path."""
+    path = directory / name
+    path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+    return path
 
 
 def daemon_settings(
@@ -191,9 +212,7 @@ class NotifySocket:
 @pytest.fixture
 def notify_socket() -> Iterator[NotifySocket]:
     """A fresh ``NotifySocket``, closed after the test."""
-    sock = NotifySocket()
-    yield sock
-    sock.close()
+    yield from closed_after(NotifySocket())
 
 
 # --- commands ----------------------------------------------------------------------------------

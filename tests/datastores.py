@@ -40,6 +40,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.daemon import free_port
+from tests.serving import closed_after, reset_around
 
 __all__ = [
     "FALKORDB_PASSWORD",
@@ -266,11 +267,11 @@ class _Controlled:
     def stop(self) -> None:
         raise NotImplementedError
 
-    def tidy(self) -> None:
+    def reset(self) -> None:
         """Undo whatever a test did to the server."""
         raise NotImplementedError
 
-    def remove(self) -> None:
+    def close(self) -> None:
         """Stop the server and delete its data."""
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
@@ -350,7 +351,7 @@ class PostgresServer(_Controlled):
         if self.process is not None:
             self.process.stop(signal.SIGINT)
 
-    def tidy(self) -> None:
+    def reset(self) -> None:
         """Running and thawed, no client connections left, WAL replay (on a standby) resumed."""
         self.ensure_running()
         self.execute(
@@ -402,18 +403,9 @@ def _init_cluster(user: _User, name: str) -> PostgresServer:
     return PostgresServer(data, user, name)
 
 
-def _for_the_session(server: _S) -> Iterator[_S]:
-    """Start ``server``, and remove it when the session ends."""
+def _started(server: _S) -> _S:
     server.start()
-    yield server
-    server.remove()
-
-
-def _tidied(server: _S) -> Iterator[_S]:
-    """The session's ``server``, tidied before and after the test."""
-    server.tidy()
-    yield server
-    server.tidy()
+    return server
 
 
 @pytest.fixture(scope="session")
@@ -425,13 +417,13 @@ def pg_primary_server() -> Iterator[PostgresServer]:
     server.execute(f"GRANT pg_monitor TO {PG_PROBE_USER}")
     server.execute(f"CREATE ROLE {PG_PASSWORD_USER} LOGIN PASSWORD '{PG_PASSWORD}'")
     yield server
-    server.remove()
+    server.close()
 
 
 @pytest.fixture
 def pg_primary(pg_primary_server: PostgresServer) -> Iterator[PostgresServer]:
     """The session's primary, running, its client connections terminated."""
-    yield from _tidied(pg_primary_server)
+    yield from reset_around(pg_primary_server)
 
 
 @pytest.fixture(scope="session")
@@ -447,25 +439,25 @@ def pg_standby_server(pg_primary_server: PostgresServer) -> Iterator[PostgresSer
             *("-U", "postgres", "-D", str(data), "-R", "-X", "stream", "-c", "fast", "--no-sync"),
         ]
     )
-    yield from _for_the_session(PostgresServer(data, user, "pg-standby"))
+    yield from closed_after(_started(PostgresServer(data, user, "pg-standby")))
 
 
 @pytest.fixture
 def pg_standby(pg_standby_server: PostgresServer) -> Iterator[PostgresServer]:
     """The session's standby, running, hot and replaying."""
-    yield from _tidied(pg_standby_server)
+    yield from reset_around(pg_standby_server)
 
 
 @pytest.fixture(scope="session")
 def pg_victim_server() -> Iterator[PostgresServer]:
     """A cluster of its own for tests that kill or freeze it."""
-    yield from _for_the_session(_init_cluster(_User.for_servers(), "pg-victim"))
+    yield from closed_after(_started(_init_cluster(_User.for_servers(), "pg-victim")))
 
 
 @pytest.fixture
 def pg_victim(pg_victim_server: PostgresServer) -> Iterator[PostgresServer]:
     """The victim, running and thawed before and after each test."""
-    yield from _tidied(pg_victim_server)
+    yield from reset_around(pg_victim_server)
 
 
 # --- Redis and FalkorDB -------------------------------------------------------------------------
@@ -560,7 +552,7 @@ class RedisServer(_Controlled):
         if self.process is not None:
             self.process.stop()
 
-    def tidy(self) -> None:
+    def reset(self) -> None:
         """Undo every fault a test may have caused, and empty the data set."""
         self.ensure_running()
         with self.client() as client:
@@ -588,27 +580,26 @@ def _not_busy(client: redis.Redis) -> bool:
 @pytest.fixture(scope="session")
 def redis_main_server() -> Iterator[RedisServer]:
     """A plain Redis 8 with ``requirepass``."""
-    yield from _for_the_session(
-        RedisServer("redis-main", _User.for_servers(), password=REDIS_PASSWORD)
-    )
+    server = RedisServer("redis-main", _User.for_servers(), password=REDIS_PASSWORD)
+    yield from closed_after(_started(server))
 
 
 @pytest.fixture
 def redis_main(redis_main_server: RedisServer) -> Iterator[RedisServer]:
     """The main Redis, reset around each test."""
-    yield from _tidied(redis_main_server)
+    yield from reset_around(redis_main_server)
 
 
 @pytest.fixture(scope="session")
 def redis_victim_server() -> Iterator[RedisServer]:
     """A Redis of its own for tests that kill or freeze it."""
-    yield from _for_the_session(RedisServer("redis-victim", _User.for_servers()))
+    yield from closed_after(_started(RedisServer("redis-victim", _User.for_servers())))
 
 
 @pytest.fixture
 def redis_victim(redis_victim_server: RedisServer) -> Iterator[RedisServer]:
     """The victim, running, thawed and reset around each test."""
-    yield from _tidied(redis_victim_server)
+    yield from reset_around(redis_victim_server)
 
 
 @pytest.fixture(scope="session")
@@ -620,8 +611,8 @@ def redis_replication_servers() -> Iterator[tuple[RedisServer, RedisServer]]:
     replica = RedisServer("redis-replica", user, password=REDIS_PASSWORD, replica_of=master)
     replica.start()
     yield master, replica
-    replica.remove()
-    master.remove()
+    replica.close()
+    master.close()
 
 
 def _link_up(replica: RedisServer) -> bool:
@@ -646,12 +637,11 @@ def redis_replication(
 @pytest.fixture(scope="session")
 def falkordb_server() -> Iterator[RedisServer]:
     """Redis 8 with the FalkorDB module loaded, and a password."""
-    yield from _for_the_session(
-        RedisServer("falkordb", _User.for_servers(), password=FALKORDB_PASSWORD, falkordb=True)
-    )
+    server = RedisServer("falkordb", _User.for_servers(), password=FALKORDB_PASSWORD, falkordb=True)
+    yield from closed_after(_started(server))
 
 
 @pytest.fixture
 def falkordb(falkordb_server: RedisServer) -> Iterator[RedisServer]:
     """FalkorDB, reset (and emptied) around each test."""
-    yield from _tidied(falkordb_server)
+    yield from reset_around(falkordb_server)

@@ -21,11 +21,12 @@ import zlib
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal
 
 import pytest
 
 from tests.daemon import free_port
+from tests.serving import closed_after, reset_around
 
 __all__ = [
     "GARBAGE",
@@ -37,7 +38,6 @@ __all__ = [
     "Reply",
     "TcpListener",
     "TcpTarget",
-    "closed_after",
     "closed_port",
     "compress",
     "garbage_server",
@@ -45,7 +45,6 @@ __all__ = [
     "http_target_server",
     "https_target",
     "https_target_server",
-    "reset_around",
     "tcp_listener",
     "tcp_listener_server",
     "tcp_target",
@@ -702,28 +701,6 @@ class GarbageServer:
 
 
 # --- fixtures ---------------------------------------------------------------------------------
-
-
-class _Server(Protocol):
-    def reset(self) -> None: ...
-
-    def close(self) -> None: ...
-
-
-_S = TypeVar("_S", bound=_Server)
-
-
-def closed_after(server: _S) -> Iterator[_S]:
-    """``server`` for as long as its fixture lasts, closed at its end."""
-    yield server
-    server.close()
-
-
-def reset_around(server: _S) -> Iterator[_S]:
-    """A session's ``server``, reset before and after the test."""
-    server.reset()
-    yield server
-    server.reset()
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from healthd.state import StateStore
 
 __all__ = [
     "Component",
+    "check_once",
     "component",
     "ctx",
     "make_check",
@@ -80,6 +81,12 @@ async def component(check: CheckBase, name: str = "svc") -> AsyncIterator[Compon
         yield Component(check, context, name)
     finally:
         await context.aclose()
+
+
+async def check_once(check: CheckBase) -> ComponentState:
+    """One whole check of a fresh ``component(check)``; its new state."""
+    async with component(check) as once:
+        return await once.check_once()
 
 
 async def run_check(check: CheckBase, ctx: ProbeContext) -> tuple[Observation, Finding]:

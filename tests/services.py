@@ -27,7 +27,8 @@ import httpx
 import pytest
 
 from tests.daemon import free_port
-from tests.http_target import HttpTarget, Reply, closed_after, reset_around
+from tests.http_target import HttpTarget, Reply
+from tests.serving import closed_after, reset_around
 
 __all__ = [
     "BentoServer",

@@ -713,11 +713,8 @@ _LINE = re.compile(r"^healthd: (?P<file>/[^:]+)(:\d+)?(: \$HEALTHD_\w+)?: \S.*$"
 
 
 @pytest.fixture
-def in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def in_process(no_healthd_environment: None) -> Iterator[None]:
     """``cli.main`` in this process, with no HEALTHD_* of the developer's and logging restored."""
-    for name in list(os.environ):
-        if name.upper().startswith("HEALTHD_") or name == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(name)
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield

@@ -70,18 +70,11 @@ def refused_url() -> Iterator[str]:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}/health"
 
 
-@pytest.fixture
-def target() -> Iterator[HttpTarget]:
-    server = HttpTarget()
-    yield server
-    server.close()
-
-
 def test_a_target_refused_from_one_prober_only_is_one_ticket_and_no_page(
-    tmp_path: Path, target: HttpTarget, refused_url: str
+    tmp_path: Path, http_target: HttpTarget, refused_url: str
 ) -> None:
     with ExitStack() as stack:
-        seeing = _start(stack, tmp_path, "a", _api(target.url("/health")))
+        seeing = _start(stack, tmp_path, "a", _api(http_target.url("/health")))
         refused = _start(stack, tmp_path, "b", _api(refused_url))
         prometheus = stack.enter_context(Prometheus(tmp_path, [seeing, refused], ALERT_RULES))
         # Until Prometheus has scraped both, the one it has is every prober there is, and its
@@ -138,7 +131,7 @@ def test_a_target_refused_from_both_probers_is_one_page(tmp_path: Path, refused_
 
 
 def test_three_shards_check_every_component_exactly_once(
-    tmp_path: Path, target: HttpTarget
+    tmp_path: Path, http_target: HttpTarget
 ) -> None:
     names = [f"svc{n:02d}" for n in range(15)]
     owner = shard.assign(names, 3)
@@ -147,7 +140,7 @@ def test_three_shards_check_every_component_exactly_once(
         for index in (1, 2, 3):
             # The same components in every config; `via` tells the target who asked.
             components = {
-                name: {"kind": "http", "url": target.url(f"/c/{name}?via={index}")}
+                name: {"kind": "http", "url": http_target.url(f"/c/{name}?via={index}")}
                 for name in names
             }
             ports[index] = _start(stack, tmp_path, f"s{index}", components, shard=f"{index}/3")
@@ -158,7 +151,7 @@ def test_three_shards_check_every_component_exactly_once(
 
         # Each component was requested by its own shard's instance and by no other.
         asked: dict[str, set[int]] = {}
-        for request in target.requests:
+        for request in http_target.requests:
             url = urllib.parse.urlsplit(request.path)
             via = int(urllib.parse.parse_qs(url.query)["via"][0])
             asked.setdefault(url.path.removeprefix("/c/"), set()).add(via)

@@ -199,18 +199,12 @@ headers.Authorization = "Bearer ${{env:LEAK_BEARER}}"
 headers.X-Api-Key = {json.dumps(LITERAL_HEADER)}
 # Every other component's reason is appended to this one's (it fails): the grep covers it.
 evidence = ["cut", "basic", "tracking", "supa", "pg_kv", "pg_url", "cache", "unit", "machine"]
-[[components.bearer.conditions]]
-json = "headers.authorization"
-equals = "nope"
-[[components.bearer.conditions]]
-json = "headers.x-api-key"
-equals = "nope"
-[[components.bearer.conditions]]
-json = "body"
-equals = "nope"
-[[components.bearer.conditions]]
-json = "headers"
-equals = "nope"
+conditions = [
+    {{json = "headers.authorization", equals = "nope"}},
+    {{json = "headers.x-api-key", equals = "nope"}},
+    {{json = "body", equals = "nope"}},
+    {{json = "headers", equals = "nope"}},
+]
 
 [components.cut]
 kind = "http"
@@ -219,16 +213,12 @@ url = "{http.url("/echo")}"
 body = "{"x" * 85} token=${{env:LEAK_BEARER}}"
 # The quote of the echoed body (100 characters at most) would be cut short in the middle of
 # the secret; it is redacted before the cut, so the cut falls inside "<redacted>" instead.
-[[components.cut.conditions]]
-json = "body"
-equals = "nope"
+conditions = [{{json = "body", equals = "nope"}}]
 
 [components.basic]
 kind = "http"
 url = "{web_url}"
-[[components.basic.conditions]]
-json = "headers.authorization"
-equals = "nope"
+conditions = [{{json = "headers.authorization", equals = "nope"}}]
 
 [components.tracking]
 kind = "mlflow"

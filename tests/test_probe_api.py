@@ -9,7 +9,7 @@ import pytest
 from healthd.config import ApiCheck
 from healthd.model import Status
 from tests.http_target import HttpTarget, Reply
-from tests.probing import component, make_check
+from tests.probing import check_once, component, make_check
 from tests.services import serve_api
 
 _check = functools.partial(make_check, "api", timeout=2)
@@ -20,8 +20,7 @@ async def test_healthy_report_is_healthy_with_version_and_both_requests_in_detai
     http_target: HttpTarget,
 ) -> None:
     serve_api(http_target)
-    async with component(_check(url=http_target.url())) as api:
-        state = await api.check_once()
+    state = await check_once(_check(url=http_target.url()))
     assert state.status is Status.HEALTHY
     assert state.reason_code == "ok"
     assert state.details["version"] == "3.0.0"
@@ -40,8 +39,7 @@ async def test_report_compressed_by_a_server_that_ignores_accept_encoding_is_rea
     http_target: HttpTarget, coding: str
 ) -> None:
     serve_api(http_target, content_encoding=coding)
-    async with component(_check(url=http_target.url())) as api:
-        state = await api.check_once()
+    state = await check_once(_check(url=http_target.url()))
     assert (state.status, state.reason_code) == (Status.HEALTHY, "ok")
     assert state.details["version"] == "3.0.0"
     assert state.details["agents_available"] == 11
@@ -54,8 +52,7 @@ async def test_report_in_a_coding_healthd_cannot_decode_is_protocol_error(
 ) -> None:
     serve_api(http_target)
     http_target.route("/api/v1/health", Reply(body=b"\x1b\x0f", headers={"Content-Encoding": "br"}))
-    async with component(_check(url=http_target.url())) as api:
-        state = await api.check_once()
+    state = await check_once(_check(url=http_target.url()))
     assert (state.status, state.reason_code) == (Status.UNHEALTHY, "protocol_error")
     assert "'br'" in state.reason
 
@@ -80,8 +77,7 @@ async def test_disconnected_database_is_degraded_then_recovers(http_target: Http
 @pytest.mark.asyncio
 async def test_fewer_agents_than_expected_is_degraded(http_target: HttpTarget) -> None:
     serve_api(http_target, agents=9)
-    async with component(_check(url=http_target.url())) as api:
-        state = await api.check_once()
+    state = await check_once(_check(url=http_target.url()))
     assert state.status is Status.DEGRADED
     assert state.reason_code == "agents_missing"
     assert "9 of 11 agents" in state.reason
@@ -90,16 +86,14 @@ async def test_fewer_agents_than_expected_is_degraded(http_target: HttpTarget) -
 @pytest.mark.asyncio
 async def test_expected_agent_count_is_configurable(http_target: HttpTarget) -> None:
     serve_api(http_target, agents=4)
-    async with component(_check(url=http_target.url(), expected_agents=4)) as api:
-        state = await api.check_once()
+    state = await check_once(_check(url=http_target.url(), expected_agents=4))
     assert state.status is Status.HEALTHY
 
 
 @pytest.mark.asyncio
 async def test_reported_unhealthy_is_unhealthy(http_target: HttpTarget) -> None:
     serve_api(http_target, status="unhealthy", database="disconnected", agents=0)
-    async with component(_check(url=http_target.url())) as api:
-        state = await api.check_once()
+    state = await check_once(_check(url=http_target.url()))
     assert state.status is Status.UNHEALTHY
     assert state.reason_code == "reported_unhealthy"
 
@@ -108,8 +102,7 @@ async def test_reported_unhealthy_is_unhealthy(http_target: HttpTarget) -> None:
 async def test_report_that_is_not_json_is_unhealthy(http_target: HttpTarget) -> None:
     serve_api(http_target)
     http_target.route("/api/v1/health", Reply(body=b"<html>maintenance</html>"))
-    async with component(_check(url=http_target.url())) as api:
-        state = await api.check_once()
+    state = await check_once(_check(url=http_target.url()))
     assert state.status is Status.UNHEALTHY
     assert state.reason_code == "not_json"
 
@@ -119,8 +112,7 @@ async def test_report_error_status_is_unhealthy_even_with_a_json_body(
     http_target: HttpTarget,
 ) -> None:
     serve_api(http_target, status="unhealthy", http_status=503)
-    async with component(_check(url=http_target.url())) as api:
-        state = await api.check_once()
+    state = await check_once(_check(url=http_target.url()))
     assert state.status is Status.UNHEALTHY
     assert state.reason_code == "http_status"
     assert state.reason == "GET /api/v1/health returned 503"
@@ -131,8 +123,7 @@ async def test_report_error_status_is_unhealthy_even_with_a_json_body(
 async def test_liveness_failing_is_unhealthy_and_named(http_target: HttpTarget) -> None:
     serve_api(http_target)
     http_target.route("/health", Reply(action="reset"))
-    async with component(_check(url=http_target.url())) as api:
-        state = await api.check_once()
+    state = await check_once(_check(url=http_target.url()))
     assert state.status is Status.UNHEALTHY
     assert state.reason_code in {"connection_reset", "connection_closed"}
     assert state.reason.startswith("GET /health:")
@@ -143,8 +134,7 @@ async def test_liveness_failing_is_unhealthy_and_named(http_target: HttpTarget) 
 @pytest.mark.asyncio
 async def test_unreachable_api_is_unhealthy(closed_port: int) -> None:
     check = _check(url=f"http://127.0.0.1:{closed_port}")
-    async with component(check) as api:
-        state = await api.check_once()
+    state = await check_once(check)
     assert state.status is Status.UNHEALTHY
     assert state.reason_code == "connection_refused"
     assert state.details["requests"]["health"]["error"] == "connection_refused"
@@ -161,8 +151,7 @@ async def test_paths_can_be_overridden(http_target: HttpTarget) -> None:
         ),
     )
     check = _check(url=http_target.url(), liveness_path="/livez", health_path="/v2/health")
-    async with component(check) as api:
-        state = await api.check_once()
+    state = await check_once(check)
     assert state.status is Status.HEALTHY
     assert state.details["version"] == "4.0.0"
 
@@ -191,8 +180,7 @@ async def test_report_echoing_a_secret_is_quoted_redacted_and_short(
     monkeypatch.setenv("HEALTHD_TEST_API_KEY", secret)
     serve_api(http_target, database=f"\x1b[31m{secret}\n" + "x" * 300, version=secret * 3)
     check = _check(url=http_target.url(), headers={"X-Api-Key": "${env:HEALTHD_TEST_API_KEY}"})
-    async with component(check) as api:
-        state = await api.check_once()
+    state = await check_once(check)
     assert state.reason_code == "database_disconnected"
     shown = f"{state.reason} {state.details}"
     assert not any(secret[i : i + 4] in shown for i in range(len(secret) - 3)), shown

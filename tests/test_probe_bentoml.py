@@ -8,7 +8,7 @@ import pytest
 
 from healthd.model import Status
 from healthd.probes.bentoml import _request_counts
-from tests.probing import component, make_check
+from tests.probing import check_once, component, make_check
 from tests.services import BentoServer
 
 _check = functools.partial(make_check, "bentoml", timeout=3)
@@ -17,8 +17,7 @@ _check = functools.partial(make_check, "bentoml", timeout=3)
 @pytest.mark.asyncio
 @pytest.mark.slow
 async def test_live_and_ready_service_is_healthy(bentoml_service: BentoServer) -> None:
-    async with component(_check(url=bentoml_service.url)) as bento:
-        state = await bento.check_once()
+    state = await check_once(_check(url=bentoml_service.url))
     assert state.status is Status.HEALTHY
     assert state.reason_code == "ok"
     assert state.details["requests"]["livez"]["http_status"] == 200
@@ -75,8 +74,7 @@ async def test_hung_server_is_unhealthy_timeout_and_recovers_after_two_successes
 async def test_unreachable_service_is_unhealthy(
     bentoml_server: BentoServer, closed_port: int
 ) -> None:
-    async with component(_check(url=f"http://127.0.0.1:{closed_port}")) as bento:
-        state = await bento.check_once()
+    state = await check_once(_check(url=f"http://127.0.0.1:{closed_port}"))
     assert state.status is Status.UNHEALTHY
     assert state.reason_code == "connection_refused"
     assert state.reason.startswith("GET /livez")

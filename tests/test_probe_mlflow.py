@@ -10,7 +10,7 @@ import pytest
 from healthd.config import MlflowCheck
 from healthd.model import Status
 from tests.http_target import HttpTarget, Reply
-from tests.probing import component, make_check
+from tests.probing import check_once, component, make_check
 from tests.services import MlflowServer
 
 #: Generous limits: these tests are about answers, not speed, and CI machines are busy.
@@ -22,8 +22,7 @@ _check = functools.partial(
 @pytest.mark.asyncio
 @pytest.mark.slow
 async def test_working_server_is_healthy_with_its_version(mlflow_service: MlflowServer) -> None:
-    async with component(_check(url=mlflow_service.url, host=MlflowServer.HOST)) as mlflow:
-        state = await mlflow.check_once()
+    state = await check_once(_check(url=mlflow_service.url, host=MlflowServer.HOST))
     assert state.status is Status.HEALTHY, state.reason
     assert state.reason_code == "ok"
     assert state.details["version"].startswith("3.")
@@ -60,8 +59,7 @@ async def test_broken_backend_store_degrades_while_health_stays_up_then_recovers
 @pytest.mark.slow
 async def test_unknown_host_header_is_degraded_host_rejected(mlflow_service: MlflowServer) -> None:
     # Without ``host``, the client sends 127.0.0.1:port, which the server does not allow.
-    async with component(_check(url=mlflow_service.url)) as mlflow:
-        state = await mlflow.check_once()
+    state = await check_once(_check(url=mlflow_service.url))
     assert state.status is Status.DEGRADED
     assert state.reason_code == "host_rejected"
     assert "--allowed-hosts" in state.reason
@@ -73,8 +71,7 @@ async def test_unknown_host_header_is_degraded_host_rejected(mlflow_service: Mlf
 @pytest.mark.slow
 async def test_slow_search_is_degraded(mlflow_service: MlflowServer) -> None:
     check = _check(url=mlflow_service.url, host=MlflowServer.HOST, degraded_search_latency="1ms")
-    async with component(check) as mlflow:
-        state = await mlflow.check_once()
+    state = await check_once(check)
     assert state.status is Status.DEGRADED
     assert state.reason_code == "slow"
     assert "limit 1 ms" in state.reason
@@ -84,8 +81,7 @@ async def test_slow_search_is_degraded(mlflow_service: MlflowServer) -> None:
 @pytest.mark.slow
 async def test_stopped_server_is_unhealthy(mlflow_server: MlflowServer, closed_port: int) -> None:
     # A server that is gone refuses connections: liveness fails, whatever the search says.
-    async with component(_check(url=f"http://127.0.0.1:{closed_port}")) as mlflow:
-        state = await mlflow.check_once()
+    state = await check_once(_check(url=f"http://127.0.0.1:{closed_port}"))
     assert state.status is Status.UNHEALTHY
     assert state.reason_code == "connection_refused"
     assert state.reason.startswith("GET /health")
@@ -107,8 +103,7 @@ async def test_rejected_credentials_are_degraded_auth_failed_and_never_shown(
     check = _check(
         url=http_target.url(), username="healthd", password="${env:MLFLOW_TEST_PASSWORD}"
     )
-    async with component(check) as mlflow:
-        state = await mlflow.check_once()
+    state = await check_once(check)
     assert state.status is Status.DEGRADED
     assert state.reason_code == "auth_failed"
     assert state.details["version"] == "3.17.2"
@@ -125,8 +120,7 @@ async def test_rejected_credentials_are_degraded_auth_failed_and_never_shown(
 async def test_forbidden_search_is_degraded_auth_failed(http_target: HttpTarget) -> None:
     http_target.route("/health", Reply(body=b"OK"))
     http_target.route("/api/2.0/mlflow/experiments/search", Reply(status=403, body=b"denied"))
-    async with component(_check(url=http_target.url())) as mlflow:
-        state = await mlflow.check_once()
+    state = await check_once(_check(url=http_target.url()))
     assert state.status is Status.DEGRADED
     assert state.reason_code == "auth_failed"
 
@@ -157,8 +151,7 @@ async def test_version_echoing_the_password_is_redacted_then_cut(
     check = _check(
         url=http_target.url(), username="probe", password="${env:HEALTHD_TEST_MLFLOW_PASSWORD}"
     )
-    async with component(check) as mlflow:
-        state = await mlflow.check_once()
+    state = await check_once(check)
     version = state.details["version"]
     assert version.startswith("3.1.0 <redacted>\\x00zzz")
     assert len(version) == 40

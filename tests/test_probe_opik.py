@@ -14,7 +14,7 @@ import pytest
 from healthd.config import OpikCheck
 from healthd.model import Status
 from tests.http_target import HttpTarget, Reply
-from tests.probing import component, make_check
+from tests.probing import check_once, component, make_check
 from tests.services import serve_opik_backend, serve_opik_ui
 
 _check = functools.partial(make_check, "opik", timeout=2)
@@ -26,8 +26,7 @@ async def test_healthy_backend_and_ui_are_healthy_with_version(
 ) -> None:
     serve_opik_backend(http_target)
     serve_opik_ui(ui_target)
-    async with component(_check(url=http_target.url(), ui_url=ui_target.url())) as opik:
-        state = await opik.check_once()
+    state = await check_once(_check(url=http_target.url(), ui_url=ui_target.url()))
     assert state.status is Status.HEALTHY
     assert state.reason_code == "ok"
     assert state.reason == "Opik 1.9.5 backend and UI healthy"
@@ -64,8 +63,7 @@ async def test_backend_500_is_unhealthy_naming_the_failing_checks_then_recovers(
 @pytest.mark.asyncio
 async def test_failing_non_critical_check_is_degraded_and_named(http_target: HttpTarget) -> None:
     serve_opik_backend(http_target, failing=("clickhouse-readonly-freeform-sql",), critical=False)
-    async with component(_check(url=http_target.url())) as opik:
-        state = await opik.check_once()
+    state = await check_once(_check(url=http_target.url()))
     assert state.status is Status.DEGRADED
     assert state.reason_code == "subcheck_failed"
     assert "clickhouse-readonly-freeform-sql" in state.reason
@@ -75,8 +73,7 @@ async def test_failing_non_critical_check_is_degraded_and_named(http_target: Htt
 async def test_unreachable_backend_is_unhealthy(ui_target: HttpTarget, closed_port: int) -> None:
     serve_opik_ui(ui_target, proxy="no_upstream")
     check = _check(url=f"http://127.0.0.1:{closed_port}", ui_url=ui_target.url())
-    async with component(check) as opik:
-        state = await opik.check_once()
+    state = await check_once(check)
     assert state.status is Status.UNHEALTHY
     assert state.reason_code == "connection_refused"
     assert state.reason.startswith("backend: GET /is-alive/ping")
@@ -88,8 +85,7 @@ async def test_ui_proxy_failing_while_backend_is_fine_is_degraded(
 ) -> None:
     serve_opik_backend(http_target)
     serve_opik_ui(ui_target, proxy="no_upstream")
-    async with component(_check(url=http_target.url(), ui_url=ui_target.url())) as opik:
-        state = await opik.check_once()
+    state = await check_once(_check(url=http_target.url(), ui_url=ui_target.url()))
     assert state.status is Status.DEGRADED
     assert state.reason_code == "ui_proxy_failed"
     assert "GET /api/is-alive/ping returned 502" in state.reason
@@ -103,8 +99,7 @@ async def test_ui_down_while_backend_is_fine_is_degraded(
 ) -> None:
     serve_opik_backend(http_target)
     check = _check(url=http_target.url(), ui_url=f"http://127.0.0.1:{closed_port}")
-    async with component(check) as opik:
-        state = await opik.check_once()
+    state = await check_once(check)
     assert state.status is Status.DEGRADED
     assert state.reason_code == "ui_down"
     assert state.details["requests"]["ui"]["error"] == "connection_refused"
@@ -114,8 +109,7 @@ async def test_ui_down_while_backend_is_fine_is_degraded(
 async def test_backend_that_hangs_is_unhealthy_timeout(http_target: HttpTarget) -> None:
     serve_opik_backend(http_target)
     http_target.route("/is-alive/ping", Reply(action="hang"))
-    async with component(_check(url=http_target.url(), timeout="300ms")) as opik:
-        state = await opik.check_once()
+    state = await check_once(_check(url=http_target.url(), timeout="300ms"))
     assert state.status is Status.UNHEALTHY
     assert state.reason_code == "timeout"
 

@@ -20,7 +20,7 @@ from healthd.probes._preset import Outcome
 from healthd.probes.supabase import assess, is_legacy_key
 from tests.daemon import free_port, healthd_cli, running_healthd, scrape
 from tests.http_target import HttpTarget, Reply
-from tests.probing import component, make_check
+from tests.probing import check_once, component, make_check
 from tests.services import serve_supabase
 
 #: Shaped like a legacy anon key (a JWT), and unique enough to search every output for it.
@@ -41,8 +41,7 @@ def _assert_no_key(text: str, *keys: str) -> None:
 @pytest.mark.asyncio
 async def test_auth_and_rest_up_is_healthy_with_gotrue_version(http_target: HttpTarget) -> None:
     serve_supabase(http_target)
-    async with component(_check(url=http_target.url())) as supabase:
-        state = await supabase.check_once()
+    state = await check_once(_check(url=http_target.url()))
     assert state.status is Status.HEALTHY
     assert state.reason_code == "ok"
     assert state.details["auth_version"] == "v2.177.0"
@@ -91,8 +90,7 @@ async def test_gotrue_down_behind_live_kong_is_degraded_then_recovers(
 @pytest.mark.asyncio
 async def test_auth_and_rest_both_down_is_unhealthy(http_target: HttpTarget) -> None:
     serve_supabase(http_target, auth="down", rest="down")
-    async with component(_check(url=http_target.url())) as supabase:
-        state = await supabase.check_once()
+    state = await check_once(_check(url=http_target.url()))
     assert state.status is Status.UNHEALTHY
     assert state.reason_code == "services_down"
     assert "/auth/v1/health returned 502" in state.reason
@@ -102,8 +100,7 @@ async def test_auth_and_rest_both_down_is_unhealthy(http_target: HttpTarget) -> 
 @pytest.mark.asyncio
 async def test_rotated_key_is_degraded_auth_failed(http_target: HttpTarget) -> None:
     serve_supabase(http_target, auth="rejected", rest="rejected")
-    async with component(_check(url=http_target.url())) as supabase:
-        state = await supabase.check_once()
+    state = await check_once(_check(url=http_target.url()))
     assert state.status is Status.DEGRADED
     assert state.reason_code == "auth_failed"
     assert "401 on auth, rest" in state.reason
@@ -113,8 +110,7 @@ async def test_rotated_key_is_degraded_auth_failed(http_target: HttpTarget) -> N
 @pytest.mark.asyncio
 async def test_unreachable_gateway_is_unhealthy(closed_port: int) -> None:
     check = _check(url=f"http://127.0.0.1:{closed_port}")
-    async with component(check) as supabase:
-        state = await supabase.check_once()
+    state = await check_once(check)
     assert state.status is Status.UNHEALTHY
     assert state.reason_code == "connection_refused"
     assert state.reason.startswith("gateway unreachable")
@@ -126,8 +122,7 @@ async def test_storage_and_table_read_are_checked_when_configured(
 ) -> None:
     serve_supabase(http_target, table="missing")
     check = _check(url=http_target.url(), storage=True, table="todos", select="id")
-    async with component(check) as supabase:
-        state = await supabase.check_once()
+    state = await check_once(check)
     assert state.status is Status.DEGRADED
     assert state.reason_code == "table_read_failed"
     assert state.reason == "table todos: GET /rest/v1/todos returned 404"
@@ -138,8 +133,7 @@ async def test_storage_and_table_read_are_checked_when_configured(
 @pytest.mark.asyncio
 async def test_storage_down_is_degraded(http_target: HttpTarget) -> None:
     serve_supabase(http_target, storage="down")
-    async with component(_check(url=http_target.url(), storage=True)) as supabase:
-        state = await supabase.check_once()
+    state = await check_once(_check(url=http_target.url(), storage=True))
     assert state.status is Status.DEGRADED
     assert state.reason_code == "storage_down"
 
