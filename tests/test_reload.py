@@ -11,7 +11,7 @@ import logging
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,18 +85,8 @@ def _components(tcp_target: TcpTarget, **extra: dict[str, Any]) -> dict[str, dic
     return {"steady": steady, **extra}
 
 
-@pytest.mark.asyncio
-async def test_reload_keeps_hysteresis_and_since_of_unchanged_components(
-    tmp_path: Path, tcp_target: TcpTarget
-) -> None:
-    async with _run_daemon(tmp_path, tcp_target) as running:
-        await _scenario_reload_keeps_hysteresis_and_since_of_unchanged_components(
-            running, tcp_target
-        )
-
-
-async def _scenario_reload_keeps_hysteresis_and_since_of_unchanged_components(
-    running: _Running, tcp_target: TcpTarget
+async def _reload_keeps_hysteresis_and_since_of_unchanged_components(
+    running: _Running, tcp_target: TcpTarget, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Failing, but held at degraded by a high failure_threshold: "n of 1000 failures".
     tcp_target.stop()
@@ -115,18 +105,8 @@ async def _scenario_reload_keeps_hysteresis_and_since_of_unchanged_components(
     assert re.search(r"\d+ of 1000", after.reason), after.reason
 
 
-@pytest.mark.asyncio
-async def test_reload_starts_new_checks_and_drops_removed_ones_with_their_series(
-    tmp_path: Path, tcp_target: TcpTarget
-) -> None:
-    async with _run_daemon(tmp_path, tcp_target) as running:
-        await _scenario_reload_starts_new_checks_and_drops_removed_ones_with_their_series(
-            running, tcp_target
-        )
-
-
-async def _scenario_reload_starts_new_checks_and_drops_removed_ones_with_their_series(
-    running: _Running, tcp_target: TcpTarget
+async def _reload_starts_new_checks_and_drops_removed_ones_with_their_series(
+    running: _Running, tcp_target: TcpTarget, caplog: pytest.LogCaptureFixture
 ) -> None:
     await running.until("old", lambda s: True)
     assert 'component="old"' in running.metrics()
@@ -145,16 +125,8 @@ async def _scenario_reload_starts_new_checks_and_drops_removed_ones_with_their_s
     assert running.state("old") is None
 
 
-@pytest.mark.asyncio
-async def test_reload_restarts_a_changed_check_with_fresh_history(
-    tmp_path: Path, tcp_target: TcpTarget
-) -> None:
-    async with _run_daemon(tmp_path, tcp_target) as running:
-        await _scenario_reload_restarts_a_changed_check_with_fresh_history(running, tcp_target)
-
-
-async def _scenario_reload_restarts_a_changed_check_with_fresh_history(
-    running: _Running, tcp_target: TcpTarget
+async def _reload_restarts_a_changed_check_with_fresh_history(
+    running: _Running, tcp_target: TcpTarget, caplog: pytest.LogCaptureFixture
 ) -> None:
     before = await running.until("steady", lambda s: sum(s.checks_total.values()) >= 3)
     changed = _components(tcp_target)
@@ -166,17 +138,7 @@ async def _scenario_reload_restarts_a_changed_check_with_fresh_history(
     assert sum(after.checks_total.values()) < sum(before.checks_total.values())
 
 
-@pytest.mark.asyncio
-async def test_invalid_reload_keeps_the_old_config_logs_once_and_sets_the_metric(
-    tmp_path: Path, tcp_target: TcpTarget, caplog: pytest.LogCaptureFixture
-) -> None:
-    async with _run_daemon(tmp_path, tcp_target) as running:
-        await _scenario_invalid_reload_keeps_the_old_config_logs_once_and_sets_the_metric(
-            running, tcp_target, caplog
-        )
-
-
-async def _scenario_invalid_reload_keeps_the_old_config_logs_once_and_sets_the_metric(
+async def _invalid_reload_keeps_the_old_config_logs_once_and_sets_the_metric(
     running: _Running, tcp_target: TcpTarget, caplog: pytest.LogCaptureFixture
 ) -> None:
     good_reload_at = time.time()
@@ -210,6 +172,57 @@ async def _scenario_invalid_reload_keeps_the_old_config_logs_once_and_sets_the_m
     running.rewrite(_components(tcp_target))
     assert running.daemon.reload()
     assert "healthd_config_last_reload_successful 1.0" in running.metrics()
+
+
+async def _reload_to_a_config_without_components_is_refused_and_keeps_the_old_one(
+    running: _Running, tcp_target: TcpTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    elsewhere = running.path.parent / "elsewhere.json"
+    status_file = running.settings["status_file"]
+    caplog.set_level(logging.ERROR, logger="healthd")
+    for text in ("", f'[daemon]\nstatus_file = "{elsewhere}"\n'):
+        running.path.write_text(text)
+
+        assert not running.daemon.reload()
+
+        assert "healthd_config_last_reload_successful 0.0" in running.metrics()
+        checked = running.state("steady")
+        assert checked is not None
+        before = checked.checked_at
+        await running.until("steady", lambda s, before=before: s.checked_at > before)
+        assert running.state("old") is not None
+    errors = [r.getMessage() for r in caplog.records if "reload failed" in r.getMessage()]
+    assert len(errors) == 2, errors
+    assert all("components: no components" in e for e in errors)
+    # The status file is still written where it was, not at the refused file's path.
+    written = Path(status_file).stat().st_mtime_ns
+    with anyio.fail_after(5):
+        while Path(status_file).stat().st_mtime_ns == written:
+            await anyio.sleep(0.05)
+    assert not elsewhere.exists()
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        _reload_keeps_hysteresis_and_since_of_unchanged_components,
+        _reload_starts_new_checks_and_drops_removed_ones_with_their_series,
+        _reload_restarts_a_changed_check_with_fresh_history,
+        _invalid_reload_keeps_the_old_config_logs_once_and_sets_the_metric,
+        _reload_to_a_config_without_components_is_refused_and_keeps_the_old_one,
+    ],
+    ids=lambda scenario: scenario.__name__.lstrip("_"),
+)
+@pytest.mark.asyncio
+async def test_reload(
+    tmp_path: Path,
+    tcp_target: TcpTarget,
+    caplog: pytest.LogCaptureFixture,
+    scenario: Callable[[_Running, TcpTarget, pytest.LogCaptureFixture], Awaitable[None]],
+) -> None:
+    """Each scenario against a daemon of its own, reloaded in-process as SIGHUP would."""
+    async with _run_daemon(tmp_path, tcp_target) as running:
+        await scenario(running, tcp_target, caplog)
 
 
 def test_sighup_sends_reloading_with_monotonic_usec_then_ready_and_applies_the_config(
@@ -247,32 +260,3 @@ def test_sighup_sends_reloading_with_monotonic_usec_then_ready_and_applies_the_c
         assert 'healthd_component_up{component="added",kind="tcp"} 1.0' in scrape(port)
         assert daemon.stop() == 0
         assert daemon.log().count("reload failed") == 1
-
-
-@pytest.mark.asyncio
-async def test_reload_to_a_config_without_components_is_refused_and_keeps_the_old_one(
-    tmp_path: Path, tcp_target: TcpTarget, caplog: pytest.LogCaptureFixture
-) -> None:
-    async with _run_daemon(tmp_path, tcp_target) as running:
-        status_file = running.settings["status_file"]
-        caplog.set_level(logging.ERROR, logger="healthd")
-        for text in ("", f'[daemon]\nstatus_file = "{tmp_path / "elsewhere.json"}"\n'):
-            running.path.write_text(text)
-
-            assert not running.daemon.reload()
-
-            assert "healthd_config_last_reload_successful 0.0" in running.metrics()
-            checked = running.state("steady")
-            assert checked is not None
-            before = checked.checked_at
-            await running.until("steady", lambda s, before=before: s.checked_at > before)
-            assert running.state("old") is not None
-        errors = [r.getMessage() for r in caplog.records if "reload failed" in r.getMessage()]
-        assert len(errors) == 2, errors
-        assert all("components: no components" in e for e in errors)
-        # The status file is still written where it was, not at the refused file's path.
-        written = Path(status_file).stat().st_mtime_ns
-        with anyio.fail_after(5):
-            while Path(status_file).stat().st_mtime_ns == written:
-                await anyio.sleep(0.05)
-        assert not (tmp_path / "elsewhere.json").exists()
