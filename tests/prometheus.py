@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from tests.daemon import REPO, free_port
+from tests.serving import stop_process
 
 __all__ = ["ALERT_RULES", "SLO_RULES", "Prometheus"]
 
@@ -108,12 +109,7 @@ class Prometheus:
 
     def stop(self) -> None:
         """Terminate Prometheus (kill it if it lingers)."""
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
         self._log.close()
 
     def __enter__(self) -> Prometheus:

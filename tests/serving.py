@@ -6,10 +6,11 @@ its own ``reset``/``close`` what putting it back and shutting it down mean.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from typing import Protocol, TypeVar
 
-__all__ = ["closed_after", "reset_around"]
+__all__ = ["closed_after", "reset_around", "stop_process"]
 
 
 class _Closable(Protocol):
@@ -35,3 +36,13 @@ def reset_around(server: _R) -> Iterator[_R]:
     server.reset()
     yield server
     server.reset()
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout_seconds: float = 10) -> None:
+    """SIGTERM ``process`` and reap it; SIGKILL it if it outlives ``timeout_seconds``."""
+    process.terminate()
+    try:
+        process.wait(timeout_seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -18,7 +18,7 @@ from healthd.config import SupabaseCheck
 from healthd.model import Failure, Observation, Status
 from healthd.probes._preset import Outcome
 from healthd.probes.supabase import assess, is_legacy_key
-from tests.daemon import free_port, healthd_cli, running_healthd, scrape
+from tests.daemon import healthd_cli, run_daemon_once
 from tests.http_target import HttpTarget, Reply
 from tests.probing import check_once, component, make_check
 from tests.services import serve_supabase
@@ -151,12 +151,8 @@ def test_table_name_is_an_identifier() -> None:
 # --- end to end: healthd itself, with secrets in its environment ------------------------------
 
 
-def _config(path: Path, target: HttpTarget, daemon: str = "") -> Path:
-    path.write_text(
-        f"""
-[daemon]
-{daemon}
-
+def _components(target: HttpTarget) -> str:
+    return f"""
 [components.supabase]
 kind = "supabase"
 url = "{target.url()}"
@@ -167,10 +163,7 @@ kind = "mlflow"
 url = "{target.url()}"
 username = "healthd"
 password = "${{env:MLFLOW_PASSWORD}}"
-""",
-        encoding="utf-8",
-    )
-    return path
+"""
 
 
 _MLFLOW_PASSWORD = "mlflow-Pa55word-nobody-may-see"
@@ -188,7 +181,8 @@ def test_check_json_reports_rejected_credentials_without_showing_them(
     http_target: HttpTarget, tmp_path: Path
 ) -> None:
     _serve_rotated_key_and_wrong_password(http_target)
-    config = _config(tmp_path / "healthd.toml", http_target)
+    config = tmp_path / "healthd.toml"
+    config.write_text(_components(http_target))
     result = healthd_cli(
         "--config",
         str(config),
@@ -214,25 +208,11 @@ def test_daemon_keeps_keys_out_of_logs_metrics_and_status_file(
     http_target: HttpTarget, tmp_path: Path
 ) -> None:
     _serve_rotated_key_and_wrong_password(http_target)
-    metrics_port = free_port()
-    status_file = tmp_path / "status.json"
-    daemon = (
-        f'metrics_address = "127.0.0.1:{metrics_port}"\n'
-        f'status_file = "{status_file}"\n'
-        'interval = "1s"\nstartup_spread = "10ms"\nstatus_file_refresh = "1s"'
-    )
-    config = _config(tmp_path / "healthd.toml", http_target, daemon)
-    with running_healthd(config, env=_SECRET_ENV, args=("--log-level", "debug")) as healthd:
-        healthd.wait_for("READY", "1")
-        metrics = scrape(metrics_port)
-        status = status_file.read_text()
-        healthd.stop()
-    logs = healthd.log()
-    assert 'healthd_component_status{component="supabase"' in metrics
-    assert json.loads(status)["components"]["supabase"]["reason_code"] == "auth_failed"
-    assert "supabase" in logs
-    for text in (metrics, status, logs):
-        _assert_no_key(text, LEGACY_KEY, _MLFLOW_PASSWORD)
+    out = run_daemon_once(tmp_path, _components(http_target), _SECRET_ENV)
+    assert 'healthd_component_status{component="supabase"' in out.metrics
+    assert out.status["components"]["supabase"]["reason_code"] == "auth_failed"
+    assert "supabase" in out.logs
+    _assert_no_key(out.everything(), LEGACY_KEY, _MLFLOW_PASSWORD)
 
 
 # --- the verdict table, judged purely ----------------------------------------------------------
