@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -90,28 +92,24 @@ async def test_untrusted_certificate_is_tls_error(
     assert finding.reason.startswith(f"connect to {address}: TLS certificate rejected")
 
 
+@pytest.mark.parametrize(
+    "trust",
+    [
+        pytest.param(lambda cert: {"ca_file": str(cert.cert_file)}, id="signed-by-the-ca-file"),
+        pytest.param(lambda cert: {"tls_verify": False}, id="without-verification"),
+    ],
+)
 @pytest.mark.asyncio
-async def test_certificate_signed_by_the_configured_ca_file_is_trusted(
-    https_target: HttpTarget, tls_certificate: Certificate, ctx: ProbeContext
+async def test_tls_handshake_that_is_trusted_is_healthy(
+    https_target: HttpTarget,
+    tls_certificate: Certificate,
+    ctx: ProbeContext,
+    trust: Callable[[Certificate], dict[str, Any]],
 ) -> None:
     address = f"127.0.0.1:{https_target.port}"
-    check = tcp_check(address=address, tls=True, ca_file=str(tls_certificate.cert_file))
+    check = tcp_check(address=address, tls=True, **trust(tls_certificate))
 
     observation, finding = await run_check(check, ctx)
-
-    assert finding == Finding(Status.HEALTHY, "ok", f"TLS handshake with {address}")
-    assert observation.facts == {"tls": True}
-
-
-@pytest.mark.asyncio
-async def test_tls_handshake_without_verification_is_healthy(
-    https_target: HttpTarget, ctx: ProbeContext
-) -> None:
-    address = f"127.0.0.1:{https_target.port}"
-
-    observation, finding = await run_check(
-        tcp_check(address=address, tls=True, tls_verify=False), ctx
-    )
 
     assert finding == Finding(Status.HEALTHY, "ok", f"TLS handshake with {address}")
     assert observation.facts == {"tls": True}
