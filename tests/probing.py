@@ -1,6 +1,7 @@
 """Checks the way the daemon runs them, for the tests of one kind.
 
-``make_check`` builds a check as a loaded config hands it over; ``Component`` runs it through
+``make_check`` builds a check as a loaded config hands it over (``make_state`` a component's
+state as the store holds it); ``Component`` runs it through
 the scheduler's own code: the probe under the check's deadline, the kind's judgement and the
 latency limit (``probe``), then hysteresis and the state store (``check_once``).
 """
@@ -16,7 +17,7 @@ from pydantic import TypeAdapter
 
 from healthd import classify
 from healthd.config import CheckBase, CheckConfig
-from healthd.model import ComponentState, Finding, Observation
+from healthd.model import ComponentState, Finding, Observation, Status
 from healthd.probes import PROBES, ProbeContext, SharedResources
 from healthd.scheduler import Scheduler, run_probe
 from healthd.state import StateStore
@@ -27,6 +28,7 @@ __all__ = [
     "component",
     "ctx",
     "make_check",
+    "make_state",
     "probe_once",
     "run_check",
     "states_after",
@@ -98,6 +100,27 @@ async def probe_once(check: CheckBase) -> tuple[Observation, Finding]:
     """``run_check`` in a probe context of its own, closed afterwards."""
     async with component(check) as once:
         return await once.probe()
+
+
+def make_state(name: str = "c", status: Status = Status.HEALTHY, **fields: Any) -> ComponentState:
+    """A component's state with every required field filled in (a tcp check, last checked at
+    0, no history); ``fields`` say what a test cares about."""
+    values: dict[str, Any] = {
+        "name": name,
+        "kind": "tcp",
+        "critical": False,
+        "status": status,
+        "reason_code": "ok",
+        "reason": "ok",
+        "latency_seconds": 0.01,
+        "checked_at": 0.0,
+        "since": 0.0,
+        "last_success_at": None,
+        "consecutive_failures": 0,
+        "consecutive_successes": 0,
+        **fields,
+    }
+    return ComponentState(**values)
 
 
 def states_after(

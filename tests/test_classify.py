@@ -29,7 +29,7 @@ from healthd.probes import PROBES, ProbeContext
 from healthd.scheduler import Scheduler
 from healthd.state import StateStore
 from tests.http_target import HttpTarget, Reply
-from tests.probing import make_check
+from tests.probing import make_check, make_state
 
 H, D, U = Status.HEALTHY, Status.DEGRADED, Status.UNHEALTHY
 
@@ -418,19 +418,8 @@ async def test_a_real_target_failing_one_percent_of_checks_is_never_unhealthy(
 
 def component(status: Status, *, critical: bool, name: str = "c") -> ComponentState:
     """A state with just enough filled in to aggregate."""
-    return ComponentState(
-        name=name,
-        kind="tcp",
-        critical=critical,
-        status=status,
-        reason_code="x",
-        reason="x",
-        latency_seconds=0.0,
-        checked_at=0.0,
-        since=0.0,
-        last_success_at=None,
-        consecutive_failures=0,
-        consecutive_successes=0,
+    return make_state(
+        name, status, critical=critical, reason_code="x", reason="x", latency_seconds=0.0
     )
 
 

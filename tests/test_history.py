@@ -26,25 +26,23 @@ from healthd.secrets import Redactor
 from healthd.state import StateStore
 from tests.daemon import daemon_settings, free_port, healthd_cli, running_healthd, write_config
 from tests.http_target import HttpTarget, Reply
+from tests.probing import make_state
 
 T0 = 1_764_000_000.0  # 2025-11-24T16:00:00Z, the start of an hour
 SECRET = "hunter2-very-secret"
 
 
 def _state(name: str, status: Status, at: float, reason: str = "fine") -> ComponentState:
-    return ComponentState(
-        name=name,
+    code = "ok" if status is Status.HEALTHY else "connection_refused"
+    return make_state(
+        name,
+        status,
         kind="http",
         critical=True,
-        status=status,
-        reason_code="ok" if status is Status.HEALTHY else "connection_refused",
+        reason_code=code,
         reason=reason,
-        latency_seconds=0.01,
         checked_at=at,
         since=at,
-        last_success_at=None,
-        consecutive_failures=0,
-        consecutive_successes=0,
         checks_total={"success": 1},
     )
 

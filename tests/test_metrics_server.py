@@ -22,27 +22,23 @@ from pathlib import Path
 import pytest
 
 from healthd.exporters.metrics import MetricsServer
-from healthd.model import ComponentState, Status
+from healthd.model import ComponentState
 from healthd.state import StateStore
 from tests.daemon import daemon_settings, free_port, running_healthd, write_config
 from tests.http_target import TcpTarget
+from tests.probing import make_state
 
 NOW = 1_800_000_000.0
 
 
 def _state(name: str) -> ComponentState:
-    return ComponentState(
-        name=name,
-        kind="tcp",
-        critical=False,
-        status=Status.HEALTHY,
-        reason_code="ok",
+    return make_state(
+        name,
         reason="connected",
         latency_seconds=0.001,
         checked_at=NOW,
         since=NOW,
         last_success_at=NOW,
-        consecutive_failures=0,
         consecutive_successes=1,
         checks_total={"success": 1},
     )

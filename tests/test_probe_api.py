@@ -21,8 +21,7 @@ async def test_healthy_report_is_healthy_with_version_and_both_requests_in_detai
 ) -> None:
     serve_api(http_target)
     state = await check_once(_check(url=http_target.url()))
-    assert state.status is Status.HEALTHY
-    assert state.reason_code == "ok"
+    assert (state.status, state.reason_code) == (Status.HEALTHY, "ok")
     assert state.details["version"] == "3.0.0"
     assert state.details["database"] == "connected"
     assert state.details["agents_available"] == 11
@@ -62,8 +61,7 @@ async def test_disconnected_database_is_degraded_then_recovers(http_target: Http
     serve_api(http_target, status="degraded", database="disconnected")
     async with component(_check(url=http_target.url())) as api:
         state = await api.check_once()
-        assert state.status is Status.DEGRADED
-        assert state.reason_code == "database_disconnected"
+        assert (state.status, state.reason_code) == (Status.DEGRADED, "database_disconnected")
         assert "database 'disconnected'" in state.reason
         assert "reports degraded" in state.reason
         assert state.details["database"] == "disconnected"
@@ -78,8 +76,7 @@ async def test_disconnected_database_is_degraded_then_recovers(http_target: Http
 async def test_fewer_agents_than_expected_is_degraded(http_target: HttpTarget) -> None:
     serve_api(http_target, agents=9)
     state = await check_once(_check(url=http_target.url()))
-    assert state.status is Status.DEGRADED
-    assert state.reason_code == "agents_missing"
+    assert (state.status, state.reason_code) == (Status.DEGRADED, "agents_missing")
     assert "9 of 11 agents" in state.reason
 
 
@@ -94,8 +91,7 @@ async def test_expected_agent_count_is_configurable(http_target: HttpTarget) -> 
 async def test_reported_unhealthy_is_unhealthy(http_target: HttpTarget) -> None:
     serve_api(http_target, status="unhealthy", database="disconnected", agents=0)
     state = await check_once(_check(url=http_target.url()))
-    assert state.status is Status.UNHEALTHY
-    assert state.reason_code == "reported_unhealthy"
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "reported_unhealthy")
 
 
 @pytest.mark.asyncio
@@ -103,8 +99,7 @@ async def test_report_that_is_not_json_is_unhealthy(http_target: HttpTarget) -> 
     serve_api(http_target)
     http_target.route("/api/v1/health", Reply(body=b"<html>maintenance</html>"))
     state = await check_once(_check(url=http_target.url()))
-    assert state.status is Status.UNHEALTHY
-    assert state.reason_code == "not_json"
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "not_json")
 
 
 @pytest.mark.asyncio
@@ -113,8 +108,7 @@ async def test_report_error_status_is_unhealthy_even_with_a_json_body(
 ) -> None:
     serve_api(http_target, status="unhealthy", http_status=503)
     state = await check_once(_check(url=http_target.url()))
-    assert state.status is Status.UNHEALTHY
-    assert state.reason_code == "http_status"
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "http_status")
     assert state.reason == "GET /api/v1/health returned 503"
     assert state.details["requests"]["health"]["http_status"] == 503
 
@@ -135,8 +129,7 @@ async def test_liveness_failing_is_unhealthy_and_named(http_target: HttpTarget) 
 async def test_unreachable_api_is_unhealthy(closed_port: int) -> None:
     check = _check(url=f"http://127.0.0.1:{closed_port}")
     state = await check_once(check)
-    assert state.status is Status.UNHEALTHY
-    assert state.reason_code == "connection_refused"
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "connection_refused")
     assert state.details["requests"]["health"]["error"] == "connection_refused"
 
 

@@ -18,8 +18,7 @@ _check = functools.partial(make_check, "bentoml", timeout=3)
 @pytest.mark.slow
 async def test_live_and_ready_service_is_healthy(bentoml_service: BentoServer) -> None:
     state = await check_once(_check(url=bentoml_service.url))
-    assert state.status is Status.HEALTHY
-    assert state.reason_code == "ok"
+    assert (state.status, state.reason_code) == (Status.HEALTHY, "ok")
     assert state.details["requests"]["livez"]["http_status"] == 200
     assert state.details["requests"]["readyz"]["http_status"] == 200
     assert "metrics" not in state.details["requests"]
@@ -33,8 +32,7 @@ async def test_not_ready_while_live_is_degraded_not_ready_then_recovers(
     async with component(_check(url=bentoml_service.url)) as bento:
         bentoml_service.set_ready(False)
         state = await bento.check_once()
-        assert state.status is Status.DEGRADED
-        assert state.reason_code == "not_ready"
+        assert (state.status, state.reason_code) == (Status.DEGRADED, "not_ready")
         assert "GET /readyz returned 503" in state.reason
         assert state.details["requests"]["readyz"]["http_status"] == 503
         assert state.details["requests"]["livez"]["http_status"] == 200
@@ -64,8 +62,7 @@ async def test_hung_server_is_unhealthy_timeout_and_recovers_after_two_successes
 
         recovering = await bento.check_once()
         healthy = await bento.check_once()
-    assert recovering.status is Status.DEGRADED
-    assert recovering.reason_code == "recovering"
+    assert (recovering.status, recovering.reason_code) == (Status.DEGRADED, "recovering")
     assert healthy.status is Status.HEALTHY
 
 
@@ -75,8 +72,7 @@ async def test_unreachable_service_is_unhealthy(
     bentoml_server: BentoServer, closed_port: int
 ) -> None:
     state = await check_once(_check(url=f"http://127.0.0.1:{closed_port}"))
-    assert state.status is Status.UNHEALTHY
-    assert state.reason_code == "connection_refused"
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "connection_refused")
     assert state.reason.startswith("GET /livez")
 
 
@@ -94,8 +90,7 @@ async def test_error_rate_between_checks_is_read_from_metrics(
         statuses = [bentoml_service.echo(text) for text in ("a", "fail", "b", "fail", "fail")]
         assert statuses.count(500) == 3
         failing = await bento.check_once()
-        assert failing.status is Status.DEGRADED
-        assert failing.reason_code == "error_rate"
+        assert (failing.status, failing.reason_code) == (Status.DEGRADED, "error_rate")
         # Only the API's requests count: healthd's own /livez and /readyz are left out.
         assert failing.details["window_requests"] == 5
         assert failing.details["window_errors"] == 3

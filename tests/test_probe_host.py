@@ -44,8 +44,7 @@ async def test_tiny_disk_threshold_trips_on_a_real_disk(ctx: ProbeContext) -> No
 
     _, finding = await run_check(check, ctx)
 
-    assert finding.status is Status.UNHEALTHY
-    assert finding.reason_code == "disk_full"
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "disk_full")
     assert finding.reason.startswith("/ is ")
     assert "/tmp is " in finding.reason
     assert "free)" in finding.reason
@@ -70,8 +69,7 @@ async def test_zero_pressure_threshold_trips_where_the_kernel_has_psi(ctx: Probe
 
     _, finding = await run_check(check, ctx)
 
-    assert finding.status is Status.DEGRADED
-    assert finding.reason_code == "pressure"
+    assert (finding.status, finding.reason_code) == (Status.DEGRADED, "pressure")
     assert "memory pressure: some avg60" in finding.reason
 
 

@@ -259,8 +259,7 @@ async def test_refused_connection_is_connection_refused(
 async def test_unresolvable_host_is_dns_error(ctx: ProbeContext) -> None:
     _, finding = await run_check(http_check(url="http://no-such-host.invalid/health"), ctx)
 
-    assert finding.status is Status.UNHEALTHY
-    assert finding.reason_code == "dns_error"
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "dns_error")
     assert finding.reason.startswith("GET /health: name resolution failed")
 
 
@@ -275,8 +274,7 @@ async def test_connect_that_gets_no_answer_is_a_timeout(
     )
 
     assert time.perf_counter() - started < 0.5
-    assert finding.status is Status.UNHEALTHY
-    assert finding.reason_code == "timeout"
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "timeout")
     # A fresh client's set-up counts against the deadline, so either limit may fire first;
     # both quote the configured timeout, not the client's share of it.
     assert finding.reason in {
@@ -352,8 +350,7 @@ async def test_slow_answer_is_degraded_with_latency_and_limit_in_the_reason(
     )
 
     assert observation.latency_seconds >= 0.06
-    assert finding.status is Status.DEGRADED
-    assert finding.reason_code == "slow"
+    assert (finding.status, finding.reason_code) == (Status.DEGRADED, "slow")
     assert re.fullmatch(
         rf"{WHAT} returned 200, but took \d+(\.\d+)? ms \(limit 50 ms\)", finding.reason
     )
@@ -669,8 +666,7 @@ async def test_untrusted_certificate_is_tls_error(
 ) -> None:
     _, finding = await run_check(http_check(url=https_target.url(PATH)), ctx)
 
-    assert finding.status is Status.UNHEALTHY
-    assert finding.reason_code == "tls_error"
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "tls_error")
     assert finding.reason.startswith(f"{WHAT}: TLS certificate rejected")
     assert https_target.requests == []
 
@@ -705,8 +701,7 @@ async def test_https_url_on_a_plain_http_port_is_tls_error(
 
     _, finding = await run_check(http_check(url=url, tls_verify=False), ctx)
 
-    assert finding.status is Status.UNHEALTHY
-    assert finding.reason_code == "tls_error"
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "tls_error")
 
 
 # --- secrets --------------------------------------------------------------------------------

@@ -43,16 +43,14 @@ async def test_broken_backend_store_degrades_while_health_stays_up_then_recovers
         assert (await mlflow.check_once()).status is Status.HEALTHY
         mlflow_service.break_store()
         state = await mlflow.check_once()
-        assert state.status is Status.DEGRADED
-        assert state.reason_code == "search_failed"
+        assert (state.status, state.reason_code) == (Status.DEGRADED, "search_failed")
         assert state.reason.startswith("backend store: POST /api/2.0/mlflow/experiments/search")
         assert state.details["requests"]["health"]["http_status"] == 200
         assert state.details["requests"]["search"]["http_status"] >= 400
 
         mlflow_service.repair_store()
         state = await mlflow.check_once()
-    assert state.status is Status.HEALTHY
-    assert state.reason_code == "ok"
+    assert (state.status, state.reason_code) == (Status.HEALTHY, "ok")
 
 
 @pytest.mark.asyncio
@@ -60,8 +58,7 @@ async def test_broken_backend_store_degrades_while_health_stays_up_then_recovers
 async def test_unknown_host_header_is_degraded_host_rejected(mlflow_service: MlflowServer) -> None:
     # Without ``host``, the client sends 127.0.0.1:port, which the server does not allow.
     state = await check_once(_check(url=mlflow_service.url))
-    assert state.status is Status.DEGRADED
-    assert state.reason_code == "host_rejected"
+    assert (state.status, state.reason_code) == (Status.DEGRADED, "host_rejected")
     assert "--allowed-hosts" in state.reason
     assert state.details["requests"]["search"]["http_status"] == 403
     assert state.details["requests"]["health"]["http_status"] == 200
@@ -72,8 +69,7 @@ async def test_unknown_host_header_is_degraded_host_rejected(mlflow_service: Mlf
 async def test_slow_search_is_degraded(mlflow_service: MlflowServer) -> None:
     check = _check(url=mlflow_service.url, host=MlflowServer.HOST, degraded_search_latency="1ms")
     state = await check_once(check)
-    assert state.status is Status.DEGRADED
-    assert state.reason_code == "slow"
+    assert (state.status, state.reason_code) == (Status.DEGRADED, "slow")
     assert "limit 1 ms" in state.reason
 
 
@@ -82,8 +78,7 @@ async def test_slow_search_is_degraded(mlflow_service: MlflowServer) -> None:
 async def test_stopped_server_is_unhealthy(mlflow_server: MlflowServer, closed_port: int) -> None:
     # A server that is gone refuses connections: liveness fails, whatever the search says.
     state = await check_once(_check(url=f"http://127.0.0.1:{closed_port}"))
-    assert state.status is Status.UNHEALTHY
-    assert state.reason_code == "connection_refused"
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "connection_refused")
     assert state.reason.startswith("GET /health")
 
 
@@ -104,8 +99,7 @@ async def test_rejected_credentials_are_degraded_auth_failed_and_never_shown(
         url=http_target.url(), username="healthd", password="${env:MLFLOW_TEST_PASSWORD}"
     )
     state = await check_once(check)
-    assert state.status is Status.DEGRADED
-    assert state.reason_code == "auth_failed"
+    assert (state.status, state.reason_code) == (Status.DEGRADED, "auth_failed")
     assert state.details["version"] == "3.17.2"
     search = next(r for r in http_target.requests if r.path.endswith("/search"))
     expected = base64.b64encode(b"healthd:hunter2-secret-pw").decode()
@@ -121,8 +115,7 @@ async def test_forbidden_search_is_degraded_auth_failed(http_target: HttpTarget)
     http_target.route("/health", Reply(body=b"OK"))
     http_target.route("/api/2.0/mlflow/experiments/search", Reply(status=403, body=b"denied"))
     state = await check_once(_check(url=http_target.url()))
-    assert state.status is Status.DEGRADED
-    assert state.reason_code == "auth_failed"
+    assert (state.status, state.reason_code) == (Status.DEGRADED, "auth_failed")
 
 
 @pytest.mark.asyncio

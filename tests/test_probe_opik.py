@@ -27,8 +27,7 @@ async def test_healthy_backend_and_ui_are_healthy_with_version(
     serve_opik_backend(http_target)
     serve_opik_ui(ui_target)
     state = await check_once(_check(url=http_target.url(), ui_url=ui_target.url()))
-    assert state.status is Status.HEALTHY
-    assert state.reason_code == "ok"
+    assert (state.status, state.reason_code) == (Status.HEALTHY, "ok")
     assert state.reason == "Opik 1.9.5 backend and UI healthy"
     assert state.details["version"] == "1.9.5"
     assert state.details["failing_checks"] == []
@@ -47,8 +46,7 @@ async def test_backend_500_is_unhealthy_naming_the_failing_checks_then_recovers(
         _check(url=http_target.url(), ui_url=ui_target.url(), recovery_threshold=1)
     ) as opik:
         state = await opik.check_once()
-        assert state.status is Status.UNHEALTHY
-        assert state.reason_code == "backend_unhealthy"
+        assert (state.status, state.reason_code) == (Status.UNHEALTHY, "backend_unhealthy")
         assert "failing: clickhouse, redis" in state.reason
         assert state.details["failing_checks"] == ["clickhouse", "redis"]
         assert state.details["requests"]["ping"]["http_status"] == 500
@@ -64,8 +62,7 @@ async def test_backend_500_is_unhealthy_naming_the_failing_checks_then_recovers(
 async def test_failing_non_critical_check_is_degraded_and_named(http_target: HttpTarget) -> None:
     serve_opik_backend(http_target, failing=("clickhouse-readonly-freeform-sql",), critical=False)
     state = await check_once(_check(url=http_target.url()))
-    assert state.status is Status.DEGRADED
-    assert state.reason_code == "subcheck_failed"
+    assert (state.status, state.reason_code) == (Status.DEGRADED, "subcheck_failed")
     assert "clickhouse-readonly-freeform-sql" in state.reason
 
 
@@ -74,8 +71,7 @@ async def test_unreachable_backend_is_unhealthy(ui_target: HttpTarget, closed_po
     serve_opik_ui(ui_target, proxy="no_upstream")
     check = _check(url=f"http://127.0.0.1:{closed_port}", ui_url=ui_target.url())
     state = await check_once(check)
-    assert state.status is Status.UNHEALTHY
-    assert state.reason_code == "connection_refused"
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "connection_refused")
     assert state.reason.startswith("backend: GET /is-alive/ping")
 
 
@@ -86,8 +82,7 @@ async def test_ui_proxy_failing_while_backend_is_fine_is_degraded(
     serve_opik_backend(http_target)
     serve_opik_ui(ui_target, proxy="no_upstream")
     state = await check_once(_check(url=http_target.url(), ui_url=ui_target.url()))
-    assert state.status is Status.DEGRADED
-    assert state.reason_code == "ui_proxy_failed"
+    assert (state.status, state.reason_code) == (Status.DEGRADED, "ui_proxy_failed")
     assert "GET /api/is-alive/ping returned 502" in state.reason
     assert state.details["requests"]["ui_ping"]["http_status"] == 502
     assert state.details["requests"]["ping"]["http_status"] == 200
@@ -100,8 +95,7 @@ async def test_ui_down_while_backend_is_fine_is_degraded(
     serve_opik_backend(http_target)
     check = _check(url=http_target.url(), ui_url=f"http://127.0.0.1:{closed_port}")
     state = await check_once(check)
-    assert state.status is Status.DEGRADED
-    assert state.reason_code == "ui_down"
+    assert (state.status, state.reason_code) == (Status.DEGRADED, "ui_down")
     assert state.details["requests"]["ui"]["error"] == "connection_refused"
 
 
@@ -110,8 +104,7 @@ async def test_backend_that_hangs_is_unhealthy_timeout(http_target: HttpTarget) 
     serve_opik_backend(http_target)
     http_target.route("/is-alive/ping", Reply(action="hang"))
     state = await check_once(_check(url=http_target.url(), timeout="300ms"))
-    assert state.status is Status.UNHEALTHY
-    assert state.reason_code == "timeout"
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "timeout")
 
 
 def test_ui_url_must_be_http() -> None:

@@ -42,8 +42,7 @@ def _assert_no_key(text: str, *keys: str) -> None:
 async def test_auth_and_rest_up_is_healthy_with_gotrue_version(http_target: HttpTarget) -> None:
     serve_supabase(http_target)
     state = await check_once(_check(url=http_target.url()))
-    assert state.status is Status.HEALTHY
-    assert state.reason_code == "ok"
+    assert (state.status, state.reason_code) == (Status.HEALTHY, "ok")
     assert state.details["auth_version"] == "v2.177.0"
     assert list(state.details["requests"]) == ["auth", "rest"]
     _assert_no_key(f"{state.reason} {json.dumps(dict(state.details))}", LEGACY_KEY)
@@ -76,8 +75,7 @@ async def test_gotrue_down_behind_live_kong_is_degraded_then_recovers(
     serve_supabase(http_target, auth="down")
     async with component(_check(url=http_target.url())) as supabase:
         state = await supabase.check_once()
-        assert state.status is Status.DEGRADED
-        assert state.reason_code == "auth_down"
+        assert (state.status, state.reason_code) == (Status.DEGRADED, "auth_down")
         assert state.reason == "auth (GoTrue): GET /auth/v1/health returned 502"
         assert state.details["requests"]["auth"]["http_status"] == 502
         assert state.details["requests"]["rest"]["http_status"] == 200
@@ -91,8 +89,7 @@ async def test_gotrue_down_behind_live_kong_is_degraded_then_recovers(
 async def test_auth_and_rest_both_down_is_unhealthy(http_target: HttpTarget) -> None:
     serve_supabase(http_target, auth="down", rest="down")
     state = await check_once(_check(url=http_target.url()))
-    assert state.status is Status.UNHEALTHY
-    assert state.reason_code == "services_down"
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "services_down")
     assert "/auth/v1/health returned 502" in state.reason
     assert "/rest/v1/ returned 502" in state.reason
 
@@ -101,8 +98,7 @@ async def test_auth_and_rest_both_down_is_unhealthy(http_target: HttpTarget) -> 
 async def test_rotated_key_is_degraded_auth_failed(http_target: HttpTarget) -> None:
     serve_supabase(http_target, auth="rejected", rest="rejected")
     state = await check_once(_check(url=http_target.url()))
-    assert state.status is Status.DEGRADED
-    assert state.reason_code == "auth_failed"
+    assert (state.status, state.reason_code) == (Status.DEGRADED, "auth_failed")
     assert "401 on auth, rest" in state.reason
     _assert_no_key(f"{state.reason} {json.dumps(dict(state.details))}", LEGACY_KEY)
 
@@ -111,8 +107,7 @@ async def test_rotated_key_is_degraded_auth_failed(http_target: HttpTarget) -> N
 async def test_unreachable_gateway_is_unhealthy(closed_port: int) -> None:
     check = _check(url=f"http://127.0.0.1:{closed_port}")
     state = await check_once(check)
-    assert state.status is Status.UNHEALTHY
-    assert state.reason_code == "connection_refused"
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "connection_refused")
     assert state.reason.startswith("gateway unreachable")
 
 
@@ -123,8 +118,7 @@ async def test_storage_and_table_read_are_checked_when_configured(
     serve_supabase(http_target, table="missing")
     check = _check(url=http_target.url(), storage=True, table="todos", select="id")
     state = await check_once(check)
-    assert state.status is Status.DEGRADED
-    assert state.reason_code == "table_read_failed"
+    assert (state.status, state.reason_code) == (Status.DEGRADED, "table_read_failed")
     assert state.reason == "table todos: GET /rest/v1/todos returned 404"
     assert state.details["requests"]["storage"]["http_status"] == 200
     assert "/rest/v1/todos?select=id&limit=1" in {r.path for r in http_target.requests}
@@ -134,8 +128,7 @@ async def test_storage_and_table_read_are_checked_when_configured(
 async def test_storage_down_is_degraded(http_target: HttpTarget) -> None:
     serve_supabase(http_target, storage="down")
     state = await check_once(_check(url=http_target.url(), storage=True))
-    assert state.status is Status.DEGRADED
-    assert state.reason_code == "storage_down"
+    assert (state.status, state.reason_code) == (Status.DEGRADED, "storage_down")
 
 
 def test_legacy_keys_are_recognised_as_jwts() -> None:

@@ -131,8 +131,7 @@ async def test_without_a_running_systemd_the_check_is_unhealthy_saying_why(
 
     _, finding = await run_check(unit_check(), ctx)
 
-    assert finding.status is Status.UNHEALTHY
-    assert finding.reason_code == "systemd_unreachable"
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "systemd_unreachable")
     assert finding.reason.startswith("systemctl show e2i-api.service: ")
 
 

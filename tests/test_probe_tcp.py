@@ -74,8 +74,7 @@ async def test_closed_port_is_connection_refused(closed_port: int, ctx: ProbeCon
 async def test_unresolvable_name_is_dns_error(ctx: ProbeContext) -> None:
     _, finding = await run_check(tcp_check(address="no-such-host.invalid:5432"), ctx)
 
-    assert finding.status is Status.UNHEALTHY
-    assert finding.reason_code == "dns_error"
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "dns_error")
     assert finding.reason.startswith("connect to no-such-host.invalid:5432: name resolution failed")
 
 
@@ -87,8 +86,7 @@ async def test_untrusted_certificate_is_tls_error(
 
     _, finding = await run_check(tcp_check(address=address, tls=True), ctx)
 
-    assert finding.status is Status.UNHEALTHY
-    assert finding.reason_code == "tls_error"
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "tls_error")
     assert finding.reason.startswith(f"connect to {address}: TLS certificate rejected")
 
 
@@ -124,8 +122,7 @@ async def test_tls_check_against_a_server_that_hangs_up_is_tls_error(
         tcp_check(address=tcp_listener.address, tls=True, tls_verify=False), ctx
     )
 
-    assert finding.status is Status.UNHEALTHY
-    assert finding.reason_code == "tls_error"
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "tls_error")
     assert finding.reason.startswith(f"connect to {tcp_listener.address}: TLS error")
 
 

@@ -24,26 +24,20 @@ from healthd.secrets import Redactor
 from healthd.state import StateStore
 from tests.daemon import free_port, running_healthd
 from tests.http_target import HttpTarget, Reply
+from tests.probing import make_state
 
 
 def _state(name: str, status: Status = Status.HEALTHY, **fields: object) -> ComponentState:
     now = time.time()
     values: dict[str, object] = {
-        "name": name,
-        "kind": "tcp",
-        "critical": False,
-        "status": status,
-        "reason_code": "ok",
         "reason": "connected",
         "latency_seconds": 0.001,
         "checked_at": now,
         "since": now,
         "last_success_at": now,
-        "consecutive_failures": 0,
         "consecutive_successes": 1,
     }
-    values.update(fields)
-    return ComponentState(**values)  # type: ignore[arg-type]
+    return make_state(name, status, **{**values, **fields})
 
 
 def _store(count: int) -> StateStore:
