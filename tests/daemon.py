@@ -1,9 +1,10 @@
 """healthd as the tests run it: ``healthd_cli`` for one-shot commands, ``running_healthd`` for
-the daemon.
+the daemon, and the configs they read (``daemon_settings``, ``write_config``, ``write_toml``).
 
 ``running_healthd`` is the one way a test starts ``healthd run``: a real subprocess with its
 own environment, its log in a file, and a real ``$NOTIFY_SOCKET`` (``NotifySocket``) that
 records every ``sd_notify`` message, so tests wait on ``READY=1`` and friends, not on sleeps.
+``run_daemon_once`` is the common case built on it: one round, and everything it exported.
 """
 
 from __future__ import annotations

@@ -14,11 +14,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -386,12 +383,8 @@ def test_invalid_config_errors_show_no_secret(
     extra, extra_env = INVALID[case]
     components = _components(http, postgres.port, redis.port) + "\n" + extra
     config, env = _write_setup(tmp_path, components)
-    argv = [sys.executable, "-m", "healthd", "--config", str(config)]
-    environ = {**os.environ, **env, **extra_env}
     results = [
-        subprocess.run(
-            [*argv, *command], capture_output=True, text=True, env=environ, timeout=30, check=False
-        )
+        healthd_cli("--config", str(config), *command, env={**env, **extra_env})
         for command in (["config", "validate"], ["check", "--json"], ["run"])
     ]
 
