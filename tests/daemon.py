@@ -287,6 +287,7 @@ def running_healthd(
     args: Sequence[str] = (),
     watchdog_pid: str | None = None,
     before_exec: Callable[[], None] | None = None,
+    ready: bool = False,
 ) -> Iterator[Healthd]:
     """Start ``python -m healthd --config CONFIG ARGS run``; kill it if the test left it running.
 
@@ -295,7 +296,8 @@ def running_healthd(
     goes to ``logs`` (the config's directory by default: pass one when the config is the
     repository's). ``watchdog_pid="self"`` sets ``WATCHDOG_PID`` to the daemon's own pid, as
     systemd does. ``before_exec`` runs in the child before ``exec`` (to lower a limit, say).
-    Nothing waits here: call ``wait_for("READY", "1")``.
+    With ``ready`` it yields once the daemon sent ``READY=1`` (its first round done, its
+    metrics served, its status file written); without, at once.
     """
     notify = NotifySocket()
     directory = logs or config.parent
@@ -321,6 +323,8 @@ def running_healthd(
         )
     healthd = Healthd(popen, log_path, notify)
     try:
+        if ready:
+            healthd.wait_for("READY", "1")
         yield healthd
     finally:
         healthd.stop(signal.SIGKILL, timeout_seconds=5)
@@ -371,8 +375,7 @@ def run_daemon_once(
         env={**os.environ, **(env or {})},
     )
     try:
-        with running_healthd(config, env=env, args=("--log-level", "debug")) as daemon:
-            daemon.wait_for("READY", "1")
+        with running_healthd(config, env=env, args=("--log-level", "debug"), ready=True) as daemon:
             metrics = scrape(port)
             status_text = status_path.read_text()
             daemon.stop()

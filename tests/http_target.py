@@ -583,6 +583,12 @@ class TcpTarget:
             self._thread.join(2)
             self._thread = None
 
+    def __enter__(self) -> TcpTarget:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 @pytest.fixture
 def closed_port() -> Iterator[int]:

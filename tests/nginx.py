@@ -89,11 +89,17 @@ http {{
         """A new keep-alive connection to this nginx."""
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
 
-    def get(self, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    def get(
+        self,
+        path: str,
+        method: str = "GET",
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
         """One request on a connection of its own: status, headers, body (0 if unreachable)."""
         connection = self.connection()
         try:
-            connection.request(method, path)
+            connection.request(method, path, body=body, headers=headers or {})
             response = connection.getresponse()
             return response.status, dict(response.getheaders()), response.read()
         except OSError:

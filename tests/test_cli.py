@@ -354,8 +354,7 @@ def test_run_stops_cleanly_on_signal_with_probes_in_flight(
         f'[components.hung]\nkind = "http"\nurl = "{http_target.url("/hang")}"\n'
         'interval = "30s"\ntimeout = "200ms"\n',
     )
-    with running_healthd(path) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(path, ready=True) as healthd:
         # The hung check is now waiting on its next tick or a hanging request; stop anyway.
         started = time.monotonic()
         code = healthd.stop(sig)

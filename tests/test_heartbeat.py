@@ -277,8 +277,7 @@ def _running(tmp_path: Path, push_port: int | None = None) -> Iterator[_Daemon]:
     port = push_port or free_port()
     metrics_port = free_port()
     config = _daemon_config(tmp_path, port, metrics_port)
-    with running_healthd(config) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, ready=True) as healthd:
         yield _Daemon(healthd, config, port, metrics_port, tmp_path / "status.json")
 
 

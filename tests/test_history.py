@@ -411,16 +411,14 @@ def test_history_survives_a_restart_and_the_cli_reports_it(
     )  # fmt: skip
     env = {"HEALTHD_TEST_SECRET": SECRET}
     started = time.time()
-    with running_healthd(config, env=env) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, env=env, ready=True) as healthd:
         _wait_for_file(status, _api_status("healthy"))
         http_target.default = Reply(status=503, body=b"down")
         _wait_for_file(status, _api_status("unhealthy"))
         code = healthd.stop()
         assert code == 0
     stopped = time.time()
-    with running_healthd(config, env=env) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, env=env, ready=True) as healthd:
         restarted = time.time()
         http_target.default = Reply()
         _wait_for_file(status, _api_status("healthy"))
@@ -498,8 +496,7 @@ def test_a_reload_changes_objectives_and_the_components_in_history_json(
     settings = daemon_settings(tmp_path, port, interval="1s", timeout="900ms")
     api = {"kind": "http", "url": http_target.url("/"), "slo": 0.99}
     config = write_config(tmp_path / "healthd.toml", settings, {"api": api})
-    with running_healthd(config) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, ready=True) as healthd:
         _wait_for_file(tmp_path / "history.json", lambda d: set(d["components"]) == {"api"})
         write_config(
             config,

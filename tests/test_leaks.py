@@ -273,8 +273,7 @@ def _write_setup(tmp_path: Path, components: str, **daemon: str) -> tuple[Path, 
 
 def _run(tmp_path: Path, config: Path, env: dict[str, str], *args: str) -> dict[str, str]:
     """``healthd run`` until READY; the log, a scrape and the status file, by name."""
-    with running_healthd(config, env=env, args=args) as daemon:
-        daemon.wait_for("READY", "1")
+    with running_healthd(config, env=env, args=args, ready=True) as daemon:
         text = config.read_text()
         port = text.split('metrics_address = "127.0.0.1:', 1)[1].split('"', 1)[0]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:

@@ -297,8 +297,7 @@ def test_maintenance_from_the_cli_survives_a_restart_and_ends(tmp_path: Path) ->
     metrics_port = free_port()
     config = _daemon_config(tmp_path, metrics_port)
     cli = ("--config", str(config))
-    with running_healthd(config) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, ready=True) as healthd:
         assert _status(tmp_path)["status"] == "unhealthy"
         started = healthd_cli("maintenance", "start", "db", "--for", "30m", "--reason",
                               "disk swap", *cli)  # fmt: skip
@@ -320,8 +319,7 @@ def test_maintenance_from_the_cli_survives_a_restart_and_ends(tmp_path: Path) ->
         assert oct(os.stat(tmp_path / "control.sock").st_mode & 0o777) == "0o660"
         code = healthd.stop()
         assert code == 0
-    with running_healthd(config) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, ready=True) as healthd:
         document = _wait_status(tmp_path, _in_maintenance)
         assert document["components"]["db"]["maintenance"]["reason"] == "disk swap"
         assert document["status"] != "unhealthy"
@@ -352,8 +350,7 @@ def test_bad_control_requests_get_an_error_and_change_nothing(
     tmp_path: Path, request_bytes: bytes
 ) -> None:
     config = _daemon_config(tmp_path, free_port())
-    with running_healthd(config) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, ready=True):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(10)
             sock.connect(str(tmp_path / "control.sock"))
@@ -431,8 +428,7 @@ def test_time_in_maintenance_is_left_out_of_uptime_and_opens_no_incident(tmp_pat
 
 def test_a_window_added_by_a_reload_takes_effect_without_a_restart(tmp_path: Path) -> None:
     config = _daemon_config(tmp_path, free_port())
-    with running_healthd(config) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, ready=True) as healthd:
         assert not _in_maintenance(_status(tmp_path))
         config.write_text(
             config.read_text()

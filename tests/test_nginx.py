@@ -6,6 +6,7 @@ the atomic rename in the writer and ``open_file_cache off`` in nginx together gu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -29,8 +30,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Nginx, Pa
     """nginx in front of a healthd that rewrites its status file every millisecond."""
     tmp = tmp_path_factory.mktemp("nginx")
     status_file = tmp / "state" / "status.json"
-    target = TcpTarget()
-    closed = free_port()
     settings = daemon_settings(
         tmp,
         status_file=str(status_file),
@@ -39,21 +38,17 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Nginx, Pa
         interval="100ms",
         timeout="80ms",
     )
-    components = {
-        "api": {"kind": "tcp", "address": target.address, "critical": True},
-        "db": {"kind": "tcp", "address": f"127.0.0.1:{closed}", "description": "primary"},
-    }
-    config = write_config(tmp / "healthd.toml", settings, components)
-    try:
-        with running_healthd(config) as daemon:
-            daemon.wait_for("READY", "1")
-            nginx = Nginx(tmp / "nginx", status_file.parent)
-            try:
-                yield nginx, status_file
-            finally:
-                nginx.close()
-    finally:
-        target.stop()
+    with TcpTarget() as target:
+        components = {
+            "api": {"kind": "tcp", "address": target.address, "critical": True},
+            "db": {"kind": "tcp", "address": f"127.0.0.1:{free_port()}", "description": "primary"},
+        }
+        config = write_config(tmp / "healthd.toml", settings, components)
+        with (
+            running_healthd(config, ready=True),
+            contextlib.closing(Nginx(tmp / "nginx", status_file.parent)) as nginx,
+        ):
+            yield nginx, status_file
 
 
 def test_thousands_of_reads_during_rewrites_are_complete_json_with_the_right_headers(
@@ -86,11 +81,8 @@ def test_thousands_of_reads_during_rewrites_are_complete_json_with_the_right_hea
 
 def test_summary_details_leave_out_reasons_and_addresses(served: tuple[Nginx, Path]) -> None:
     nginx, _ = served
-    conn = nginx.connection()
-    conn.request("GET", "/status.json")
-    response = conn.getresponse()
-    text = response.read().decode()
-    conn.close()
+    _, _, body = nginx.get("/status.json")
+    text = body.decode()
     doc = json.loads(text)
     db = doc["components"]["db"]
     assert db["status"] == "unhealthy"
@@ -104,27 +96,16 @@ def test_conditional_requests_always_get_the_current_document(
     served: tuple[Nginx, Path],
 ) -> None:
     nginx, _ = served
-    conn = nginx.connection()
-    conn.request("GET", "/status.json")
-    first = conn.getresponse()
-    first.read()
-    modified = first.getheader("Last-Modified") or "Thu, 01 Jan 2099 00:00:00 GMT"
-    conn.request("GET", "/status.json", headers={"If-Modified-Since": modified})
-    again = conn.getresponse()
-    assert again.status == 200
-    assert json.loads(again.read())["schema_version"] == 1
-    conn.close()
+    _, headers, _ = nginx.get("/status.json")
+    modified = headers.get("Last-Modified") or "Thu, 01 Jan 2099 00:00:00 GMT"
+    status, _, body = nginx.get("/status.json", headers={"If-Modified-Since": modified})
+    assert status == 200
+    assert json.loads(body)["schema_version"] == 1
 
 
 def test_metrics_are_not_exposed_and_writes_are_refused(served: tuple[Nginx, Path]) -> None:
     nginx, _ = served
-    conn = nginx.connection()
-    conn.request("GET", "/metrics")
-    response = conn.getresponse()
-    assert response.status == 404
-    assert b"healthd_" not in response.read()
-    conn.request("POST", "/status.json", body=b"{}")
-    response = conn.getresponse()
-    response.read()
-    assert response.status == 403
-    conn.close()
+    status, _, body = nginx.get("/metrics")
+    assert status == 404
+    assert b"healthd_" not in body
+    assert nginx.get("/status.json", method="POST", body=b"{}")[0] == 403

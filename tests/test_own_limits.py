@@ -186,8 +186,7 @@ def test_the_daemon_raises_its_descriptor_limit_and_says_so(
     def low_soft_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
 
-    with running_healthd(config, before_exec=low_soft_limit) as daemon:
-        daemon.wait_for("READY", "1")
+    with running_healthd(config, before_exec=low_soft_limit, ready=True) as daemon:
         limits = Path(f"/proc/{daemon.pid}/limits").read_text()
         line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
         assert line.split()[3:5] == [str(hard), str(hard)]

@@ -31,21 +31,20 @@ _API_HEALTHY = 'healthd_component_status{component="api"} == 0'
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Prometheus, TcpTarget]]:
     """A healthd watching one critical TCP target, scraped by a Prometheus."""
     tmp = tmp_path_factory.mktemp("prometheus")
-    target = TcpTarget()
     healthd_port = free_port()
     settings = daemon_settings(tmp, healthd_port, interval="500ms", timeout="300ms")
-    components = {
-        "api": {"kind": "tcp", "address": target.address, "critical": True},
-        "cache": {"kind": "tcp", "address": target.address},
-    }
-    try:
-        with running_healthd(write_config(tmp / "healthd.toml", settings, components)) as healthd:
-            healthd.wait_for("READY", "1")
-            with Prometheus(tmp, [healthd_port], ALERT_RULES) as prometheus:
-                assert prometheus.shortened == 11
-                yield prometheus, target
-    finally:
-        target.stop()
+    with TcpTarget() as target:
+        components = {
+            "api": {"kind": "tcp", "address": target.address, "critical": True},
+            "cache": {"kind": "tcp", "address": target.address},
+        }
+        config = write_config(tmp / "healthd.toml", settings, components)
+        with (
+            running_healthd(config, ready=True),
+            Prometheus(tmp, [healthd_port], ALERT_RULES) as prometheus,
+        ):
+            assert prometheus.shortened == 11
+            yield prometheus, target
 
 
 def test_stopping_a_critical_target_takes_its_alert_through_pending_to_firing_and_back(

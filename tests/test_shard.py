@@ -148,8 +148,7 @@ def test_a_running_instance_neither_probes_nor_exports_another_shards_components
     components = {name: {"kind": "http", "url": target.url(f"/c/{name}")} for name in names}
     config = write_config(tmp_path / "healthd.toml", daemon, components)
     try:
-        with running_healthd(config) as healthd:
-            healthd.wait_for("READY", "1")
+        with running_healthd(config, ready=True):
             metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
             status = json.loads((tmp_path / "status.json").read_text())
         asked = {request.path.removeprefix("/c/") for request in target.requests}

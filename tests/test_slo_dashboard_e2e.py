@@ -33,29 +33,23 @@ _WINDOWS = tuple(f"rate{w}" for w in ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
 def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     """api meets its 0.99 objective, db (0.999) fails every check, cache has no objective."""
     tmp = tmp_path_factory.mktemp("slo")
-    target = TcpTarget()
     healthd_port = free_port()
-    config = write_config(
-        tmp / "healthd.toml",
-        daemon_settings(tmp, healthd_port, interval="250ms", timeout="200ms"),
-        {
+    settings = daemon_settings(tmp, healthd_port, interval="250ms", timeout="200ms")
+    with TcpTarget() as target:
+        components = {
             "api": {"kind": "tcp", "address": target.address, "critical": True, "slo": 0.99},
             "db": {"kind": "tcp", "address": f"127.0.0.1:{free_port()}", "slo": 0.999},
             "cache": {"kind": "tcp", "address": target.address},
-        },
-    )
-    try:
-        with running_healthd(config) as healthd:
-            healthd.wait_for("READY", "1")
-            with Prometheus(tmp, [healthd_port], SLO_RULES) as server:
-                assert server.shortened == 0  # the SLO rules are evaluated unmodified
-                # Enough scrapes for every rate() window to have two samples, plus an evaluation.
-                server.wait_until(
-                    lambda: server.query("component:healthd_check_errors:ratio_rate3d")
-                )
-                yield server
-    finally:
-        target.stop()
+        }
+        config = write_config(tmp / "healthd.toml", settings, components)
+        with (
+            running_healthd(config, ready=True),
+            Prometheus(tmp, [healthd_port], SLO_RULES) as server,
+        ):
+            assert server.shortened == 0  # the SLO rules are evaluated unmodified
+            # Enough scrapes for every rate() window to have two samples, plus an evaluation.
+            server.wait_until(lambda: server.query("component:healthd_check_errors:ratio_rate3d"))
+            yield server
 
 
 def _by_component(result: list[dict[str, Any]]) -> dict[str, float]:

@@ -220,8 +220,9 @@ depends_on = ["api"]
         r'^healthd_component_last_check_timestamp_seconds\{component="api"\} (\S+)$', re.M
     )
     stale_reason = 'healthd_component_reason_info{component="api",reason_code="stale"} 1.0'
-    with running_healthd(config, env={"HEALTHD_TEST_STALL_FILE": str(stall)}) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(
+        config, env={"HEALTHD_TEST_STALL_FILE": str(stall)}, ready=True
+    ) as healthd:
         assert _until(lambda: status.findall(_scrape(port)) == ["0.0"], 5)
 
         stall.touch()

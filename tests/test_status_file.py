@@ -196,8 +196,7 @@ def test_daemon_refreshes_the_file_so_generated_at_shows_freshness(
     http_target.route("/health", Reply(body=b"ok"))
     status_path = tmp_path / "state" / "status.json"
     config, _ = _config(tmp_path, http_target, status_path)
-    with running_healthd(config) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, ready=True) as healthd:
         # READY promises that the first status file is already there, with a real verdict.
         first = json.loads(status_path.read_bytes())
         assert first["components"]["api"]["status"] == "healthy"
@@ -221,8 +220,7 @@ def test_daemon_logs_a_failing_status_file_once_counts_it_and_keeps_running(
     blocker.write_text("a file where the state directory should be")
     config, port = _config(tmp_path, http_target, blocker / "status.json", refresh="0.1s")
     counter = re.compile(r"^healthd_status_file_write_failures_total (\S+)$", re.M)
-    with running_healthd(config) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, ready=True) as healthd:
         failures = 0.0
         for _ in range(100):
             found = counter.search(httpx.get(f"http://127.0.0.1:{port}/metrics").text)

@@ -211,8 +211,7 @@ url = "{http_target.url("/health")}"
 """
     )
     count = re.compile(r"^(healthd_\w+_seconds)_count (\S+)$", re.M)
-    with running_healthd(config) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, ready=True) as healthd:
         counts: dict[str, float] = {}
         # The lag sampler wakes ten times a second; wait for a few of its observations.
         for _ in range(100):

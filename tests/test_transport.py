@@ -405,8 +405,7 @@ def test_daemon_runs_with_and_without_uvloop(
         {"web": {"kind": "http", "url": http_target.url("/health"), "interval": 1}},
     )
     env = {"HEALTHD_NO_UVLOOP": "0" if uvloop_wanted else "1"}
-    with running_healthd(config, env=env) as daemon:
-        daemon.wait_for("READY", "1")
+    with running_healthd(config, env=env, ready=True) as daemon:
         maps = Path(f"/proc/{daemon.pid}/maps").read_text()
         code = daemon.stop(signal.SIGTERM)
         log = daemon.log()

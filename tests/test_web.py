@@ -79,8 +79,7 @@ def _module_site(
                        "degraded_latency": "50ms"},
         },
     )  # fmt: skip
-    with running_healthd(config) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, ready=True) as healthd:
         nginx = Nginx(tmp_path / "nginx", directory)
         try:
             yield _Site(healthd, nginx, directory, http_target)
@@ -308,8 +307,7 @@ def test_summary_mode_without_history_shows_statuses_and_no_reasons(
         {"api": {"kind": "http", "url": http_target.url("/")},
          "db": {"kind": "tcp", "address": f"127.0.0.1:{free_port()}"}},
     )  # fmt: skip
-    with running_healthd(config) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, ready=True):
         nginx = Nginx(tmp_path / "nginx", directory)
         try:
             browser.open(nginx.url("/status/"))
