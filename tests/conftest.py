@@ -1,6 +1,10 @@
-"""Shared fixtures. Server fixtures live in their own modules and are re-exported here."""
+"""Shared fixtures. Each harness module registers its own fixtures as a plugin, so a fixture is
+found by pytest wherever it is defined, not by what a module chose to re-export."""
 
-from tests.datastores import *  # noqa: F403
-from tests.http_target import *  # noqa: F403
-from tests.probing import *  # noqa: F403
-from tests.services import *  # noqa: F403
+pytest_plugins = [
+    "tests.daemon",
+    "tests.datastores",
+    "tests.http_target",
+    "tests.probing",
+    "tests.services",
+]

@@ -21,20 +21,17 @@ import atexit
 import contextlib
 import functools
 import importlib.util
-import json
 import os
 import pwd
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -42,8 +39,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tests.daemon_proc import running_healthd
-from tests.healthd_process import free_port
+from tests.daemon import free_port
+from tests.serving import closed_after, reset_around
 
 __all__ = [
     "FALKORDB_PASSWORD",
@@ -51,12 +48,10 @@ __all__ = [
     "PG_PASSWORD_USER",
     "PG_PROBE_USER",
     "REDIS_PASSWORD",
-    "DaemonOutput",
     "PostgresServer",
     "RedisServer",
     "falkordb",
     "falkordb_server",
-    "free_port",
     "pg_primary",
     "pg_primary_server",
     "pg_standby",
@@ -69,7 +64,6 @@ __all__ = [
     "redis_replication_servers",
     "redis_victim",
     "redis_victim_server",
-    "run_daemon_once",
     "wait_until",
 ]
 
@@ -94,68 +88,6 @@ def wait_until(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_seconds} s waiting for {what}")
         time.sleep(0.01)
-
-
-@dataclass(frozen=True)
-class DaemonOutput:
-    """Everything a real ``healthd run`` exported after its first round of checks."""
-
-    status: dict[str, Any]
-    status_text: str
-    metrics: str
-    logs: str
-    check_json: str
-
-    def everything(self) -> str:
-        """All output in one string, for "this secret appears nowhere" assertions."""
-        return "\n".join((self.status_text, self.metrics, self.logs, self.check_json))
-
-
-def run_daemon_once(
-    tmp_path: Path, components_toml: str, env: dict[str, str] | None = None
-) -> DaemonOutput:
-    """Run ``healthd check --json``, then ``healthd run`` until READY (first round done); return
-    the status file, a metrics scrape and the debug logs of both."""
-    port = free_port()
-    status_path = tmp_path / "status.json"
-    config = tmp_path / "healthd.toml"
-    config.write_text(
-        "[daemon]\n"
-        f'metrics_address = "127.0.0.1:{port}"\n'
-        f'status_file = "{status_path}"\n'
-        'startup_spread = "10ms"\n'
-        'interval = "2s"\n'
-        'timeout = "1s"\n\n' + components_toml
-    )
-    # Both at once: each spends most of its time importing.
-    argv = [sys.executable, "-m", "healthd", "--config", str(config), "check", "--json"]
-    check = subprocess.Popen(
-        [*argv, "--log-level", "debug"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        with running_healthd(config, tmp_path, env or {}, "--log-level", "debug") as daemon:
-            daemon.wait_for("READY", "1")
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-                metrics = reply.read().decode()
-            status_text = status_path.read_text()
-            _, logs = daemon.stop()
-        check_json, check_logs = check.communicate(timeout=30)
-    finally:
-        if check.poll() is None:
-            check.kill()
-            check.communicate()
-    assert check.returncode in (0, 1, 2), check_logs
-    return DaemonOutput(
-        status=json.loads(status_text),
-        status_text=status_text,
-        metrics=metrics,
-        logs=logs + check_logs,
-        check_json=check_json,
-    )
 
 
 # --- processes -------------------------------------------------------------------------------
@@ -326,9 +258,23 @@ class _Controlled:
     """Fault controls shared by the test servers: kill, freeze, thaw, and repair."""
 
     process: _Process | None
+    #: Everything the server wrote: removed with it.
+    root: Path
 
     def start(self) -> None:
         raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Undo whatever a test did to the server."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop the server and delete its data."""
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
 
     def kill(self) -> None:
         """SIGKILL the server and every process it started."""
@@ -353,6 +299,9 @@ class _Controlled:
             self.start()
 
 
+_S = TypeVar("_S", bound=_Controlled)
+
+
 class PostgresServer(_Controlled):
     """One PostgreSQL cluster: a data directory and a postmaster on ``port``."""
 
@@ -363,6 +312,7 @@ class PostgresServer(_Controlled):
         self.port = free_port()
         self.settings: dict[str, str] = dict(_PG_SETTINGS)
         self.process: _Process | None = None
+        self.root = data_dir.parent
 
     def start(self, *, wait: bool = True, **extra: str) -> None:
         """Start the postmaster with the base settings plus ``extra`` (this start only)."""
@@ -400,6 +350,17 @@ class PostgresServer(_Controlled):
         """Fast shutdown (SIGINT): roll back transactions, disconnect clients, exit."""
         if self.process is not None:
             self.process.stop(signal.SIGINT)
+
+    def reset(self) -> None:
+        """Running and thawed, no client connections left, WAL replay (on a standby) resumed."""
+        self.ensure_running()
+        self.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
+        self.execute(
+            "SELECT pg_wal_replay_resume() WHERE pg_is_in_recovery() AND pg_is_wal_replay_paused()"
+        )
 
     def dsn(self, user: str = "postgres", dbname: str = "postgres") -> str:
         """A key=value DSN without a password."""
@@ -442,10 +403,9 @@ def _init_cluster(user: _User, name: str) -> PostgresServer:
     return PostgresServer(data, user, name)
 
 
-def _remove(server: PostgresServer | RedisServer) -> None:
-    server.stop()
-    root = server.data_dir.parent if isinstance(server, PostgresServer) else server.data_dir
-    shutil.rmtree(root, ignore_errors=True)
+def _started(server: _S) -> _S:
+    server.start()
+    return server
 
 
 @pytest.fixture(scope="session")
@@ -457,19 +417,13 @@ def pg_primary_server() -> Iterator[PostgresServer]:
     server.execute(f"GRANT pg_monitor TO {PG_PROBE_USER}")
     server.execute(f"CREATE ROLE {PG_PASSWORD_USER} LOGIN PASSWORD '{PG_PASSWORD}'")
     yield server
-    _remove(server)
+    server.close()
 
 
 @pytest.fixture
 def pg_primary(pg_primary_server: PostgresServer) -> Iterator[PostgresServer]:
-    """The session's primary, running; connections a test leaves behind are terminated."""
-    pg_primary_server.ensure_running()
-    yield pg_primary_server
-    pg_primary_server.ensure_running()
-    pg_primary_server.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
-    )
+    """The session's primary, running, its client connections terminated."""
+    yield from reset_around(pg_primary_server)
 
 
 @pytest.fixture(scope="session")
@@ -485,38 +439,25 @@ def pg_standby_server(pg_primary_server: PostgresServer) -> Iterator[PostgresSer
             *("-U", "postgres", "-D", str(data), "-R", "-X", "stream", "-c", "fast", "--no-sync"),
         ]
     )
-    server = PostgresServer(data, user, "pg-standby")
-    server.start()
-    yield server
-    _remove(server)
+    yield from closed_after(_started(PostgresServer(data, user, "pg-standby")))
 
 
 @pytest.fixture
 def pg_standby(pg_standby_server: PostgresServer) -> Iterator[PostgresServer]:
     """The session's standby, running, hot and replaying."""
-    pg_standby_server.ensure_running()
-    yield pg_standby_server
-    pg_standby_server.ensure_running()
-    pg_standby_server.execute(
-        "SELECT pg_wal_replay_resume() WHERE pg_is_in_recovery() AND pg_is_wal_replay_paused()"
-    )
+    yield from reset_around(pg_standby_server)
 
 
 @pytest.fixture(scope="session")
 def pg_victim_server() -> Iterator[PostgresServer]:
     """A cluster of its own for tests that kill or freeze it."""
-    server = _init_cluster(_User.for_servers(), "pg-victim")
-    server.start()
-    yield server
-    _remove(server)
+    yield from closed_after(_started(_init_cluster(_User.for_servers(), "pg-victim")))
 
 
 @pytest.fixture
 def pg_victim(pg_victim_server: PostgresServer) -> Iterator[PostgresServer]:
     """The victim, running and thawed before and after each test."""
-    pg_victim_server.ensure_running()
-    yield pg_victim_server
-    pg_victim_server.ensure_running()
+    yield from reset_around(pg_victim_server)
 
 
 # --- Redis and FalkorDB -------------------------------------------------------------------------
@@ -549,6 +490,7 @@ class RedisServer(_Controlled):
         self.replica_of = replica_of
         self.port = free_port()
         self.data_dir = _scratch_dir(user, f"healthd-{name}-")
+        self.root = self.data_dir
         self.process: _Process | None = None
 
     def argv(self) -> list[str]:
@@ -639,34 +581,25 @@ def _not_busy(client: redis.Redis) -> bool:
 def redis_main_server() -> Iterator[RedisServer]:
     """A plain Redis 8 with ``requirepass``."""
     server = RedisServer("redis-main", _User.for_servers(), password=REDIS_PASSWORD)
-    server.start()
-    yield server
-    _remove(server)
+    yield from closed_after(_started(server))
 
 
 @pytest.fixture
 def redis_main(redis_main_server: RedisServer) -> Iterator[RedisServer]:
-    """The main Redis, reset after each test."""
-    redis_main_server.reset()
-    yield redis_main_server
-    redis_main_server.reset()
+    """The main Redis, reset around each test."""
+    yield from reset_around(redis_main_server)
 
 
 @pytest.fixture(scope="session")
 def redis_victim_server() -> Iterator[RedisServer]:
     """A Redis of its own for tests that kill or freeze it."""
-    server = RedisServer("redis-victim", _User.for_servers())
-    server.start()
-    yield server
-    _remove(server)
+    yield from closed_after(_started(RedisServer("redis-victim", _User.for_servers())))
 
 
 @pytest.fixture
 def redis_victim(redis_victim_server: RedisServer) -> Iterator[RedisServer]:
-    """The victim, running and thawed before and after each test."""
-    redis_victim_server.reset()
-    yield redis_victim_server
-    redis_victim_server.ensure_running()
+    """The victim, running, thawed and reset around each test."""
+    yield from reset_around(redis_victim_server)
 
 
 @pytest.fixture(scope="session")
@@ -678,8 +611,8 @@ def redis_replication_servers() -> Iterator[tuple[RedisServer, RedisServer]]:
     replica = RedisServer("redis-replica", user, password=REDIS_PASSWORD, replica_of=master)
     replica.start()
     yield master, replica
-    _remove(replica)
-    _remove(master)
+    replica.close()
+    master.close()
 
 
 def _link_up(replica: RedisServer) -> bool:
@@ -705,14 +638,10 @@ def redis_replication(
 def falkordb_server() -> Iterator[RedisServer]:
     """Redis 8 with the FalkorDB module loaded, and a password."""
     server = RedisServer("falkordb", _User.for_servers(), password=FALKORDB_PASSWORD, falkordb=True)
-    server.start()
-    yield server
-    _remove(server)
+    yield from closed_after(_started(server))
 
 
 @pytest.fixture
 def falkordb(falkordb_server: RedisServer) -> Iterator[RedisServer]:
-    """FalkorDB, reset (and emptied) after each test."""
-    falkordb_server.reset()
-    yield falkordb_server
-    falkordb_server.reset()
+    """FalkorDB, reset (and emptied) around each test."""
+    yield from reset_around(falkordb_server)

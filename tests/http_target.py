@@ -10,6 +10,7 @@ and releases anything still hanging.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import ssl
@@ -24,6 +25,9 @@ from typing import Any, Literal
 
 import pytest
 
+from tests.daemon import free_port
+from tests.serving import closed_after, reset_around
+
 __all__ = [
     "GARBAGE",
     "Certificate",
@@ -33,6 +37,7 @@ __all__ = [
     "RecordedRequest",
     "Reply",
     "TcpListener",
+    "TcpTarget",
     "closed_port",
     "compress",
     "garbage_server",
@@ -42,6 +47,7 @@ __all__ = [
     "https_target_server",
     "tcp_listener",
     "tcp_listener_server",
+    "tcp_target",
     "tls_certificate",
     "unresponsive_port",
 ]
@@ -532,6 +538,58 @@ class TcpListener:
         self._thread.stop()
 
 
+class TcpTarget:
+    """A TCP service on a fixed loopback port that accepts and closes; stop it, start it again.
+
+    Unlike ``TcpListener`` it keeps its port across a stop, so a check's address stays valid
+    while the target is down.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Listen (again) on the same port."""
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(64)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._accept, args=(sock,), daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _accept(sock: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            conn.close()
+
+    def stop(self) -> None:
+        """Stop listening: connections are refused from now on."""
+        if self._sock is not None:
+            # shutdown() wakes the thread blocked in accept(); close() alone would not.
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+            self._sock = None
+        if self._thread is not None:
+            self._thread.join(2)
+            self._thread = None
+
+    def __enter__(self) -> TcpTarget:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 @pytest.fixture
 def closed_port() -> Iterator[int]:
     """A port on 127.0.0.1 where nothing listens: bound (so nobody else takes it), not listening."""
@@ -654,25 +712,19 @@ class GarbageServer:
 @pytest.fixture
 def garbage_server() -> Iterator[GarbageServer]:
     """A fresh garbage server per test (``GARBAGE``, variant ``close``)."""
-    server = GarbageServer()
-    yield server
-    server.close()
+    yield from closed_after(GarbageServer())
 
 
 @pytest.fixture(scope="session")
 def http_target_server() -> Iterator[HttpTarget]:
     """One plain HTTP target for the whole session; use ``http_target`` in tests."""
-    server = HttpTarget()
-    yield server
-    server.close()
+    yield from closed_after(HttpTarget())
 
 
 @pytest.fixture
 def http_target(http_target_server: HttpTarget) -> Iterator[HttpTarget]:
     """The session's HTTP target, reset before and after the test."""
-    http_target_server.reset()
-    yield http_target_server
-    http_target_server.reset()
+    yield from reset_around(http_target_server)
 
 
 @pytest.fixture(scope="session")
@@ -684,30 +736,30 @@ def tls_certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
 @pytest.fixture(scope="session")
 def https_target_server(tls_certificate: Certificate) -> Iterator[HttpTarget]:
     """One HTTPS target presenting ``tls_certificate``; use ``https_target`` in tests."""
-    server = HttpTarget(tls_certificate.server_context())
-    yield server
-    server.close()
+    yield from closed_after(HttpTarget(tls_certificate.server_context()))
 
 
 @pytest.fixture
 def https_target(https_target_server: HttpTarget) -> Iterator[HttpTarget]:
     """The session's HTTPS target, reset before and after the test."""
-    https_target_server.reset()
-    yield https_target_server
-    https_target_server.reset()
+    yield from reset_around(https_target_server)
 
 
 @pytest.fixture(scope="session")
 def tcp_listener_server() -> Iterator[TcpListener]:
     """One TCP listener for the whole session; use ``tcp_listener`` in tests."""
-    listener = TcpListener()
-    yield listener
-    listener.close()
+    yield from closed_after(TcpListener())
 
 
 @pytest.fixture
 def tcp_listener(tcp_listener_server: TcpListener) -> Iterator[TcpListener]:
     """The session's TCP listener, reset before and after the test."""
-    tcp_listener_server.reset()
-    yield tcp_listener_server
-    tcp_listener_server.reset()
+    yield from reset_around(tcp_listener_server)
+
+
+@pytest.fixture
+def tcp_target() -> Iterator[TcpTarget]:
+    """A fresh ``TcpTarget`` per test (a test stops and starts it), stopped afterwards."""
+    target = TcpTarget()
+    yield target
+    target.stop()

@@ -19,28 +19,22 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from healthd.config import CheckBase
-from healthd.model import ComponentState
-from healthd.probes import PROBES, ProbeContext, SharedResources
-from healthd.scheduler import Scheduler
-from healthd.state import StateStore
-from tests.healthd_process import free_port
+from tests.daemon import free_port
 from tests.http_target import HttpTarget, Reply
+from tests.serving import closed_after, reset_around
 
 __all__ = [
     "BentoServer",
-    "Component",
     "MlflowServer",
     "bentoml_server",
     "bentoml_service",
-    "component",
     "mlflow_server",
     "mlflow_service",
     "serve_api",
@@ -63,38 +57,6 @@ _QUIET_ENV = {
     "PYTHONDONTWRITEBYTECODE": "1",
     "NO_PROXY": "*",
 }
-
-
-# --- running a check the way the daemon does -------------------------------------------------
-
-
-class Component:
-    """One component checked through the real scheduler path: probe under the check's deadline,
-    assess, latency limit, hysteresis, state store. ``ctx`` lives as long as the component, so
-    clients are reused across checks exactly as in the daemon."""
-
-    def __init__(self, check: CheckBase, name: str = "svc") -> None:
-        self.name = name
-        self.check = check
-        self.store = StateStore()
-        self.scheduler = Scheduler(self.store)
-        self.ctx = ProbeContext(SharedResources())
-
-    async def check_once(self) -> ComponentState:
-        """Run one check and return the component's new state."""
-        return await self.scheduler.run_once(
-            self.name, self.check, PROBES[self.check.kind], self.ctx
-        )
-
-
-@contextlib.asynccontextmanager
-async def component(check: CheckBase, name: str = "svc") -> AsyncIterator[Component]:
-    """A ``Component`` whose resources are closed at the end."""
-    running = Component(check, name)
-    try:
-        yield running
-    finally:
-        await running.ctx.aclose()
 
 
 # --- real servers --------------------------------------------------------------------------
@@ -240,6 +202,10 @@ class MlflowServer:
                 f.write(self._saved_store)
             self._saved_store = None
 
+    def reset(self) -> None:
+        """Undo a test's faults: the store repaired."""
+        self.repair_store()
+
     def close(self) -> None:
         """Stop the server."""
         self.repair_store()
@@ -297,6 +263,11 @@ class BentoServer:
         """SIGCONT the server and its workers."""
         _signal_all(self.process, signal.SIGCONT)
 
+    def reset(self) -> None:
+        """Undo a test's faults: running and ready."""
+        self.resume()
+        self.set_ready(True)
+
     def close(self) -> None:
         """Stop the server."""
         _stop(self.process)
@@ -306,50 +277,38 @@ class BentoServer:
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """One real MLflow server for the session; use ``mlflow_service`` in tests."""
     _require("mlflow")
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    yield server
-    server.close()
+    yield from closed_after(MlflowServer(tmp_path_factory.mktemp("mlflow")))
 
 
 @pytest.fixture
 def mlflow_service(mlflow_server: MlflowServer) -> Iterator[MlflowServer]:
-    """The session's MLflow server, its store repaired after the test."""
-    yield mlflow_server
-    mlflow_server.repair_store()
+    """The session's MLflow server, its store repaired around the test."""
+    yield from reset_around(mlflow_server)
 
 
 @pytest.fixture(scope="session")
 def bentoml_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoServer]:
     """One real BentoML server for the session; use ``bentoml_service`` in tests."""
     _require("bentoml")
-    server = BentoServer(tmp_path_factory.mktemp("bentoml"))
-    yield server
-    server.close()
+    yield from closed_after(BentoServer(tmp_path_factory.mktemp("bentoml")))
 
 
 @pytest.fixture
 def bentoml_service(bentoml_server: BentoServer) -> Iterator[BentoServer]:
-    """The session's BentoML server, running and ready again after the test."""
-    bentoml_server.set_ready(True)
-    yield bentoml_server
-    bentoml_server.resume()
-    bentoml_server.set_ready(True)
+    """The session's BentoML server, running and ready before and after the test."""
+    yield from reset_around(bentoml_server)
 
 
 @pytest.fixture(scope="session")
 def ui_target_server() -> Iterator[HttpTarget]:
     """A second HTTP target, for a UI on another port than its backend."""
-    server = HttpTarget()
-    yield server
-    server.close()
+    yield from closed_after(HttpTarget())
 
 
 @pytest.fixture
 def ui_target(ui_target_server: HttpTarget) -> Iterator[HttpTarget]:
     """The session's second HTTP target, reset before and after the test."""
-    ui_target_server.reset()
-    yield ui_target_server
-    ui_target_server.reset()
+    yield from reset_around(ui_target_server)
 
 
 # --- documented answers --------------------------------------------------------------------

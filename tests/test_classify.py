@@ -3,6 +3,7 @@ conditions and latency."""
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from healthd.classify import (
     overall,
     root_causes,
 )
-from healthd.config import Condition, HttpCheck, TcpCheck
+from healthd.config import Condition
 from healthd.exporters.metrics import exposition
 from healthd.findings import failed, format_seconds, judge_conditions, worst
 from healthd.model import ComponentState, Failure, Finding, Observation, Status
@@ -28,6 +29,7 @@ from healthd.probes import PROBES, ProbeContext
 from healthd.scheduler import Scheduler
 from healthd.state import StateStore
 from tests.http_target import HttpTarget, Reply
+from tests.probing import make_check, make_state
 
 H, D, U = Status.HEALTHY, Status.DEGRADED, Status.UNHEALTHY
 
@@ -37,11 +39,8 @@ TIMEOUT = Finding(U, "timeout", "GET /: timed out waiting for the response (limi
 SLOW = Finding(D, "slow", "GET / returned 200, but took 2 s (limit 1 s)")
 
 
-def check(**settings: Any) -> TcpCheck:
-    """A fully resolved check (as ``Config`` would hand it over) with the given policy."""
-    settings.setdefault("interval", 10)
-    settings.setdefault("timeout", 1)
-    return TcpCheck(address="db.internal:5432", **settings)
+#: A fully resolved check (as ``Config`` would hand it over); tests give it a policy.
+check = functools.partial(make_check, "tcp", address="db.internal:5432")
 
 
 def replay(
@@ -372,7 +371,7 @@ async def _checks_against(
 ) -> list[ComponentState]:
     """One check per entry through the scheduler's own path, the target answering 500 where
     the entry is true and 200 elsewhere."""
-    the_check = HttpCheck(url=http_target.url("/health"), interval=10, timeout=2)
+    the_check = make_check("http", url=http_target.url("/health"), timeout=2)
     scheduler = Scheduler(StateStore())
     states = []
     for fails in failing:
@@ -419,19 +418,8 @@ async def test_a_real_target_failing_one_percent_of_checks_is_never_unhealthy(
 
 def component(status: Status, *, critical: bool, name: str = "c") -> ComponentState:
     """A state with just enough filled in to aggregate."""
-    return ComponentState(
-        name=name,
-        kind="tcp",
-        critical=critical,
-        status=status,
-        reason_code="x",
-        reason="x",
-        latency_seconds=0.0,
-        checked_at=0.0,
-        since=0.0,
-        last_success_at=None,
-        consecutive_failures=0,
-        consecutive_successes=0,
+    return make_state(
+        name, status, critical=critical, reason_code="x", reason="x", latency_seconds=0.0
     )
 
 

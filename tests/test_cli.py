@@ -20,7 +20,7 @@ import pytest
 from healthd import __version__, cli
 from healthd.cli import CHECK_UNKNOWN
 from healthd.config import bind_address
-from tests.daemon_proc import free_port, healthd_cli, running_healthd
+from tests.daemon import free_port, healthd_cli, running_healthd
 from tests.http_target import HttpTarget, Reply, TcpListener
 
 EX_CONFIG = 78
@@ -83,10 +83,11 @@ def test_platform_layout_runs_where_nothing_runs_and_says_why(tmp_path: Path) ->
         "HEALTHD_DAEMON__STATUS_FILE": str(tmp_path / "status.json"),
         "HEALTHD_DAEMON__STARTUP_SPREAD": "10ms",
     }
-    with running_healthd(PLATFORM_CONFIG, tmp_path, env) as healthd:
+    with running_healthd(PLATFORM_CONFIG, logs=tmp_path, env=env) as healthd:
         ready = healthd.wait_for("READY", "1")
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-        code, stderr = healthd.stop()
+        code = healthd.stop()
+        stderr = healthd.log()
     assert code == 0, stderr
     doc = json.loads((tmp_path / "status.json").read_bytes())
     assert len(doc["components"]) == 13
@@ -353,11 +354,11 @@ def test_run_stops_cleanly_on_signal_with_probes_in_flight(
         f'[components.hung]\nkind = "http"\nurl = "{http_target.url("/hang")}"\n'
         'interval = "30s"\ntimeout = "200ms"\n',
     )
-    with running_healthd(path, tmp_path) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(path, ready=True) as healthd:
         # The hung check is now waiting on its next tick or a hanging request; stop anyway.
         started = time.monotonic()
-        code, stderr = healthd.stop(sig)
+        code = healthd.stop(sig)
+        stderr = healthd.log()
         elapsed = time.monotonic() - started
         assert any(m.get("STOPPING") == "1" for m in healthd.messages) or healthd.wait_for(
             "STOPPING", "1", timeout=1
@@ -711,11 +712,8 @@ _LINE = re.compile(r"^healthd: (?P<file>/[^:]+)(:\d+)?(: \$HEALTHD_\w+)?: \S.*$"
 
 
 @pytest.fixture
-def in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def in_process(no_healthd_environment: None) -> Iterator[None]:
     """``cli.main`` in this process, with no HEALTHD_* of the developer's and logging restored."""
-    for name in list(os.environ):
-        if name.upper().startswith("HEALTHD_") or name == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(name)
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield

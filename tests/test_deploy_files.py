@@ -17,14 +17,8 @@ from pathlib import Path
 import pytest
 
 from healthd.exporters import status_file
-from tests.healthd_process import (
-    REPO,
-    HealthdProcess,
-    NotifySocket,
-    TcpTarget,
-    free_port,
-    write_config,
-)
+from tests.daemon import REPO, daemon_settings, running_healthd, write_config
+from tests.http_target import TcpTarget
 
 UNIT = REPO / "systemd" / "healthd.service"
 RULES = REPO / "config" / "prometheus"
@@ -173,46 +167,36 @@ def test_healthcheck_passes_while_healthd_reports_an_outage_and_fails_when_it_is
 ) -> None:
     state = tmp_path / "status.json"
     stall = tmp_path / "stall"
-    settings = {
-        "metrics_address": f"127.0.0.1:{free_port()}",
-        "status_file": str(state),
-        "status_file_refresh": "100ms",
-        "interval": "200ms",
-        "timeout": "100ms",
-        "startup_spread": "10ms",
-    }
+    settings = daemon_settings(
+        tmp_path, status_file_refresh="100ms", interval="200ms", timeout="100ms"
+    )
     components = {"db": {"kind": "tcp", "address": _refused_address(), "critical": True}}
     config = write_config(tmp_path / "healthd.toml", settings, components)
-    notify = NotifySocket()
-    daemon = HealthdProcess(
-        config, env={"NOTIFY_SOCKET": notify.address, "HEALTHD_TEST_STALL_FILE": str(stall)}
-    )
     healthcheck = _healthcheck_command(state, max_age_seconds=1.0)
-    try:
-        notify.wait_for(lambda m: "READY" in m, 15)
-        assert json.loads(state.read_text())["status"] == "unhealthy"
-        # An unhealthy platform is healthd doing its job: the container stays healthy.
-        result = _run(*healthcheck)
-        assert result.returncode == 0, result.stdout + result.stderr
+    with running_healthd(config, env={"HEALTHD_TEST_STALL_FILE": str(stall)}) as daemon:
+        try:
+            daemon.wait_for("READY", "1")
+            assert json.loads(state.read_text())["status"] == "unhealthy"
+            # An unhealthy platform is healthd doing its job: the container stays healthy.
+            result = _run(*healthcheck)
+            assert result.returncode == 0, result.stdout + result.stderr
 
-        stall.touch()
-        deadline = time.monotonic() + 10
-        while (result := _run(*healthcheck)).returncode == 0:
-            assert time.monotonic() < deadline, "HEALTHCHECK never noticed the stall"
-            time.sleep(0.2)
-        assert result.returncode == 1
-        assert "old" in result.stdout
-        assert status_file.age_seconds(state, time.time()) > 1.0
+            stall.touch()
+            deadline = time.monotonic() + 10
+            while (result := _run(*healthcheck)).returncode == 0:
+                assert time.monotonic() < deadline, "HEALTHCHECK never noticed the stall"
+                time.sleep(0.2)
+            assert result.returncode == 1
+            assert "old" in result.stdout
+            assert status_file.age_seconds(state, time.time()) > 1.0
 
-        stall.unlink()
-        deadline = time.monotonic() + 10
-        while (result := _run(*healthcheck)).returncode != 0:
-            assert time.monotonic() < deadline, "HEALTHCHECK never recovered"
-            time.sleep(0.1)
-    finally:
-        stall.unlink(missing_ok=True)
-        daemon.stop()
-        notify.close()
+            stall.unlink()
+            deadline = time.monotonic() + 10
+            while (result := _run(*healthcheck)).returncode != 0:
+                assert time.monotonic() < deadline, "HEALTHCHECK never recovered"
+                time.sleep(0.1)
+        finally:
+            stall.unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize(

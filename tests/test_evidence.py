@@ -13,7 +13,7 @@ from healthd.classify import World, judge_world
 from healthd.config import ConfigError, load
 from healthd.model import ComponentState, Status
 from healthd.state import StateStore
-from tests.daemon_proc import healthd_cli
+from tests.daemon import healthd_cli
 
 H, D, U = Status.HEALTHY, Status.DEGRADED, Status.UNHEALTHY
 LIMIT = 35.0

@@ -1,6 +1,6 @@
 """Several healthd instances under one real Prometheus: an HA pair and three shards.
 
-The machinery is tests/test_prometheus_e2e.py's: Prometheus on loopback, 1 s scrape and
+The machinery is tests/prometheus.py's: Prometheus on loopback, 1 s scrape and
 evaluation intervals, the shipped scrape snippet (one target per instance) and a copy of the
 shipped rules whose ``for:`` durations alone are replaced by 2 s, mechanically. Each healthd is a
 real ``healthd run`` checking every 500 ms.
@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 from healthd import shard
-from tests.healthd_process import HealthdProcess, NotifySocket, free_port, write_config
+from tests.daemon import daemon_settings, free_port, running_healthd, write_config
 from tests.http_target import HttpTarget
-from tests.test_prometheus_e2e import _Prometheus
+from tests.prometheus import ALERT_RULES, Prometheus
 
 pytestmark = [
     pytest.mark.slow,
@@ -40,37 +40,18 @@ def _start(
     """A running healthd named ``name``; returns its metrics port. It stops with ``stack``, or
     when the test calls ``_STOP[port]``."""
     port = free_port()
-    settings = {
-        "metrics_address": f"127.0.0.1:{port}",
-        "status_file": str(tmp / f"{name}.json"),
-        "interval": "500ms",
-        "timeout": "300ms",
-        "startup_spread": "10ms",
-        **daemon,
-    }
+    settings = daemon_settings(
+        tmp, port, status_file=str(tmp / f"{name}.json"), interval="500ms", timeout="300ms"
+    )
+    settings.update(daemon)
     config = write_config(tmp / f"{name}.toml", settings, components)
-    notify = stack.enter_context(_closing(NotifySocket()))
-    process = HealthdProcess(config, env={"NOTIFY_SOCKET": notify.address})
-    stack.callback(process.stop)
-    _STOP[port] = process.stop
-    notify.wait_for(lambda m: "READY" in m, 15)
+    healthd = stack.enter_context(running_healthd(config))
+    _STOP[port] = healthd.stop
+    healthd.wait_for("READY", "1")
     return port
 
 
-class _closing:
-    """``with`` for the helpers that have ``close``."""
-
-    def __init__(self, thing: NotifySocket) -> None:
-        self.thing = thing
-
-    def __enter__(self) -> NotifySocket:
-        return self.thing
-
-    def __exit__(self, *exc: object) -> None:
-        self.thing.close()
-
-
-def _all_alerts(prometheus: _Prometheus) -> list[dict[str, Any]]:
+def _all_alerts(prometheus: Prometheus) -> list[dict[str, Any]]:
     return [
         a for name in (PAGE, DISAGREE, "HealthdComponentUnhealthy") for a in prometheus.alerts(name)
     ]
@@ -89,21 +70,13 @@ def refused_url() -> Iterator[str]:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}/health"
 
 
-@pytest.fixture
-def target() -> Iterator[HttpTarget]:
-    server = HttpTarget()
-    yield server
-    server.close()
-
-
 def test_a_target_refused_from_one_prober_only_is_one_ticket_and_no_page(
-    tmp_path: Path, target: HttpTarget, refused_url: str
+    tmp_path: Path, http_target: HttpTarget, refused_url: str
 ) -> None:
     with ExitStack() as stack:
-        seeing = _start(stack, tmp_path, "a", _api(target.url("/health")))
+        seeing = _start(stack, tmp_path, "a", _api(http_target.url("/health")))
         refused = _start(stack, tmp_path, "b", _api(refused_url))
-        prometheus = _Prometheus(tmp_path, [seeing, refused])
-        stack.callback(prometheus.stop)
+        prometheus = stack.enter_context(Prometheus(tmp_path, [seeing, refused], ALERT_RULES))
         # Until Prometheus has scraped both, the one it has is every prober there is, and its
         # page may go pending; from the first evaluation that sees both, it must never again.
         prometheus.wait_until(
@@ -136,8 +109,7 @@ def test_a_target_refused_from_one_prober_only_is_one_ticket_and_no_page(
 def test_a_target_refused_from_both_probers_is_one_page(tmp_path: Path, refused_url: str) -> None:
     with ExitStack() as stack:
         ports = [_start(stack, tmp_path, name, _api(refused_url)) for name in ("a", "b")]
-        prometheus = _Prometheus(tmp_path, ports)
-        stack.callback(prometheus.stop)
+        prometheus = stack.enter_context(Prometheus(tmp_path, ports, ALERT_RULES))
         prometheus.wait_until(
             lambda: len(prometheus.query('healthd_component_status{component="api"} == 2')) == 2
         )
@@ -159,7 +131,7 @@ def test_a_target_refused_from_both_probers_is_one_page(tmp_path: Path, refused_
 
 
 def test_three_shards_check_every_component_exactly_once(
-    tmp_path: Path, target: HttpTarget
+    tmp_path: Path, http_target: HttpTarget
 ) -> None:
     names = [f"svc{n:02d}" for n in range(15)]
     owner = shard.assign(names, 3)
@@ -168,19 +140,18 @@ def test_three_shards_check_every_component_exactly_once(
         for index in (1, 2, 3):
             # The same components in every config; `via` tells the target who asked.
             components = {
-                name: {"kind": "http", "url": target.url(f"/c/{name}?via={index}")}
+                name: {"kind": "http", "url": http_target.url(f"/c/{name}?via={index}")}
                 for name in names
             }
             ports[index] = _start(stack, tmp_path, f"s{index}", components, shard=f"{index}/3")
-        prometheus = _Prometheus(tmp_path, list(ports.values()))
-        stack.callback(prometheus.stop)
+        prometheus = stack.enter_context(Prometheus(tmp_path, list(ports.values()), ALERT_RULES))
         prometheus.wait_until(
             lambda: len(prometheus.query('healthd_component_status{job="healthd"} == 0')) == 15
         )
 
         # Each component was requested by its own shard's instance and by no other.
         asked: dict[str, set[int]] = {}
-        for request in target.requests:
+        for request in http_target.requests:
             url = urllib.parse.urlsplit(request.path)
             via = int(urllib.parse.parse_qs(url.query)["via"][0])
             asked.setdefault(url.path.removeprefix("/c/"), set()).add(via)

@@ -20,7 +20,7 @@ from healthd.config import HeartbeatCheck
 from healthd.heartbeats import Pings, PingStore, PushServer
 from healthd.model import Observation, Status
 from healthd.probes.heartbeat import HeartbeatFacts, assess, human_seconds
-from tests.daemon_proc import Healthd, free_port, healthd_cli, running_healthd
+from tests.daemon import Healthd, free_port, healthd_cli, running_healthd
 
 TOKEN = "hb-T0ken/with+plus%and"
 NOW = 1_800_000_000.0
@@ -277,8 +277,7 @@ def _running(tmp_path: Path, push_port: int | None = None) -> Iterator[_Daemon]:
     port = push_port or free_port()
     metrics_port = free_port()
     config = _daemon_config(tmp_path, port, metrics_port)
-    with running_healthd(config, tmp_path) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, ready=True) as healthd:
         yield _Daemon(healthd, config, port, metrics_port, tmp_path / "status.json")
 
 
@@ -361,7 +360,8 @@ def test_bad_requests_get_4xx_and_change_no_verdict(tmp_path: Path) -> None:
         pings = json.loads((tmp_path / "heartbeats.json").read_text())["heartbeats"]
         assert pings["cleanup"]["success_at"] is None
         assert pings["cleanup"]["fail_at"] is None
-        code, log = daemon.healthd.stop()
+        code = daemon.healthd.stop()
+        log = daemon.healthd.log()
     assert code == 0
     assert "Traceback" not in log
 
@@ -441,7 +441,8 @@ def test_the_token_never_appears_in_logs_status_metrics_or_config_show(tmp_path:
         metrics = httpx.get(daemon.metrics_url).text
         status = daemon.status_path.read_text()
         pings = (tmp_path / "heartbeats.json").read_text()
-        _, log = daemon.healthd.stop()
+        daemon.healthd.stop()
+        log = daemon.healthd.log()
     shown = healthd_cli("config", "show", "--config", str(daemon.config))
     check = healthd_cli("check", "--json", "--config", str(daemon.config))
     assert "healthd_component_status" in metrics
@@ -489,7 +490,7 @@ def test_a_reload_takes_the_new_token_at_once(tmp_path: Path) -> None:
     with _running(tmp_path) as daemon:
         text = daemon.config.read_text()
         daemon.config.write_text(text.replace(TOKEN, "rotated-token-2"))
-        daemon.healthd.process.signal(signal.SIGHUP)
+        daemon.healthd.signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
         while daemon.post("/ping/cleanup", token="rotated-token-2").status_code != 200:
             assert time.monotonic() < deadline, "the new token was never accepted"

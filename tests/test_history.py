@@ -24,28 +24,25 @@ from healthd.history import History
 from healthd.model import ComponentState, Status
 from healthd.secrets import Redactor
 from healthd.state import StateStore
-from tests.daemon_proc import free_port, healthd_cli, running_healthd
-from tests.healthd_process import write_config
+from tests.daemon import daemon_settings, free_port, healthd_cli, running_healthd, write_config
 from tests.http_target import HttpTarget, Reply
+from tests.probing import make_state
 
 T0 = 1_764_000_000.0  # 2025-11-24T16:00:00Z, the start of an hour
 SECRET = "hunter2-very-secret"
 
 
 def _state(name: str, status: Status, at: float, reason: str = "fine") -> ComponentState:
-    return ComponentState(
-        name=name,
+    code = "ok" if status is Status.HEALTHY else "connection_refused"
+    return make_state(
+        name,
+        status,
         kind="http",
         critical=True,
-        status=status,
-        reason_code="ok" if status is Status.HEALTHY else "connection_refused",
+        reason_code=code,
         reason=reason,
-        latency_seconds=0.01,
         checked_at=at,
         since=at,
-        last_success_at=None,
-        consecutive_failures=0,
-        consecutive_successes=0,
         checks_total={"success": 1},
     )
 
@@ -407,24 +404,21 @@ def test_history_survives_a_restart_and_the_cli_reports_it(
     status = tmp_path / "status.json"
     config = write_config(
         tmp_path / "healthd.toml",
-        {"metrics_address": f"127.0.0.1:{free_port()}", "status_file": str(status),
-         "interval": "1s", "timeout": "900ms", "startup_spread": "10ms"},
+        daemon_settings(tmp_path, interval="1s", timeout="900ms"),
         {"api": {"kind": "http", "url": http_target.url(f"/health?token={SECRET}"),
                  "critical": True, "failure_threshold": 1, "recovery_threshold": 1,
                  "slo": 0.99}},
     )  # fmt: skip
     env = {"HEALTHD_TEST_SECRET": SECRET}
     started = time.time()
-    with running_healthd(config, tmp_path, env) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, env=env, ready=True) as healthd:
         _wait_for_file(status, _api_status("healthy"))
         http_target.default = Reply(status=503, body=b"down")
         _wait_for_file(status, _api_status("unhealthy"))
-        code, _ = healthd.stop()
+        code = healthd.stop()
         assert code == 0
     stopped = time.time()
-    with running_healthd(config, tmp_path, env) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, env=env, ready=True) as healthd:
         restarted = time.time()
         http_target.default = Reply()
         _wait_for_file(status, _api_status("healthy"))
@@ -499,24 +493,17 @@ def test_a_reload_changes_objectives_and_the_components_in_history_json(
     tmp_path: Path, http_target: HttpTarget
 ) -> None:
     port = free_port()
-    settings = {
-        "metrics_address": f"127.0.0.1:{port}",
-        "status_file": str(tmp_path / "status.json"),
-        "interval": "1s",
-        "timeout": "900ms",
-        "startup_spread": "10ms",
-    }
+    settings = daemon_settings(tmp_path, port, interval="1s", timeout="900ms")
     api = {"kind": "http", "url": http_target.url("/"), "slo": 0.99}
     config = write_config(tmp_path / "healthd.toml", settings, {"api": api})
-    with running_healthd(config, tmp_path) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, ready=True) as healthd:
         _wait_for_file(tmp_path / "history.json", lambda d: set(d["components"]) == {"api"})
         write_config(
             config,
             settings,
             {"api": {**api, "slo": 0.999}, "db": {"kind": "tcp", "address": "127.0.0.1:1"}},
         )
-        healthd.process.signal(signal.SIGHUP)
+        healthd.signal(signal.SIGHUP)
         healthd.wait_for("RELOADING", "1")
         _wait_for_file(tmp_path / "history.json", lambda d: set(d["components"]) == {"api", "db"})
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:

@@ -14,11 +14,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -28,7 +25,7 @@ from urllib.parse import quote
 import pytest
 
 from healthd.secrets import derived_forms
-from tests.daemon_proc import free_port, healthd_cli, running_healthd
+from tests.daemon import daemon_settings, healthd_cli, running_healthd
 from tests.http_target import HttpTarget, Reply
 
 #: Each holds a character some encoding changes: backslash, quote, percent, plus, slash,
@@ -199,18 +196,12 @@ headers.Authorization = "Bearer ${{env:LEAK_BEARER}}"
 headers.X-Api-Key = {json.dumps(LITERAL_HEADER)}
 # Every other component's reason is appended to this one's (it fails): the grep covers it.
 evidence = ["cut", "basic", "tracking", "supa", "pg_kv", "pg_url", "cache", "unit", "machine"]
-[[components.bearer.conditions]]
-json = "headers.authorization"
-equals = "nope"
-[[components.bearer.conditions]]
-json = "headers.x-api-key"
-equals = "nope"
-[[components.bearer.conditions]]
-json = "body"
-equals = "nope"
-[[components.bearer.conditions]]
-json = "headers"
-equals = "nope"
+conditions = [
+    {{json = "headers.authorization", equals = "nope"}},
+    {{json = "headers.x-api-key", equals = "nope"}},
+    {{json = "body", equals = "nope"}},
+    {{json = "headers", equals = "nope"}},
+]
 
 [components.cut]
 kind = "http"
@@ -219,16 +210,12 @@ url = "{http.url("/echo")}"
 body = "{"x" * 85} token=${{env:LEAK_BEARER}}"
 # The quote of the echoed body (100 characters at most) would be cut short in the middle of
 # the secret; it is redacted before the cut, so the cut falls inside "<redacted>" instead.
-[[components.cut.conditions]]
-json = "body"
-equals = "nope"
+conditions = [{{json = "body", equals = "nope"}}]
 
 [components.basic]
 kind = "http"
 url = "{web_url}"
-[[components.basic.conditions]]
-json = "headers.authorization"
-equals = "nope"
+conditions = [{{json = "headers.authorization", equals = "nope"}}]
 
 [components.tracking]
 kind = "mlflow"
@@ -272,14 +259,7 @@ def _write_setup(tmp_path: Path, components: str, **daemon: str) -> tuple[Path, 
     (secrets / "mlflow_user").write_text(MLFLOW_USER + "\n")
     (secrets / "mlflow_password").write_text(MLFLOW_PASSWORD)
     (secrets / "redis_password").write_text(REDIS_PASSWORD + "\n")
-    settings = {
-        "metrics_address": f"127.0.0.1:{free_port()}",
-        "status_file": str(tmp_path / "status.json"),
-        "startup_spread": "10ms",
-        "interval": "1s",
-        "timeout": "900ms",
-        **daemon,
-    }
+    settings = daemon_settings(tmp_path, interval="1s", timeout="900ms", **daemon)
     lines = ["[daemon]", *(f"{k} = {json.dumps(v)}" for k, v in settings.items())]
     config = tmp_path / "healthd.toml"
     config.write_text("\n".join(lines) + "\n" + components.replace("{secrets}", str(secrets)))
@@ -293,14 +273,14 @@ def _write_setup(tmp_path: Path, components: str, **daemon: str) -> tuple[Path, 
 
 def _run(tmp_path: Path, config: Path, env: dict[str, str], *args: str) -> dict[str, str]:
     """``healthd run`` until READY; the log, a scrape and the status file, by name."""
-    with running_healthd(config, tmp_path, env, *args) as daemon:
-        daemon.wait_for("READY", "1")
+    with running_healthd(config, env=env, args=args, ready=True) as daemon:
         text = config.read_text()
         port = text.split('metrics_address = "127.0.0.1:', 1)[1].split('"', 1)[0]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
             metrics = reply.read().decode()
         status = (tmp_path / "status.json").read_text()
-        code, log = daemon.stop()
+        code = daemon.stop()
+        log = daemon.log()
     assert code == 0, log
     return {"log": log, "metrics": metrics, "status file": status}
 
@@ -402,12 +382,8 @@ def test_invalid_config_errors_show_no_secret(
     extra, extra_env = INVALID[case]
     components = _components(http, postgres.port, redis.port) + "\n" + extra
     config, env = _write_setup(tmp_path, components)
-    argv = [sys.executable, "-m", "healthd", "--config", str(config)]
-    environ = {**os.environ, **env, **extra_env}
     results = [
-        subprocess.run(
-            [*argv, *command], capture_output=True, text=True, env=environ, timeout=30, check=False
-        )
+        healthd_cli("--config", str(config), *command, env={**env, **extra_env})
         for command in (["config", "validate"], ["check", "--json"], ["run"])
     ]
 

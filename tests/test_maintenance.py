@@ -18,11 +18,12 @@ import httpx
 import pytest
 
 from healthd.classify import judge_world, next_state
-from healthd.config import ConfigError, TcpCheck, load
+from healthd.config import ConfigError, load
 from healthd.maintenance import Window, active, parse_weekly
 from healthd.model import ComponentState, Finding, Maintenance, Observation, Status
 from healthd.state import StateStore
-from tests.daemon_proc import free_port, healthd_cli, running_healthd
+from tests.daemon import free_port, healthd_cli, running_healthd
+from tests.probing import make_check
 
 
 def ts(text: str) -> float:
@@ -167,7 +168,7 @@ def test_bad_maintenance_window_names_file_key_and_line(
 
 # --- judgement ------------------------------------------------------------------------------
 
-CHECK = TcpCheck(address="127.0.0.1:1", interval=10, timeout=1, critical=True)
+CHECK = make_check("tcp", address="127.0.0.1:1", critical=True)
 DOWN = Finding(Status.UNHEALTHY, "connection_refused", "connect: connection refused")
 UP = Finding(Status.HEALTHY, "ok", "connected")
 
@@ -296,8 +297,7 @@ def test_maintenance_from_the_cli_survives_a_restart_and_ends(tmp_path: Path) ->
     metrics_port = free_port()
     config = _daemon_config(tmp_path, metrics_port)
     cli = ("--config", str(config))
-    with running_healthd(config, tmp_path) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, ready=True) as healthd:
         assert _status(tmp_path)["status"] == "unhealthy"
         started = healthd_cli("maintenance", "start", "db", "--for", "30m", "--reason",
                               "disk swap", *cli)  # fmt: skip
@@ -317,10 +317,9 @@ def test_maintenance_from_the_cli_survives_a_restart_and_ends(tmp_path: Path) ->
         [row] = json.loads(listed.stdout)
         assert (row["component"], row["source"], row["reason"]) == ("db", "cli", "disk swap")
         assert oct(os.stat(tmp_path / "control.sock").st_mode & 0o777) == "0o660"
-        code, _ = healthd.stop()
+        code = healthd.stop()
         assert code == 0
-    with running_healthd(config, tmp_path) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, ready=True) as healthd:
         document = _wait_status(tmp_path, _in_maintenance)
         assert document["components"]["db"]["maintenance"]["reason"] == "disk swap"
         assert document["status"] != "unhealthy"
@@ -351,8 +350,7 @@ def test_bad_control_requests_get_an_error_and_change_nothing(
     tmp_path: Path, request_bytes: bytes
 ) -> None:
     config = _daemon_config(tmp_path, free_port())
-    with running_healthd(config, tmp_path) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, ready=True):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(10)
             sock.connect(str(tmp_path / "control.sock"))
@@ -430,15 +428,14 @@ def test_time_in_maintenance_is_left_out_of_uptime_and_opens_no_incident(tmp_pat
 
 def test_a_window_added_by_a_reload_takes_effect_without_a_restart(tmp_path: Path) -> None:
     config = _daemon_config(tmp_path, free_port())
-    with running_healthd(config, tmp_path) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, ready=True) as healthd:
         assert not _in_maintenance(_status(tmp_path))
         config.write_text(
             config.read_text()
             + '\n[[maintenance]]\ncomponents = ["db"]\nreason = "reindex"\n'
             + 'weekly = "Mon 00:00-Mon 00:00"\n'  # the whole week
         )
-        healthd.process.signal(signal.SIGHUP)
+        healthd.signal(signal.SIGHUP)
         document = _wait_status(tmp_path, _in_maintenance)
         assert document["components"]["db"]["maintenance"]["source"] == "config"
         assert document["components"]["db"]["maintenance"]["reason"] == "reindex"

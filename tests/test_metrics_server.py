@@ -22,26 +22,23 @@ from pathlib import Path
 import pytest
 
 from healthd.exporters.metrics import MetricsServer
-from healthd.model import ComponentState, Status
+from healthd.model import ComponentState
 from healthd.state import StateStore
-from tests.healthd_process import HealthdProcess, NotifySocket, TcpTarget, free_port, write_config
+from tests.daemon import daemon_settings, free_port, running_healthd, write_config
+from tests.http_target import TcpTarget
+from tests.probing import make_state
 
 NOW = 1_800_000_000.0
 
 
 def _state(name: str) -> ComponentState:
-    return ComponentState(
-        name=name,
-        kind="tcp",
-        critical=False,
-        status=Status.HEALTHY,
-        reason_code="ok",
+    return make_state(
+        name,
         reason="connected",
         latency_seconds=0.001,
         checked_at=NOW,
         since=NOW,
         last_success_at=NOW,
-        consecutive_failures=0,
         consecutive_successes=1,
         checks_total={"success": 1},
     )
@@ -341,88 +338,78 @@ def _raise_own_descriptor_limit(wanted: int) -> None:
         pytest.skip(f"this test needs {wanted} descriptors; the hard limit is {hard}")
 
 
-def test_a_real_daemon_shrugs_off_idle_slowloris_and_hang_ups(tmp_path: Path) -> None:
+def test_a_real_daemon_shrugs_off_idle_slowloris_and_hang_ups(
+    tmp_path: Path, tcp_target: TcpTarget
+) -> None:
     _raise_own_descriptor_limit(3000)
-    target = TcpTarget()
-    notify = NotifySocket()
     port = free_port()
     config = write_config(
         tmp_path / "healthd.toml",
-        {
-            "metrics_address": f"127.0.0.1:{port}",
-            "status_file": str(tmp_path / "status.json"),
-            "interval": "500ms",
-            "timeout": "300ms",
-            "startup_spread": "100ms",
-        },
-        {f"c{i:02d}": {"kind": "tcp", "address": target.address} for i in range(40)},
+        daemon_settings(tmp_path, port, interval="500ms", timeout="300ms", startup_spread="100ms"),
+        {f"c{i:02d}": {"kind": "tcp", "address": tcp_target.address} for i in range(40)},
     )
-    daemon = HealthdProcess(
-        config, env={"NOTIFY_SOCKET": notify.address}, args=("--log-format", "json")
-    )
-    abuse: _Abuse | None = None
-    try:
-        notify.wait_for(lambda m: "READY" in m, 15)
-        pid = daemon.pid
-        _, body = _scrape(port)
-        fds_before, threads_before = _fds(pid), _threads(pid)
-        checks_before = _sum(body, "healthd_checks_total")
-        late_before = _sum(body, "healthd_scheduler_lateness_seconds_bucket")
+    with running_healthd(config, args=("--log-format", "json")) as daemon:
+        abuse: _Abuse | None = None
+        try:
+            daemon.wait_for("READY", "1")
+            pid = daemon.pid
+            _, body = _scrape(port)
+            fds_before, threads_before = _fds(pid), _threads(pid)
+            checks_before = _sum(body, "healthd_checks_total")
+            late_before = _sum(body, "healthd_scheduler_lateness_seconds_bucket")
 
-        abuse = _Abuse(port, idle=2000, slowloris=200)
-        # The flood is in: the daemon accepted it and closed all but the newest 64 or so.
-        deadline = time.monotonic() + 10
-        while abuse.closed_by_server() < 1900:
-            assert time.monotonic() < deadline, abuse.closed_by_server()
-            time.sleep(0.05)
-        abused_at = time.monotonic()
-        latencies, fds, threads = [], [], []
-        while time.monotonic() - abused_at < 6:
-            latency, body = _scrape(port)
-            latencies.append(latency)
-            fds.append(_fds(pid))
-            threads.append(_threads(pid))
-            time.sleep(0.2)
-        # Hang-ups mid-scrape, with a reset: the daemon's writes fail.
-        for _ in range(50):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            sock.recv(10)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.close()
-        _, body = _scrape(port)
-        elapsed = time.monotonic() - abused_at
-        latencies.sort()
-        # Every scrape answered at once (a SYN dropped by a full queue would be 1 s); the
-        # median is what a quiet daemon gives on this shared machine.
-        assert latencies[len(latencies) // 2] < 0.1, [round(x * 1000) for x in latencies]
-        assert latencies[-1] < 1.0, [round(x * 1000) for x in latencies]
-        # 64 metrics connections at most, 40 probes' sockets, never 2,200 connections' worth.
-        assert max(fds) <= fds_before + 64 + 40 + 10, (fds_before, fds)
-        assert max(threads) <= threads_before + 2, (threads_before, threads)
-        # 40 checks every 0.5 s kept their schedule: none started half a second late.
-        checks = _sum(body, "healthd_checks_total") - checks_before
-        assert checks >= 0.8 * 40 * elapsed / 0.5, (checks, elapsed)
-        late = body.split('healthd_scheduler_lateness_seconds_bucket{le="0.5"} ')[1]
-        on_time = float(late.split("\n", 1)[0])
-        total = _sum(body, "healthd_scheduler_lateness_seconds_count")
-        assert total - on_time == 0, body
-        assert late_before >= 0
+            abuse = _Abuse(port, idle=2000, slowloris=200)
+            # The flood is in: the daemon accepted it and closed all but the newest 64 or so.
+            deadline = time.monotonic() + 10
+            while abuse.closed_by_server() < 1900:
+                assert time.monotonic() < deadline, abuse.closed_by_server()
+                time.sleep(0.05)
+            abused_at = time.monotonic()
+            latencies, fds, threads = [], [], []
+            while time.monotonic() - abused_at < 6:
+                latency, body = _scrape(port)
+                latencies.append(latency)
+                fds.append(_fds(pid))
+                threads.append(_threads(pid))
+                time.sleep(0.2)
+            # Hang-ups mid-scrape, with a reset: the daemon's writes fail.
+            for _ in range(50):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                sock.recv(10)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            _, body = _scrape(port)
+            elapsed = time.monotonic() - abused_at
+            latencies.sort()
+            # Every scrape answered at once (a SYN dropped by a full queue would be 1 s); the
+            # median is what a quiet daemon gives on this shared machine.
+            assert latencies[len(latencies) // 2] < 0.1, [round(x * 1000) for x in latencies]
+            assert latencies[-1] < 1.0, [round(x * 1000) for x in latencies]
+            # 64 metrics connections at most, 40 probes' sockets, never 2,200 connections' worth.
+            assert max(fds) <= fds_before + 64 + 40 + 10, (fds_before, fds)
+            assert max(threads) <= threads_before + 2, (threads_before, threads)
+            # 40 checks every 0.5 s kept their schedule: none started half a second late.
+            checks = _sum(body, "healthd_checks_total") - checks_before
+            assert checks >= 0.8 * 40 * elapsed / 0.5, (checks, elapsed)
+            late = body.split('healthd_scheduler_lateness_seconds_bucket{le="0.5"} ')[1]
+            on_time = float(late.split("\n", 1)[0])
+            total = _sum(body, "healthd_scheduler_lateness_seconds_count")
+            assert total - on_time == 0, body
+            assert late_before >= 0
 
-        # The slowloris stop; every connection the daemon still holds is idle, and is closed
-        # 5 s after it was accepted. (Connections the kernel never queued cost it nothing.)
-        abuse.stop_dribbling()
-        deadline = time.monotonic() + 15
-        while _fds(pid) > fds_before + 40:
-            assert time.monotonic() < deadline, (fds_before, _fds(pid))
-            time.sleep(0.2)
-        assert abuse.closed_by_server() > 64
-    finally:
-        if abuse is not None:
-            abuse.close()
-        code = daemon.stop()
-        notify.close()
-        target.stop()
+            # The slowloris stop; every connection the daemon still holds is idle, and is closed
+            # 5 s after it was accepted. (Connections the kernel never queued cost it nothing.)
+            abuse.stop_dribbling()
+            deadline = time.monotonic() + 15
+            while _fds(pid) > fds_before + 40:
+                assert time.monotonic() < deadline, (fds_before, _fds(pid))
+                time.sleep(0.2)
+            assert abuse.closed_by_server() > 64
+        finally:
+            if abuse is not None:
+                abuse.close()
+            code = daemon.stop()
     assert code == 0
     lines = daemon.log().splitlines()
     assert lines

@@ -6,145 +6,53 @@ the atomic rename in the writer and ``open_file_cache off`` in nginx together gu
 
 from __future__ import annotations
 
-import http.client
+import contextlib
 import json
-import os
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.healthd_process import (
-    REPO,
-    HealthdProcess,
-    NotifySocket,
-    TcpTarget,
-    free_port,
-    write_config,
-)
+from tests.daemon import daemon_settings, free_port, running_healthd, write_config
+from tests.http_target import TcpTarget
+from tests.nginx import Nginx, nginx_binary
 
-SNIPPET = REPO / "config" / "nginx" / "healthd.conf"
-_PUBLISHED_PATH = "/var/lib/healthd/status.json"
 _READS = 3000
 _REWRITES = 40
 
 
-def _nginx_binary() -> str | None:
-    # /usr/sbin is often missing from a non-root PATH.
-    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
-    return found
-
-
-pytestmark = pytest.mark.skipif(_nginx_binary() is None, reason="nginx is not installed")
-
-
-class _Nginx:
-    """A test-owned nginx (``-p`` prefix in a tmp dir) serving the snippet on loopback."""
-
-    def __init__(self, prefix: Path, status_file: Path) -> None:
-        self.port = free_port()
-        self.error_log = prefix / "logs" / "error.log"
-        (prefix / "logs").mkdir(parents=True)
-        (prefix / "tmp").mkdir()
-        snippet = SNIPPET.read_text()
-        assert _PUBLISHED_PATH in snippet
-        # The only change to the shipped snippet: where the status file lives in this test.
-        (prefix / "healthd.conf").write_text(snippet.replace(_PUBLISHED_PATH, str(status_file)))
-        user = "user root;" if os.geteuid() == 0 else ""
-        temp = "\n".join(
-            f"    {kind}_temp_path {prefix}/tmp/{kind};"
-            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-        )
-        (prefix / "nginx.conf").write_text(
-            f"""
-{user}
-worker_processes 1;
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/logs/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    sendfile on;
-{temp}
-    server {{
-        listen 127.0.0.1:{self.port};
-        include {prefix}/healthd.conf;
-    }}
-}}
-"""
-        )
-        binary = _nginx_binary()
-        assert binary is not None
-        # -e: even before reading the config, nginx opens an error log; keep it in the prefix.
-        command = [binary, "-p", str(prefix), "-e", str(self.error_log)]
-        command += ["-c", str(prefix / "nginx.conf")]
-        subprocess.run([*command, "-t", "-q"], check=True, capture_output=True)
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                assert self.process.poll() is None, self.process.stderr
-                assert time.monotonic() < deadline, "nginx did not start listening"
-                time.sleep(0.02)
-
-    def connection(self) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+pytestmark = pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed")
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[_Nginx, Path]]:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Nginx, Path]]:
     """nginx in front of a healthd that rewrites its status file every millisecond."""
     tmp = tmp_path_factory.mktemp("nginx")
     status_file = tmp / "state" / "status.json"
-    target = TcpTarget()
-    closed = free_port()
-    settings = {
-        "metrics_address": f"127.0.0.1:{free_port()}",
-        "status_file": str(status_file),
-        "status_file_refresh": "1ms",
-        "status_details": "summary",
-        "interval": "100ms",
-        "timeout": "80ms",
-        "startup_spread": "10ms",
-    }
-    components = {
-        "api": {"kind": "tcp", "address": target.address, "critical": True},
-        "db": {"kind": "tcp", "address": f"127.0.0.1:{closed}", "description": "primary"},
-    }
-    config = write_config(tmp / "healthd.toml", settings, components)
-    notify = NotifySocket()
-    daemon = HealthdProcess(config, env={"NOTIFY_SOCKET": notify.address})
-    nginx: _Nginx | None = None
-    try:
-        notify.wait_for(lambda m: "READY" in m, 15)
-        nginx = _Nginx(tmp / "nginx", status_file)
-        yield nginx, status_file
-    finally:
-        if nginx is not None:
-            nginx.stop()
-        daemon.stop()
-        notify.close()
-        target.stop()
+    settings = daemon_settings(
+        tmp,
+        status_file=str(status_file),
+        status_file_refresh="1ms",
+        status_details="summary",
+        interval="100ms",
+        timeout="80ms",
+    )
+    with TcpTarget() as target:
+        components = {
+            "api": {"kind": "tcp", "address": target.address, "critical": True},
+            "db": {"kind": "tcp", "address": f"127.0.0.1:{free_port()}", "description": "primary"},
+        }
+        config = write_config(tmp / "healthd.toml", settings, components)
+        with (
+            running_healthd(config, ready=True),
+            contextlib.closing(Nginx(tmp / "nginx", status_file.parent)) as nginx,
+        ):
+            yield nginx, status_file
 
 
 def test_thousands_of_reads_during_rewrites_are_complete_json_with_the_right_headers(
-    served: tuple[_Nginx, Path],
+    served: tuple[Nginx, Path],
 ) -> None:
     nginx, _ = served
     conn = nginx.connection()
@@ -171,13 +79,10 @@ def test_thousands_of_reads_during_rewrites_are_complete_json_with_the_right_hea
     conn.close()
 
 
-def test_summary_details_leave_out_reasons_and_addresses(served: tuple[_Nginx, Path]) -> None:
+def test_summary_details_leave_out_reasons_and_addresses(served: tuple[Nginx, Path]) -> None:
     nginx, _ = served
-    conn = nginx.connection()
-    conn.request("GET", "/status.json")
-    response = conn.getresponse()
-    text = response.read().decode()
-    conn.close()
+    _, _, body = nginx.get("/status.json")
+    text = body.decode()
     doc = json.loads(text)
     db = doc["components"]["db"]
     assert db["status"] == "unhealthy"
@@ -188,30 +93,19 @@ def test_summary_details_leave_out_reasons_and_addresses(served: tuple[_Nginx, P
 
 
 def test_conditional_requests_always_get_the_current_document(
-    served: tuple[_Nginx, Path],
+    served: tuple[Nginx, Path],
 ) -> None:
     nginx, _ = served
-    conn = nginx.connection()
-    conn.request("GET", "/status.json")
-    first = conn.getresponse()
-    first.read()
-    modified = first.getheader("Last-Modified") or "Thu, 01 Jan 2099 00:00:00 GMT"
-    conn.request("GET", "/status.json", headers={"If-Modified-Since": modified})
-    again = conn.getresponse()
-    assert again.status == 200
-    assert json.loads(again.read())["schema_version"] == 1
-    conn.close()
+    _, headers, _ = nginx.get("/status.json")
+    modified = headers.get("Last-Modified") or "Thu, 01 Jan 2099 00:00:00 GMT"
+    status, _, body = nginx.get("/status.json", headers={"If-Modified-Since": modified})
+    assert status == 200
+    assert json.loads(body)["schema_version"] == 1
 
 
-def test_metrics_are_not_exposed_and_writes_are_refused(served: tuple[_Nginx, Path]) -> None:
+def test_metrics_are_not_exposed_and_writes_are_refused(served: tuple[Nginx, Path]) -> None:
     nginx, _ = served
-    conn = nginx.connection()
-    conn.request("GET", "/metrics")
-    response = conn.getresponse()
-    assert response.status == 404
-    assert b"healthd_" not in response.read()
-    conn.request("POST", "/status.json", body=b"{}")
-    response = conn.getresponse()
-    response.read()
-    assert response.status == 403
-    conn.close()
+    status, _, body = nginx.get("/metrics")
+    assert status == 404
+    assert b"healthd_" not in body
+    assert nginx.get("/status.json", method="POST", body=b"{}")[0] == 403

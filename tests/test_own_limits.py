@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -22,7 +21,8 @@ import pytest
 from healthd.probes._errors import network_failure
 from healthd.scheduler import Scheduler
 from healthd.state import StateStore
-from tests.healthd_process import HealthdProcess, NotifySocket, TcpTarget, free_port, write_config
+from tests.daemon import daemon_settings, free_port, running_healthd, write_config
+from tests.http_target import TcpTarget
 
 # --- mapping, in-process -----------------------------------------------------------------------
 
@@ -77,13 +77,6 @@ async def test_a_check_failing_for_healthd_s_own_lack_keeps_the_last_verdict(
 # --- a real daemon -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def target() -> Iterator[TcpTarget]:
-    tcp = TcpTarget()
-    yield tcp
-    tcp.stop()
-
-
 def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -102,78 +95,74 @@ def _samples(body: str, name: str) -> dict[str, float]:
 
 
 def test_a_daemon_out_of_descriptors_never_blames_its_healthy_targets(
-    tmp_path: Path, target: TcpTarget
+    tmp_path: Path, tcp_target: TcpTarget
 ) -> None:
-    notify = NotifySocket()
     port = free_port()
-    components = {f"c{i}": {"kind": "tcp", "address": target.address} for i in range(4)}
+    components = {f"c{i}": {"kind": "tcp", "address": tcp_target.address} for i in range(4)}
     config = write_config(
         tmp_path / "healthd.toml",
-        {
-            "metrics_address": f"127.0.0.1:{port}",
-            "status_file": str(tmp_path / "status.json"),
-            "status_file_refresh": "500ms",
-            "interval": "500ms",
-            "timeout": "300ms",
-            "startup_spread": "100ms",
-        },
+        daemon_settings(
+            tmp_path,
+            port,
+            status_file_refresh="500ms",
+            interval="500ms",
+            timeout="300ms",
+            startup_spread="100ms",
+        ),
         components,
     )
-    daemon = HealthdProcess(
-        config, env={"NOTIFY_SOCKET": notify.address}, args=("--log-format", "json")
-    )
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        notify.wait_for(lambda m: "READY" in m, 15)
-        # One kept-alive scrape connection, opened while descriptors were plentiful.
-        scrape = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    with running_healthd(config, args=("--log-format", "json")) as daemon:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            daemon.wait_for("READY", "1")
+            # One kept-alive scrape connection, opened while descriptors were plentiful.
+            scrape = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
 
-        def metrics() -> str:
-            scrape.request("GET", "/metrics")
-            response = scrape.getresponse()
-            assert response.status == 200
-            return response.read().decode()
+            def metrics() -> str:
+                scrape.request("GET", "/metrics")
+                response = scrape.getresponse()
+                assert response.status == 200
+                return response.read().decode()
 
-        metrics()
-        # The kernel's own limit: with a soft limit of 3 every new descriptor (a probe's
-        # socket, the status file's temporary file) fails with EMFILE.
-        resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (3, hard))
-        exhausted_at = time.monotonic()
-        cpu_before = _cpu_seconds(daemon.pid)
-        # A new scraper meanwhile: the daemon cannot accept it (EMFILE) and must not spin
-        # on that; it is answered once descriptors are back.
-        late = socket.create_connection(("127.0.0.1", port), timeout=10)
-        late.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        seen: list[str] = []
-        while True:
-            body = metrics()
-            seen.append(body)
-            errors = _samples(body, "healthd_probe_errors_total")
-            if errors['healthd_probe_errors_total{reason="resource_exhausted"}'] >= 8:
-                break
-            assert time.monotonic() - exhausted_at < 10, errors
-            time.sleep(0.1)
-        cpu = _cpu_seconds(daemon.pid) - cpu_before
-        assert cpu < 0.6 * (time.monotonic() - exhausted_at), cpu
-        resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (hard, hard))
-        assert late.recv(100).startswith(b"HTTP/1.1 200 ")
-        late.close()
-        assert errors['healthd_probe_errors_total{reason="probe_error"}'] == 0
-        for body in seen:
-            # The last verdict stands: every component healthy, only successes counted.
-            assert set(_samples(body, "healthd_component_status").values()) == {0.0}
-            results = _samples(body, "healthd_checks_total")
-            assert all('result="success"' in key for key in results), results
-        # Descriptors again: checks complete and are counted.
-        checks = sum(_samples(seen[-1], "healthd_checks_total").values())
-        deadline = time.monotonic() + 5
-        while sum(_samples(metrics(), "healthd_checks_total").values()) < checks + 4:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        scrape.close()
-    finally:
-        code = daemon.stop()
-        notify.close()
+            metrics()
+            # The kernel's own limit: with a soft limit of 3 every new descriptor (a probe's
+            # socket, the status file's temporary file) fails with EMFILE.
+            resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (3, hard))
+            exhausted_at = time.monotonic()
+            cpu_before = _cpu_seconds(daemon.pid)
+            # A new scraper meanwhile: the daemon cannot accept it (EMFILE) and must not spin
+            # on that; it is answered once descriptors are back.
+            late = socket.create_connection(("127.0.0.1", port), timeout=10)
+            late.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            seen: list[str] = []
+            while True:
+                body = metrics()
+                seen.append(body)
+                errors = _samples(body, "healthd_probe_errors_total")
+                if errors['healthd_probe_errors_total{reason="resource_exhausted"}'] >= 8:
+                    break
+                assert time.monotonic() - exhausted_at < 10, errors
+                time.sleep(0.1)
+            cpu = _cpu_seconds(daemon.pid) - cpu_before
+            assert cpu < 0.6 * (time.monotonic() - exhausted_at), cpu
+            resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (hard, hard))
+            assert late.recv(100).startswith(b"HTTP/1.1 200 ")
+            late.close()
+            assert errors['healthd_probe_errors_total{reason="probe_error"}'] == 0
+            for body in seen:
+                # The last verdict stands: every component healthy, only successes counted.
+                assert set(_samples(body, "healthd_component_status").values()) == {0.0}
+                results = _samples(body, "healthd_checks_total")
+                assert all('result="success"' in key for key in results), results
+            # Descriptors again: checks complete and are counted.
+            checks = sum(_samples(seen[-1], "healthd_checks_total").values())
+            deadline = time.monotonic() + 5
+            while sum(_samples(metrics(), "healthd_checks_total").values()) < checks + 4:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            scrape.close()
+        finally:
+            code = daemon.stop()
     assert code == 0
     entries = [json.loads(line) for line in daemon.log().splitlines()]
     messages = [e["message"] for e in entries]
@@ -183,43 +172,26 @@ def test_a_daemon_out_of_descriptors_never_blames_its_healthy_targets(
 
 
 def test_the_daemon_raises_its_descriptor_limit_and_says_so(
-    tmp_path: Path, target: TcpTarget
+    tmp_path: Path, tcp_target: TcpTarget
 ) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard <= 256:
         pytest.skip("needs a finite hard limit above 256")
-    notify = NotifySocket()
     config = write_config(
         tmp_path / "healthd.toml",
-        {
-            "metrics_address": f"127.0.0.1:{free_port()}",
-            "status_file": str(tmp_path / "status.json"),
-        },
-        {"db": {"kind": "tcp", "address": target.address}},
+        daemon_settings(tmp_path),
+        {"db": {"kind": "tcp", "address": tcp_target.address}},
     )
 
     def low_soft_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
 
-    log_path = tmp_path / "healthd.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "healthd", "--config", str(config), "run"],
-            env={**os.environ, "NOTIFY_SOCKET": notify.address},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=low_soft_limit,
-        )
-        try:
-            notify.wait_for(lambda m: "READY" in m, 15)
-            limits = Path(f"/proc/{process.pid}/limits").read_text()
-            line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
-            assert line.split()[3:5] == [str(hard), str(hard)]
-        finally:
-            process.terminate()
-            process.wait(10)
-            notify.close()
-    logged = log_path.read_text()
+    with running_healthd(config, before_exec=low_soft_limit, ready=True) as daemon:
+        limits = Path(f"/proc/{daemon.pid}/limits").read_text()
+        line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+        assert line.split()[3:5] == [str(hard), str(hard)]
+        daemon.stop()
+    logged = daemon.log()
     assert f"raised the open-descriptor limit from 256 to {hard}" in logged
 
 

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from healthd.config import ApiCheck
 from healthd.model import Status
 from tests.http_target import HttpTarget, Reply
-from tests.services import component, serve_api
+from tests.probing import check_once, component, make_check
+from tests.services import serve_api
 
-
-def _check(target: HttpTarget, **overrides: object) -> ApiCheck:
-    settings: dict[str, object] = {"url": target.url(), "interval": 10, "timeout": 2}
-    settings.update(overrides)
-    return ApiCheck.model_validate(settings)
+_check = functools.partial(make_check, "api", timeout=2)
 
 
 @pytest.mark.asyncio
@@ -21,10 +20,8 @@ async def test_healthy_report_is_healthy_with_version_and_both_requests_in_detai
     http_target: HttpTarget,
 ) -> None:
     serve_api(http_target)
-    async with component(_check(http_target)) as api:
-        state = await api.check_once()
-    assert state.status is Status.HEALTHY
-    assert state.reason_code == "ok"
+    state = await check_once(_check(url=http_target.url()))
+    assert (state.status, state.reason_code) == (Status.HEALTHY, "ok")
     assert state.details["version"] == "3.0.0"
     assert state.details["database"] == "connected"
     assert state.details["agents_available"] == 11
@@ -41,8 +38,7 @@ async def test_report_compressed_by_a_server_that_ignores_accept_encoding_is_rea
     http_target: HttpTarget, coding: str
 ) -> None:
     serve_api(http_target, content_encoding=coding)
-    async with component(_check(http_target)) as api:
-        state = await api.check_once()
+    state = await check_once(_check(url=http_target.url()))
     assert (state.status, state.reason_code) == (Status.HEALTHY, "ok")
     assert state.details["version"] == "3.0.0"
     assert state.details["agents_available"] == 11
@@ -55,8 +51,7 @@ async def test_report_in_a_coding_healthd_cannot_decode_is_protocol_error(
 ) -> None:
     serve_api(http_target)
     http_target.route("/api/v1/health", Reply(body=b"\x1b\x0f", headers={"Content-Encoding": "br"}))
-    async with component(_check(http_target)) as api:
-        state = await api.check_once()
+    state = await check_once(_check(url=http_target.url()))
     assert (state.status, state.reason_code) == (Status.UNHEALTHY, "protocol_error")
     assert "'br'" in state.reason
 
@@ -64,10 +59,9 @@ async def test_report_in_a_coding_healthd_cannot_decode_is_protocol_error(
 @pytest.mark.asyncio
 async def test_disconnected_database_is_degraded_then_recovers(http_target: HttpTarget) -> None:
     serve_api(http_target, status="degraded", database="disconnected")
-    async with component(_check(http_target)) as api:
+    async with component(_check(url=http_target.url())) as api:
         state = await api.check_once()
-        assert state.status is Status.DEGRADED
-        assert state.reason_code == "database_disconnected"
+        assert (state.status, state.reason_code) == (Status.DEGRADED, "database_disconnected")
         assert "database 'disconnected'" in state.reason
         assert "reports degraded" in state.reason
         assert state.details["database"] == "disconnected"
@@ -81,38 +75,31 @@ async def test_disconnected_database_is_degraded_then_recovers(http_target: Http
 @pytest.mark.asyncio
 async def test_fewer_agents_than_expected_is_degraded(http_target: HttpTarget) -> None:
     serve_api(http_target, agents=9)
-    async with component(_check(http_target)) as api:
-        state = await api.check_once()
-    assert state.status is Status.DEGRADED
-    assert state.reason_code == "agents_missing"
+    state = await check_once(_check(url=http_target.url()))
+    assert (state.status, state.reason_code) == (Status.DEGRADED, "agents_missing")
     assert "9 of 11 agents" in state.reason
 
 
 @pytest.mark.asyncio
 async def test_expected_agent_count_is_configurable(http_target: HttpTarget) -> None:
     serve_api(http_target, agents=4)
-    async with component(_check(http_target, expected_agents=4)) as api:
-        state = await api.check_once()
+    state = await check_once(_check(url=http_target.url(), expected_agents=4))
     assert state.status is Status.HEALTHY
 
 
 @pytest.mark.asyncio
 async def test_reported_unhealthy_is_unhealthy(http_target: HttpTarget) -> None:
     serve_api(http_target, status="unhealthy", database="disconnected", agents=0)
-    async with component(_check(http_target)) as api:
-        state = await api.check_once()
-    assert state.status is Status.UNHEALTHY
-    assert state.reason_code == "reported_unhealthy"
+    state = await check_once(_check(url=http_target.url()))
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "reported_unhealthy")
 
 
 @pytest.mark.asyncio
 async def test_report_that_is_not_json_is_unhealthy(http_target: HttpTarget) -> None:
     serve_api(http_target)
     http_target.route("/api/v1/health", Reply(body=b"<html>maintenance</html>"))
-    async with component(_check(http_target)) as api:
-        state = await api.check_once()
-    assert state.status is Status.UNHEALTHY
-    assert state.reason_code == "not_json"
+    state = await check_once(_check(url=http_target.url()))
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "not_json")
 
 
 @pytest.mark.asyncio
@@ -120,10 +107,8 @@ async def test_report_error_status_is_unhealthy_even_with_a_json_body(
     http_target: HttpTarget,
 ) -> None:
     serve_api(http_target, status="unhealthy", http_status=503)
-    async with component(_check(http_target)) as api:
-        state = await api.check_once()
-    assert state.status is Status.UNHEALTHY
-    assert state.reason_code == "http_status"
+    state = await check_once(_check(url=http_target.url()))
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "http_status")
     assert state.reason == "GET /api/v1/health returned 503"
     assert state.details["requests"]["health"]["http_status"] == 503
 
@@ -132,8 +117,7 @@ async def test_report_error_status_is_unhealthy_even_with_a_json_body(
 async def test_liveness_failing_is_unhealthy_and_named(http_target: HttpTarget) -> None:
     serve_api(http_target)
     http_target.route("/health", Reply(action="reset"))
-    async with component(_check(http_target)) as api:
-        state = await api.check_once()
+    state = await check_once(_check(url=http_target.url()))
     assert state.status is Status.UNHEALTHY
     assert state.reason_code in {"connection_reset", "connection_closed"}
     assert state.reason.startswith("GET /health:")
@@ -143,11 +127,9 @@ async def test_liveness_failing_is_unhealthy_and_named(http_target: HttpTarget) 
 
 @pytest.mark.asyncio
 async def test_unreachable_api_is_unhealthy(closed_port: int) -> None:
-    check = ApiCheck(url=f"http://127.0.0.1:{closed_port}", interval=10, timeout=2)
-    async with component(check) as api:
-        state = await api.check_once()
-    assert state.status is Status.UNHEALTHY
-    assert state.reason_code == "connection_refused"
+    check = _check(url=f"http://127.0.0.1:{closed_port}")
+    state = await check_once(check)
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "connection_refused")
     assert state.details["requests"]["health"]["error"] == "connection_refused"
 
 
@@ -161,9 +143,8 @@ async def test_paths_can_be_overridden(http_target: HttpTarget) -> None:
             '"agents_available": 11}'
         ),
     )
-    check = _check(http_target, liveness_path="/livez", health_path="/v2/health")
-    async with component(check) as api:
-        state = await api.check_once()
+    check = _check(url=http_target.url(), liveness_path="/livez", health_path="/v2/health")
+    state = await check_once(check)
     assert state.status is Status.HEALTHY
     assert state.details["version"] == "4.0.0"
 
@@ -171,7 +152,7 @@ async def test_paths_can_be_overridden(http_target: HttpTarget) -> None:
 @pytest.mark.asyncio
 async def test_one_kept_alive_client_serves_every_check(http_target: HttpTarget) -> None:
     serve_api(http_target)
-    async with component(_check(http_target)) as api:
+    async with component(_check(url=http_target.url())) as api:
         for _ in range(3):
             assert (await api.check_once()).status is Status.HEALTHY
     # Two requests in flight per check: two connections, reused by every later check.
@@ -191,9 +172,8 @@ async def test_report_echoing_a_secret_is_quoted_redacted_and_short(
     secret = 'k3y\\with"quotes!'
     monkeypatch.setenv("HEALTHD_TEST_API_KEY", secret)
     serve_api(http_target, database=f"\x1b[31m{secret}\n" + "x" * 300, version=secret * 3)
-    check = _check(http_target, headers={"X-Api-Key": "${env:HEALTHD_TEST_API_KEY}"})
-    async with component(check) as api:
-        state = await api.check_once()
+    check = _check(url=http_target.url(), headers={"X-Api-Key": "${env:HEALTHD_TEST_API_KEY}"})
+    state = await check_once(check)
     assert state.reason_code == "database_disconnected"
     shown = f"{state.reason} {state.details}"
     assert not any(secret[i : i + 4] in shown for i in range(len(secret) - 3)), shown

@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
-from healthd.config import BentomlCheck
 from healthd.model import Status
 from healthd.probes.bentoml import _request_counts
-from tests.services import BentoServer, component
+from tests.probing import check_once, component, make_check
+from tests.services import BentoServer
 
-
-def _check(url: str, **overrides: object) -> BentomlCheck:
-    settings: dict[str, object] = {"url": url, "interval": 10, "timeout": 3}
-    settings.update(overrides)
-    return BentomlCheck.model_validate(settings)
+_check = functools.partial(make_check, "bentoml", timeout=3)
 
 
 @pytest.mark.asyncio
 @pytest.mark.slow
 async def test_live_and_ready_service_is_healthy(bentoml_service: BentoServer) -> None:
-    async with component(_check(bentoml_service.url)) as bento:
-        state = await bento.check_once()
-    assert state.status is Status.HEALTHY
-    assert state.reason_code == "ok"
+    state = await check_once(_check(url=bentoml_service.url))
+    assert (state.status, state.reason_code) == (Status.HEALTHY, "ok")
     assert state.details["requests"]["livez"]["http_status"] == 200
     assert state.details["requests"]["readyz"]["http_status"] == 200
     assert "metrics" not in state.details["requests"]
@@ -33,11 +29,10 @@ async def test_live_and_ready_service_is_healthy(bentoml_service: BentoServer) -
 async def test_not_ready_while_live_is_degraded_not_ready_then_recovers(
     bentoml_service: BentoServer,
 ) -> None:
-    async with component(_check(bentoml_service.url)) as bento:
+    async with component(_check(url=bentoml_service.url)) as bento:
         bentoml_service.set_ready(False)
         state = await bento.check_once()
-        assert state.status is Status.DEGRADED
-        assert state.reason_code == "not_ready"
+        assert (state.status, state.reason_code) == (Status.DEGRADED, "not_ready")
         assert "GET /readyz returned 503" in state.reason
         assert state.details["requests"]["readyz"]["http_status"] == 503
         assert state.details["requests"]["livez"]["http_status"] == 200
@@ -52,7 +47,7 @@ async def test_not_ready_while_live_is_degraded_not_ready_then_recovers(
 async def test_hung_server_is_unhealthy_timeout_and_recovers_after_two_successes(
     bentoml_service: BentoServer,
 ) -> None:
-    check = _check(bentoml_service.url, timeout="1s", failure_threshold=2)
+    check = _check(url=bentoml_service.url, timeout="1s", failure_threshold=2)
     async with component(check) as bento:
         assert (await bento.check_once()).status is Status.HEALTHY
         bentoml_service.pause()
@@ -67,8 +62,7 @@ async def test_hung_server_is_unhealthy_timeout_and_recovers_after_two_successes
 
         recovering = await bento.check_once()
         healthy = await bento.check_once()
-    assert recovering.status is Status.DEGRADED
-    assert recovering.reason_code == "recovering"
+    assert (recovering.status, recovering.reason_code) == (Status.DEGRADED, "recovering")
     assert healthy.status is Status.HEALTHY
 
 
@@ -77,10 +71,8 @@ async def test_hung_server_is_unhealthy_timeout_and_recovers_after_two_successes
 async def test_unreachable_service_is_unhealthy(
     bentoml_server: BentoServer, closed_port: int
 ) -> None:
-    async with component(_check(f"http://127.0.0.1:{closed_port}")) as bento:
-        state = await bento.check_once()
-    assert state.status is Status.UNHEALTHY
-    assert state.reason_code == "connection_refused"
+    state = await check_once(_check(url=f"http://127.0.0.1:{closed_port}"))
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "connection_refused")
     assert state.reason.startswith("GET /livez")
 
 
@@ -89,7 +81,7 @@ async def test_unreachable_service_is_unhealthy(
 async def test_error_rate_between_checks_is_read_from_metrics(
     bentoml_service: BentoServer,
 ) -> None:
-    check = _check(bentoml_service.url, metrics=True, min_requests=4, degraded_error_rate=0.25)
+    check = _check(url=bentoml_service.url, metrics=True, min_requests=4, degraded_error_rate=0.25)
     async with component(check) as bento:
         first = await bento.check_once()
         assert first.status is Status.HEALTHY
@@ -98,8 +90,7 @@ async def test_error_rate_between_checks_is_read_from_metrics(
         statuses = [bentoml_service.echo(text) for text in ("a", "fail", "b", "fail", "fail")]
         assert statuses.count(500) == 3
         failing = await bento.check_once()
-        assert failing.status is Status.DEGRADED
-        assert failing.reason_code == "error_rate"
+        assert (failing.status, failing.reason_code) == (Status.DEGRADED, "error_rate")
         # Only the API's requests count: healthd's own /livez and /readyz are left out.
         assert failing.details["window_requests"] == 5
         assert failing.details["window_errors"] == 3
@@ -118,7 +109,7 @@ async def test_error_rate_between_checks_is_read_from_metrics(
 async def test_not_ready_service_does_not_count_its_own_readyz_503_as_errors(
     bentoml_service: BentoServer,
 ) -> None:
-    check = _check(bentoml_service.url, metrics=True, min_requests=1)
+    check = _check(url=bentoml_service.url, metrics=True, min_requests=1)
     async with component(check) as bento:
         await bento.check_once()
         bentoml_service.set_ready(False)

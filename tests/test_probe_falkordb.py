@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,23 +11,18 @@ from typing import Any
 import anyio
 import pytest
 
-from healthd.config import FalkorDbCheck
 from healthd.model import Failure, Observation, Status
 from healthd.probes.falkordb import assess, module_version
+from tests.daemon import run_daemon_once
 from tests.datastores import (
     FALKORDB_PASSWORD,
     REDIS_PASSWORD,
     RedisServer,
-    run_daemon_once,
     wait_until,
 )
-from tests.probing import probe_once
+from tests.probing import make_check, probe_once
 
-
-def _check(url: str, **settings: Any) -> FalkorDbCheck:
-    settings.setdefault("timeout", 2.0)
-    settings.setdefault("interval", 10.0)
-    return FalkorDbCheck(url=url, **settings)
+_check = functools.partial(make_check, "falkordb", timeout=2.0)
 
 
 @pytest.fixture
@@ -70,7 +66,7 @@ def _probe_nodes(server: RedisServer, graph: str = "healthd_probe") -> int:
 async def test_healthy_falkordb_answers_a_graph_query(
     falkordb: RedisServer, password_env: str
 ) -> None:
-    check = _check(falkordb.url(), password=password_env)
+    check = _check(url=falkordb.url(), password=password_env)
 
     observation, finding = await probe_once(check)
 
@@ -89,7 +85,7 @@ async def test_healthy_falkordb_answers_a_graph_query(
 async def test_probe_graph_is_created_once_however_often_and_concurrently_probed(
     falkordb: RedisServer, password_env: str
 ) -> None:
-    check = _check(falkordb.url(), password=password_env)
+    check = _check(url=falkordb.url(), password=password_env)
     first, _ = await probe_once(check)
     assert first.facts["probe_graph"] == "created"
 
@@ -108,7 +104,7 @@ async def test_plain_redis_configured_as_falkordb_is_module_missing(
     redis_main: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HEALTHD_TEST_REDIS_PASSWORD", REDIS_PASSWORD)
-    check = _check(redis_main.url(), password="${env:HEALTHD_TEST_REDIS_PASSWORD}")
+    check = _check(url=redis_main.url(), password="${env:HEALTHD_TEST_REDIS_PASSWORD}")
 
     observation, finding = await probe_once(check)
 
@@ -120,9 +116,9 @@ async def test_plain_redis_configured_as_falkordb_is_module_missing(
 
 @pytest.mark.asyncio
 async def test_broken_query_is_graph_query_failed(falkordb: RedisServer, password_env: str) -> None:
-    check = _check(falkordb.url(), password=password_env)
+    check = _check(url=falkordb.url(), password=password_env)
     await probe_once(check)  # creates the probe graph
-    broken = _check(falkordb.url(), password=password_env, query="THIS IS NOT CYPHER")
+    broken = _check(url=falkordb.url(), password=password_env, query="THIS IS NOT CYPHER")
 
     observation, finding = await probe_once(broken)
 
@@ -134,9 +130,9 @@ async def test_broken_query_is_graph_query_failed(falkordb: RedisServer, passwor
 async def test_slow_graph_query_is_stopped_by_falkordb_at_the_check_timeout(
     falkordb: RedisServer, password_env: str
 ) -> None:
-    await probe_once(_check(falkordb.url(), password=password_env))  # creates the probe graph
+    await probe_once(_check(url=falkordb.url(), password=password_env))  # creates the probe graph
     slow = _check(
-        falkordb.url(),
+        url=falkordb.url(),
         password=password_env,
         timeout=0.4,
         # Ten billion rows streamed from two small lists: endless in CPU, tiny in memory.
@@ -160,7 +156,7 @@ async def test_slow_graph_query_is_stopped_by_falkordb_at_the_check_timeout(
 async def test_replica_is_never_written_to_and_reports_a_missing_probe_graph(
     falkordb: RedisServer, falkordb_replica: RedisServer, password_env: str
 ) -> None:
-    on_replica = _check(falkordb_replica.url(), password=password_env, expect_role="replica")
+    on_replica = _check(url=falkordb_replica.url(), password=password_env, expect_role="replica")
 
     observation, finding = await probe_once(on_replica)
 
@@ -169,7 +165,7 @@ async def test_replica_is_never_written_to_and_reports_a_missing_probe_graph(
     assert _probe_nodes(falkordb_replica) == 0
 
     # Once the master has created it, the replica serves the probe graph read-only.
-    _, on_master = await probe_once(_check(falkordb.url(), password=password_env))
+    _, on_master = await probe_once(_check(url=falkordb.url(), password=password_env))
     assert on_master.status is Status.HEALTHY
     wait_until(lambda: _probe_nodes(falkordb_replica) == 1, what="the graph to replicate")
     _, finding = await probe_once(on_replica)
@@ -180,14 +176,14 @@ async def test_replica_is_never_written_to_and_reports_a_missing_probe_graph(
 async def test_falkordb_replica_where_master_is_expected_is_wrong_role(
     falkordb_replica: RedisServer, password_env: str
 ) -> None:
-    _, finding = await probe_once(_check(falkordb_replica.url(), password=password_env))
+    _, finding = await probe_once(_check(url=falkordb_replica.url(), password=password_env))
 
     assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "wrong_role")
 
 
 @pytest.mark.asyncio
 async def test_wrong_password_is_auth_failed(falkordb: RedisServer) -> None:
-    check = _check(falkordb.url("wrong-Password-999"))
+    check = _check(url=falkordb.url("wrong-Password-999"))
 
     observation, finding = await probe_once(check)
 
@@ -317,7 +313,7 @@ def _facts(**overrides: Any) -> dict[str, Any]:
 def test_assess_table(
     settings: dict[str, Any], observation: Observation, status: Status, code: str
 ) -> None:
-    finding = assess(_check("redis://graph:6379", **settings), observation)
+    finding = assess(_check(url="redis://graph:6379", **settings), observation)
     assert (finding.status, finding.reason_code) == (status, code)
 
 

@@ -11,52 +11,37 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
 from healthd.config import (
-    ApiCheck,
-    BentomlCheck,
     CheckBase,
-    FalkorDbCheck,
-    HttpCheck,
-    MlflowCheck,
-    OpikCheck,
-    PostgresCheck,
-    RedisCheck,
-    SupabaseCheck,
-    TcpCheck,
 )
 from healthd.model import Status
 from healthd.probes import ProbeContext
 from healthd.quoting import QUOTE_LIMIT
 from tests.http_target import GarbageServer, GarbageVariant
-from tests.probing import run_check
+from tests.probing import make_check, run_check
 
 RUNS = 30
 VARIANTS: list[GarbageVariant] = ["close", "keep_open", "after_request"]
 
 
-def _settings(**extra: Any) -> dict[str, Any]:
-    return {"interval": 10, "timeout": 1, **extra}
-
-
 #: Each kind, and how to point it at a port.
 KINDS: dict[str, Callable[[int], CheckBase]] = {
-    "http": lambda port: HttpCheck(url=f"http://127.0.0.1:{port}/health", **_settings()),
-    "api": lambda port: ApiCheck(url=f"http://127.0.0.1:{port}", **_settings()),
-    "mlflow": lambda port: MlflowCheck(url=f"http://127.0.0.1:{port}", **_settings()),
-    "bentoml": lambda port: BentomlCheck(url=f"http://127.0.0.1:{port}", **_settings()),
-    "opik": lambda port: OpikCheck(url=f"http://127.0.0.1:{port}", **_settings()),
-    "supabase": lambda port: SupabaseCheck(
-        url=f"http://127.0.0.1:{port}", api_key="sb_publishable_x", **_settings()
+    "http": lambda port: make_check("http", url=f"http://127.0.0.1:{port}/health"),
+    "api": lambda port: make_check("api", url=f"http://127.0.0.1:{port}"),
+    "mlflow": lambda port: make_check("mlflow", url=f"http://127.0.0.1:{port}"),
+    "bentoml": lambda port: make_check("bentoml", url=f"http://127.0.0.1:{port}"),
+    "opik": lambda port: make_check("opik", url=f"http://127.0.0.1:{port}"),
+    "supabase": lambda port: make_check(
+        "supabase", url=f"http://127.0.0.1:{port}", api_key="sb_publishable_x"
     ),
-    "postgres": lambda port: PostgresCheck(
-        dsn=f"postgresql://probe@127.0.0.1:{port}/postgres", **_settings(timeout=3)
+    "postgres": lambda port: make_check(
+        "postgres", dsn=f"postgresql://probe@127.0.0.1:{port}/postgres", timeout=3
     ),
-    "redis": lambda port: RedisCheck(url=f"redis://127.0.0.1:{port}", **_settings()),
-    "falkordb": lambda port: FalkorDbCheck(url=f"redis://127.0.0.1:{port}", **_settings()),
+    "redis": lambda port: make_check("redis", url=f"redis://127.0.0.1:{port}"),
+    "falkordb": lambda port: make_check("falkordb", url=f"redis://127.0.0.1:{port}"),
 }
 
 
@@ -143,7 +128,7 @@ async def test_plain_text_answer_to_a_tls_hello_is_tls_error(
     # fail the handshake, and tls_error (what an https URL on a plain port gives too) names
     # the layer that broke. It is stable, like protocol_error for the other kinds.
     garbage_server.variant = variant
-    check = TcpCheck(address=garbage_server.address, tls=True, tls_verify=False, **_settings())
+    check = make_check("tcp", address=garbage_server.address, tls=True, tls_verify=False)
 
     codes: collections.Counter[str] = collections.Counter()
     for _ in range(RUNS):

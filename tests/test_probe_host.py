@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from healthd.config import ConfigError, HostCheck, load
+from healthd.config import ConfigError, load
 from healthd.model import Finding, Observation, Status
 from healthd.probes import ProbeContext
 from healthd.probes.host import assess
-from tests.probing import run_check
+from tests.probing import make_check, run_check
 
-
-def host_check(**settings: Any) -> HostCheck:
-    """A check as the loaded config would have it (interval and timeout filled in)."""
-    settings.setdefault("interval", 10)
-    settings.setdefault("timeout", 2)
-    return HostCheck(**settings)
+host_check = functools.partial(make_check, "host", timeout=2)
 
 
 @pytest.mark.asyncio
@@ -49,8 +44,7 @@ async def test_tiny_disk_threshold_trips_on_a_real_disk(ctx: ProbeContext) -> No
 
     _, finding = await run_check(check, ctx)
 
-    assert finding.status is Status.UNHEALTHY
-    assert finding.reason_code == "disk_full"
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "disk_full")
     assert finding.reason.startswith("/ is ")
     assert "/tmp is " in finding.reason
     assert "free)" in finding.reason
@@ -75,8 +69,7 @@ async def test_zero_pressure_threshold_trips_where_the_kernel_has_psi(ctx: Probe
 
     _, finding = await run_check(check, ctx)
 
-    assert finding.status is Status.DEGRADED
-    assert finding.reason_code == "pressure"
+    assert (finding.status, finding.reason_code) == (Status.DEGRADED, "pressure")
     assert "memory pressure: some avg60" in finding.reason
 
 

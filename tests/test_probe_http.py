@@ -13,23 +13,18 @@ from typing import Any
 import anyio
 import pytest
 
-from healthd.config import HttpCheck
 from healthd.model import Finding, Status
 from healthd.probes import PROBES, ProbeContext, SharedResources
 from healthd.quoting import QUOTE_LIMIT
 from tests.http_target import Certificate, HttpTarget, Reply
-from tests.probing import run_check
+from tests.probing import make_check, run_check
 
 PATH = "/api/v1/health"
 WHAT = f"GET {PATH}"
 SECRET = "s3cr3t-t0ken-value"
 
 
-def http_check(url: str, **settings: Any) -> HttpCheck:
-    """A check as the loaded config would have it (interval and timeout filled in)."""
-    settings.setdefault("interval", 10)
-    settings.setdefault("timeout", 1)
-    return HttpCheck(url=url, **settings)
+http_check = functools.partial(make_check, "http")
 
 
 # --- status codes ---------------------------------------------------------------------------
@@ -41,7 +36,7 @@ async def test_ok_response_is_healthy_with_status_and_size_in_details(
 ) -> None:
     http_target.route(PATH, Reply(body=b'{"status": "ok"}'))
 
-    observation, finding = await run_check(http_check(http_target.url(PATH)), ctx)
+    observation, finding = await run_check(http_check(url=http_target.url(PATH)), ctx)
 
     assert finding == Finding(Status.HEALTHY, "ok", f"{WHAT} returned 200")
     assert observation.facts == {"http_status": 200, "body_bytes": 16}
@@ -75,7 +70,7 @@ async def test_status_code_decides_against_expected_ranges(
 ) -> None:
     http_target.route(PATH, Reply(status=status, body=b"", headers={"Location": "/elsewhere"}))
 
-    observation, finding = await run_check(http_check(http_target.url(PATH), **settings), ctx)
+    observation, finding = await run_check(http_check(url=http_target.url(PATH), **settings), ctx)
 
     assert finding.status is expected
     assert finding.reason_code == ("ok" if expected is Status.HEALTHY else "http_status")
@@ -88,7 +83,7 @@ async def test_method_body_and_headers_reach_the_server(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
     check = http_check(
-        http_target.url(PATH),
+        url=http_target.url(PATH),
         method="POST",
         body='{"ping": 1}',
         headers={"X-Probe": "healthd", "Content-Type": "application/json"},
@@ -108,7 +103,9 @@ async def test_method_body_and_headers_reach_the_server(
 async def test_head_request_is_healthy_without_a_body(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
-    observation, finding = await run_check(http_check(http_target.url(PATH), method="HEAD"), ctx)
+    observation, finding = await run_check(
+        http_check(url=http_target.url(PATH), method="HEAD"), ctx
+    )
 
     assert finding == Finding(Status.HEALTHY, "ok", f"HEAD {PATH} returned 200")
     assert observation.facts == {"http_status": 200, "body_bytes": 0}
@@ -120,7 +117,7 @@ async def test_body_is_requested_uncompressed_so_conditions_see_plain_json(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
     http_target.route(PATH, Reply.json('{"status": "ok"}'))
-    check = http_check(http_target.url(PATH), conditions=[{"json": "status", "equals": "ok"}])
+    check = http_check(url=http_target.url(PATH), conditions=[{"json": "status", "equals": "ok"}])
 
     _, finding = await run_check(check, ctx)
 
@@ -135,7 +132,7 @@ async def test_body_is_requested_uncompressed_so_conditions_see_plain_json(
 async def test_repeated_probes_reuse_one_keep_alive_connection(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
-    check = http_check(http_target.url(PATH))
+    check = http_check(url=http_target.url(PATH))
     for _ in range(3):
         _, finding = await run_check(check, ctx)
         assert finding.status is Status.HEALTHY
@@ -148,7 +145,7 @@ async def test_repeated_probes_reuse_one_keep_alive_connection(
 async def test_connection_dropped_between_probes_is_not_a_failure(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
-    check = http_check(http_target.url(PATH))
+    check = http_check(url=http_target.url(PATH))
     await run_check(check, ctx)
     http_target.reset()  # the server closes the idle kept-alive connection
     assert http_target.wait_until_idle()
@@ -164,7 +161,7 @@ async def test_closing_the_context_closes_the_kept_alive_connection(
     http_target: HttpTarget,
 ) -> None:
     ctx = ProbeContext(SharedResources())
-    await run_check(http_check(http_target.url(PATH)), ctx)
+    await run_check(http_check(url=http_target.url(PATH)), ctx)
     assert http_target.open_connections == 1  # kept alive between runs
 
     await ctx.aclose()
@@ -176,7 +173,7 @@ async def test_closing_the_context_closes_the_kept_alive_connection(
 async def test_failed_request_is_not_retried(http_target: HttpTarget, ctx: ProbeContext) -> None:
     http_target.route(PATH, Reply(action="reset"))
 
-    await run_check(http_check(http_target.url(PATH)), ctx)
+    await run_check(http_check(url=http_target.url(PATH)), ctx)
 
     assert len(http_target.requests) == 1
     assert http_target.connections == 1
@@ -241,7 +238,7 @@ async def test_broken_target_is_unhealthy_with_its_reason_code(
 ) -> None:
     http_target.route(PATH, reply)
 
-    observation, finding = await run_check(http_check(http_target.url(PATH)), ctx)
+    observation, finding = await run_check(http_check(url=http_target.url(PATH)), ctx)
 
     assert finding == Finding(Status.UNHEALTHY, code, f"{WHAT}: {reason}")
     assert observation.facts == {}
@@ -251,7 +248,7 @@ async def test_broken_target_is_unhealthy_with_its_reason_code(
 async def test_refused_connection_is_connection_refused(
     closed_port: int, ctx: ProbeContext
 ) -> None:
-    _, finding = await run_check(http_check(f"http://127.0.0.1:{closed_port}/ready"), ctx)
+    _, finding = await run_check(http_check(url=f"http://127.0.0.1:{closed_port}/ready"), ctx)
 
     assert finding == Finding(
         Status.UNHEALTHY, "connection_refused", "GET /ready: connection refused"
@@ -260,10 +257,9 @@ async def test_refused_connection_is_connection_refused(
 
 @pytest.mark.asyncio
 async def test_unresolvable_host_is_dns_error(ctx: ProbeContext) -> None:
-    _, finding = await run_check(http_check("http://no-such-host.invalid/health"), ctx)
+    _, finding = await run_check(http_check(url="http://no-such-host.invalid/health"), ctx)
 
-    assert finding.status is Status.UNHEALTHY
-    assert finding.reason_code == "dns_error"
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "dns_error")
     assert finding.reason.startswith("GET /health: name resolution failed")
 
 
@@ -274,12 +270,11 @@ async def test_connect_that_gets_no_answer_is_a_timeout(
     started = time.perf_counter()
 
     observation, finding = await run_check(
-        http_check(f"http://127.0.0.1:{unresponsive_port}/ready", timeout=0.5), ctx
+        http_check(url=f"http://127.0.0.1:{unresponsive_port}/ready", timeout=0.5), ctx
     )
 
     assert time.perf_counter() - started < 0.5
-    assert finding.status is Status.UNHEALTHY
-    assert finding.reason_code == "timeout"
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "timeout")
     # A fresh client's set-up counts against the deadline, so either limit may fire first;
     # both quote the configured timeout, not the client's share of it.
     assert finding.reason in {
@@ -293,7 +288,7 @@ async def test_connect_that_gets_no_answer_is_a_timeout(
 async def test_hung_target_times_out_inside_the_probe_before_the_scheduler_deadline(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
-    check = http_check(http_target.url(PATH), timeout=1)
+    check = http_check(url=http_target.url(PATH), timeout=1)
     await run_check(check, ctx)  # build the client first, so only the request is timed
     http_target.route(PATH, Reply(action="hang"))
     started = time.perf_counter()
@@ -312,7 +307,7 @@ async def test_hung_target_times_out_inside_the_probe_before_the_scheduler_deadl
 async def test_trickling_target_times_out_on_the_whole_exchange(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
-    check = http_check(http_target.url(PATH), timeout=1)
+    check = http_check(url=http_target.url(PATH), timeout=1)
     await run_check(check, ctx)  # build the client first, so only the request is timed
     # Each byte arrives well within the read timeout; only a deadline on the whole exchange
     # notices that the response never completes.
@@ -333,7 +328,7 @@ async def test_trickling_target_times_out_on_the_whole_exchange(
 async def test_probe_cancelled_by_the_scheduler_leaves_the_client_usable(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
-    check = http_check(http_target.url(PATH), timeout=2)
+    check = http_check(url=http_target.url(PATH), timeout=2)
     http_target.route(PATH, Reply(action="hang"))
     with pytest.raises(TimeoutError), anyio.fail_after(0.1):
         await PROBES["http"].probe(check, ctx)
@@ -351,12 +346,11 @@ async def test_slow_answer_is_degraded_with_latency_and_limit_in_the_reason(
     http_target.route(PATH, Reply(delay_seconds=0.06))
 
     observation, finding = await run_check(
-        http_check(http_target.url(PATH), degraded_latency="50ms"), ctx
+        http_check(url=http_target.url(PATH), degraded_latency="50ms"), ctx
     )
 
     assert observation.latency_seconds >= 0.06
-    assert finding.status is Status.DEGRADED
-    assert finding.reason_code == "slow"
+    assert (finding.status, finding.reason_code) == (Status.DEGRADED, "slow")
     assert re.fullmatch(
         rf"{WHAT} returned 200, but took \d+(\.\d+)? ms \(limit 50 ms\)", finding.reason
     )
@@ -378,7 +372,7 @@ async def test_huge_body_is_read_only_up_to_the_cap(
 ) -> None:
     http_target.route(PATH, reply)
     cap = 64 * 1024
-    check = http_check(http_target.url(PATH), max_body_bytes=cap)
+    check = http_check(url=http_target.url(PATH), max_body_bytes=cap)
     started = time.perf_counter()
     tracemalloc.start()
     try:
@@ -404,7 +398,9 @@ async def test_body_exactly_at_the_cap_is_not_truncated(
 ) -> None:
     http_target.route(PATH, Reply(body=b"y" * 1000))
 
-    observation, _ = await run_check(http_check(http_target.url(PATH), max_body_bytes=1000), ctx)
+    observation, _ = await run_check(
+        http_check(url=http_target.url(PATH), max_body_bytes=1000), ctx
+    )
 
     assert observation.facts == {"http_status": 200, "body_bytes": 1000}
 
@@ -414,7 +410,7 @@ async def test_conditions_on_a_truncated_body_are_not_evaluated(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
     http_target.route(PATH, Reply(action="endless"))
-    check = http_check(http_target.url(PATH), max_body_bytes=1000, conditions=[{"regex": "x"}])
+    check = http_check(url=http_target.url(PATH), max_body_bytes=1000, conditions=[{"regex": "x"}])
 
     _, finding = await run_check(check, ctx)
 
@@ -537,7 +533,7 @@ async def test_body_conditions_decide_with_their_severity(
 ) -> None:
     http_target.route(PATH, Reply.json(body))
 
-    _, finding = await run_check(http_check(http_target.url(PATH), conditions=conditions), ctx)
+    _, finding = await run_check(http_check(url=http_target.url(PATH), conditions=conditions), ctx)
 
     assert finding == expected
 
@@ -547,7 +543,7 @@ async def test_status_failure_wins_over_conditions(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
     http_target.route(PATH, Reply.json('{"status": "down"}', status=500))
-    check = http_check(http_target.url(PATH), conditions=[{"json": "status", "equals": "ok"}])
+    check = http_check(url=http_target.url(PATH), conditions=[{"json": "status", "equals": "ok"}])
 
     _, finding = await run_check(check, ctx)
 
@@ -561,7 +557,7 @@ async def test_status_failure_wins_over_conditions(
 async def test_redirect_is_followed_and_counted(http_target: HttpTarget, ctx: ProbeContext) -> None:
     http_target.route("/old", Reply.redirect(PATH, status=301))
 
-    observation, finding = await run_check(http_check(http_target.url("/old")), ctx)
+    observation, finding = await run_check(http_check(url=http_target.url("/old")), ctx)
 
     assert finding == Finding(Status.HEALTHY, "ok", "GET /old returned 200")
     assert observation.facts == {"http_status": 200, "body_bytes": 2, "redirects": 1}
@@ -573,7 +569,7 @@ async def test_redirect_is_followed_on_every_run_without_sending_anything_twice(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
     http_target.route("/old", Reply.redirect(PATH, status=301))
-    check = http_check(http_target.url("/old"))
+    check = http_check(url=http_target.url("/old"))
 
     for _ in range(3):
         observation, finding = await run_check(check, ctx)
@@ -588,7 +584,7 @@ async def test_target_that_starts_redirecting_later_is_followed(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
     http_target.route(PATH, Reply(body=b"ok"))
-    check = http_check(http_target.url(PATH))
+    check = http_check(url=http_target.url(PATH))
     for _ in range(2):
         observation, _ = await run_check(check, ctx)
         assert "redirects" not in observation.facts
@@ -608,7 +604,7 @@ async def test_redirect_not_followed_when_disabled_is_judged_as_it_is(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
     http_target.route(PATH, Reply.redirect("/elsewhere", status=302))
-    check = http_check(http_target.url(PATH), follow_redirects=False, expected_status="2xx")
+    check = http_check(url=http_target.url(PATH), follow_redirects=False, expected_status="2xx")
 
     observation, finding = await run_check(check, ctx)
 
@@ -624,7 +620,7 @@ async def test_redirect_loop_is_redirect_loop_after_max_redirects(
     http_target.route("/a", Reply.redirect("/b"))
     http_target.route("/b", Reply.redirect("/a"))
 
-    _, finding = await run_check(http_check(http_target.url("/a"), max_redirects=3), ctx)
+    _, finding = await run_check(http_check(url=http_target.url("/a"), max_redirects=3), ctx)
 
     assert finding == Finding(Status.UNHEALTHY, "redirect_loop", "GET /a: too many redirects")
     assert [r.path for r in http_target.requests] == ["/a", "/b", "/a", "/b"]
@@ -648,7 +644,7 @@ async def test_configured_headers_never_follow_a_redirect_to_another_origin(
     monkeypatch.setenv("HEALTHD_TEST_TOKEN", SECRET)
     http_target.route("/old", Reply.redirect(http_target.url("/landing", host=landing_host)))
     check = http_check(
-        http_target.url("/old"),
+        url=http_target.url("/old"),
         headers={"X-Api-Key": "${env:HEALTHD_TEST_TOKEN}", "Authorization": "Bearer x"},
     )
 
@@ -668,10 +664,9 @@ async def test_configured_headers_never_follow_a_redirect_to_another_origin(
 async def test_untrusted_certificate_is_tls_error(
     https_target: HttpTarget, ctx: ProbeContext
 ) -> None:
-    _, finding = await run_check(http_check(https_target.url(PATH)), ctx)
+    _, finding = await run_check(http_check(url=https_target.url(PATH)), ctx)
 
-    assert finding.status is Status.UNHEALTHY
-    assert finding.reason_code == "tls_error"
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "tls_error")
     assert finding.reason.startswith(f"{WHAT}: TLS certificate rejected")
     assert https_target.requests == []
 
@@ -680,7 +675,9 @@ async def test_untrusted_certificate_is_tls_error(
 async def test_certificate_signed_by_the_configured_ca_file_is_trusted(
     https_target: HttpTarget, tls_certificate: Certificate, ctx: ProbeContext
 ) -> None:
-    check = http_check(https_target.url(PATH, host="localhost"), ca_file=tls_certificate.cert_file)
+    check = http_check(
+        url=https_target.url(PATH, host="localhost"), ca_file=tls_certificate.cert_file
+    )
 
     _, finding = await run_check(check, ctx)
 
@@ -691,7 +688,7 @@ async def test_certificate_signed_by_the_configured_ca_file_is_trusted(
 async def test_tls_verify_off_accepts_an_untrusted_certificate(
     https_target: HttpTarget, ctx: ProbeContext
 ) -> None:
-    _, finding = await run_check(http_check(https_target.url(PATH), tls_verify=False), ctx)
+    _, finding = await run_check(http_check(url=https_target.url(PATH), tls_verify=False), ctx)
 
     assert finding == Finding(Status.HEALTHY, "ok", f"{WHAT} returned 200")
 
@@ -702,10 +699,9 @@ async def test_https_url_on_a_plain_http_port_is_tls_error(
 ) -> None:
     url = f"https://127.0.0.1:{http_target.port}{PATH}"
 
-    _, finding = await run_check(http_check(url, tls_verify=False), ctx)
+    _, finding = await run_check(http_check(url=url, tls_verify=False), ctx)
 
-    assert finding.status is Status.UNHEALTHY
-    assert finding.reason_code == "tls_error"
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "tls_error")
 
 
 # --- secrets --------------------------------------------------------------------------------
@@ -730,7 +726,7 @@ async def test_secret_header_and_query_reach_the_server_but_never_the_verdict(
     monkeypatch.setenv("HEALTHD_TEST_TOKEN", SECRET)
     http_target.route(PATH, reply)
     check = http_check(
-        http_target.url(PATH) + "?key=${env:HEALTHD_TEST_TOKEN}",
+        url=http_target.url(PATH) + "?key=${env:HEALTHD_TEST_TOKEN}",
         headers={"Authorization": "Bearer ${env:HEALTHD_TEST_TOKEN}"},
         conditions=[{"json": "ok", "equals": True}],
     )
@@ -752,7 +748,7 @@ async def test_secret_in_the_url_path_is_named_by_its_template(
 ) -> None:
     monkeypatch.setenv("HEALTHD_TEST_TOKEN", SECRET)
     http_target.route(f"/hooks/{SECRET}/health", Reply(status=503))
-    check = http_check(http_target.url("/hooks/${env:HEALTHD_TEST_TOKEN}/health"))
+    check = http_check(url=http_target.url("/hooks/${env:HEALTHD_TEST_TOKEN}/health"))
 
     _, finding = await run_check(check, ctx)
 
@@ -778,7 +774,7 @@ async def test_compressed_body_the_server_sent_anyway_is_decoded_for_conditions(
     text = '{"status": "ok"}'
     reply = Reply.json(text) if coding == "identity" else Reply.encoded(text, coding)
     http_target.route(PATH, reply)
-    check = http_check(http_target.url(PATH), conditions=GZIP_CONDITIONS)
+    check = http_check(url=http_target.url(PATH), conditions=GZIP_CONDITIONS)
 
     observation, finding = await run_check(check, ctx)
 
@@ -804,7 +800,7 @@ async def test_gzip_body_arriving_a_byte_at_a_time_is_decoded(
             trickle_interval_seconds=0.001,
         ),
     )
-    check = http_check(http_target.url(PATH), conditions=GZIP_CONDITIONS, timeout=2)
+    check = http_check(url=http_target.url(PATH), conditions=GZIP_CONDITIONS, timeout=2)
 
     _, finding = await run_check(check, ctx)
 
@@ -818,7 +814,7 @@ async def test_body_in_a_coding_healthd_cannot_decode_is_protocol_error_naming_i
 ) -> None:
     http_target.route(PATH, Reply(body=b"\x8b\x07\x80{}\x03", headers={"Content-Encoding": coding}))
 
-    observation, finding = await run_check(http_check(http_target.url(PATH)), ctx)
+    observation, finding = await run_check(http_check(url=http_target.url(PATH)), ctx)
 
     assert finding == Finding(
         Status.UNHEALTHY,
@@ -848,7 +844,7 @@ async def test_corrupt_gzip_is_protocol_error(
 ) -> None:
     http_target.route(PATH, Reply(body=body, headers={"Content-Encoding": "gzip"}))
 
-    _, finding = await run_check(http_check(http_target.url(PATH)), ctx)
+    _, finding = await run_check(http_check(url=http_target.url(PATH)), ctx)
 
     assert finding == Finding(Status.UNHEALTHY, "protocol_error", f"{WHAT}: {reason}")
 
@@ -859,7 +855,7 @@ async def test_more_stacked_codings_than_healthd_undoes_are_refused(
 ) -> None:
     http_target.route(PATH, Reply.encoded('{"status": "ok"}', "gzip, gzip, gzip, gzip"))
 
-    _, finding = await run_check(http_check(http_target.url(PATH)), ctx)
+    _, finding = await run_check(http_check(url=http_target.url(PATH)), ctx)
 
     assert finding == Finding(
         Status.UNHEALTHY,
@@ -874,7 +870,7 @@ async def test_head_answer_labelled_with_any_coding_has_no_body_to_decode(
 ) -> None:
     http_target.route(PATH, Reply(body=b"\x8b\x07\x80{}\x03", headers={"Content-Encoding": "br"}))
 
-    _, finding = await run_check(http_check(http_target.url(PATH), method="HEAD"), ctx)
+    _, finding = await run_check(http_check(url=http_target.url(PATH), method="HEAD"), ctx)
 
     assert finding == Finding(Status.HEALTHY, "ok", f"HEAD {PATH} returned 200")
 
@@ -897,8 +893,8 @@ async def test_gzip_bomb_is_body_too_large_with_bounded_memory(
     if coding == "gzip, gzip":
         bomb = zlib.compress(bomb, wbits=31)
     http_target.route(PATH, Reply(body=bomb, headers={"Content-Encoding": coding}))
-    check = http_check(http_target.url(PATH), conditions=GZIP_CONDITIONS)
-    await run_check(http_check(http_target.url("/warm-up")), ctx)  # the client, built once
+    check = http_check(url=http_target.url(PATH), conditions=GZIP_CONDITIONS)
+    await run_check(http_check(url=http_target.url("/warm-up")), ctx)  # the client, built once
     started = time.perf_counter()
     tracemalloc.start()
     try:
@@ -949,7 +945,7 @@ async def test_condition_reason_never_quotes_an_echoed_secret(
     # The target echoes the key it was sent inside the value a condition looks at.
     http_target.route(PATH, Reply.json(json.dumps({"status": value(secret)})))
     check = http_check(
-        http_target.url(PATH),
+        url=http_target.url(PATH),
         headers={"X-Api-Key": "${env:HEALTHD_TEST_TOKEN}"},
         conditions=[{"json": "status", "equals": "ok"}],
     )
@@ -969,7 +965,7 @@ async def test_condition_reason_quotes_a_long_binary_value_escaped_and_cut(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
     http_target.route(PATH, Reply.json(json.dumps({"status": "\x1b[2J\r\n" + "é" * 300})))
-    check = http_check(http_target.url(PATH), conditions=[{"json": "status", "equals": "ok"}])
+    check = http_check(url=http_target.url(PATH), conditions=[{"json": "status", "equals": "ok"}])
 
     _, finding = await run_check(check, ctx)
 

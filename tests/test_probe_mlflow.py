@@ -3,32 +3,26 @@
 from __future__ import annotations
 
 import base64
+import functools
 
 import pytest
 
 from healthd.config import MlflowCheck
 from healthd.model import Status
 from tests.http_target import HttpTarget, Reply
-from tests.services import MlflowServer, component
+from tests.probing import check_once, component, make_check
+from tests.services import MlflowServer
 
-
-def _check(url: str, **overrides: object) -> MlflowCheck:
-    # Generous limits: these tests are about answers, not speed, and CI machines are busy.
-    settings: dict[str, object] = {
-        "url": url,
-        "interval": 30,
-        "timeout": 20,
-        "degraded_search_latency": 15,
-    }
-    settings.update(overrides)
-    return MlflowCheck.model_validate(settings)
+#: Generous limits: these tests are about answers, not speed, and CI machines are busy.
+_check = functools.partial(
+    make_check, "mlflow", interval=30, timeout=20, degraded_search_latency=15
+)
 
 
 @pytest.mark.asyncio
 @pytest.mark.slow
 async def test_working_server_is_healthy_with_its_version(mlflow_service: MlflowServer) -> None:
-    async with component(_check(mlflow_service.url, host=MlflowServer.HOST)) as mlflow:
-        state = await mlflow.check_once()
+    state = await check_once(_check(url=mlflow_service.url, host=MlflowServer.HOST))
     assert state.status is Status.HEALTHY, state.reason
     assert state.reason_code == "ok"
     assert state.details["version"].startswith("3.")
@@ -45,30 +39,26 @@ async def test_working_server_is_healthy_with_its_version(mlflow_service: Mlflow
 async def test_broken_backend_store_degrades_while_health_stays_up_then_recovers(
     mlflow_service: MlflowServer,
 ) -> None:
-    async with component(_check(mlflow_service.url, host=MlflowServer.HOST)) as mlflow:
+    async with component(_check(url=mlflow_service.url, host=MlflowServer.HOST)) as mlflow:
         assert (await mlflow.check_once()).status is Status.HEALTHY
         mlflow_service.break_store()
         state = await mlflow.check_once()
-        assert state.status is Status.DEGRADED
-        assert state.reason_code == "search_failed"
+        assert (state.status, state.reason_code) == (Status.DEGRADED, "search_failed")
         assert state.reason.startswith("backend store: POST /api/2.0/mlflow/experiments/search")
         assert state.details["requests"]["health"]["http_status"] == 200
         assert state.details["requests"]["search"]["http_status"] >= 400
 
         mlflow_service.repair_store()
         state = await mlflow.check_once()
-    assert state.status is Status.HEALTHY
-    assert state.reason_code == "ok"
+    assert (state.status, state.reason_code) == (Status.HEALTHY, "ok")
 
 
 @pytest.mark.asyncio
 @pytest.mark.slow
 async def test_unknown_host_header_is_degraded_host_rejected(mlflow_service: MlflowServer) -> None:
     # Without ``host``, the client sends 127.0.0.1:port, which the server does not allow.
-    async with component(_check(mlflow_service.url)) as mlflow:
-        state = await mlflow.check_once()
-    assert state.status is Status.DEGRADED
-    assert state.reason_code == "host_rejected"
+    state = await check_once(_check(url=mlflow_service.url))
+    assert (state.status, state.reason_code) == (Status.DEGRADED, "host_rejected")
     assert "--allowed-hosts" in state.reason
     assert state.details["requests"]["search"]["http_status"] == 403
     assert state.details["requests"]["health"]["http_status"] == 200
@@ -77,11 +67,9 @@ async def test_unknown_host_header_is_degraded_host_rejected(mlflow_service: Mlf
 @pytest.mark.asyncio
 @pytest.mark.slow
 async def test_slow_search_is_degraded(mlflow_service: MlflowServer) -> None:
-    check = _check(mlflow_service.url, host=MlflowServer.HOST, degraded_search_latency="1ms")
-    async with component(check) as mlflow:
-        state = await mlflow.check_once()
-    assert state.status is Status.DEGRADED
-    assert state.reason_code == "slow"
+    check = _check(url=mlflow_service.url, host=MlflowServer.HOST, degraded_search_latency="1ms")
+    state = await check_once(check)
+    assert (state.status, state.reason_code) == (Status.DEGRADED, "slow")
     assert "limit 1 ms" in state.reason
 
 
@@ -89,10 +77,8 @@ async def test_slow_search_is_degraded(mlflow_service: MlflowServer) -> None:
 @pytest.mark.slow
 async def test_stopped_server_is_unhealthy(mlflow_server: MlflowServer, closed_port: int) -> None:
     # A server that is gone refuses connections: liveness fails, whatever the search says.
-    async with component(_check(f"http://127.0.0.1:{closed_port}")) as mlflow:
-        state = await mlflow.check_once()
-    assert state.status is Status.UNHEALTHY
-    assert state.reason_code == "connection_refused"
+    state = await check_once(_check(url=f"http://127.0.0.1:{closed_port}"))
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "connection_refused")
     assert state.reason.startswith("GET /health")
 
 
@@ -109,11 +95,11 @@ async def test_rejected_credentials_are_degraded_auth_failed_and_never_shown(
             status=401, body=b"You are not authenticated.", headers={"WWW-Authenticate": "Basic"}
         ),
     )
-    check = _check(http_target.url(), username="healthd", password="${env:MLFLOW_TEST_PASSWORD}")
-    async with component(check) as mlflow:
-        state = await mlflow.check_once()
-    assert state.status is Status.DEGRADED
-    assert state.reason_code == "auth_failed"
+    check = _check(
+        url=http_target.url(), username="healthd", password="${env:MLFLOW_TEST_PASSWORD}"
+    )
+    state = await check_once(check)
+    assert (state.status, state.reason_code) == (Status.DEGRADED, "auth_failed")
     assert state.details["version"] == "3.17.2"
     search = next(r for r in http_target.requests if r.path.endswith("/search"))
     expected = base64.b64encode(b"healthd:hunter2-secret-pw").decode()
@@ -128,16 +114,14 @@ async def test_rejected_credentials_are_degraded_auth_failed_and_never_shown(
 async def test_forbidden_search_is_degraded_auth_failed(http_target: HttpTarget) -> None:
     http_target.route("/health", Reply(body=b"OK"))
     http_target.route("/api/2.0/mlflow/experiments/search", Reply(status=403, body=b"denied"))
-    async with component(_check(http_target.url())) as mlflow:
-        state = await mlflow.check_once()
-    assert state.status is Status.DEGRADED
-    assert state.reason_code == "auth_failed"
+    state = await check_once(_check(url=http_target.url()))
+    assert (state.status, state.reason_code) == (Status.DEGRADED, "auth_failed")
 
 
 @pytest.mark.asyncio
 async def test_configured_host_header_is_sent(http_target: HttpTarget) -> None:
     http_target.default = Reply(body=b"OK")
-    async with component(_check(http_target.url(), host="mlflow.internal:5000")) as mlflow:
+    async with component(_check(url=http_target.url(), host="mlflow.internal:5000")) as mlflow:
         await mlflow.check_once()
     assert {r.headers["host"] for r in http_target.requests} == {"mlflow.internal:5000"}
 
@@ -158,10 +142,9 @@ async def test_version_echoing_the_password_is_redacted_then_cut(
     http_target.route("/version", Reply(body=f"3.1.0 {password}\x00{'z' * 200}".encode()))
     http_target.route("/api/2.0/mlflow/experiments/search", Reply.json('{"experiments": []}'))
     check = _check(
-        http_target.url(), username="probe", password="${env:HEALTHD_TEST_MLFLOW_PASSWORD}"
+        url=http_target.url(), username="probe", password="${env:HEALTHD_TEST_MLFLOW_PASSWORD}"
     )
-    async with component(check) as mlflow:
-        state = await mlflow.check_once()
+    state = await check_once(check)
     version = state.details["version"]
     assert version.startswith("3.1.0 <redacted>\\x00zzz")
     assert len(version) == 40

@@ -7,20 +7,17 @@ answers, failure shapes included.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from healthd.config import OpikCheck
 from healthd.model import Status
 from tests.http_target import HttpTarget, Reply
-from tests.services import component, serve_opik_backend, serve_opik_ui
+from tests.probing import check_once, component, make_check
+from tests.services import serve_opik_backend, serve_opik_ui
 
-
-def _check(backend: HttpTarget, ui: HttpTarget | None = None, **overrides: object) -> OpikCheck:
-    settings: dict[str, object] = {"url": backend.url(), "interval": 10, "timeout": 2}
-    if ui is not None:
-        settings["ui_url"] = ui.url()
-    settings.update(overrides)
-    return OpikCheck.model_validate(settings)
+_check = functools.partial(make_check, "opik", timeout=2)
 
 
 @pytest.mark.asyncio
@@ -29,10 +26,8 @@ async def test_healthy_backend_and_ui_are_healthy_with_version(
 ) -> None:
     serve_opik_backend(http_target)
     serve_opik_ui(ui_target)
-    async with component(_check(http_target, ui_target)) as opik:
-        state = await opik.check_once()
-    assert state.status is Status.HEALTHY
-    assert state.reason_code == "ok"
+    state = await check_once(_check(url=http_target.url(), ui_url=ui_target.url()))
+    assert (state.status, state.reason_code) == (Status.HEALTHY, "ok")
     assert state.reason == "Opik 1.9.5 backend and UI healthy"
     assert state.details["version"] == "1.9.5"
     assert state.details["failing_checks"] == []
@@ -47,10 +42,11 @@ async def test_backend_500_is_unhealthy_naming_the_failing_checks_then_recovers(
 ) -> None:
     serve_opik_backend(http_target, failing=("clickhouse", "redis"))
     serve_opik_ui(ui_target, proxy="unhealthy")
-    async with component(_check(http_target, ui_target, recovery_threshold=1)) as opik:
+    async with component(
+        _check(url=http_target.url(), ui_url=ui_target.url(), recovery_threshold=1)
+    ) as opik:
         state = await opik.check_once()
-        assert state.status is Status.UNHEALTHY
-        assert state.reason_code == "backend_unhealthy"
+        assert (state.status, state.reason_code) == (Status.UNHEALTHY, "backend_unhealthy")
         assert "failing: clickhouse, redis" in state.reason
         assert state.details["failing_checks"] == ["clickhouse", "redis"]
         assert state.details["requests"]["ping"]["http_status"] == 500
@@ -65,23 +61,17 @@ async def test_backend_500_is_unhealthy_naming_the_failing_checks_then_recovers(
 @pytest.mark.asyncio
 async def test_failing_non_critical_check_is_degraded_and_named(http_target: HttpTarget) -> None:
     serve_opik_backend(http_target, failing=("clickhouse-readonly-freeform-sql",), critical=False)
-    async with component(_check(http_target)) as opik:
-        state = await opik.check_once()
-    assert state.status is Status.DEGRADED
-    assert state.reason_code == "subcheck_failed"
+    state = await check_once(_check(url=http_target.url()))
+    assert (state.status, state.reason_code) == (Status.DEGRADED, "subcheck_failed")
     assert "clickhouse-readonly-freeform-sql" in state.reason
 
 
 @pytest.mark.asyncio
 async def test_unreachable_backend_is_unhealthy(ui_target: HttpTarget, closed_port: int) -> None:
     serve_opik_ui(ui_target, proxy="no_upstream")
-    check = OpikCheck(
-        url=f"http://127.0.0.1:{closed_port}", ui_url=ui_target.url(), interval=10, timeout=2
-    )
-    async with component(check) as opik:
-        state = await opik.check_once()
-    assert state.status is Status.UNHEALTHY
-    assert state.reason_code == "connection_refused"
+    check = _check(url=f"http://127.0.0.1:{closed_port}", ui_url=ui_target.url())
+    state = await check_once(check)
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "connection_refused")
     assert state.reason.startswith("backend: GET /is-alive/ping")
 
 
@@ -91,10 +81,8 @@ async def test_ui_proxy_failing_while_backend_is_fine_is_degraded(
 ) -> None:
     serve_opik_backend(http_target)
     serve_opik_ui(ui_target, proxy="no_upstream")
-    async with component(_check(http_target, ui_target)) as opik:
-        state = await opik.check_once()
-    assert state.status is Status.DEGRADED
-    assert state.reason_code == "ui_proxy_failed"
+    state = await check_once(_check(url=http_target.url(), ui_url=ui_target.url()))
+    assert (state.status, state.reason_code) == (Status.DEGRADED, "ui_proxy_failed")
     assert "GET /api/is-alive/ping returned 502" in state.reason
     assert state.details["requests"]["ui_ping"]["http_status"] == 502
     assert state.details["requests"]["ping"]["http_status"] == 200
@@ -105,11 +93,9 @@ async def test_ui_down_while_backend_is_fine_is_degraded(
     http_target: HttpTarget, closed_port: int
 ) -> None:
     serve_opik_backend(http_target)
-    check = _check(http_target, ui_url=f"http://127.0.0.1:{closed_port}")
-    async with component(check) as opik:
-        state = await opik.check_once()
-    assert state.status is Status.DEGRADED
-    assert state.reason_code == "ui_down"
+    check = _check(url=http_target.url(), ui_url=f"http://127.0.0.1:{closed_port}")
+    state = await check_once(check)
+    assert (state.status, state.reason_code) == (Status.DEGRADED, "ui_down")
     assert state.details["requests"]["ui"]["error"] == "connection_refused"
 
 
@@ -117,10 +103,8 @@ async def test_ui_down_while_backend_is_fine_is_degraded(
 async def test_backend_that_hangs_is_unhealthy_timeout(http_target: HttpTarget) -> None:
     serve_opik_backend(http_target)
     http_target.route("/is-alive/ping", Reply(action="hang"))
-    async with component(_check(http_target, timeout="300ms")) as opik:
-        state = await opik.check_once()
-    assert state.status is Status.UNHEALTHY
-    assert state.reason_code == "timeout"
+    state = await check_once(_check(url=http_target.url(), timeout="300ms"))
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "timeout")
 
 
 def test_ui_url_must_be_http() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import resource
 import time
@@ -18,21 +19,17 @@ from healthd.model import Failure, Finding, Observation, Status
 from healthd.probes import ProbeContext, SharedResources
 from healthd.probes import postgres as postgres_probe
 from healthd.probes.postgres import assess, connect_timeout_seconds, failure_code
+from tests.daemon import run_daemon_once
 from tests.datastores import (
     PG_PASSWORD,
     PG_PASSWORD_USER,
     PG_PROBE_USER,
     PostgresServer,
-    run_daemon_once,
     wait_until,
 )
-from tests.probing import probe_once, run_check, states_after
+from tests.probing import make_check, probe_once, run_check, states_after
 
-
-def _check(dsn: str, **settings: Any) -> PostgresCheck:
-    settings.setdefault("timeout", 2.0)
-    settings.setdefault("interval", 10.0)
-    return PostgresCheck(dsn=dsn, **settings)
+_check = functools.partial(make_check, "postgres", timeout=2.0)
 
 
 # --- real servers ---------------------------------------------------------------------------
@@ -42,7 +39,7 @@ def _check(dsn: str, **settings: Any) -> PostgresCheck:
 async def test_healthy_primary_reports_role_connections_and_version(
     pg_primary: PostgresServer,
 ) -> None:
-    observation, finding = await probe_once(_check(pg_primary.dsn(user=PG_PROBE_USER)))
+    observation, finding = await probe_once(_check(dsn=pg_primary.dsn(user=PG_PROBE_USER)))
 
     assert (finding.status, finding.reason_code) == (Status.HEALTHY, "ok")
     facts = observation.facts
@@ -60,7 +57,7 @@ async def test_healthy_primary_reports_role_connections_and_version(
 async def test_probe_connects_fresh_and_leaves_no_connection_behind(
     pg_primary: PostgresServer,
 ) -> None:
-    check = _check(pg_primary.dsn(user=PG_PROBE_USER))
+    check = _check(dsn=pg_primary.dsn(user=PG_PROBE_USER))
     ctx = ProbeContext(SharedResources())
     for _ in range(3):
         _, finding = await run_check(check, ctx)
@@ -80,7 +77,7 @@ async def test_password_from_environment_authenticates(
 ) -> None:
     monkeypatch.setenv("HEALTHD_TEST_PG_PASSWORD", PG_PASSWORD)
     check = _check(
-        pg_primary.dsn(user=PG_PASSWORD_USER), password="${env:HEALTHD_TEST_PG_PASSWORD}"
+        dsn=pg_primary.dsn(user=PG_PASSWORD_USER), password="${env:HEALTHD_TEST_PG_PASSWORD}"
     )
 
     observation, finding = await probe_once(check)
@@ -95,7 +92,7 @@ async def test_password_from_file_inside_the_url_authenticates(
 ) -> None:
     secret = tmp_path / "pg-password"
     secret.write_text(PG_PASSWORD + "\n")
-    check = _check(pg_primary.url(PG_PASSWORD_USER, password=f"${{file:{secret}}}"))
+    check = _check(dsn=pg_primary.url(PG_PASSWORD_USER, password=f"${{file:{secret}}}"))
 
     observation, finding = await probe_once(check)
 
@@ -109,7 +106,7 @@ async def test_wrong_password_is_auth_failed_without_showing_the_password(
 ) -> None:
     wrong = "not-the-Password-77"
     caplog.set_level("DEBUG")
-    check = _check(pg_primary.url(PG_PASSWORD_USER, password=wrong))
+    check = _check(dsn=pg_primary.url(PG_PASSWORD_USER, password=wrong))
 
     observation, finding = await probe_once(check)
 
@@ -122,7 +119,7 @@ async def test_wrong_password_is_auth_failed_without_showing_the_password(
 
 @pytest.mark.asyncio
 async def test_missing_database_is_unhealthy(pg_primary: PostgresServer) -> None:
-    check = _check(pg_primary.dsn(user=PG_PROBE_USER, dbname="no_such_db"))
+    check = _check(dsn=pg_primary.dsn(user=PG_PROBE_USER, dbname="no_such_db"))
 
     _, finding = await probe_once(check)
 
@@ -134,7 +131,7 @@ async def test_missing_database_is_unhealthy(pg_primary: PostgresServer) -> None
 async def test_exhausted_connection_slots_are_saturated_until_released(
     pg_primary: PostgresServer,
 ) -> None:
-    check = _check(pg_primary.dsn(user=PG_PROBE_USER))
+    check = _check(dsn=pg_primary.dsn(user=PG_PROBE_USER))
     held: list[psycopg.Connection[Any]] = []
     try:
         # Fill every slot a non-superuser may take; the next connection is refused with 53300.
@@ -158,7 +155,7 @@ async def test_exhausted_connection_slots_are_saturated_until_released(
 
 @pytest.mark.asyncio
 async def test_saturation_above_threshold_is_degraded(pg_primary: PostgresServer) -> None:
-    check = _check(pg_primary.dsn(user=PG_PROBE_USER), degraded_saturation=0.8)
+    check = _check(dsn=pg_primary.dsn(user=PG_PROBE_USER), degraded_saturation=0.8)
     # 15 held plus the probe make 16 of 17 usable slots: 94 %.
     with pg_primary.held_connections(15):
         observation, finding = await probe_once(check)
@@ -172,7 +169,7 @@ async def test_saturation_above_threshold_is_degraded(pg_primary: PostgresServer
 
 @pytest.mark.asyncio
 async def test_long_transaction_is_degraded_until_it_ends(pg_primary: PostgresServer) -> None:
-    check = _check(pg_primary.dsn(user=PG_PROBE_USER), degraded_transaction_age="1ms")
+    check = _check(dsn=pg_primary.dsn(user=PG_PROBE_USER), degraded_transaction_age="1ms")
     with psycopg.connect(pg_primary.dsn()) as conn:  # not autocommit: a transaction stays open
         conn.execute("SELECT txid_current()")
         observation, finding = await probe_once(check)
@@ -187,14 +184,14 @@ async def test_long_transaction_is_degraded_until_it_ends(pg_primary: PostgresSe
 async def test_standby_where_primary_is_expected_is_wrong_role(
     pg_standby: PostgresServer,
 ) -> None:
-    observation, finding = await probe_once(_check(pg_standby.dsn(), expect_role="primary"))
+    observation, finding = await probe_once(_check(dsn=pg_standby.dsn(), expect_role="primary"))
 
     assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "wrong_role")
     assert observation.facts["in_recovery"] is True
     assert observation.facts["role"] == "standby"
-    _, as_standby = await probe_once(_check(pg_standby.dsn(), expect_role="standby"))
+    _, as_standby = await probe_once(_check(dsn=pg_standby.dsn(), expect_role="standby"))
     assert as_standby.status is Status.HEALTHY
-    _, as_any = await probe_once(_check(pg_standby.dsn(), expect_role="any"))
+    _, as_any = await probe_once(_check(dsn=pg_standby.dsn(), expect_role="any"))
     assert as_any.status is Status.HEALTHY
 
 
@@ -215,7 +212,7 @@ def _received_ahead_of_replay(standby: PostgresServer) -> bool:
 async def test_replay_lag_above_threshold_is_degraded_until_caught_up(
     pg_primary: PostgresServer, pg_standby: PostgresServer
 ) -> None:
-    check = _check(pg_standby.dsn(), expect_role="standby", degraded_replay_lag="1ms")
+    check = _check(dsn=pg_standby.dsn(), expect_role="standby", degraded_replay_lag="1ms")
     pg_primary.execute("CREATE TABLE IF NOT EXISTS lag_probe (n int)")
     pg_primary.execute("INSERT INTO lag_probe VALUES (1)")
     wait_until(lambda: _replayed_everything(pg_standby), what="the standby to catch up")
@@ -240,7 +237,7 @@ async def test_replay_lag_above_threshold_is_degraded_until_caught_up(
 async def test_standby_not_accepting_connections_is_not_ready_until_hot(
     pg_standby: PostgresServer,
 ) -> None:
-    check = _check(pg_standby.dsn(), expect_role="standby")
+    check = _check(dsn=pg_standby.dsn(), expect_role="standby")
     pg_standby.stop()
     # A standby without hot_standby is up and replaying, but rejects sessions with 57P03.
     pg_standby.start(wait=False, hot_standby="off")
@@ -262,7 +259,7 @@ async def test_standby_not_accepting_connections_is_not_ready_until_hot(
 async def test_killed_server_is_refused_then_recovers_through_hysteresis(
     pg_victim: PostgresServer,
 ) -> None:
-    check = _check(pg_victim.dsn(), failure_threshold=3, recovery_threshold=2)
+    check = _check(dsn=pg_victim.dsn(), failure_threshold=3, recovery_threshold=2)
     findings = [(await probe_once(check))[1]]
     pg_victim.kill()
     for _ in range(3):
@@ -289,8 +286,8 @@ async def test_killed_server_is_refused_then_recovers_through_hysteresis(
 async def test_frozen_server_times_out_within_deadline_without_delaying_others(
     pg_victim: PostgresServer, pg_primary: PostgresServer
 ) -> None:
-    frozen_check = _check(pg_victim.dsn(), timeout=0.5)
-    healthy_check = _check(pg_primary.dsn(user=PG_PROBE_USER), timeout=2.0)
+    frozen_check = _check(dsn=pg_victim.dsn(), timeout=0.5)
+    healthy_check = _check(dsn=pg_primary.dsn(user=PG_PROBE_USER), timeout=2.0)
     results: dict[str, tuple[Observation, Finding, float]] = {}
 
     async def timed(name: str, check: PostgresCheck) -> None:
@@ -328,7 +325,7 @@ async def test_query_that_hangs_is_cut_at_the_deadline_and_its_session_ends(
     # A server that accepts the session but never answers the query: psycopg, cancelled, would
     # spend up to 10 s asking the server to cancel; the deadline must still hold.
     monkeypatch.setattr(postgres_probe, "_STATE_QUERY", "SELECT pg_sleep(30)")
-    check = _check(pg_primary.dsn(user=PG_PROBE_USER), timeout=0.5)
+    check = _check(dsn=pg_primary.dsn(user=PG_PROBE_USER), timeout=0.5)
 
     started = time.perf_counter()
     _, finding = await probe_once(check)
@@ -491,16 +488,16 @@ _STANDBY = {"in_recovery": True, "role": "standby", "replay_lag_seconds": 0.0}
 def test_assess_table(
     settings: dict[str, Any], observation: Observation, status: Status, code: str
 ) -> None:
-    finding = assess(_check("host=db", **settings), observation)
+    finding = assess(_check(dsn="host=db", **settings), observation)
     assert (finding.status, finding.reason_code) == (status, code)
 
 
 def _failure(code: str) -> Finding:
-    return assess(_check("host=db"), Observation(0.01, failure=Failure(code, code)))
+    return assess(_check(dsn="host=db"), Observation(0.01, failure=Failure(code, code)))
 
 
 def test_not_ready_is_degraded_at_first_then_unhealthy_at_the_failure_threshold() -> None:
-    check = _check("host=db", failure_threshold=3)
+    check = _check(dsn="host=db", failure_threshold=3)
     healthy = assess(check, Observation(0.01, facts=_facts()))
     states = states_after(check, [healthy, *[_failure("not_ready")] * 3], name="db")
     assert [s.status for s in states] == [
@@ -514,22 +511,22 @@ def test_not_ready_is_degraded_at_first_then_unhealthy_at_the_failure_threshold(
 
 
 def test_too_many_connections_stays_degraded_however_long_it_lasts() -> None:
-    check = _check("host=db", failure_threshold=2)
+    check = _check(dsn="host=db", failure_threshold=2)
     states = states_after(check, [_failure("saturated")] * 5, name="db")
     assert {s.status for s in states} == {Status.DEGRADED}
     assert {s.reason_code for s in states} == {"saturated"}
 
 
 def test_connect_timeout_never_goes_below_psycopgs_two_second_floor() -> None:
-    assert connect_timeout_seconds(_check("host=db", timeout=0.5)) == 2
-    assert connect_timeout_seconds(_check("host=db", timeout=10.0)) == 9
+    assert connect_timeout_seconds(_check(dsn="host=db", timeout=0.5)) == 2
+    assert connect_timeout_seconds(_check(dsn="host=db", timeout=10.0)) == 9
 
 
 def test_dsn_must_be_a_postgres_url_or_key_value_pairs() -> None:
     with pytest.raises(ValueError, match="postgresql://"):
-        _check("mysql://u:p@h/db")
+        _check(dsn="mysql://u:p@h/db")
     with pytest.raises(ValueError, match="key=value"):
-        _check("just-a-host")
+        _check(dsn="just-a-host")
 
 
 # --- end to end ---------------------------------------------------------------------------------
@@ -576,7 +573,7 @@ async def test_healthd_out_of_descriptors_is_its_own_trouble_not_the_databases(
 ) -> None:
     # libpq reports EMFILE as a message ("could not create socket: Too many open files"), not
     # as an OSError: it must still read as healthd's trouble, which keeps the last verdict.
-    check = _check(pg_primary.dsn(user=PG_PROBE_USER))
+    check = _check(dsn=pg_primary.dsn(user=PG_PROBE_USER))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     held: list[int] = []
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Iterator
@@ -19,19 +20,15 @@ from healthd.model import Failure, Finding, Observation, Status
 from healthd.probes import ProbeContext, SharedResources
 from healthd.probes.redis import assess, failure_for, parse_info, server_facts
 from healthd.secrets import Redactor
+from tests.daemon import run_daemon_once
 from tests.datastores import (
     REDIS_PASSWORD,
     RedisServer,
-    run_daemon_once,
     wait_until,
 )
-from tests.probing import probe_once, run_check, states_after
+from tests.probing import make_check, probe_once, run_check, states_after
 
-
-def _check(url: str, **settings: Any) -> RedisCheck:
-    settings.setdefault("timeout", 1.0)
-    settings.setdefault("interval", 10.0)
-    return RedisCheck(url=url, **settings)
+_check = functools.partial(make_check, "redis")
 
 
 @pytest.fixture
@@ -49,7 +46,7 @@ async def test_healthy_master_reports_info_facts(
     redis_main: RedisServer, password_env: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level("DEBUG")
-    check = _check(redis_main.url(), password=password_env)
+    check = _check(url=redis_main.url(), password=password_env)
 
     observation, finding = await probe_once(check)
 
@@ -71,7 +68,7 @@ async def test_healthy_master_reports_info_facts(
 async def test_password_inside_the_url_from_the_environment_authenticates(
     redis_main: RedisServer, password_env: str
 ) -> None:
-    check = _check(f"redis://:{password_env}@127.0.0.1:{redis_main.port}/0")
+    check = _check(url=f"redis://:{password_env}@127.0.0.1:{redis_main.port}/0")
 
     observation, finding = await probe_once(check)
 
@@ -83,7 +80,7 @@ async def test_password_inside_the_url_from_the_environment_authenticates(
 async def test_probe_closes_its_connection_every_time(
     redis_main: RedisServer, password_env: str
 ) -> None:
-    check = _check(redis_main.url(), password=password_env)
+    check = _check(url=redis_main.url(), password=password_env)
     ctx = ProbeContext(SharedResources())
     for _ in range(3):
         _, finding = await run_check(check, ctx)
@@ -113,7 +110,7 @@ async def test_wrong_or_missing_password_is_auth_failed(
     reply: str,
 ) -> None:
     caplog.set_level("DEBUG")
-    check = _check(redis_main.url(password))
+    check = _check(url=redis_main.url(password))
 
     observation, finding = await probe_once(check)
 
@@ -128,7 +125,7 @@ async def test_wrong_or_missing_password_is_auth_failed(
 async def test_killed_server_is_refused_then_recovers_through_hysteresis(
     redis_victim: RedisServer,
 ) -> None:
-    check = _check(redis_victim.url(), failure_threshold=3, recovery_threshold=2)
+    check = _check(url=redis_victim.url(), failure_threshold=3, recovery_threshold=2)
     findings = [(await probe_once(check))[1]]
     redis_victim.kill()
     for _ in range(3):
@@ -152,8 +149,8 @@ async def test_killed_server_is_refused_then_recovers_through_hysteresis(
 async def test_frozen_server_times_out_within_deadline_without_delaying_others(
     redis_victim: RedisServer, redis_main: RedisServer, password_env: str
 ) -> None:
-    frozen_check = _check(redis_victim.url(), timeout=0.5)
-    healthy_check = _check(redis_main.url(), password=password_env, timeout=2.0)
+    frozen_check = _check(url=redis_victim.url(), timeout=0.5)
+    healthy_check = _check(url=redis_main.url(), password=password_env, timeout=2.0)
     results: dict[str, tuple[Finding, float]] = {}
 
     async def timed(name: str, check: RedisCheck) -> None:
@@ -210,7 +207,7 @@ def busy_script(redis_victim: RedisServer) -> Iterator[RedisServer]:
 async def test_busy_script_is_degraded_then_unhealthy_by_threshold_then_recovers(
     busy_script: RedisServer,
 ) -> None:
-    check = _check(busy_script.url(), failure_threshold=2, recovery_threshold=1)
+    check = _check(url=busy_script.url(), failure_threshold=2, recovery_threshold=1)
     healthy = Finding(Status.HEALTHY, "ok", "PONG")
     busy = [(await probe_once(check))[1] for _ in range(2)]
     with busy_script.client() as control:
@@ -247,7 +244,7 @@ def _bgsave_finished(server: RedisServer, status: str) -> bool:
 async def test_failing_background_save_is_degraded_until_a_save_succeeds(
     redis_main: RedisServer, password_env: str
 ) -> None:
-    check = _check(redis_main.url(), password=password_env)
+    check = _check(url=redis_main.url(), password=password_env)
     unwritable = redis_main.data_dir / "unwritable"
     unwritable.mkdir()
     redis_main.user.own(unwritable)
@@ -274,7 +271,7 @@ async def test_failing_background_save_is_degraded_until_a_save_succeeds(
 async def test_memory_near_maxmemory_is_degraded(
     redis_main: RedisServer, password_env: str
 ) -> None:
-    check = _check(redis_main.url(), password=password_env, degraded_memory=0.9)
+    check = _check(url=redis_main.url(), password=password_env, degraded_memory=0.9)
     with redis_main.client() as client:
         used = int(client.info("memory")["used_memory"])
         client.config_set("maxmemory", int(used / 0.95))
@@ -306,7 +303,7 @@ async def _client_when_a_slot_is_free(server: RedisServer) -> redis.Redis:
 async def test_clients_at_maxclients_are_degraded_and_refused_clients_saturated(
     redis_victim: RedisServer,
 ) -> None:
-    check = _check(redis_victim.url(), degraded_clients=0.8)
+    check = _check(url=redis_victim.url(), degraded_clients=0.8)
     with redis_victim.client() as client:
         client.config_set("maxclients", 1)
 
@@ -333,7 +330,7 @@ async def test_replica_where_master_is_expected_is_wrong_role(
 ) -> None:
     _, replica = redis_replication
 
-    observation, finding = await probe_once(_check(replica.url(), password=password_env))
+    observation, finding = await probe_once(_check(url=replica.url(), password=password_env))
 
     assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "wrong_role")
     assert observation.facts["role"] == "replica"
@@ -349,7 +346,7 @@ async def test_replica_whose_master_is_gone_is_degraded_until_the_master_returns
     redis_replication: tuple[RedisServer, RedisServer], password_env: str
 ) -> None:
     master, replica = redis_replication
-    check = _check(replica.url(), password=password_env, expect_role="replica")
+    check = _check(url=replica.url(), password=password_env, expect_role="replica")
     observation, finding = await probe_once(check)
     assert finding.status is Status.HEALTHY
     assert observation.facts["master_link_status"] == "up"
@@ -371,7 +368,7 @@ async def test_replica_serving_no_stale_data_without_its_master_is_master_down(
     redis_replication: tuple[RedisServer, RedisServer], password_env: str
 ) -> None:
     master, replica = redis_replication
-    check = _check(replica.url(), password=password_env, expect_role="replica")
+    check = _check(url=replica.url(), password=password_env, expect_role="replica")
     with replica.client() as client:
         client.config_set("replica-serve-stale-data", "no")
     try:
@@ -545,7 +542,7 @@ _LINK_DOWN = {**_REPLICA, "master_link_status": "down"}
 def test_assess_table(
     settings: dict[str, Any], facts: dict[str, Any], status: Status, code: str
 ) -> None:
-    finding = assess(_check("redis://cache:6379", **settings), Observation(0.01, facts=facts))
+    finding = assess(_check(url="redis://cache:6379", **settings), Observation(0.01, facts=facts))
     assert (finding.status, finding.reason_code) == (status, code)
 
 
@@ -562,12 +559,12 @@ def test_assess_table(
     ],
 )
 def test_assess_failures(code: str, status: Status) -> None:
-    finding = assess(_check("redis://cache"), Observation(0.01, failure=Failure(code, code)))
+    finding = assess(_check(url="redis://cache"), Observation(0.01, failure=Failure(code, code)))
     assert (finding.status, finding.reason_code) == (status, code)
 
 
 def test_loading_is_degraded_then_unhealthy_at_the_failure_threshold() -> None:
-    check = _check("redis://cache", failure_threshold=3)
+    check = _check(url="redis://cache", failure_threshold=3)
     healthy = assess(check, Observation(0.01, facts=_facts()))
     loading = assess(check, Observation(0.01, failure=Failure("loading", "loading")))
     states = states_after(check, [healthy, loading, loading, loading], name="cache")

@@ -8,38 +8,27 @@ key appears in no log line, metric or status file.
 
 from __future__ import annotations
 
+import functools
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from healthd.config import SupabaseCheck
 from healthd.model import Failure, Observation, Status
 from healthd.probes._preset import Outcome
 from healthd.probes.supabase import assess, is_legacy_key
+from tests.daemon import healthd_cli, run_daemon_once
 from tests.http_target import HttpTarget, Reply
-from tests.services import component, free_port, serve_supabase
+from tests.probing import check_once, component, make_check
+from tests.services import serve_supabase
 
 #: Shaped like a legacy anon key (a JWT), and unique enough to search every output for it.
 LEGACY_KEY = "eyJhbGciOiJIUzI1NiJ9.eyJyb2xlIjoiYW5vbiJ9.c2VjcmV0LXNpZ25hdHVyZS0xMjM0NQ"
 NEW_KEY = "sb_publishable_Zx9SecretPublishableKey42"
 
 
-def _check(target: HttpTarget, key: str = LEGACY_KEY, **overrides: object) -> SupabaseCheck:
-    settings: dict[str, object] = {
-        "url": target.url(),
-        "api_key": key,
-        "interval": 10,
-        "timeout": 2,
-    }
-    settings.update(overrides)
-    return SupabaseCheck.model_validate(settings)
+_check = functools.partial(make_check, "supabase", api_key=LEGACY_KEY, timeout=2)
 
 
 def _assert_no_key(text: str, *keys: str) -> None:
@@ -52,10 +41,8 @@ def _assert_no_key(text: str, *keys: str) -> None:
 @pytest.mark.asyncio
 async def test_auth_and_rest_up_is_healthy_with_gotrue_version(http_target: HttpTarget) -> None:
     serve_supabase(http_target)
-    async with component(_check(http_target)) as supabase:
-        state = await supabase.check_once()
-    assert state.status is Status.HEALTHY
-    assert state.reason_code == "ok"
+    state = await check_once(_check(url=http_target.url()))
+    assert (state.status, state.reason_code) == (Status.HEALTHY, "ok")
     assert state.details["auth_version"] == "v2.177.0"
     assert list(state.details["requests"]) == ["auth", "rest"]
     _assert_no_key(f"{state.reason} {json.dumps(dict(state.details))}", LEGACY_KEY)
@@ -64,7 +51,7 @@ async def test_auth_and_rest_up_is_healthy_with_gotrue_version(http_target: Http
 @pytest.mark.asyncio
 async def test_legacy_key_goes_as_apikey_and_bearer(http_target: HttpTarget) -> None:
     serve_supabase(http_target)
-    async with component(_check(http_target)) as supabase:
+    async with component(_check(url=http_target.url())) as supabase:
         await supabase.check_once()
     for recorded in http_target.requests:
         assert recorded.headers["apikey"] == LEGACY_KEY
@@ -74,7 +61,7 @@ async def test_legacy_key_goes_as_apikey_and_bearer(http_target: HttpTarget) -> 
 @pytest.mark.asyncio
 async def test_new_style_key_goes_as_apikey_only(http_target: HttpTarget) -> None:
     serve_supabase(http_target)
-    async with component(_check(http_target, key=NEW_KEY)) as supabase:
+    async with component(_check(url=http_target.url(), api_key=NEW_KEY)) as supabase:
         assert (await supabase.check_once()).status is Status.HEALTHY
     for recorded in http_target.requests:
         assert recorded.headers["apikey"] == NEW_KEY
@@ -86,10 +73,9 @@ async def test_gotrue_down_behind_live_kong_is_degraded_then_recovers(
     http_target: HttpTarget,
 ) -> None:
     serve_supabase(http_target, auth="down")
-    async with component(_check(http_target)) as supabase:
+    async with component(_check(url=http_target.url())) as supabase:
         state = await supabase.check_once()
-        assert state.status is Status.DEGRADED
-        assert state.reason_code == "auth_down"
+        assert (state.status, state.reason_code) == (Status.DEGRADED, "auth_down")
         assert state.reason == "auth (GoTrue): GET /auth/v1/health returned 502"
         assert state.details["requests"]["auth"]["http_status"] == 502
         assert state.details["requests"]["rest"]["http_status"] == 200
@@ -102,10 +88,8 @@ async def test_gotrue_down_behind_live_kong_is_degraded_then_recovers(
 @pytest.mark.asyncio
 async def test_auth_and_rest_both_down_is_unhealthy(http_target: HttpTarget) -> None:
     serve_supabase(http_target, auth="down", rest="down")
-    async with component(_check(http_target)) as supabase:
-        state = await supabase.check_once()
-    assert state.status is Status.UNHEALTHY
-    assert state.reason_code == "services_down"
+    state = await check_once(_check(url=http_target.url()))
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "services_down")
     assert "/auth/v1/health returned 502" in state.reason
     assert "/rest/v1/ returned 502" in state.reason
 
@@ -113,23 +97,17 @@ async def test_auth_and_rest_both_down_is_unhealthy(http_target: HttpTarget) -> 
 @pytest.mark.asyncio
 async def test_rotated_key_is_degraded_auth_failed(http_target: HttpTarget) -> None:
     serve_supabase(http_target, auth="rejected", rest="rejected")
-    async with component(_check(http_target)) as supabase:
-        state = await supabase.check_once()
-    assert state.status is Status.DEGRADED
-    assert state.reason_code == "auth_failed"
+    state = await check_once(_check(url=http_target.url()))
+    assert (state.status, state.reason_code) == (Status.DEGRADED, "auth_failed")
     assert "401 on auth, rest" in state.reason
     _assert_no_key(f"{state.reason} {json.dumps(dict(state.details))}", LEGACY_KEY)
 
 
 @pytest.mark.asyncio
 async def test_unreachable_gateway_is_unhealthy(closed_port: int) -> None:
-    check = SupabaseCheck(
-        url=f"http://127.0.0.1:{closed_port}", api_key=LEGACY_KEY, interval=10, timeout=2
-    )
-    async with component(check) as supabase:
-        state = await supabase.check_once()
-    assert state.status is Status.UNHEALTHY
-    assert state.reason_code == "connection_refused"
+    check = _check(url=f"http://127.0.0.1:{closed_port}")
+    state = await check_once(check)
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "connection_refused")
     assert state.reason.startswith("gateway unreachable")
 
 
@@ -138,11 +116,9 @@ async def test_storage_and_table_read_are_checked_when_configured(
     http_target: HttpTarget,
 ) -> None:
     serve_supabase(http_target, table="missing")
-    check = _check(http_target, storage=True, table="todos", select="id")
-    async with component(check) as supabase:
-        state = await supabase.check_once()
-    assert state.status is Status.DEGRADED
-    assert state.reason_code == "table_read_failed"
+    check = _check(url=http_target.url(), storage=True, table="todos", select="id")
+    state = await check_once(check)
+    assert (state.status, state.reason_code) == (Status.DEGRADED, "table_read_failed")
     assert state.reason == "table todos: GET /rest/v1/todos returned 404"
     assert state.details["requests"]["storage"]["http_status"] == 200
     assert "/rest/v1/todos?select=id&limit=1" in {r.path for r in http_target.requests}
@@ -151,10 +127,8 @@ async def test_storage_and_table_read_are_checked_when_configured(
 @pytest.mark.asyncio
 async def test_storage_down_is_degraded(http_target: HttpTarget) -> None:
     serve_supabase(http_target, storage="down")
-    async with component(_check(http_target, storage=True)) as supabase:
-        state = await supabase.check_once()
-    assert state.status is Status.DEGRADED
-    assert state.reason_code == "storage_down"
+    state = await check_once(_check(url=http_target.url(), storage=True))
+    assert (state.status, state.reason_code) == (Status.DEGRADED, "storage_down")
 
 
 def test_legacy_keys_are_recognised_as_jwts() -> None:
@@ -170,12 +144,8 @@ def test_table_name_is_an_identifier() -> None:
 # --- end to end: healthd itself, with secrets in its environment ------------------------------
 
 
-def _config(path: Path, target: HttpTarget, daemon: str = "") -> Path:
-    path.write_text(
-        f"""
-[daemon]
-{daemon}
-
+def _components(target: HttpTarget) -> str:
+    return f"""
 [components.supabase]
 kind = "supabase"
 url = "{target.url()}"
@@ -186,14 +156,7 @@ kind = "mlflow"
 url = "{target.url()}"
 username = "healthd"
 password = "${{env:MLFLOW_PASSWORD}}"
-""",
-        encoding="utf-8",
-    )
-    return path
-
-
-def _healthd(config: Path) -> list[str]:
-    return [sys.executable, "-m", "healthd", "--config", str(config), "--log-level", "debug"]
+"""
 
 
 _MLFLOW_PASSWORD = "mlflow-Pa55word-nobody-may-see"
@@ -211,12 +174,16 @@ def test_check_json_reports_rejected_credentials_without_showing_them(
     http_target: HttpTarget, tmp_path: Path
 ) -> None:
     _serve_rotated_key_and_wrong_password(http_target)
-    config = _config(tmp_path / "healthd.toml", http_target)
-    result = subprocess.run(
-        [*_healthd(config), "check", "--json"],
-        env={**os.environ, **_SECRET_ENV},
-        capture_output=True,
-        text=True,
+    config = tmp_path / "healthd.toml"
+    config.write_text(_components(http_target))
+    result = healthd_cli(
+        "--config",
+        str(config),
+        "--log-level",
+        "debug",
+        "check",
+        "--json",
+        env=_SECRET_ENV,
         timeout=60,
     )
     assert result.returncode == 1, result.stderr  # degraded
@@ -234,50 +201,11 @@ def test_daemon_keeps_keys_out_of_logs_metrics_and_status_file(
     http_target: HttpTarget, tmp_path: Path
 ) -> None:
     _serve_rotated_key_and_wrong_password(http_target)
-    metrics_port = free_port()
-    status_file = tmp_path / "status.json"
-    daemon = (
-        f'metrics_address = "127.0.0.1:{metrics_port}"\n'
-        f'status_file = "{status_file}"\n'
-        'interval = "1s"\nstartup_spread = "10ms"\nstatus_file_refresh = "1s"'
-    )
-    config = _config(tmp_path / "healthd.toml", http_target, daemon)
-    log = tmp_path / "healthd.log"
-    with log.open("w") as stderr:
-        process = subprocess.Popen(
-            [*_healthd(config), "run"],
-            env={**os.environ, **_SECRET_ENV},
-            stdout=stderr,
-            stderr=stderr,
-        )
-    try:
-        metrics = _scrape_when_ready(process, f"http://127.0.0.1:{metrics_port}/metrics")
-        status = status_file.read_text()
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(15)
-    logs = log.read_text()
-    assert 'healthd_component_status{component="supabase"' in metrics
-    assert json.loads(status)["components"]["supabase"]["reason_code"] == "auth_failed"
-    assert "supabase" in logs
-    for text in (metrics, status, logs):
-        _assert_no_key(text, LEGACY_KEY, _MLFLOW_PASSWORD)
-
-
-def _scrape_when_ready(process: subprocess.Popen[str], url: str) -> str:
-    """The metrics page, once the daemon serves it (it starts after the first round)."""
-    deadline = time.monotonic() + 30
-    with httpx.Client(timeout=2, trust_env=False) as client:
-        while time.monotonic() < deadline:
-            assert process.poll() is None, "healthd exited early"
-            try:
-                response = client.get(url)
-            except httpx.HTTPError:
-                time.sleep(0.1)
-                continue
-            if response.status_code == 200:
-                return response.text
-    pytest.fail("healthd never served its metrics")
+    out = run_daemon_once(tmp_path, _components(http_target), _SECRET_ENV)
+    assert 'healthd_component_status{component="supabase"' in out.metrics
+    assert out.status["components"]["supabase"]["reason_code"] == "auth_failed"
+    assert "supabase" in out.logs
+    _assert_no_key(out.everything(), LEGACY_KEY, _MLFLOW_PASSWORD)
 
 
 # --- the verdict table, judged purely ----------------------------------------------------------

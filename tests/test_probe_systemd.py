@@ -6,24 +6,19 @@ tests/test_systemd_unit.py, which boots one in a container.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from healthd.config import ConfigError, SystemdCheck, load
+from healthd.config import ConfigError, load
 from healthd.model import Finding, Observation, Status
 from healthd.probes import ProbeContext
 from healthd.probes.systemd import _describe_result, _History, _unit_observation, assess
-from tests.probing import run_check
+from tests.probing import make_check, run_check
 
-
-def unit_check(**settings: Any) -> SystemdCheck:
-    """A check as the loaded config would have it (interval and timeout filled in)."""
-    settings.setdefault("interval", 10)
-    settings.setdefault("timeout", 5)
-    return SystemdCheck(unit="e2i-api.service", **settings)
+unit_check = functools.partial(make_check, "systemd", unit="e2i-api.service", timeout=5)
 
 
 def seen(
@@ -136,8 +131,7 @@ async def test_without_a_running_systemd_the_check_is_unhealthy_saying_why(
 
     _, finding = await run_check(unit_check(), ctx)
 
-    assert finding.status is Status.UNHEALTHY
-    assert finding.reason_code == "systemd_unreachable"
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "systemd_unreachable")
     assert finding.reason.startswith("systemctl show e2i-api.service: ")
 
 

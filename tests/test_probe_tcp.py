@@ -2,31 +2,27 @@
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from healthd.classify import judge
-from healthd.config import TcpCheck
 from healthd.model import Finding, Observation, Status
 from healthd.probes import PROBES, ProbeContext
 from tests.http_target import Certificate, HttpTarget, TcpListener
-from tests.probing import run_check
+from tests.probing import make_check, run_check
 
-
-def tcp_check(address: str, **settings: Any) -> TcpCheck:
-    """A check as the loaded config would have it (interval and timeout filled in)."""
-    settings.setdefault("interval", 10)
-    settings.setdefault("timeout", 1)
-    return TcpCheck(address=address, **settings)
+tcp_check = functools.partial(make_check, "tcp")
 
 
 @pytest.mark.asyncio
 async def test_listener_is_healthy_after_exactly_one_connection(
     tcp_listener: TcpListener, ctx: ProbeContext
 ) -> None:
-    observation, finding = await run_check(tcp_check(tcp_listener.address), ctx)
+    observation, finding = await run_check(tcp_check(address=tcp_listener.address), ctx)
 
     assert finding == Finding(Status.HEALTHY, "ok", f"connected to {tcp_listener.address}")
     assert observation.failure is None
@@ -39,7 +35,7 @@ async def test_listener_is_healthy_after_exactly_one_connection(
 async def test_each_probe_opens_a_fresh_connection(
     tcp_listener: TcpListener, ctx: ProbeContext
 ) -> None:
-    check = tcp_check(tcp_listener.address)
+    check = tcp_check(address=tcp_listener.address)
     for _ in range(3):
         _, finding = await run_check(check, ctx)
         assert finding.status is Status.HEALTHY
@@ -56,7 +52,7 @@ async def test_plain_check_does_not_speak_tls_to_a_silent_server(
     tcp_listener.silent = True
     started = time.perf_counter()
 
-    _, finding = await run_check(tcp_check(tcp_listener.address, timeout=2), ctx)
+    _, finding = await run_check(tcp_check(address=tcp_listener.address, timeout=2), ctx)
 
     assert finding.status is Status.HEALTHY
     assert time.perf_counter() - started < 0.5
@@ -66,7 +62,7 @@ async def test_plain_check_does_not_speak_tls_to_a_silent_server(
 async def test_closed_port_is_connection_refused(closed_port: int, ctx: ProbeContext) -> None:
     address = f"127.0.0.1:{closed_port}"
 
-    observation, finding = await run_check(tcp_check(address), ctx)
+    observation, finding = await run_check(tcp_check(address=address), ctx)
 
     assert finding == Finding(
         Status.UNHEALTHY, "connection_refused", f"connect to {address}: connection refused"
@@ -76,10 +72,9 @@ async def test_closed_port_is_connection_refused(closed_port: int, ctx: ProbeCon
 
 @pytest.mark.asyncio
 async def test_unresolvable_name_is_dns_error(ctx: ProbeContext) -> None:
-    _, finding = await run_check(tcp_check("no-such-host.invalid:5432"), ctx)
+    _, finding = await run_check(tcp_check(address="no-such-host.invalid:5432"), ctx)
 
-    assert finding.status is Status.UNHEALTHY
-    assert finding.reason_code == "dns_error"
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "dns_error")
     assert finding.reason.startswith("connect to no-such-host.invalid:5432: name resolution failed")
 
 
@@ -89,33 +84,30 @@ async def test_untrusted_certificate_is_tls_error(
 ) -> None:
     address = f"127.0.0.1:{https_target.port}"
 
-    _, finding = await run_check(tcp_check(address, tls=True), ctx)
+    _, finding = await run_check(tcp_check(address=address, tls=True), ctx)
 
-    assert finding.status is Status.UNHEALTHY
-    assert finding.reason_code == "tls_error"
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "tls_error")
     assert finding.reason.startswith(f"connect to {address}: TLS certificate rejected")
 
 
+@pytest.mark.parametrize(
+    "trust",
+    [
+        pytest.param(lambda cert: {"ca_file": str(cert.cert_file)}, id="signed-by-the-ca-file"),
+        pytest.param(lambda cert: {"tls_verify": False}, id="without-verification"),
+    ],
+)
 @pytest.mark.asyncio
-async def test_certificate_signed_by_the_configured_ca_file_is_trusted(
-    https_target: HttpTarget, tls_certificate: Certificate, ctx: ProbeContext
+async def test_tls_handshake_that_is_trusted_is_healthy(
+    https_target: HttpTarget,
+    tls_certificate: Certificate,
+    ctx: ProbeContext,
+    trust: Callable[[Certificate], dict[str, Any]],
 ) -> None:
     address = f"127.0.0.1:{https_target.port}"
-    check = tcp_check(address, tls=True, ca_file=str(tls_certificate.cert_file))
+    check = tcp_check(address=address, tls=True, **trust(tls_certificate))
 
     observation, finding = await run_check(check, ctx)
-
-    assert finding == Finding(Status.HEALTHY, "ok", f"TLS handshake with {address}")
-    assert observation.facts == {"tls": True}
-
-
-@pytest.mark.asyncio
-async def test_tls_handshake_without_verification_is_healthy(
-    https_target: HttpTarget, ctx: ProbeContext
-) -> None:
-    address = f"127.0.0.1:{https_target.port}"
-
-    observation, finding = await run_check(tcp_check(address, tls=True, tls_verify=False), ctx)
 
     assert finding == Finding(Status.HEALTHY, "ok", f"TLS handshake with {address}")
     assert observation.facts == {"tls": True}
@@ -126,10 +118,11 @@ async def test_tls_check_against_a_server_that_hangs_up_is_tls_error(
     tcp_listener: TcpListener, ctx: ProbeContext
 ) -> None:
     # The listener closes every connection at once, in the middle of the TLS hello.
-    _, finding = await run_check(tcp_check(tcp_listener.address, tls=True, tls_verify=False), ctx)
+    _, finding = await run_check(
+        tcp_check(address=tcp_listener.address, tls=True, tls_verify=False), ctx
+    )
 
-    assert finding.status is Status.UNHEALTHY
-    assert finding.reason_code == "tls_error"
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "tls_error")
     assert finding.reason.startswith(f"connect to {tcp_listener.address}: TLS error")
 
 
@@ -138,7 +131,7 @@ async def test_tls_check_against_a_silent_server_times_out_before_the_scheduler_
     tcp_listener: TcpListener, ctx: ProbeContext
 ) -> None:
     tcp_listener.silent = True
-    check = tcp_check(tcp_listener.address, tls=True, tls_verify=False, timeout=1)
+    check = tcp_check(address=tcp_listener.address, tls=True, tls_verify=False, timeout=1)
     started = time.perf_counter()
 
     observation, finding = await run_check(check, ctx)
@@ -160,7 +153,7 @@ async def test_connect_that_gets_no_answer_times_out_before_the_scheduler_deadli
     address = f"127.0.0.1:{unresponsive_port}"
     started = time.perf_counter()
 
-    _, finding = await run_check(tcp_check(address, timeout=0.5), ctx)
+    _, finding = await run_check(tcp_check(address=address, timeout=0.5), ctx)
 
     assert 0.4 < time.perf_counter() - started < 0.5
     assert finding == Finding(
@@ -169,7 +162,7 @@ async def test_connect_that_gets_no_answer_times_out_before_the_scheduler_deadli
 
 
 def test_slow_connect_is_degraded_with_the_limit_in_the_reason() -> None:
-    check = tcp_check("db.internal:5432", degraded_latency="1ms")
+    check = tcp_check(address="db.internal:5432", degraded_latency="1ms")
 
     finding = judge(check, Observation(0.0042), PROBES["tcp"].assess)
 

@@ -11,8 +11,7 @@ import logging
 import re
 import signal
 import time
-import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,32 +23,14 @@ from healthd.daemon import Daemon
 from healthd.model import ComponentState, Status
 from healthd.secrets import Redactor
 from healthd.watchdog import Notifier
-from tests.healthd_process import HealthdProcess, NotifySocket, TcpTarget, free_port, write_config
-
-
-@pytest.fixture
-def target() -> Iterator[TcpTarget]:
-    tcp = TcpTarget()
-    yield tcp
-    tcp.stop()
-
-
-@pytest.fixture
-def notify_socket() -> Iterator[NotifySocket]:
-    sock = NotifySocket()
-    yield sock
-    sock.close()
+from tests.daemon import daemon_settings, running_healthd, scrape, write_config
+from tests.http_target import TcpTarget
 
 
 def _daemon_settings(tmp_path: Path) -> dict[str, Any]:
-    return {
-        "metrics_address": f"127.0.0.1:{free_port()}",
-        "status_file": str(tmp_path / "status.json"),
-        "status_file_refresh": "1s",
-        "interval": "100ms",
-        "timeout": "80ms",
-        "startup_spread": "20ms",
-    }
+    return daemon_settings(
+        tmp_path, status_file_refresh="1s", interval="100ms", timeout="80ms", startup_spread="20ms"
+    )
 
 
 class _Running:
@@ -82,12 +63,12 @@ class _Running:
 
 
 @contextlib.asynccontextmanager
-async def _run_daemon(tmp_path: Path, target: TcpTarget) -> AsyncIterator[_Running]:
+async def _run_daemon(tmp_path: Path, tcp_target: TcpTarget) -> AsyncIterator[_Running]:
     """A daemon with ``steady`` (a live target, slow to go unhealthy) and ``old``."""
     settings = _daemon_settings(tmp_path)
     components: dict[str, dict[str, Any]] = {
-        "steady": {"kind": "tcp", "address": target.address, "failure_threshold": 1000},
-        "old": {"kind": "tcp", "address": target.address},
+        "steady": {"kind": "tcp", "address": tcp_target.address, "failure_threshold": 1000},
+        "old": {"kind": "tcp", "address": tcp_target.address},
     }
     path = write_config(tmp_path / "healthd.toml", settings, components)
     daemon = Daemon(path, config_module.load(path), Redactor(), notifier=Notifier(environ={}))
@@ -99,28 +80,20 @@ async def _run_daemon(tmp_path: Path, target: TcpTarget) -> AsyncIterator[_Runni
         tg.cancel_scope.cancel()
 
 
-def _components(target: TcpTarget, **extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    steady = {"kind": "tcp", "address": target.address, "failure_threshold": 1000}
+def _components(tcp_target: TcpTarget, **extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    steady = {"kind": "tcp", "address": tcp_target.address, "failure_threshold": 1000}
     return {"steady": steady, **extra}
 
 
-@pytest.mark.asyncio
-async def test_reload_keeps_hysteresis_and_since_of_unchanged_components(
-    tmp_path: Path, target: TcpTarget
-) -> None:
-    async with _run_daemon(tmp_path, target) as running:
-        await _scenario_reload_keeps_hysteresis_and_since_of_unchanged_components(running, target)
-
-
-async def _scenario_reload_keeps_hysteresis_and_since_of_unchanged_components(
-    running: _Running, target: TcpTarget
+async def _reload_keeps_hysteresis_and_since_of_unchanged_components(
+    running: _Running, tcp_target: TcpTarget, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Failing, but held at degraded by a high failure_threshold: "n of 1000 failures".
-    target.stop()
+    tcp_target.stop()
     before = await running.until("steady", lambda s: s.consecutive_failures >= 3)
     assert before.status is Status.DEGRADED
 
-    running.rewrite(_components(target, added={"kind": "tcp", "address": target.address}))
+    running.rewrite(_components(tcp_target, added={"kind": "tcp", "address": tcp_target.address}))
     assert running.daemon.reload()
 
     after = await running.until(
@@ -132,23 +105,13 @@ async def _scenario_reload_keeps_hysteresis_and_since_of_unchanged_components(
     assert re.search(r"\d+ of 1000", after.reason), after.reason
 
 
-@pytest.mark.asyncio
-async def test_reload_starts_new_checks_and_drops_removed_ones_with_their_series(
-    tmp_path: Path, target: TcpTarget
-) -> None:
-    async with _run_daemon(tmp_path, target) as running:
-        await _scenario_reload_starts_new_checks_and_drops_removed_ones_with_their_series(
-            running, target
-        )
-
-
-async def _scenario_reload_starts_new_checks_and_drops_removed_ones_with_their_series(
-    running: _Running, target: TcpTarget
+async def _reload_starts_new_checks_and_drops_removed_ones_with_their_series(
+    running: _Running, tcp_target: TcpTarget, caplog: pytest.LogCaptureFixture
 ) -> None:
     await running.until("old", lambda s: True)
     assert 'component="old"' in running.metrics()
 
-    running.rewrite(_components(target, added={"kind": "tcp", "address": target.address}))
+    running.rewrite(_components(tcp_target, added={"kind": "tcp", "address": tcp_target.address}))
     assert running.daemon.reload()
 
     assert running.state("old") is None
@@ -162,19 +125,11 @@ async def _scenario_reload_starts_new_checks_and_drops_removed_ones_with_their_s
     assert running.state("old") is None
 
 
-@pytest.mark.asyncio
-async def test_reload_restarts_a_changed_check_with_fresh_history(
-    tmp_path: Path, target: TcpTarget
-) -> None:
-    async with _run_daemon(tmp_path, target) as running:
-        await _scenario_reload_restarts_a_changed_check_with_fresh_history(running, target)
-
-
-async def _scenario_reload_restarts_a_changed_check_with_fresh_history(
-    running: _Running, target: TcpTarget
+async def _reload_restarts_a_changed_check_with_fresh_history(
+    running: _Running, tcp_target: TcpTarget, caplog: pytest.LogCaptureFixture
 ) -> None:
     before = await running.until("steady", lambda s: sum(s.checks_total.values()) >= 3)
-    changed = _components(target)
+    changed = _components(tcp_target)
     changed["steady"]["critical"] = True
     running.rewrite(changed)
     assert running.daemon.reload()
@@ -183,21 +138,11 @@ async def _scenario_reload_restarts_a_changed_check_with_fresh_history(
     assert sum(after.checks_total.values()) < sum(before.checks_total.values())
 
 
-@pytest.mark.asyncio
-async def test_invalid_reload_keeps_the_old_config_logs_once_and_sets_the_metric(
-    tmp_path: Path, target: TcpTarget, caplog: pytest.LogCaptureFixture
-) -> None:
-    async with _run_daemon(tmp_path, target) as running:
-        await _scenario_invalid_reload_keeps_the_old_config_logs_once_and_sets_the_metric(
-            running, target, caplog
-        )
-
-
-async def _scenario_invalid_reload_keeps_the_old_config_logs_once_and_sets_the_metric(
-    running: _Running, target: TcpTarget, caplog: pytest.LogCaptureFixture
+async def _invalid_reload_keeps_the_old_config_logs_once_and_sets_the_metric(
+    running: _Running, tcp_target: TcpTarget, caplog: pytest.LogCaptureFixture
 ) -> None:
     good_reload_at = time.time()
-    running.rewrite(_components(target))
+    running.rewrite(_components(tcp_target))
     assert running.daemon.reload()
     metrics = running.metrics()
     assert "healthd_config_last_reload_successful 1.0" in metrics
@@ -224,38 +169,83 @@ async def _scenario_invalid_reload_keeps_the_old_config_logs_once_and_sets_the_m
     assert len(errors) == 1, [r.getMessage() for r in errors]
     assert "components.broken.address" in errors[0].getMessage()
 
-    running.rewrite(_components(target))
+    running.rewrite(_components(tcp_target))
     assert running.daemon.reload()
     assert "healthd_config_last_reload_successful 1.0" in running.metrics()
 
 
+async def _reload_to_a_config_without_components_is_refused_and_keeps_the_old_one(
+    running: _Running, tcp_target: TcpTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    elsewhere = running.path.parent / "elsewhere.json"
+    status_file = running.settings["status_file"]
+    caplog.set_level(logging.ERROR, logger="healthd")
+    for text in ("", f'[daemon]\nstatus_file = "{elsewhere}"\n'):
+        running.path.write_text(text)
+
+        assert not running.daemon.reload()
+
+        assert "healthd_config_last_reload_successful 0.0" in running.metrics()
+        checked = running.state("steady")
+        assert checked is not None
+        before = checked.checked_at
+        await running.until("steady", lambda s, before=before: s.checked_at > before)
+        assert running.state("old") is not None
+    errors = [r.getMessage() for r in caplog.records if "reload failed" in r.getMessage()]
+    assert len(errors) == 2, errors
+    assert all("components: no components" in e for e in errors)
+    # The status file is still written where it was, not at the refused file's path.
+    written = Path(status_file).stat().st_mtime_ns
+    with anyio.fail_after(5):
+        while Path(status_file).stat().st_mtime_ns == written:
+            await anyio.sleep(0.05)
+    assert not elsewhere.exists()
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        _reload_keeps_hysteresis_and_since_of_unchanged_components,
+        _reload_starts_new_checks_and_drops_removed_ones_with_their_series,
+        _reload_restarts_a_changed_check_with_fresh_history,
+        _invalid_reload_keeps_the_old_config_logs_once_and_sets_the_metric,
+        _reload_to_a_config_without_components_is_refused_and_keeps_the_old_one,
+    ],
+    ids=lambda scenario: scenario.__name__.lstrip("_"),
+)
+@pytest.mark.asyncio
+async def test_reload(
+    tmp_path: Path,
+    tcp_target: TcpTarget,
+    caplog: pytest.LogCaptureFixture,
+    scenario: Callable[[_Running, TcpTarget, pytest.LogCaptureFixture], Awaitable[None]],
+) -> None:
+    """Each scenario against a daemon of its own, reloaded in-process as SIGHUP would."""
+    async with _run_daemon(tmp_path, tcp_target) as running:
+        await scenario(running, tcp_target, caplog)
+
+
 def test_sighup_sends_reloading_with_monotonic_usec_then_ready_and_applies_the_config(
-    tmp_path: Path, target: TcpTarget, notify_socket: NotifySocket
+    tmp_path: Path, tcp_target: TcpTarget
 ) -> None:
     settings = _daemon_settings(tmp_path)
     port = int(settings["metrics_address"].rsplit(":", 1)[1])
-    components = {"old": {"kind": "tcp", "address": target.address}}
+    components = {"old": {"kind": "tcp", "address": tcp_target.address}}
     path = write_config(tmp_path / "healthd.toml", settings, components)
-    daemon = HealthdProcess(path, env={"NOTIFY_SOCKET": notify_socket.address})
-    try:
-        ready = notify_socket.wait_for(lambda m: "READY" in m, 15)
-        write_config(path, settings, {"added": {"kind": "tcp", "address": target.address}})
+    with running_healthd(path) as daemon:
+        ready = daemon.notify.wait_for(lambda m: "READY" in m, 15)
+        write_config(path, settings, {"added": {"kind": "tcp", "address": tcp_target.address}})
         sent_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         daemon.signal(signal.SIGHUP)
 
-        reloading = notify_socket.wait_for(lambda m: "RELOADING" in m, 5, after=ready.at)
+        reloading = daemon.notify.wait_for(lambda m: "RELOADING" in m, 5, after=ready.at)
         assert reloading.fields["RELOADING"] == "1"
         assert int(reloading.fields["MONOTONIC_USEC"]) >= sent_usec
-        again = notify_socket.wait_for(lambda m: "READY" in m, 5, after=reloading.at)
+        again = daemon.notify.wait_for(lambda m: "READY" in m, 5, after=reloading.at)
         assert again.fields["READY"] == "1"
 
-        def metrics() -> str:
-            url = f"http://127.0.0.1:{port}/metrics"
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return str(response.read().decode())
-
         deadline = time.monotonic() + 5
-        while 'component="added"' not in (text := metrics()) and time.monotonic() < deadline:
+        while 'component="added"' not in (text := scrape(port)) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert 'healthd_component_up{component="added",kind="tcp"} 1.0' in text
         assert 'component="old"' not in text
@@ -264,40 +254,9 @@ def test_sighup_sends_reloading_with_monotonic_usec_then_ready_and_applies_the_c
         # An invalid file: RELOADING=1 and READY=1 all the same, the metric says 0.
         path.write_text("[daemon\n")
         daemon.signal(signal.SIGHUP)
-        failed = notify_socket.wait_for(lambda m: "RELOADING" in m, 5, after=again.at)
-        notify_socket.wait_for(lambda m: "READY" in m, 5, after=failed.at)
-        assert "healthd_config_last_reload_successful 0.0" in metrics()
-        assert 'healthd_component_up{component="added",kind="tcp"} 1.0' in metrics()
+        failed = daemon.notify.wait_for(lambda m: "RELOADING" in m, 5, after=again.at)
+        daemon.notify.wait_for(lambda m: "READY" in m, 5, after=failed.at)
+        assert "healthd_config_last_reload_successful 0.0" in scrape(port)
+        assert 'healthd_component_up{component="added",kind="tcp"} 1.0' in scrape(port)
         assert daemon.stop() == 0
         assert daemon.log().count("reload failed") == 1
-    finally:
-        daemon.stop()
-
-
-@pytest.mark.asyncio
-async def test_reload_to_a_config_without_components_is_refused_and_keeps_the_old_one(
-    tmp_path: Path, target: TcpTarget, caplog: pytest.LogCaptureFixture
-) -> None:
-    async with _run_daemon(tmp_path, target) as running:
-        status_file = running.settings["status_file"]
-        caplog.set_level(logging.ERROR, logger="healthd")
-        for text in ("", f'[daemon]\nstatus_file = "{tmp_path / "elsewhere.json"}"\n'):
-            running.path.write_text(text)
-
-            assert not running.daemon.reload()
-
-            assert "healthd_config_last_reload_successful 0.0" in running.metrics()
-            checked = running.state("steady")
-            assert checked is not None
-            before = checked.checked_at
-            await running.until("steady", lambda s, before=before: s.checked_at > before)
-            assert running.state("old") is not None
-        errors = [r.getMessage() for r in caplog.records if "reload failed" in r.getMessage()]
-        assert len(errors) == 2, errors
-        assert all("components: no components" in e for e in errors)
-        # The status file is still written where it was, not at the refused file's path.
-        written = Path(status_file).stat().st_mtime_ns
-        with anyio.fail_after(5):
-            while Path(status_file).stat().st_mtime_ns == written:
-                await anyio.sleep(0.05)
-        assert not (tmp_path / "elsewhere.json").exists()

@@ -170,8 +170,7 @@ async def test_hung_target_times_out_without_delaying_others(http_target: HttpTa
     elapsed = anyio.current_time() - started
     hung = store.get("hung")
     assert hung is not None
-    assert hung.status is Status.UNHEALTHY
-    assert hung.reason_code == "timeout"
+    assert (hung.status, hung.reason_code) == (Status.UNHEALTHY, "timeout")
     # The deadline holds: the probe gave up within its 0.5 s, not later.
     assert 0.4 <= hung.latency_seconds <= 0.6
     assert elapsed < 1.0
@@ -244,8 +243,7 @@ async def test_probe_bug_is_reported_as_probe_error_never_as_healthy() -> None:
     await scheduler.run_round(_config({"a": _named(5, 1, "a")}))
     state = store.get("a")
     assert state is not None
-    assert state.status is Status.UNHEALTHY
-    assert state.reason_code == "probe_error"
+    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "probe_error")
     assert store.daemon().probe_errors_total == 1
     assert store.daemon().probe_resource_errors_total == 0
 

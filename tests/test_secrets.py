@@ -7,7 +7,6 @@ import base64
 import json
 import logging
 import os
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from urllib.parse import quote, quote_plus
 import pytest
 
 from healthd.cli import _Formatter
-from healthd.config import ConfigError, load
+from healthd.config import Config, ConfigError, load
 from healthd.secrets import (
     REDACTED,
     SECRET_FILE_MAX_BYTES,
@@ -28,23 +27,18 @@ from healthd.secrets import (
     derived_forms,
     read_capped,
 )
+from tests.daemon import write_toml
 
 #: Every character that some encoding changes: backslash, quote, percent, plus, slash, space,
 #: an apostrophe and non-ASCII.
 AWKWARD = "p\\a\"s%s+w/o rd'é-ü"
 
 
-@pytest.fixture(autouse=True)
-def _no_healthd_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("HEALTHD_") or name == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("no_healthd_environment")
 
 
-def _write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "healthd.toml"
-    path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
-    return path
+def _loaded(tmp_path: Path, text: str) -> Config:
+    return load(write_toml(tmp_path, text))
 
 
 # --- derived forms --------------------------------------------------------------------------
@@ -94,27 +88,25 @@ def test_collect_secrets_adds_the_basic_auth_form_of_every_user_password_pair(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HEALTHD_TEST_MLFLOW_PW", "mlflow-pw-123")
-    config = load(
-        _write(
-            tmp_path,
-            """
-            [components.tracking]
-            kind = "mlflow"
-            url = "http://127.0.0.1:1"
-            username = "admin"
-            password = "${env:HEALTHD_TEST_MLFLOW_PW}"
+    config = _loaded(
+        tmp_path,
+        """
+        [components.tracking]
+        kind = "mlflow"
+        url = "http://127.0.0.1:1"
+        username = "admin"
+        password = "${env:HEALTHD_TEST_MLFLOW_PW}"
 
-            [components.cache]
-            kind = "redis"
-            url = "redis://127.0.0.1:1"
-            username = "healthd"
-            password = "redis-pw-456"
+        [components.cache]
+        kind = "redis"
+        url = "redis://127.0.0.1:1"
+        username = "healthd"
+        password = "redis-pw-456"
 
-            [components.web]
-            kind = "http"
-            url = "http://web%40user:p%40ss-789@127.0.0.1:1/"
-            """,
-        )
+        [components.web]
+        kind = "http"
+        url = "http://web%40user:p%40ss-789@127.0.0.1:1/"
+        """,
     )
 
     found = config.secrets()
@@ -163,15 +155,13 @@ def test_dsn_password_reference_is_shown_as_the_reference(
 
 
 def test_config_show_masks_a_key_value_dsn_password(tmp_path: Path) -> None:
-    config = load(
-        _write(
-            tmp_path,
-            """
-            [components.db]
-            kind = "postgres"
-            dsn = "host=127.0.0.1 port=1 user=probe password='pg secret 77'"
-            """,
-        )
+    config = _loaded(
+        tmp_path,
+        """
+        [components.db]
+        kind = "postgres"
+        dsn = "host=127.0.0.1 port=1 user=probe password='pg secret 77'"
+        """,
     )
 
     shown = json.dumps(config.model_dump(mode="json"))
@@ -185,21 +175,19 @@ def test_config_show_masks_a_key_value_dsn_password(tmp_path: Path) -> None:
 
 
 def test_literal_api_key_and_credential_headers_are_secrets_and_masked(tmp_path: Path) -> None:
-    config = load(
-        _write(
-            tmp_path,
-            """
-            [components.supa]
-            kind = "supabase"
-            url = "http://127.0.0.1:1"
-            api_key = "sb-literal-key-0001"
+    config = _loaded(
+        tmp_path,
+        """
+        [components.supa]
+        kind = "supabase"
+        url = "http://127.0.0.1:1"
+        api_key = "sb-literal-key-0001"
 
-            [components.web]
-            kind = "http"
-            url = "http://127.0.0.1:1/"
-            headers = { Authorization = "Bearer literal-token-0002", Accept = "text/plain" }
-            """,
-        )
+        [components.web]
+        kind = "http"
+        url = "http://127.0.0.1:1/"
+        headers = { Authorization = "Bearer literal-token-0002", Accept = "text/plain" }
+        """,
     )
 
     shown = config.model_dump(mode="json")
@@ -227,7 +215,7 @@ def test_a_basic_auth_header_yields_its_password_and_pair() -> None:
 
 def test_a_validation_error_that_echoes_a_value_never_shows_a_secret(tmp_path: Path) -> None:
     secret = "pg-Echoed-Secret-42"
-    path = _write(
+    path = write_toml(
         tmp_path,
         f"""
         [components.db]
@@ -249,7 +237,7 @@ def test_a_validation_error_that_echoes_a_value_never_shows_a_secret(tmp_path: P
 def test_a_secret_in_a_variable_is_not_echoed_by_an_error_about_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = _write(tmp_path, '[components.db]\nkind = "tcp"\naddress = "127.0.0.1:1"\n')
+    path = write_toml(tmp_path, '[components.db]\nkind = "tcp"\naddress = "127.0.0.1:1"\n')
     monkeypatch.setenv("HEALTHD_COMPONENTS__DB__PASSWORD", "env-Secret-0099")
 
     with pytest.raises(ConfigError) as caught:

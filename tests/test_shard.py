@@ -14,8 +14,7 @@ from healthd import shard
 from healthd.config import ConfigError, load
 from healthd.exporters.metrics import exposition
 from healthd.state import StateStore
-from tests.daemon_proc import free_port, healthd_cli, running_healthd
-from tests.healthd_process import write_config
+from tests.daemon import daemon_settings, free_port, healthd_cli, running_healthd, write_config
 from tests.http_target import HttpTarget
 
 NAMES = [f"svc-{n:04d}" for n in range(3000)]
@@ -145,17 +144,11 @@ def test_a_running_instance_neither_probes_nor_exports_another_shards_components
     owner = shard.assign(names, 2)
     target = HttpTarget()
     port = free_port()
-    daemon = {
-        "metrics_address": f"127.0.0.1:{port}",
-        "status_file": str(tmp_path / "status.json"),
-        "startup_spread": "10ms",
-        "shard": "1/2",
-    }
+    daemon = daemon_settings(tmp_path, port, shard="1/2")
     components = {name: {"kind": "http", "url": target.url(f"/c/{name}")} for name in names}
     config = write_config(tmp_path / "healthd.toml", daemon, components)
     try:
-        with running_healthd(config, tmp_path) as healthd:
-            healthd.wait_for("READY", "1")
+        with running_healthd(config, ready=True):
             metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
             status = json.loads((tmp_path / "status.json").read_text())
         asked = {request.path.removeprefix("/c/") for request in target.requests}

@@ -1,8 +1,9 @@
 """The SLO recording rules and alerts, and every query of the Grafana dashboard, evaluated by a
 real Prometheus that scrapes a real ``healthd run``.
 
-Prometheus scrapes every second and evaluates the shipped, unmodified healthd.slo.rules.yml
-every second. One component meets its objective, one fails every check, one has no objective.
+Prometheus scrapes every second with the shipped scrape snippet and evaluates the shipped,
+unmodified healthd.slo.rules.yml every second. One component meets its objective, one fails
+every check, one has no objective.
 """
 
 from __future__ import annotations
@@ -10,140 +11,45 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import time
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.healthd_process import (
-    REPO,
-    HealthdProcess,
-    NotifySocket,
-    TcpTarget,
-    free_port,
-    write_config,
-)
+from tests.daemon import REPO, daemon_settings, free_port, running_healthd, write_config
+from tests.http_target import TcpTarget
+from tests.prometheus import SLO_RULES, Prometheus
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed"),
 ]
 
-SLO_RULES = REPO / "config" / "prometheus" / "healthd.slo.rules.yml"
 DASHBOARD = REPO / "config" / "grafana" / "healthd.json"
 _WINDOWS = tuple(f"rate{w}" for w in ("5m", "30m", "1h", "2h", "6h", "1d", "3d"))
 
 
-class _Prometheus:
-    def __init__(self, directory: Path, healthd_port: int) -> None:
-        self.port = free_port()
-        (directory / "prometheus.yml").write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            f"rule_files:\n  - {SLO_RULES}\n"
-            "scrape_configs:\n  - job_name: healthd\n    scrape_timeout: 1s\n"
-            f"    static_configs:\n      - targets: ['127.0.0.1:{healthd_port}']\n"
-        )
-        self._log = (directory / "prometheus.log").open("wb")
-        self.process = subprocess.Popen(
-            [
-                shutil.which("prometheus") or "prometheus",
-                f"--config.file={directory / 'prometheus.yml'}",
-                f"--storage.tsdb.path={directory / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--log.level=warn",
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self.wait_until(lambda: self._get("/-/ready") is not None)
-
-    def _get(self, path: str) -> Any:
-        try:
-            url = f"http://127.0.0.1:{self.port}{path}"
-            with urllib.request.urlopen(url, timeout=5) as response:
-                body = response.read()
-        except OSError:
-            return None
-        try:
-            return json.loads(body)
-        except ValueError:
-            return body
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        answer = self._get("/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
-        assert answer is not None, f"query failed: {expr}"
-        assert answer["status"] == "success", answer
-        return list(answer["data"]["result"])
-
-    def label_values(self, label: str, match: str) -> list[str]:
-        answer = self._get(
-            f"/api/v1/label/{label}/values?" + urllib.parse.urlencode({"match[]": match})
-        )
-        return list(answer["data"])
-
-    def alerts(self, name: str) -> list[dict[str, Any]]:
-        answer = self._get("/api/v1/alerts")
-        return [a for a in answer["data"]["alerts"] if a["labels"]["alertname"] == name]
-
-    def wait_until(self, condition: Callable[[], Any], timeout_seconds: float = 30) -> Any:
-        deadline = time.monotonic() + timeout_seconds
-        while not (result := condition()):
-            assert self.process.poll() is None, "prometheus exited"
-            assert time.monotonic() < deadline, f"condition not met in {timeout_seconds} s"
-            time.sleep(0.2)
-        return result
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._log.close()
-
-
 @pytest.fixture(scope="module")
-def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Prometheus]:
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     """api meets its 0.99 objective, db (0.999) fails every check, cache has no objective."""
     tmp = tmp_path_factory.mktemp("slo")
-    target = TcpTarget()
     healthd_port = free_port()
-    config = write_config(
-        tmp / "healthd.toml",
-        {
-            "metrics_address": f"127.0.0.1:{healthd_port}",
-            "status_file": str(tmp / "status.json"),
-            "interval": "250ms",
-            "timeout": "200ms",
-            "startup_spread": "10ms",
-        },
-        {
+    settings = daemon_settings(tmp, healthd_port, interval="250ms", timeout="200ms")
+    with TcpTarget() as target:
+        components = {
             "api": {"kind": "tcp", "address": target.address, "critical": True, "slo": 0.99},
             "db": {"kind": "tcp", "address": f"127.0.0.1:{free_port()}", "slo": 0.999},
             "cache": {"kind": "tcp", "address": target.address},
-        },
-    )
-    notify = NotifySocket()
-    daemon = HealthdProcess(config, env={"NOTIFY_SOCKET": notify.address})
-    server: _Prometheus | None = None
-    try:
-        notify.wait_for(lambda m: "READY" in m, 15)
-        server = _Prometheus(tmp, healthd_port)
-        # Enough scrapes for every rate() window to have two samples, plus a rule evaluation.
-        server.wait_until(lambda: server.query("component:healthd_check_errors:ratio_rate3d"))
-        yield server
-    finally:
-        if server is not None:
-            server.stop()
-        daemon.stop()
-        notify.close()
-        target.stop()
+        }
+        config = write_config(tmp / "healthd.toml", settings, components)
+        with (
+            running_healthd(config, ready=True),
+            Prometheus(tmp, [healthd_port], SLO_RULES) as server,
+        ):
+            assert server.shortened == 0  # the SLO rules are evaluated unmodified
+            # Enough scrapes for every rate() window to have two samples, plus an evaluation.
+            server.wait_until(lambda: server.query("component:healthd_check_errors:ratio_rate3d"))
+            yield server
 
 
 def _by_component(result: list[dict[str, Any]]) -> dict[str, float]:
@@ -151,7 +57,7 @@ def _by_component(result: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def test_recording_rules_give_each_component_its_error_ratio_in_every_window(
-    prometheus: _Prometheus,
+    prometheus: Prometheus,
 ) -> None:
     for window in _WINDOWS:
 
@@ -167,7 +73,7 @@ def test_recording_rules_give_each_component_its_error_ratio_in_every_window(
     assert objectives == {"api": 0.99, "db": 0.999}
 
 
-def test_only_the_component_burning_its_budget_is_alerted(prometheus: _Prometheus) -> None:
+def test_only_the_component_burning_its_budget_is_alerted(prometheus: Prometheus) -> None:
     page = prometheus.wait_until(lambda: prometheus.alerts("HealthdErrorBudgetBurn"))
     assert [(a["labels"]["component"], a["labels"]["severity"]) for a in page] == [("db", "page")]
     assert page[0]["state"] == "firing"
@@ -199,7 +105,7 @@ def _substitute(expr: str, instance: str, component: str) -> str:
     return expr
 
 
-def test_the_dashboard_variables_list_instances_and_components(prometheus: _Prometheus) -> None:
+def test_the_dashboard_variables_list_instances_and_components(prometheus: Prometheus) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["query"] == "prometheus"
@@ -216,7 +122,7 @@ def test_the_dashboard_variables_list_instances_and_components(prometheus: _Prom
 
 
 @pytest.mark.parametrize("component", [".*", "(api|db)"], ids=["all", "two"])
-def test_every_dashboard_query_returns_series(prometheus: _Prometheus, component: str) -> None:
+def test_every_dashboard_query_returns_series(prometheus: Prometheus, component: str) -> None:
     (instance,) = prometheus.label_values("instance", "healthd_build_info")
     queries = _dashboard_queries()
     assert len(queries) >= 15

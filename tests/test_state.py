@@ -14,7 +14,7 @@ from healthd.exporters import status_file
 from healthd.exporters.metrics import exposition
 from healthd.model import ComponentState, Status
 from healthd.state import StateStore
-from tests.daemon_proc import free_port, running_healthd
+from tests.daemon import free_port, running_healthd
 from tests.http_target import HttpTarget, Reply
 
 H, D, U = Status.HEALTHY, Status.DEGRADED, Status.UNHEALTHY
@@ -220,8 +220,9 @@ depends_on = ["api"]
         r'^healthd_component_last_check_timestamp_seconds\{component="api"\} (\S+)$', re.M
     )
     stale_reason = 'healthd_component_reason_info{component="api",reason_code="stale"} 1.0'
-    with running_healthd(config, tmp_path, {"HEALTHD_TEST_STALL_FILE": str(stall)}) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(
+        config, env={"HEALTHD_TEST_STALL_FILE": str(stall)}, ready=True
+    ) as healthd:
         assert _until(lambda: status.findall(_scrape(port)) == ["0.0"], 5)
 
         stall.touch()
@@ -247,5 +248,5 @@ depends_on = ["api"]
         stall.unlink()
         assert _until(lambda: status.findall(_scrape(port)) == ["0.0"], 10)
         assert "healthd_component_impacted{" not in _scrape(port)
-        code, _ = healthd.stop()
+        code = healthd.stop()
     assert code == 0

@@ -21,7 +21,7 @@ from healthd.exporters import status_file
 from healthd.model import ComponentState, Status
 from healthd.secrets import Redactor
 from healthd.state import StateStore
-from tests.daemon_proc import free_port, running_healthd
+from tests.daemon import free_port, running_healthd
 from tests.http_target import HttpTarget, Reply
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -196,8 +196,7 @@ def test_daemon_refreshes_the_file_so_generated_at_shows_freshness(
     http_target.route("/health", Reply(body=b"ok"))
     status_path = tmp_path / "state" / "status.json"
     config, _ = _config(tmp_path, http_target, status_path)
-    with running_healthd(config, tmp_path) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, ready=True) as healthd:
         # READY promises that the first status file is already there, with a real verdict.
         first = json.loads(status_path.read_bytes())
         assert first["components"]["api"]["status"] == "healthy"
@@ -207,7 +206,7 @@ def test_daemon_refreshes_the_file_so_generated_at_shows_freshness(
             threading.Event().wait(0.05)
             deadline -= 1
         second = json.loads(status_path.read_bytes())
-        code, _ = healthd.stop()
+        code = healthd.stop()
     assert code == 0
     assert second["generated_at"] > first["generated_at"]
     assert second["components"]["api"]["checked_at"] == first["components"]["api"]["checked_at"]
@@ -221,8 +220,7 @@ def test_daemon_logs_a_failing_status_file_once_counts_it_and_keeps_running(
     blocker.write_text("a file where the state directory should be")
     config, port = _config(tmp_path, http_target, blocker / "status.json", refresh="0.1s")
     counter = re.compile(r"^healthd_status_file_write_failures_total (\S+)$", re.M)
-    with running_healthd(config, tmp_path) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, ready=True) as healthd:
         failures = 0.0
         for _ in range(100):
             found = counter.search(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
@@ -231,7 +229,8 @@ def test_daemon_logs_a_failing_status_file_once_counts_it_and_keeps_running(
             if failures >= 3:
                 break
             threading.Event().wait(0.05)
-        code, stderr = healthd.stop()
+        code = healthd.stop()
+        stderr = healthd.log()
     assert code == 0
     assert failures >= 3
     assert stderr.count("cannot write status file") == 1

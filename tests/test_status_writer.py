@@ -22,28 +22,22 @@ from healthd.exporters.status_writer import StatusFileWriter
 from healthd.model import ComponentState, Snapshot, Status
 from healthd.secrets import Redactor
 from healthd.state import StateStore
-from tests.daemon_proc import free_port, running_healthd
+from tests.daemon import free_port, running_healthd
 from tests.http_target import HttpTarget, Reply
+from tests.probing import make_state
 
 
 def _state(name: str, status: Status = Status.HEALTHY, **fields: object) -> ComponentState:
     now = time.time()
     values: dict[str, object] = {
-        "name": name,
-        "kind": "tcp",
-        "critical": False,
-        "status": status,
-        "reason_code": "ok",
         "reason": "connected",
         "latency_seconds": 0.001,
         "checked_at": now,
         "since": now,
         "last_success_at": now,
-        "consecutive_failures": 0,
         "consecutive_successes": 1,
     }
-    values.update(fields)
-    return ComponentState(**values)  # type: ignore[arg-type]
+    return make_state(name, status, **{**values, **fields})
 
 
 def _store(count: int) -> StateStore:
@@ -217,8 +211,7 @@ url = "{http_target.url("/health")}"
 """
     )
     count = re.compile(r"^(healthd_\w+_seconds)_count (\S+)$", re.M)
-    with running_healthd(config, tmp_path) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, ready=True) as healthd:
         counts: dict[str, float] = {}
         # The lag sampler wakes ten times a second; wait for a few of its observations.
         for _ in range(100):
@@ -227,7 +220,7 @@ url = "{http_target.url("/health")}"
             if counts.get("healthd_event_loop_lag_seconds", 0) >= 3:
                 break
             threading.Event().wait(0.05)
-        code, _ = healthd.stop()
+        code = healthd.stop()
     assert code == 0
     assert counts["healthd_event_loop_lag_seconds"] >= 3
     # READY promises the first status file, written and timed in the writer's thread.

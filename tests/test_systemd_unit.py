@@ -27,6 +27,7 @@ import pytest
 
 from tests.http_target import TcpListener
 from tests.nspawn import REPO, Container, NspawnUnavailable, prepare
+from tests.serving import closed_after
 
 pytestmark = pytest.mark.systemd
 
@@ -200,9 +201,7 @@ class _Target:
 @pytest.fixture
 def target() -> Iterator[_Target]:
     """A fresh gated HTTP target for one test."""
-    server = _Target()
-    yield server
-    server.close()
+    yield from closed_after(_Target())
 
 
 # --- READY=1 --------------------------------------------------------------------------------

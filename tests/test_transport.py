@@ -8,6 +8,7 @@ the shared ``http_target`` server.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
@@ -22,15 +23,13 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from healthd.config import HttpCheck
 from healthd.model import Status
 from healthd.probes import ProbeContext, SharedResources
 from healthd.probes._transport import ProbeTransport
 from healthd.probes.http import build_client
-from tests.daemon_proc import free_port, running_healthd
-from tests.healthd_process import write_config
+from tests.daemon import daemon_settings, running_healthd, write_config
 from tests.http_target import HttpTarget, Reply
-from tests.probing import run_check
+from tests.probing import make_check, run_check
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -148,16 +147,6 @@ async def test_chunked_body_is_joined_and_the_connection_reused(transport: Probe
 
 
 @pytest.mark.asyncio
-async def test_connection_close_in_the_response_is_honoured(transport: ProbeTransport) -> None:
-    closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
-    async with ScriptedServer(Say(closing), Say()) as server:
-        await client(transport).get(server.url())
-        await client(transport).get(server.url())
-
-        assert server.connections == 2
-
-
-@pytest.mark.asyncio
 async def test_head_response_ends_at_its_head_and_keeps_the_connection(
     transport: ProbeTransport,
 ) -> None:
@@ -171,11 +160,25 @@ async def test_head_response_ends_at_its_head_and_keeps_the_connection(
         assert server.connections == 1
 
 
+@pytest.mark.parametrize(
+    "response",
+    [
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+            id="connection-close-is-honoured",
+        ),
+        # "timeout=1" leaves no time at all once our one-second margin is taken off.
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=1\r\nContent-Length: 2\r\n\r\nok",
+            id="keep-alive-timeout-is-respected",
+        ),
+    ],
+)
 @pytest.mark.asyncio
-async def test_keep_alive_timeout_of_the_target_is_respected(transport: ProbeTransport) -> None:
-    # "timeout=1" leaves no time at all once our one-second margin is taken off.
-    short = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=1\r\nContent-Length: 2\r\n\r\nok"
-    async with ScriptedServer(Say(short), Say()) as server:
+async def test_a_response_that_ends_its_connection_is_not_reused(
+    transport: ProbeTransport, response: bytes
+) -> None:
+    async with ScriptedServer(Say(response), Say()) as server:
         await client(transport).get(server.url())
         await client(transport).get(server.url())
 
@@ -294,18 +297,14 @@ def _open_descriptors() -> int:
 # --- keep-alive policy and shared clients ---------------------------------------------------
 
 
-def http_check(url: str, **settings: object) -> HttpCheck:
-    """A check as the loaded config would have it."""
-    settings.setdefault("interval", 10)
-    settings.setdefault("timeout", 1)
-    return HttpCheck(url=url, **settings)  # type: ignore[arg-type]
+http_check = functools.partial(make_check, "http")
 
 
 @pytest.mark.asyncio
 async def test_check_that_runs_less_often_than_the_idle_time_connects_per_probe(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
-    check = http_check(http_target.url("/health"), interval=60, timeout=5)
+    check = http_check(url=http_target.url("/health"), interval=60, timeout=5)
 
     for _ in range(2):
         _, finding = await run_check(check, ctx)
@@ -320,7 +319,7 @@ async def test_check_that_builds_its_request_per_run_still_keeps_headers_home(
     http_target: HttpTarget, ctx: ProbeContext
 ) -> None:
     http_target.route("/old", Reply.redirect(http_target.url("/landing", host="localhost")))
-    check = http_check(http_target.url("/old"), interval=60, headers={"X-Api-Key": "k"})
+    check = http_check(url=http_target.url("/old"), interval=60, headers={"X-Api-Key": "k"})
 
     for _ in range(2):
         observation, finding = await run_check(check, ctx)
@@ -361,8 +360,8 @@ async def test_hung_request_does_not_delay_another_check_to_the_same_host(
     http_target.route("/hung", Reply(action="hang"))
     shared = SharedResources()
     hung_ctx, healthy_ctx = ProbeContext(shared), ProbeContext(shared)
-    hung = http_check(http_target.url("/hung"), timeout=2)
-    healthy = http_check(http_target.url("/ok"), timeout=2)
+    hung = http_check(url=http_target.url("/hung"), timeout=2)
+    healthy = http_check(url=http_target.url("/ok"), timeout=2)
     healthy_done = anyio.Event()
     hung_finished_first = False
 
@@ -402,18 +401,14 @@ def test_daemon_runs_with_and_without_uvloop(
     pytest.importorskip("uvloop")
     config = write_config(
         tmp_path / "healthd.toml",
-        {
-            "metrics_address": f"127.0.0.1:{free_port()}",
-            "status_file": str(tmp_path / "status.json"),
-            "startup_spread": 0.1,
-        },
+        daemon_settings(tmp_path, startup_spread=0.1),
         {"web": {"kind": "http", "url": http_target.url("/health"), "interval": 1}},
     )
     env = {"HEALTHD_NO_UVLOOP": "0" if uvloop_wanted else "1"}
-    with running_healthd(config, tmp_path, env) as daemon:
-        daemon.wait_for("READY", "1")
-        maps = Path(f"/proc/{daemon.process.pid}/maps").read_text()
-        code, log = daemon.stop(signal.SIGTERM)
+    with running_healthd(config, env=env, ready=True) as daemon:
+        maps = Path(f"/proc/{daemon.pid}/maps").read_text()
+        code = daemon.stop(signal.SIGTERM)
+        log = daemon.log()
 
     assert ("uvloop" in maps) is uvloop_wanted
     assert code == 0, log

@@ -14,8 +14,6 @@ import socket
 import statistics
 import threading
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -28,46 +26,36 @@ from healthd.daemon import Daemon
 from healthd.exporters import status_file
 from healthd.secrets import Redactor
 from healthd.watchdog import Notifier
-from tests.healthd_process import HealthdProcess, NotifySocket, TcpTarget, free_port, write_config
+from tests.daemon import (
+    NotifySocket,
+    daemon_settings,
+    free_port,
+    running_healthd,
+    scrape,
+    write_config,
+)
+from tests.http_target import TcpTarget
 
 _WATCHDOG_USEC = 1_000_000
 _STATUS = re.compile(r"^\d+ healthy, \d+ degraded, \d+ unhealthy; overall \w+$")
 
 
-@pytest.fixture
-def notify_socket() -> Iterator[NotifySocket]:
-    sock = NotifySocket()
-    yield sock
-    sock.close()
-
-
-@pytest.fixture
-def target() -> Iterator[TcpTarget]:
-    tcp = TcpTarget()
-    yield tcp
-    tcp.stop()
-
-
-def _config(tmp_path: Path, target: TcpTarget, **daemon: object) -> tuple[Path, int]:
+def _config(tmp_path: Path, tcp_target: TcpTarget, **daemon: object) -> tuple[Path, int]:
     port = free_port()
-    settings: dict[str, object] = {
-        "metrics_address": f"127.0.0.1:{port}",
-        "status_file": str(tmp_path / "state" / "status.json"),
-        "status_file_refresh": "1s",
+    settings = daemon_settings(
+        tmp_path,
+        port,
+        status_file=str(tmp_path / "state" / "status.json"),
+        status_file_refresh="1s",
         # STATUS= goes out with each status file write: a short minimum shows every verdict.
-        "status_file_min_interval": "50ms",
-        "interval": "300ms",
-        "timeout": "200ms",
-        "startup_spread": "50ms",
-        **daemon,
-    }
-    components = {"db": {"kind": "tcp", "address": target.address, "critical": True}}
+        status_file_min_interval="50ms",
+        interval="300ms",
+        timeout="200ms",
+        startup_spread="50ms",
+    )
+    settings.update(daemon)
+    components = {"db": {"kind": "tcp", "address": tcp_target.address, "critical": True}}
     return write_config(tmp_path / "healthd.toml", settings, components), port
-
-
-def _metrics(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-        return str(response.read().decode())
 
 
 # --- the protocol, in-process ----------------------------------------------------------------
@@ -113,103 +101,95 @@ def test_reloading_carries_the_monotonic_clock(notify_socket: NotifySocket) -> N
 
 
 def test_ready_only_after_first_round_metrics_and_status_file_then_pings_at_half_interval(
-    tmp_path: Path, notify_socket: NotifySocket, target: TcpTarget
+    tmp_path: Path, tcp_target: TcpTarget
 ) -> None:
-    config, port = _config(tmp_path, target)
+    config, port = _config(tmp_path, tcp_target)
     status_file = tmp_path / "state" / "status.json"
-    env = {"NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": str(_WATCHDOG_USEC)}
-    daemon = HealthdProcess(config, env=env, watchdog_pid="self")
-    try:
-        ready = notify_socket.wait_for(lambda m: "READY" in m, 15)
+    env = {"WATCHDOG_USEC": str(_WATCHDOG_USEC)}
+    with running_healthd(config, env=env, watchdog_pid="self") as daemon:
+        ready = daemon.notify.wait_for(lambda m: "READY" in m, 15)
         # The promises behind READY=1: a written status file with a checked component, and a
         # metrics server that answers.
         assert status_file.stat().st_mtime <= time.time()
         assert '"db":{"kind":"tcp","status":"healthy"' in status_file.read_text()
-        assert 'healthd_component_up{component="db",kind="tcp"} 1.0' in _metrics(port)
+        assert 'healthd_component_up{component="db",kind="tcp"} 1.0' in scrape(port)
         assert _STATUS.match(ready.fields["STATUS"]), ready.fields
-        before_ready = [m for m in notify_socket.messages if m.at < ready.at]
+        before_ready = [m for m in daemon.notify.messages if m.at < ready.at]
         assert not [m for m in before_ready if "WATCHDOG" in m or "READY" in m]
 
-        notify_socket.wait_for(lambda m: "WATCHDOG" in m, 4, after=ready.at + 2.0)
-        pings = notify_socket.pings(ready.at - 0.01, ready.at + 2.0)
+        daemon.notify.wait_for(lambda m: "WATCHDOG" in m, 4, after=ready.at + 2.0)
+        pings = daemon.notify.pings(ready.at - 0.01, ready.at + 2.0)
         gaps = [b - a for a, b in itertools.pairwise(pings)]
         assert len(pings) >= 4, pings
         assert 0.4 <= statistics.median(gaps) <= 0.6, gaps
         assert max(gaps) < 0.9, gaps
 
         # A change of verdict is announced in STATUS= (the first failure is only degraded).
-        target.stop()
-        changed = notify_socket.wait_for(
+        tcp_target.stop()
+        changed = daemon.notify.wait_for(
             lambda m: "STATUS" in m and "1 degraded" in m.fields["STATUS"], 5, after=ready.at
         )
         assert _STATUS.match(changed.fields["STATUS"])
 
         stop_sent = time.monotonic()
         assert daemon.stop() == 0
-        stopping = notify_socket.wait_for(lambda m: "STOPPING" in m, 2, after=stop_sent)
+        stopping = daemon.notify.wait_for(lambda m: "STOPPING" in m, 2, after=stop_sent)
         assert stopping.fields["STOPPING"] == "1"
-    finally:
-        daemon.stop()
 
 
 def test_watchdog_pings_stop_while_the_loop_is_stalled_and_resume_after(
-    tmp_path: Path, notify_socket: NotifySocket, target: TcpTarget
+    tmp_path: Path, tcp_target: TcpTarget
 ) -> None:
     stall = tmp_path / "stall"
-    config, _ = _config(tmp_path, target)
+    config, _ = _config(tmp_path, tcp_target)
     env = {
-        "NOTIFY_SOCKET": notify_socket.address,
         "WATCHDOG_USEC": str(_WATCHDOG_USEC),
         "HEALTHD_TEST_STALL_FILE": str(stall),
     }
-    daemon = HealthdProcess(config, env=env, watchdog_pid="self")
-    try:
-        ready = notify_socket.wait_for(lambda m: "READY" in m, 15)
-        notify_socket.wait_for(lambda m: "WATCHDOG" in m, 3, after=ready.at + 1.0)
+    with running_healthd(config, env=env, watchdog_pid="self") as daemon:
+        try:
+            ready = daemon.notify.wait_for(lambda m: "READY" in m, 15)
+            daemon.notify.wait_for(lambda m: "WATCHDOG" in m, 3, after=ready.at + 1.0)
 
-        stall.touch()
-        stalled_at = time.monotonic()
-        # The next check (within one 0.3 s interval) blocks the loop; allow one ping in flight.
-        time.sleep(2.0)
-        silent_from = stalled_at + 0.9
-        stall.unlink()
-        recovered_at = time.monotonic()
-        assert notify_socket.pings(silent_from, recovered_at) == []
+            stall.touch()
+            stalled_at = time.monotonic()
+            # The next check (within one 0.3 s interval) blocks the loop; allow one ping in flight.
+            time.sleep(2.0)
+            silent_from = stalled_at + 0.9
+            stall.unlink()
+            recovered_at = time.monotonic()
+            assert daemon.notify.pings(silent_from, recovered_at) == []
 
-        first = notify_socket.wait_for(lambda m: "WATCHDOG" in m, 2, after=recovered_at)
-        assert first.at - recovered_at < 0.8
-        notify_socket.wait_for(lambda m: "WATCHDOG" in m, 3, after=recovered_at + 1.2)
-        after = notify_socket.pings(recovered_at, recovered_at + 1.2)
-        assert len(after) >= 2, after
-        assert daemon.process.poll() is None
-    finally:
-        stall.unlink(missing_ok=True)
-        daemon.stop()
+            first = daemon.notify.wait_for(lambda m: "WATCHDOG" in m, 2, after=recovered_at)
+            assert first.at - recovered_at < 0.8
+            daemon.notify.wait_for(lambda m: "WATCHDOG" in m, 3, after=recovered_at + 1.2)
+            after = daemon.notify.pings(recovered_at, recovered_at + 1.2)
+            assert len(after) >= 2, after
+            assert daemon.popen.poll() is None
+        finally:
+            stall.unlink(missing_ok=True)
 
 
 def test_no_watchdog_pings_when_watchdog_pid_names_another_process(
-    tmp_path: Path, notify_socket: NotifySocket, target: TcpTarget
+    tmp_path: Path, tcp_target: TcpTarget
 ) -> None:
-    config, _ = _config(tmp_path, target)
-    env = {"NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": str(_WATCHDOG_USEC)}
-    daemon = HealthdProcess(config, env=env, watchdog_pid="1")
-    try:
-        ready = notify_socket.wait_for(lambda m: "READY" in m, 15)
+    config, _ = _config(tmp_path, tcp_target)
+    env = {"WATCHDOG_USEC": str(_WATCHDOG_USEC)}
+    with running_healthd(config, env=env, watchdog_pid="1") as daemon:
+        ready = daemon.notify.wait_for(lambda m: "READY" in m, 15)
         # Wait for something that happens well after the first ping would have been sent.
-        target.stop()
-        notify_socket.wait_for(lambda m: "degraded" in m.fields.get("STATUS", ""), 5, ready.at)
+        tcp_target.stop()
+        daemon.notify.wait_for(lambda m: "degraded" in m.fields.get("STATUS", ""), 5, ready.at)
         daemon.signal(signal.SIGTERM)
-        notify_socket.wait_for(lambda m: "STOPPING" in m, 5, after=ready.at)
-        assert notify_socket.pings() == []
-    finally:
-        daemon.stop()
+        daemon.notify.wait_for(lambda m: "STOPPING" in m, 5, after=ready.at)
+        assert daemon.notify.pings() == []
 
 
 @pytest.mark.asyncio
 async def test_watchdog_pings_stop_while_the_status_writer_is_stuck_though_the_loop_runs(
     tmp_path: Path,
     notify_socket: NotifySocket,
-    target: TcpTarget,
+    tcp_target: TcpTarget,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -225,7 +205,7 @@ async def test_watchdog_pings_stop_while_the_status_writer_is_stuck_though_the_l
         real_write(path, data, mode)
 
     monkeypatch.setattr(status_file, "write_atomic", write)
-    config, _ = _config(tmp_path, target, status_file_refresh="100ms")
+    config, _ = _config(tmp_path, tcp_target, status_file_refresh="100ms")
     env = {"NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": "400000"}
     daemon = Daemon(config, config_module.load(config), Redactor(), notifier=Notifier(env))
     try:
@@ -268,21 +248,18 @@ def _checks(daemon: Daemon) -> int:
 
 
 def test_a_watchdog_abort_leaves_python_stacks_in_the_log(
-    tmp_path: Path, notify_socket: NotifySocket, target: TcpTarget
+    tmp_path: Path, tcp_target: TcpTarget
 ) -> None:
     # systemd's watchdog kills with SIGABRT; faulthandler must turn that into stacks.
-    config, _ = _config(tmp_path, target)
-    daemon = HealthdProcess(config, env={"NOTIFY_SOCKET": notify_socket.address})
-    try:
-        notify_socket.wait_for(lambda m: "READY" in m, 15)
+    config, _ = _config(tmp_path, tcp_target)
+    with running_healthd(config) as daemon:
+        daemon.notify.wait_for(lambda m: "READY" in m, 15)
         daemon.signal(signal.SIGABRT)
-        assert daemon.process.wait(10) == -signal.SIGABRT
+        assert daemon.popen.wait(10) == -signal.SIGABRT
         log = daemon.log()
         assert "Fatal Python error: Aborted" in log
         assert "Current thread" in log
         assert 'File "' in log
-    finally:
-        daemon.stop()
 
 
 # --- a service manager that does not read ------------------------------------------------------
@@ -349,42 +326,41 @@ def test_a_full_notify_queue_drops_messages_without_blocking(
 
 
 def test_a_daemon_keeps_checking_on_schedule_while_systemd_does_not_read(
-    tmp_path: Path, target: TcpTarget
+    tmp_path: Path, tcp_target: TcpTarget
 ) -> None:
     deaf = _DeafNotifySocket(tmp_path)
     assert deaf.queued > 0
-    config, port = _config(tmp_path, target)
+    config, port = _config(tmp_path, tcp_target)
     env = {"NOTIFY_SOCKET": deaf.address, "WATCHDOG_USEC": "200000"}
-    daemon = HealthdProcess(config, env=env, watchdog_pid="self")
-    try:
-        # READY=1 itself is dropped: the metrics endpoint is how we know the daemon is up.
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                body = _metrics(port)
-                break
-            except OSError:
-                assert daemon.process.poll() is None, daemon.log()
-                assert time.monotonic() < deadline, daemon.log()
-                time.sleep(0.1)
-        first = _counter(body, "healthd_checks_total")
-        dropped = _counter(body, "healthd_notify_dropped_total")
-        assert dropped >= 1  # STATUS= at least (READY=1 follows the metrics server's start)
-        started = time.monotonic()
-        time.sleep(2.0)  # a window to count checks in
-        body = _metrics(port)
-        elapsed = time.monotonic() - started
-        # One check every 0.3 s went on, and the watchdog pings every 0.1 s were dropped.
-        assert _counter(body, "healthd_checks_total") - first >= 0.8 * elapsed / 0.3
-        assert _counter(body, "healthd_notify_dropped_total") >= dropped + 10
-        late = body.split('healthd_scheduler_lateness_seconds_bucket{le="0.5"} ')[1]
-        on_time = float(late.split("\n", 1)[0])
-        assert _counter(body, "healthd_scheduler_lateness_seconds_count") == on_time
-        assert daemon.stop() == 0
-        assert daemon.log().count("notify queue is full") == 1
-    finally:
-        daemon.stop()
-        deaf.close()
+    with running_healthd(config, env=env, watchdog_pid="self") as daemon:
+        try:
+            # READY=1 itself is dropped: the metrics endpoint is how we know the daemon is up.
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    body = scrape(port)
+                    break
+                except OSError:
+                    assert daemon.popen.poll() is None, daemon.log()
+                    assert time.monotonic() < deadline, daemon.log()
+                    time.sleep(0.1)
+            first = _counter(body, "healthd_checks_total")
+            dropped = _counter(body, "healthd_notify_dropped_total")
+            assert dropped >= 1  # STATUS= at least (READY=1 follows the metrics server's start)
+            started = time.monotonic()
+            time.sleep(2.0)  # a window to count checks in
+            body = scrape(port)
+            elapsed = time.monotonic() - started
+            # One check every 0.3 s went on, and the watchdog pings every 0.1 s were dropped.
+            assert _counter(body, "healthd_checks_total") - first >= 0.8 * elapsed / 0.3
+            assert _counter(body, "healthd_notify_dropped_total") >= dropped + 10
+            late = body.split('healthd_scheduler_lateness_seconds_bucket{le="0.5"} ')[1]
+            on_time = float(late.split("\n", 1)[0])
+            assert _counter(body, "healthd_scheduler_lateness_seconds_count") == on_time
+            assert daemon.stop() == 0
+            assert daemon.log().count("notify queue is full") == 1
+        finally:
+            deaf.close()
 
 
 def _counter(body: str, name: str) -> float:

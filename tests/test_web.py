@@ -4,11 +4,9 @@ kept in the test's directory (and in $HEALTHD_SCREENSHOTS when set, for a human 
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,80 +16,28 @@ import pytest
 
 from healthd import web
 from tests.browser import Browser, chromium_binary
-from tests.daemon_proc import Healthd, free_port, healthd_cli, running_healthd
-from tests.healthd_process import REPO, write_config
+from tests.daemon import (
+    Healthd,
+    daemon_settings,
+    free_port,
+    healthd_cli,
+    running_healthd,
+    write_config,
+)
 from tests.http_target import HttpTarget, Reply
-
-SNIPPET = REPO / "config" / "nginx" / "healthd.conf"
-_PUBLISHED_DIR = "/var/lib/healthd/"
-
-
-def _nginx_binary() -> str | None:
-    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
-
+from tests.nginx import Nginx, nginx_binary
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(chromium_binary() is None, reason="chromium is not installed"),
-    pytest.mark.skipif(_nginx_binary() is None, reason="nginx is not installed"),
+    pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed"),
 ]
-
-
-class _Nginx:
-    """nginx (``-p`` prefix in a tmp dir) serving the shipped snippet from ``directory``."""
-
-    def __init__(self, prefix: Path, directory: Path) -> None:
-        self.port = free_port()
-        (prefix / "logs").mkdir(parents=True)
-        snippet = SNIPPET.read_text()
-        assert _PUBLISHED_DIR in snippet
-        (prefix / "healthd.conf").write_text(snippet.replace(_PUBLISHED_DIR, f"{directory}/"))
-        temp = "".join(
-            f"    {kind}_temp_path {prefix}/{kind};\n"
-            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-        )
-        (prefix / "nginx.conf").write_text(
-            ("user root;\n" if os.geteuid() == 0 else "")
-            + f"worker_processes 1;\ndaemon off;\npid {prefix}/nginx.pid;\n"
-            f"error_log {prefix}/logs/error.log warn;\nevents {{ worker_connections 64; }}\n"
-            f"http {{\n    access_log off;\n{temp}"
-            f"    server {{\n        listen 127.0.0.1:{self.port};\n"
-            f"        include {prefix}/healthd.conf;\n    }}\n}}\n"
-        )
-        binary = _nginx_binary()
-        assert binary is not None
-        command = [binary, "-p", str(prefix), "-e", str(prefix / "logs" / "error.log")]
-        command += ["-c", str(prefix / "nginx.conf")]
-        subprocess.run([*command, "-t", "-q"], check=True, capture_output=True)
-        self.process = subprocess.Popen(command)
-        deadline = time.monotonic() + 10
-        while self.get("/status/")[0] != 200:
-            assert time.monotonic() < deadline, "nginx did not start"
-            time.sleep(0.05)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def get(self, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-        try:
-            connection.request(method, path)
-            response = connection.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        except OSError:
-            return 0, {}, b""
-        finally:
-            connection.close()
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(5)
 
 
 @dataclass
 class _Site:
     healthd: Healthd
-    nginx: _Nginx
+    nginx: Nginx
     directory: Path
     target: HttpTarget
 
@@ -101,14 +47,7 @@ class _Site:
 
 
 def _settings(directory: Path, **extra: str) -> dict[str, str]:
-    return {
-        "metrics_address": f"127.0.0.1:{free_port()}",
-        "status_file": str(directory / "status.json"),
-        "interval": "1s",
-        "timeout": "800ms",
-        "startup_spread": "10ms",
-        **extra,
-    }
+    return daemon_settings(directory, interval="1s", timeout="800ms", **extra)
 
 
 @pytest.fixture(scope="module")
@@ -140,13 +79,12 @@ def _module_site(
                        "degraded_latency": "50ms"},
         },
     )  # fmt: skip
-    with running_healthd(config, tmp_path) as healthd:
-        healthd.wait_for("READY", "1")
-        nginx = _Nginx(tmp_path / "nginx", directory)
+    with running_healthd(config, ready=True) as healthd:
+        nginx = Nginx(tmp_path / "nginx", directory)
         try:
             yield _Site(healthd, nginx, directory, http_target)
         finally:
-            nginx.stop()
+            nginx.close()
             http_target.reset()
 
 
@@ -369,16 +307,15 @@ def test_summary_mode_without_history_shows_statuses_and_no_reasons(
         {"api": {"kind": "http", "url": http_target.url("/")},
          "db": {"kind": "tcp", "address": f"127.0.0.1:{free_port()}"}},
     )  # fmt: skip
-    with running_healthd(config, tmp_path) as healthd:
-        healthd.wait_for("READY", "1")
-        nginx = _Nginx(tmp_path / "nginx", directory)
+    with running_healthd(config, ready=True):
+        nginx = Nginx(tmp_path / "nginx", directory)
         try:
             browser.open(nginx.url("/status/"))
             browser.wait_until("document.body.dataset.refreshed >= 1")
             state = _page_state(browser)
             _screenshot(browser, tmp_path, "status-summary")
         finally:
-            nginx.stop()
+            nginx.close()
     assert not (directory / "history.json").exists()
     assert state["noHistory"] is True
     components = state["components"]
