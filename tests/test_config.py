@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import textwrap
 from pathlib import Path
 from typing import get_args
 
@@ -25,23 +24,12 @@ from healthd.config import (
     resolve_path,
 )
 from healthd.secrets import REDACTED, Redactor, Templated
+from tests.daemon import write_toml as write
 
 SECRET = "hunter2-s3cret"
 
 
-@pytest.fixture(autouse=True)
-def _no_healthd_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests set the overrides they mean; the developer's own HEALTHD_* must not leak in."""
-    for name in list(os.environ):
-        if name.upper().startswith("HEALTHD_") or name == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(name)
-
-
-def write(tmp_path: Path, text: str, name: str = "healthd.toml") -> Path:
-    """Write a config file, dedented, and return its path."""
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
-    return path
+pytestmark = pytest.mark.usefixtures("no_healthd_environment")
 
 
 def problems(path: Path) -> list[str]:

@@ -547,8 +547,7 @@ kind = "heartbeat"
 period = "1h"
 """
     )
-    with running_healthd(config, tmp_path) as healthd:
-        healthd.wait_for("READY", "1")
+    with running_healthd(config, logs=tmp_path, ready=True) as healthd:
         base = f"http://127.0.0.1:{push_port}"
         assert httpx.post(f"{base}/ping/monitor", timeout=5).status_code == 200
         misdirected = httpx.post(f"{base}/ping/backup", timeout=5)
@@ -562,6 +561,5 @@ period = "1h"
         pings = json.loads((tmp_path / "heartbeats.json").read_text())["heartbeats"]
         assert "backup" not in pings
         assert pings["monitor"]["success_at"] is not None
-        code, log = healthd.stop()
-    assert code == 0
-    assert "Traceback" not in log
+        assert healthd.stop() == 0
+        assert "Traceback" not in healthd.log()
