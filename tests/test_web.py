@@ -184,7 +184,12 @@ def test_every_component_appears_with_its_status_at_desktop_and_phone_width(
     _screenshot(browser, tmp_path, "status-phone")
     phone = _page_state(browser)
     assert phone["width"] == 375, "nothing sticks out sideways at phone width"
-    assert phone["components"] == state["components"]
+    # The same components and statuses; a reason may have moved on by a millisecond meanwhile.
+    steady = ("status", "badge", "bars", "since")
+    assert {
+        name: {key: shown[key] for key in steady} for name, shown in phone["components"].items()
+    } == {name: {key: shown[key] for key in steady} for name, shown in components.items()}
+    assert "slow" in phone["components"]["search"]["reason"]
     browser.resize(1280, 900)
 
 
