@@ -40,7 +40,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.daemon import free_port
-from tests.serving import closed_after, reset_around
+from tests.serving import closed_after, reset_per_test
 
 __all__ = [
     "FALKORDB_PASSWORD",
@@ -420,10 +420,9 @@ def pg_primary_server() -> Iterator[PostgresServer]:
     server.close()
 
 
-@pytest.fixture
-def pg_primary(pg_primary_server: PostgresServer) -> Iterator[PostgresServer]:
-    """The session's primary, running, its client connections terminated."""
-    yield from reset_around(pg_primary_server)
+pg_primary = reset_per_test(
+    "pg_primary_server", "The session's primary, running, its client connections terminated."
+)
 
 
 @pytest.fixture(scope="session")
@@ -442,10 +441,9 @@ def pg_standby_server(pg_primary_server: PostgresServer) -> Iterator[PostgresSer
     yield from closed_after(_started(PostgresServer(data, user, "pg-standby")))
 
 
-@pytest.fixture
-def pg_standby(pg_standby_server: PostgresServer) -> Iterator[PostgresServer]:
-    """The session's standby, running, hot and replaying."""
-    yield from reset_around(pg_standby_server)
+pg_standby = reset_per_test(
+    "pg_standby_server", "The session's standby, running, hot and replaying."
+)
 
 
 @pytest.fixture(scope="session")
@@ -454,10 +452,9 @@ def pg_victim_server() -> Iterator[PostgresServer]:
     yield from closed_after(_started(_init_cluster(_User.for_servers(), "pg-victim")))
 
 
-@pytest.fixture
-def pg_victim(pg_victim_server: PostgresServer) -> Iterator[PostgresServer]:
-    """The victim, running and thawed before and after each test."""
-    yield from reset_around(pg_victim_server)
+pg_victim = reset_per_test(
+    "pg_victim_server", "The victim, running and thawed before and after each test."
+)
 
 
 # --- Redis and FalkorDB -------------------------------------------------------------------------
@@ -584,10 +581,7 @@ def redis_main_server() -> Iterator[RedisServer]:
     yield from closed_after(_started(server))
 
 
-@pytest.fixture
-def redis_main(redis_main_server: RedisServer) -> Iterator[RedisServer]:
-    """The main Redis, reset around each test."""
-    yield from reset_around(redis_main_server)
+redis_main = reset_per_test("redis_main_server", "The main Redis, reset around each test.")
 
 
 @pytest.fixture(scope="session")
@@ -596,10 +590,9 @@ def redis_victim_server() -> Iterator[RedisServer]:
     yield from closed_after(_started(RedisServer("redis-victim", _User.for_servers())))
 
 
-@pytest.fixture
-def redis_victim(redis_victim_server: RedisServer) -> Iterator[RedisServer]:
-    """The victim, running, thawed and reset around each test."""
-    yield from reset_around(redis_victim_server)
+redis_victim = reset_per_test(
+    "redis_victim_server", "The victim, running, thawed and reset around each test."
+)
 
 
 @pytest.fixture(scope="session")
@@ -641,7 +634,4 @@ def falkordb_server() -> Iterator[RedisServer]:
     yield from closed_after(_started(server))
 
 
-@pytest.fixture
-def falkordb(falkordb_server: RedisServer) -> Iterator[RedisServer]:
-    """FalkorDB, reset (and emptied) around each test."""
-    yield from reset_around(falkordb_server)
+falkordb = reset_per_test("falkordb_server", "FalkorDB, reset (and emptied) around each test.")

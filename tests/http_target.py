@@ -26,7 +26,7 @@ from typing import Any, Literal
 import pytest
 
 from tests.daemon import free_port
-from tests.serving import closed_after, reset_around
+from tests.serving import closed_after, reset_per_test
 
 __all__ = [
     "GARBAGE",
@@ -721,10 +721,9 @@ def http_target_server() -> Iterator[HttpTarget]:
     yield from closed_after(HttpTarget())
 
 
-@pytest.fixture
-def http_target(http_target_server: HttpTarget) -> Iterator[HttpTarget]:
-    """The session's HTTP target, reset before and after the test."""
-    yield from reset_around(http_target_server)
+http_target = reset_per_test(
+    "http_target_server", "The session's HTTP target, reset before and after the test."
+)
 
 
 @pytest.fixture(scope="session")
@@ -739,10 +738,9 @@ def https_target_server(tls_certificate: Certificate) -> Iterator[HttpTarget]:
     yield from closed_after(HttpTarget(tls_certificate.server_context()))
 
 
-@pytest.fixture
-def https_target(https_target_server: HttpTarget) -> Iterator[HttpTarget]:
-    """The session's HTTPS target, reset before and after the test."""
-    yield from reset_around(https_target_server)
+https_target = reset_per_test(
+    "https_target_server", "The session's HTTPS target, reset before and after the test."
+)
 
 
 @pytest.fixture(scope="session")
@@ -751,10 +749,9 @@ def tcp_listener_server() -> Iterator[TcpListener]:
     yield from closed_after(TcpListener())
 
 
-@pytest.fixture
-def tcp_listener(tcp_listener_server: TcpListener) -> Iterator[TcpListener]:
-    """The session's TCP listener, reset before and after the test."""
-    yield from reset_around(tcp_listener_server)
+tcp_listener = reset_per_test(
+    "tcp_listener_server", "The session's TCP listener, reset before and after the test."
+)
 
 
 @pytest.fixture

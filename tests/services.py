@@ -28,7 +28,7 @@ import pytest
 
 from tests.daemon import free_port
 from tests.http_target import HttpTarget, Reply
-from tests.serving import closed_after, reset_around
+from tests.serving import closed_after, reset_per_test
 
 __all__ = [
     "BentoServer",
@@ -280,10 +280,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     yield from closed_after(MlflowServer(tmp_path_factory.mktemp("mlflow")))
 
 
-@pytest.fixture
-def mlflow_service(mlflow_server: MlflowServer) -> Iterator[MlflowServer]:
-    """The session's MLflow server, its store repaired around the test."""
-    yield from reset_around(mlflow_server)
+mlflow_service = reset_per_test(
+    "mlflow_server", "The session's MLflow server, its store repaired around the test."
+)
 
 
 @pytest.fixture(scope="session")
@@ -293,10 +292,9 @@ def bentoml_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoSe
     yield from closed_after(BentoServer(tmp_path_factory.mktemp("bentoml")))
 
 
-@pytest.fixture
-def bentoml_service(bentoml_server: BentoServer) -> Iterator[BentoServer]:
-    """The session's BentoML server, running and ready before and after the test."""
-    yield from reset_around(bentoml_server)
+bentoml_service = reset_per_test(
+    "bentoml_server", "The session's BentoML server, running and ready before and after the test."
+)
 
 
 @pytest.fixture(scope="session")
@@ -305,10 +303,9 @@ def ui_target_server() -> Iterator[HttpTarget]:
     yield from closed_after(HttpTarget())
 
 
-@pytest.fixture
-def ui_target(ui_target_server: HttpTarget) -> Iterator[HttpTarget]:
-    """The session's second HTTP target, reset before and after the test."""
-    yield from reset_around(ui_target_server)
+ui_target = reset_per_test(
+    "ui_target_server", "The session's second HTTP target, reset before and after the test."
+)
 
 
 # --- documented answers --------------------------------------------------------------------

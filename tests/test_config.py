@@ -553,30 +553,23 @@ def test_env_overrides_one_component_key_and_keeps_the_rest(
     assert config.daemon.interval == 30.0
 
 
+@pytest.mark.parametrize(
+    ("timeout", "error"),
+    [
+        pytest.param("soon", "bad duration 'soon'", id="bad-value"),
+        pytest.param("45s", "timeout 45s is longer than interval 30s", id="breaks-a-cross-check"),
+    ],
+)
 def test_env_override_error_names_the_variable_not_a_file_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, timeout: str, error: str
 ) -> None:
-    monkeypatch.setenv("HEALTHD_COMPONENTS__API__TIMEOUT", "soon")
+    monkeypatch.setenv("HEALTHD_COMPONENTS__API__TIMEOUT", timeout)
     path = write(tmp_path, BASE)
 
     (problem,) = problems(path)
 
     assert problem.startswith(
-        f"{path}: $HEALTHD_COMPONENTS__API__TIMEOUT: components.api.timeout: bad duration 'soon'"
-    )
-
-
-def test_env_override_that_breaks_a_cross_check_names_the_variable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("HEALTHD_COMPONENTS__API__TIMEOUT", "45s")
-    path = write(tmp_path, BASE)
-
-    (problem,) = problems(path)
-
-    assert problem.startswith(
-        f"{path}: $HEALTHD_COMPONENTS__API__TIMEOUT: components.api.timeout: timeout 45s is "
-        "longer than interval 30s"
+        f"{path}: $HEALTHD_COMPONENTS__API__TIMEOUT: components.api.timeout: {error}"
     )
 
 

@@ -20,7 +20,7 @@ import pytest
 from healthd.classify import judge_world, next_state
 from healthd.config import ConfigError, load
 from healthd.maintenance import Window, active, parse_weekly
-from healthd.model import ComponentState, Finding, Maintenance, Observation, Status
+from healthd.model import ComponentState, Finding, Maintenance, Observation, Snapshot, Status
 from healthd.state import StateStore
 from tests.daemon import free_port, healthd_cli, running_healthd
 from tests.probing import make_check
@@ -214,21 +214,22 @@ def test_root_cause_in_maintenance_still_explains_its_dependents() -> None:
 def test_snapshot_version_changes_when_a_window_starts_and_ends_without_a_check() -> None:
     now = [1000.0]
     store = StateStore(clock=lambda: now[0])
+
+    def snapshot_at(seconds: float) -> Snapshot:
+        now[0] = seconds
+        return store.snapshot()
+
     store.record(measured("db", DOWN, 1000.0), stale_after_seconds=10_000.0)
     store.set_windows((Window(("db",), "upgrade", "cli", 1050.0, 1100.0),))
     before = store.snapshot()
     assert before.overall is Status.UNHEALTHY
-    now[0] = 1049.0
-    assert store.snapshot().version == before.version
-    now[0] = 1050.0
-    during = store.snapshot()
+    assert snapshot_at(1049.0).version == before.version
+    during = snapshot_at(1050.0)
     assert during.version > before.version
     assert during.overall is Status.HEALTHY
     assert during.components["db"].maintenance == Maintenance(1100.0, "upgrade", "cli")
-    now[0] = 1070.0
-    assert store.snapshot().version == during.version
-    now[0] = 1100.0
-    after = store.snapshot()
+    assert snapshot_at(1070.0).version == during.version
+    after = snapshot_at(1100.0)
     assert after.version > during.version
     assert after.overall is Status.UNHEALTHY
     assert after.components["db"].maintenance is None

@@ -68,16 +68,6 @@ async def test_hung_server_is_unhealthy_timeout_and_recovers_after_two_successes
 
 @pytest.mark.asyncio
 @pytest.mark.slow
-async def test_unreachable_service_is_unhealthy(
-    bentoml_server: BentoServer, closed_port: int
-) -> None:
-    state = await check_once(_check(url=f"http://127.0.0.1:{closed_port}"))
-    assert (state.status, state.reason_code) == (Status.UNHEALTHY, "connection_refused")
-    assert state.reason.startswith("GET /livez")
-
-
-@pytest.mark.asyncio
-@pytest.mark.slow
 async def test_error_rate_between_checks_is_read_from_metrics(
     bentoml_service: BentoServer,
 ) -> None:

@@ -245,25 +245,6 @@ async def test_broken_target_is_unhealthy_with_its_reason_code(
 
 
 @pytest.mark.asyncio
-async def test_refused_connection_is_connection_refused(
-    closed_port: int, ctx: ProbeContext
-) -> None:
-    _, finding = await run_check(http_check(url=f"http://127.0.0.1:{closed_port}/ready"), ctx)
-
-    assert finding == Finding(
-        Status.UNHEALTHY, "connection_refused", "GET /ready: connection refused"
-    )
-
-
-@pytest.mark.asyncio
-async def test_unresolvable_host_is_dns_error(ctx: ProbeContext) -> None:
-    _, finding = await run_check(http_check(url="http://no-such-host.invalid/health"), ctx)
-
-    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "dns_error")
-    assert finding.reason.startswith("GET /health: name resolution failed")
-
-
-@pytest.mark.asyncio
 async def test_connect_that_gets_no_answer_is_a_timeout(
     unresponsive_port: int, ctx: ProbeContext
 ) -> None:

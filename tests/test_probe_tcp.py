@@ -59,26 +59,6 @@ async def test_plain_check_does_not_speak_tls_to_a_silent_server(
 
 
 @pytest.mark.asyncio
-async def test_closed_port_is_connection_refused(closed_port: int, ctx: ProbeContext) -> None:
-    address = f"127.0.0.1:{closed_port}"
-
-    observation, finding = await run_check(tcp_check(address=address), ctx)
-
-    assert finding == Finding(
-        Status.UNHEALTHY, "connection_refused", f"connect to {address}: connection refused"
-    )
-    assert observation.facts == {}
-
-
-@pytest.mark.asyncio
-async def test_unresolvable_name_is_dns_error(ctx: ProbeContext) -> None:
-    _, finding = await run_check(tcp_check(address="no-such-host.invalid:5432"), ctx)
-
-    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "dns_error")
-    assert finding.reason.startswith("connect to no-such-host.invalid:5432: name resolution failed")
-
-
-@pytest.mark.asyncio
 async def test_untrusted_certificate_is_tls_error(
     https_target: HttpTarget, ctx: ProbeContext
 ) -> None:
