@@ -9,9 +9,11 @@ latency limit (``probe``), then hysteresis and the state store (``check_once``).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+import anyio
 import pytest_asyncio
 from pydantic import TypeAdapter
 
@@ -29,6 +31,7 @@ __all__ = [
     "ctx",
     "make_check",
     "make_state",
+    "probe_concurrently",
     "probe_once",
     "run_check",
     "states_after",
@@ -100,6 +103,22 @@ async def probe_once(check: CheckBase) -> tuple[Observation, Finding]:
     """``run_check`` in a probe context of its own, closed afterwards."""
     async with component(check) as once:
         return await once.probe()
+
+
+async def probe_concurrently(*checks: CheckBase) -> list[tuple[Observation, Finding, float]]:
+    """``probe_once`` every check at the same time; for each, in order, its observation,
+    finding and the seconds it took: what shows whether one slow target delays another."""
+    results: dict[int, tuple[Observation, Finding, float]] = {}
+
+    async def timed(index: int, check: CheckBase) -> None:
+        started = time.perf_counter()
+        observation, finding = await probe_once(check)
+        results[index] = (observation, finding, time.perf_counter() - started)
+
+    async with anyio.create_task_group() as tg:
+        for index, check in enumerate(checks):
+            tg.start_soon(timed, index, check)
+    return [results[index] for index in range(len(checks))]
 
 
 def make_state(name: str = "c", status: Status = Status.HEALTHY, **fields: Any) -> ComponentState:

@@ -1,5 +1,6 @@
 """What every kind that has it does the same way: a refused connection, a name that does not
-resolve, a setting the config rejects. One table per shape, a row per kind."""
+resolve, a server killed and started again, a server frozen beside a healthy one, a setting the
+config rejects. One table per shape, a row per kind."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from typing import Any
 import pytest
 
 from healthd.model import Status
+from tests.datastores import PG_PROBE_USER, REDIS_PASSWORD
 from tests.http_target import HttpTarget
-from tests.probing import make_check, probe_once
+from tests.probing import make_check, probe_concurrently, probe_once, states_after
 from tests.services import serve_opik_ui
 
 
@@ -143,3 +145,116 @@ def test_a_setting_the_kind_cannot_use_is_rejected_naming_it(
 ) -> None:
     with pytest.raises(ValueError, match=problem):
         make_check(kind, **fields)
+
+
+@pytest.mark.parametrize(
+    ("kind", "victim", "target"),
+    [
+        ("postgres", "pg_victim", lambda server: {"dsn": server.dsn()}),
+        ("redis", "redis_victim", lambda server: {"url": server.url()}),
+    ],
+)
+@pytest.mark.asyncio
+async def test_killed_server_is_refused_then_recovers_through_hysteresis(
+    kind: str,
+    victim: str,
+    target: Callable[[Any], dict[str, Any]],
+    request: pytest.FixtureRequest,
+) -> None:
+    server = request.getfixturevalue(victim)
+    check = make_check(kind, timeout=2, failure_threshold=3, recovery_threshold=2, **target(server))
+    findings = [(await probe_once(check))[1]]
+    server.kill()
+    for _ in range(3):
+        findings.append((await probe_once(check))[1])
+    server.start()
+    for _ in range(2):
+        findings.append((await probe_once(check))[1])
+
+    assert [f.reason_code for f in findings[1:4]] == ["connection_refused"] * 3
+    states = states_after(check, findings, name=kind)
+    assert [s.status for s in states] == [
+        Status.HEALTHY,
+        Status.DEGRADED,  # 1 of 3 failures
+        Status.DEGRADED,  # 2 of 3
+        Status.UNHEALTHY,
+        Status.DEGRADED,  # recovering 1 of 2
+        Status.HEALTHY,
+    ]
+    assert states[3].reason_code == "connection_refused"
+    assert states[4].reason_code == "recovering"
+
+
+@dataclass(frozen=True)
+class Frozen:
+    """A ``kind`` check of the frozen ``victim`` fixture's server under a 0.5 s timeout, probed
+    beside one of the ``healthy`` fixture's: the frozen one says ``reason`` within
+    ``frozen_seconds`` (low, high), the healthy one answers within ``healthy_seconds``."""
+
+    kind: str
+    victim: str
+    healthy: str
+    target: Callable[[Any], dict[str, Any]]
+    healthy_target: Callable[[Any], dict[str, Any]]
+    reason: str
+    frozen_seconds: tuple[float, float]
+    healthy_seconds: float
+    thawed: Callable[[Any], None] = field(default=lambda server: None)
+
+
+_FROZEN = [
+    Frozen(
+        "postgres",
+        "pg_victim",
+        "pg_primary",
+        lambda server: {"dsn": server.dsn()},
+        lambda server: {"dsn": server.dsn(user=PG_PROBE_USER)},
+        # The configured timeout, where psycopg's own would say 2 s.
+        "postgres connect: timed out (timeout 500 ms)",
+        # psycopg would wait at least 2 s (its connect_timeout floor); the deadline holds.
+        (0.4, 0.9),
+        0.5,
+        thawed=lambda server: server.wait_ready(),
+    ),
+    Frozen(
+        "redis",
+        "redis_victim",
+        "redis_main",
+        lambda server: {"url": server.url()},
+        lambda server: {"url": server.url(), "password": "${env:HEALTHD_TEST_REDIS_PASSWORD}"},
+        # The configured timeout, not redis-py's socket timeout (a share of it).
+        "redis: timed out waiting for a reply (timeout 500 ms)",
+        (0.0, 0.5 + 0.3),
+        0.3,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", _FROZEN, ids=lambda case: case.kind)
+@pytest.mark.asyncio
+async def test_frozen_server_times_out_within_deadline_without_delaying_others(
+    case: Frozen, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HEALTHD_TEST_REDIS_PASSWORD", REDIS_PASSWORD)
+    victim = request.getfixturevalue(case.victim)
+    healthy_server = request.getfixturevalue(case.healthy)
+    frozen_check = make_check(case.kind, timeout=0.5, **case.target(victim))
+    healthy_check = make_check(case.kind, timeout=2.0, **case.healthy_target(healthy_server))
+    victim.freeze()
+    try:
+        (_, frozen, frozen_seconds), (_, healthy, healthy_seconds) = await probe_concurrently(
+            frozen_check, healthy_check
+        )
+    finally:
+        victim.thaw()
+
+    assert (frozen.status, frozen.reason_code) == (Status.UNHEALTHY, "timeout")
+    assert frozen.reason == case.reason
+    low, high = case.frozen_seconds
+    assert low <= frozen_seconds < high
+    assert healthy.status is Status.HEALTHY
+    assert healthy_seconds < case.healthy_seconds
+
+    case.thawed(victim)
+    _, finding = await probe_once(frozen_check)
+    assert finding.status is Status.HEALTHY
