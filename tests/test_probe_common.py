@@ -1,6 +1,6 @@
 """What every kind that has it does the same way: a refused connection, a name that does not
-resolve, a server killed and started again, a server frozen beside a healthy one, a setting the
-config rejects. One table per shape, a row per kind."""
+resolve, TLS that fails, a server killed and started again, a server frozen beside a healthy
+one, a setting the config rejects. One table per shape, a row per kind."""
 
 from __future__ import annotations
 
@@ -111,6 +111,72 @@ async def test_closed_port_is_connection_refused(
 @pytest.mark.asyncio
 async def test_unresolvable_host_is_dns_error(case: Unreachable, ui_target: HttpTarget) -> None:
     await _assert_unreachable(case, "", "dns_error", ui_target)
+
+
+@dataclass(frozen=True)
+class TlsError:
+    """A ``kind`` check of the ``target`` fixture's server, with ``fields(server)``, that
+    fails TLS: its reason starts with ``reason(server)``, and ``after(server)`` holds."""
+
+    kind: str
+    target: str
+    fields: Callable[[Any], dict[str, Any]]
+    reason: Callable[[Any], str]
+    after: Callable[[Any], bool] = field(default=lambda server: True)
+
+
+_TLS_ERRORS = [
+    pytest.param(
+        TlsError(
+            "http",
+            "https_target",
+            lambda server: {"url": server.url("/health")},
+            lambda server: "GET /health: TLS certificate rejected",
+            after=lambda server: server.requests == [],
+        ),
+        id="http-untrusted-certificate",
+    ),
+    pytest.param(
+        TlsError(
+            "tcp",
+            "https_target",
+            lambda server: {"address": f"127.0.0.1:{server.port}", "tls": True},
+            lambda server: f"connect to 127.0.0.1:{server.port}: TLS certificate rejected",
+        ),
+        id="tcp-untrusted-certificate",
+    ),
+    pytest.param(
+        TlsError(
+            "http",
+            "http_target",
+            lambda server: {"url": f"https://127.0.0.1:{server.port}/health", "tls_verify": False},
+            lambda server: "GET /health: ",
+        ),
+        id="http-https-on-a-plain-http-port",
+    ),
+    pytest.param(
+        # The listener closes every connection at once, in the middle of the TLS hello.
+        TlsError(
+            "tcp",
+            "tcp_listener",
+            lambda server: {"address": server.address, "tls": True, "tls_verify": False},
+            lambda server: f"connect to {server.address}: TLS error",
+        ),
+        id="tcp-server-hangs-up-in-the-hello",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", _TLS_ERRORS)
+@pytest.mark.asyncio
+async def test_failed_tls_is_tls_error(case: TlsError, request: pytest.FixtureRequest) -> None:
+    server = request.getfixturevalue(case.target)
+
+    _, finding = await probe_once(make_check(case.kind, **case.fields(server)))
+
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "tls_error")
+    assert finding.reason.startswith(case.reason(server)), finding
+    assert case.after(server)
 
 
 @pytest.mark.parametrize(

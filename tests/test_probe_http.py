@@ -642,17 +642,6 @@ async def test_configured_headers_never_follow_a_redirect_to_another_origin(
 
 
 @pytest.mark.asyncio
-async def test_untrusted_certificate_is_tls_error(
-    https_target: HttpTarget, ctx: ProbeContext
-) -> None:
-    _, finding = await run_check(http_check(url=https_target.url(PATH)), ctx)
-
-    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "tls_error")
-    assert finding.reason.startswith(f"{WHAT}: TLS certificate rejected")
-    assert https_target.requests == []
-
-
-@pytest.mark.asyncio
 async def test_certificate_signed_by_the_configured_ca_file_is_trusted(
     https_target: HttpTarget, tls_certificate: Certificate, ctx: ProbeContext
 ) -> None:
@@ -672,17 +661,6 @@ async def test_tls_verify_off_accepts_an_untrusted_certificate(
     _, finding = await run_check(http_check(url=https_target.url(PATH), tls_verify=False), ctx)
 
     assert finding == Finding(Status.HEALTHY, "ok", f"{WHAT} returned 200")
-
-
-@pytest.mark.asyncio
-async def test_https_url_on_a_plain_http_port_is_tls_error(
-    http_target: HttpTarget, ctx: ProbeContext
-) -> None:
-    url = f"https://127.0.0.1:{http_target.port}{PATH}"
-
-    _, finding = await run_check(http_check(url=url, tls_verify=False), ctx)
-
-    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "tls_error")
 
 
 # --- secrets --------------------------------------------------------------------------------
