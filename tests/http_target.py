@@ -140,8 +140,14 @@ class _LoopThread:
     def run(self, coro: Coroutine[Any, Any, Any], timeout_seconds: float = 10) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_seconds)
 
-    def stop(self) -> None:
-        """Cancel what still runs (handlers of hung requests), then stop and close the loop."""
+    def stop(self, server: asyncio.Server) -> None:
+        """Close ``server`` (on the loop, where it lives), cancel what still runs (handlers of
+        hung requests), then stop and close the loop."""
+
+        async def close_server() -> None:
+            server.close()
+
+        self.run(close_server())
 
         async def cancel_all() -> None:
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -252,12 +258,7 @@ class HttpTarget:
     def close(self) -> None:
         """Stop serving and end the loop thread."""
         self.reset()
-
-        async def stop() -> None:
-            self._server.close()
-
-        self._thread.run(stop())
-        self._thread.stop()
+        self._thread.stop(self._server)
 
     # --- the server's side ------------------------------------------------------------------
 
@@ -530,12 +531,7 @@ class TcpListener:
     def close(self) -> None:
         """Stop listening and end the loop thread."""
         self.reset()
-
-        async def stop() -> None:
-            self._server.close()
-
-        self._thread.run(stop())
-        self._thread.stop()
+        self._thread.stop(self._server)
 
 
 class TcpTarget:

@@ -196,7 +196,8 @@ async def test_wrong_password_is_auth_failed(falkordb: RedisServer) -> None:
 # --- pure judgement ---------------------------------------------------------------------------
 
 
-def _facts(**overrides: Any) -> dict[str, Any]:
+def _observed(**overrides: Any) -> Observation:
+    """A successful probe's observation: a healthy server's facts, changed by ``overrides``."""
     facts: dict[str, Any] = {
         "redis_version": "8.2.3",
         "uptime_seconds": 100,
@@ -213,92 +214,87 @@ def _facts(**overrides: Any) -> dict[str, Any]:
         "waiting_queries_previous": 0,
     }
     facts.update(overrides)
-    return facts
+    return Observation(0.01, facts=facts)
 
 
 @pytest.mark.parametrize(
     ("settings", "observation", "status", "code"),
     [
-        ({}, Observation(0.01, facts=_facts()), Status.HEALTHY, "ok"),
+        ({}, _observed(), Status.HEALTHY, "ok"),
         (
             {},
-            Observation(0.01, facts=_facts(modules=[], graph_module_version=None)),
+            _observed(modules=[], graph_module_version=None),
             Status.UNHEALTHY,
             "module_missing",
         ),
         (
             {},
-            Observation(0.01, facts=_facts(graph_error="errMsg: Invalid input")),
+            _observed(graph_error="errMsg: Invalid input"),
             Status.UNHEALTHY,
             "graph_query_failed",
         ),
         (
             {},
-            Observation(0.01, facts=_facts(graph_error="Query timed out")),
+            _observed(graph_error="Query timed out"),
             Status.UNHEALTHY,
             "timeout",
         ),
         (
             {"expect_role": "replica"},
-            Observation(0.01, facts=_facts(role="replica", master_link_status="up")),
+            _observed(role="replica", master_link_status="up"),
             Status.HEALTHY,
             "ok",
         ),
         (
             {"expect_role": "replica"},
-            Observation(
-                0.01, facts=_facts(role="replica", master_link_status="up", probe_graph="missing")
-            ),
+            _observed(role="replica", master_link_status="up", probe_graph="missing"),
             Status.DEGRADED,
             "probe_graph_missing",
         ),
         (
             {"degraded_waiting_queries": 5},
-            Observation(0.01, facts=_facts(waiting_queries=6, waiting_queries_previous=2)),
+            _observed(waiting_queries=6, waiting_queries_previous=2),
             Status.DEGRADED,
             "queries_waiting",
         ),
         (
             # A long queue that is draining is not degraded.
             {"degraded_waiting_queries": 5},
-            Observation(0.01, facts=_facts(waiting_queries=6, waiting_queries_previous=9)),
+            _observed(waiting_queries=6, waiting_queries_previous=9),
             Status.HEALTHY,
             "ok",
         ),
         (
             # Growing, but still short.
             {"degraded_waiting_queries": 5},
-            Observation(0.01, facts=_facts(waiting_queries=3, waiting_queries_previous=1)),
+            _observed(waiting_queries=3, waiting_queries_previous=1),
             Status.HEALTHY,
             "ok",
         ),
         (
             # The first probe has no previous count: a long queue counts as grown from zero.
             {"degraded_waiting_queries": 5},
-            Observation(0.01, facts=_facts(waiting_queries=7, waiting_queries_previous=None)),
+            _observed(waiting_queries=7, waiting_queries_previous=None),
             Status.DEGRADED,
             "queries_waiting",
         ),
         (
             # Redis findings carry over: a failing save is degraded here too.
             {},
-            Observation(0.01, facts=_facts(rdb_last_bgsave_status="err")),
+            _observed(rdb_last_bgsave_status="err"),
             Status.DEGRADED,
             "persistence_failing",
         ),
         (
             # An unhealthy graph outranks a degraded server.
             {},
-            Observation(
-                0.01,
-                facts=_facts(rdb_last_bgsave_status="err", graph_module_version=None, modules=[]),
-            ),
+            _observed(rdb_last_bgsave_status="err", graph_module_version=None, modules=[]),
             Status.UNHEALTHY,
             "module_missing",
         ),
         (
             {},
-            Observation(0.01, facts=_facts(role="replica")),
+            _observed(role="replica"),
             Status.UNHEALTHY,
             "wrong_role",
         ),

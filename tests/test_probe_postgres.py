@@ -316,7 +316,8 @@ def test_failure_codes_by_sqlstate_then_message(
     assert failure_code(sqlstate, message) == code
 
 
-def _facts(**overrides: Any) -> dict[str, Any]:
+def _observed(**overrides: Any) -> Observation:
+    """A successful probe's observation: a healthy server's facts, changed by ``overrides``."""
     facts: dict[str, Any] = {
         "server_version": "18.1",
         "in_recovery": False,
@@ -329,7 +330,7 @@ def _facts(**overrides: Any) -> dict[str, Any]:
         "longest_transaction_seconds": None,
     }
     facts.update(overrides)
-    return facts
+    return Observation(0.01, facts=facts)
 
 
 _STANDBY = {"in_recovery": True, "role": "standby", "replay_lag_seconds": 0.0}
@@ -338,61 +339,61 @@ _STANDBY = {"in_recovery": True, "role": "standby", "replay_lag_seconds": 0.0}
 @pytest.mark.parametrize(
     ("settings", "observation", "status", "code"),
     [
-        ({}, Observation(0.01, facts=_facts()), Status.HEALTHY, "ok"),
+        ({}, _observed(), Status.HEALTHY, "ok"),
         (
             {"expect_role": "standby"},
-            Observation(0.01, facts=_facts()),
+            _observed(),
             Status.UNHEALTHY,
             "wrong_role",
         ),
-        ({}, Observation(0.01, facts=_facts(**_STANDBY)), Status.UNHEALTHY, "wrong_role"),
-        ({"expect_role": "any"}, Observation(0.01, facts=_facts(**_STANDBY)), Status.HEALTHY, "ok"),
+        ({}, _observed(**_STANDBY), Status.UNHEALTHY, "wrong_role"),
+        ({"expect_role": "any"}, _observed(**_STANDBY), Status.HEALTHY, "ok"),
         (
             {"expect_role": "standby", "degraded_replay_lag": 30},
-            Observation(0.01, facts=_facts(**{**_STANDBY, "replay_lag_seconds": 31.0})),
+            _observed(**{**_STANDBY, "replay_lag_seconds": 31.0}),
             Status.DEGRADED,
             "replication_lag",
         ),
         (
             {"expect_role": "standby", "degraded_replay_lag": 30},
-            Observation(0.01, facts=_facts(**{**_STANDBY, "replay_lag_seconds": 29.0})),
+            _observed(**{**_STANDBY, "replay_lag_seconds": 29.0}),
             Status.HEALTHY,
             "ok",
         ),
         (
             {"expect_role": "standby", "degraded_replay_lag": None},
-            Observation(0.01, facts=_facts(**{**_STANDBY, "replay_lag_seconds": 9999.0})),
+            _observed(**{**_STANDBY, "replay_lag_seconds": 9999.0}),
             Status.HEALTHY,
             "ok",
         ),
         (
             {},
-            Observation(0.01, facts=_facts(connections_used=80, saturation=0.8247)),
+            _observed(connections_used=80, saturation=0.8247),
             Status.DEGRADED,
             "saturated",
         ),
         (
             {"degraded_saturation": 0.9},
-            Observation(0.01, facts=_facts(connections_used=80, saturation=0.8247)),
+            _observed(connections_used=80, saturation=0.8247),
             Status.HEALTHY,
             "ok",
         ),
         (
             {"degraded_transaction_age": 300},
-            Observation(0.01, facts=_facts(longest_transaction_seconds=301.0)),
+            _observed(longest_transaction_seconds=301.0),
             Status.DEGRADED,
             "long_transaction",
         ),
         (
             {"degraded_transaction_age": None},
-            Observation(0.01, facts=_facts(longest_transaction_seconds=99999.0)),
+            _observed(longest_transaction_seconds=99999.0),
             Status.HEALTHY,
             "ok",
         ),
         (
             # A wrong role outranks every degraded finding.
             {"expect_role": "standby"},
-            Observation(0.01, facts=_facts(saturation=0.99, longest_transaction_seconds=1e6)),
+            _observed(saturation=0.99, longest_transaction_seconds=1e6),
             Status.UNHEALTHY,
             "wrong_role",
         ),
@@ -434,7 +435,7 @@ def _failure(code: str) -> Finding:
 
 def test_not_ready_is_degraded_at_first_then_unhealthy_at_the_failure_threshold() -> None:
     check = _check(dsn="host=db", failure_threshold=3)
-    healthy = assess(check, Observation(0.01, facts=_facts()))
+    healthy = assess(check, _observed())
     states = states_after(check, [healthy, *[_failure("not_ready")] * 3], name="db")
     assert [s.status for s in states] == [
         Status.HEALTHY,
