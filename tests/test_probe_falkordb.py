@@ -221,24 +221,14 @@ def _observed(**overrides: Any) -> Observation:
     ("settings", "observation", "status", "code"),
     [
         ({}, _observed(), Status.HEALTHY, "ok"),
-        (
-            {},
-            _observed(modules=[], graph_module_version=None),
-            Status.UNHEALTHY,
-            "module_missing",
-        ),
+        ({}, _observed(modules=[], graph_module_version=None), Status.UNHEALTHY, "module_missing"),
         (
             {},
             _observed(graph_error="errMsg: Invalid input"),
             Status.UNHEALTHY,
             "graph_query_failed",
         ),
-        (
-            {},
-            _observed(graph_error="Query timed out"),
-            Status.UNHEALTHY,
-            "timeout",
-        ),
+        ({}, _observed(graph_error="Query timed out"), Status.UNHEALTHY, "timeout"),
         (
             {"expect_role": "replica"},
             _observed(role="replica", master_link_status="up"),
@@ -292,18 +282,8 @@ def _observed(**overrides: Any) -> Observation:
             Status.UNHEALTHY,
             "module_missing",
         ),
-        (
-            {},
-            _observed(role="replica"),
-            Status.UNHEALTHY,
-            "wrong_role",
-        ),
-        (
-            {},
-            Observation(0.01, failure=Failure("busy", "BUSY")),
-            Status.UNHEALTHY,
-            "busy",
-        ),
+        ({}, _observed(role="replica"), Status.UNHEALTHY, "wrong_role"),
+        ({}, Observation(0.01, failure=Failure("busy", "BUSY")), Status.UNHEALTHY, "busy"),
     ],
 )
 def test_assess_table(

@@ -340,12 +340,7 @@ _STANDBY = {"in_recovery": True, "role": "standby", "replay_lag_seconds": 0.0}
     ("settings", "observation", "status", "code"),
     [
         ({}, _observed(), Status.HEALTHY, "ok"),
-        (
-            {"expect_role": "standby"},
-            _observed(),
-            Status.UNHEALTHY,
-            "wrong_role",
-        ),
+        ({"expect_role": "standby"}, _observed(), Status.UNHEALTHY, "wrong_role"),
         ({}, _observed(**_STANDBY), Status.UNHEALTHY, "wrong_role"),
         ({"expect_role": "any"}, _observed(**_STANDBY), Status.HEALTHY, "ok"),
         (
@@ -366,12 +361,7 @@ _STANDBY = {"in_recovery": True, "role": "standby", "replay_lag_seconds": 0.0}
             Status.HEALTHY,
             "ok",
         ),
-        (
-            {},
-            _observed(connections_used=80, saturation=0.8247),
-            Status.DEGRADED,
-            "saturated",
-        ),
+        ({}, _observed(connections_used=80, saturation=0.8247), Status.DEGRADED, "saturated"),
         (
             {"degraded_saturation": 0.9},
             _observed(connections_used=80, saturation=0.8247),
