@@ -405,6 +405,10 @@ async def test_conditions_on_a_truncated_body_are_not_evaluated(
 HEALTH_JSON = '{"status": "ok", "db": {"lag_seconds": 12.5}, "checks": [{"name": "db"}]}'
 
 
+def _condition_failed(status: Status, described: str) -> Finding:
+    return Finding(status, "condition_failed", f"{WHAT}: condition failed: {described}")
+
+
 @pytest.mark.parametrize(
     ("body", "conditions", "expected"),
     [
@@ -422,71 +426,43 @@ HEALTH_JSON = '{"status": "ok", "db": {"lag_seconds": 12.5}, "checks": [{"name":
         pytest.param(
             HEALTH_JSON.replace('"ok"', '"down"'),
             [{"json": "status", "equals": "ok"}],
-            Finding(
-                Status.UNHEALTHY,
-                "condition_failed",
-                f"{WHAT}: condition failed: status == 'ok' (got 'down')",
-            ),
+            _condition_failed(Status.UNHEALTHY, "status == 'ok' (got 'down')"),
             id="equals-fails-unhealthy",
         ),
         pytest.param(
             HEALTH_JSON,
             [{"json": "db.lag_seconds", "max": 10, "severity": "degraded"}],
-            Finding(
-                Status.DEGRADED,
-                "condition_failed",
-                f"{WHAT}: condition failed: db.lag_seconds <= 10 (got 12.5)",
-            ),
+            _condition_failed(Status.DEGRADED, "db.lag_seconds <= 10 (got 12.5)"),
             id="max-fails-degraded",
         ),
         pytest.param(
             HEALTH_JSON,
             [{"json": "db.lag_seconds", "min": 20, "name": "replication caught up"}],
-            Finding(
-                Status.UNHEALTHY,
-                "condition_failed",
-                f"{WHAT}: condition failed: replication caught up (got 12.5)",
-            ),
+            _condition_failed(Status.UNHEALTHY, "replication caught up (got 12.5)"),
             id="min-fails-with-name",
         ),
         pytest.param(
             HEALTH_JSON,
             [{"json": "checks.1.name", "present": True}],
-            Finding(
-                Status.UNHEALTHY,
-                "condition_failed",
-                f"{WHAT}: condition failed: checks.1.name present (absent)",
-            ),
+            _condition_failed(Status.UNHEALTHY, "checks.1.name present (absent)"),
             id="present-fails",
         ),
         pytest.param(
             "<html>maintenance</html>",
             [{"json": "status", "equals": "ok"}],
-            Finding(
-                Status.UNHEALTHY,
-                "condition_failed",
-                f"{WHAT}: condition failed: status == 'ok' (body is not JSON)",
-            ),
+            _condition_failed(Status.UNHEALTHY, "status == 'ok' (body is not JSON)"),
             id="not-json",
         ),
         pytest.param(
             "[" * 200_000,
             [{"json": "status", "equals": "ok"}],
-            Finding(
-                Status.UNHEALTHY,
-                "condition_failed",
-                f"{WHAT}: condition failed: status == 'ok' (body is not JSON)",
-            ),
+            _condition_failed(Status.UNHEALTHY, "status == 'ok' (body is not JSON)"),
             id="nested-too-deep-to-parse",
         ),
         pytest.param(
             "<html>maintenance</html>",
             [{"regex": "^OK$"}],
-            Finding(
-                Status.UNHEALTHY,
-                "condition_failed",
-                f"{WHAT}: condition failed: body matches /^OK$/ (no match)",
-            ),
+            _condition_failed(Status.UNHEALTHY, "body matches /^OK$/ (no match)"),
             id="regex-fails",
         ),
         pytest.param(
@@ -495,11 +471,7 @@ HEALTH_JSON = '{"status": "ok", "db": {"lag_seconds": 12.5}, "checks": [{"name":
                 {"json": "db.lag_seconds", "max": 1, "severity": "degraded"},
                 {"json": "status", "equals": "ok"},
             ],
-            Finding(
-                Status.UNHEALTHY,
-                "condition_failed",
-                f"{WHAT}: condition failed: status == 'ok' (got 'down')",
-            ),
+            _condition_failed(Status.UNHEALTHY, "status == 'ok' (got 'down')"),
             id="unhealthy-outranks-degraded",
         ),
     ],
