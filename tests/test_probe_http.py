@@ -265,44 +265,47 @@ async def test_connect_that_gets_no_answer_is_a_timeout(
     assert observation.facts == {}
 
 
+@pytest.mark.parametrize(
+    ("reply", "seconds", "timed_out"),
+    [
+        # The read timeout (0.85 x timeout) fires before the scheduler's deadline would.
+        pytest.param(
+            Reply(action="hang"),
+            (0.8, 0.95),
+            "waiting for the response",
+            id="hung-inside-the-probe-before-the-scheduler-deadline",
+        ),
+        # Each byte arrives well within the read timeout; only a deadline on the whole exchange
+        # notices that the response never completes.
+        pytest.param(
+            Reply(action="trickle", body=b"x" * 100, trickle_interval_seconds=0.05),
+            (0.85, 1),
+            "before the response was complete",
+            id="trickling-on-the-whole-exchange",
+        ),
+    ],
+)
 @pytest.mark.asyncio
-async def test_hung_target_times_out_inside_the_probe_before_the_scheduler_deadline(
-    http_target: HttpTarget, ctx: ProbeContext
+async def test_target_that_does_not_answer_in_time_times_out(
+    http_target: HttpTarget,
+    ctx: ProbeContext,
+    reply: Reply,
+    seconds: tuple[float, float],
+    timed_out: str,
 ) -> None:
     check = http_check(url=http_target.url(PATH), timeout=1)
     await run_check(check, ctx)  # build the client first, so only the request is timed
-    http_target.route(PATH, Reply(action="hang"))
+    http_target.route(PATH, reply)
     started = time.perf_counter()
 
     observation, finding = await run_check(check, ctx)
 
-    # The read timeout (0.85 x timeout) fires before the scheduler's deadline would.
-    assert 0.8 < time.perf_counter() - started < 0.95
+    low, high = seconds
+    assert low < time.perf_counter() - started < high
     assert finding == Finding(
-        Status.UNHEALTHY, "timeout", f"{WHAT}: timed out waiting for the response (timeout 1 s)"
+        Status.UNHEALTHY, "timeout", f"{WHAT}: timed out {timed_out} (timeout 1 s)"
     )
     assert observation.facts == {}
-
-
-@pytest.mark.asyncio
-async def test_trickling_target_times_out_on_the_whole_exchange(
-    http_target: HttpTarget, ctx: ProbeContext
-) -> None:
-    check = http_check(url=http_target.url(PATH), timeout=1)
-    await run_check(check, ctx)  # build the client first, so only the request is timed
-    # Each byte arrives well within the read timeout; only a deadline on the whole exchange
-    # notices that the response never completes.
-    http_target.route(PATH, Reply(action="trickle", body=b"x" * 100, trickle_interval_seconds=0.05))
-    started = time.perf_counter()
-
-    _, finding = await run_check(check, ctx)
-
-    assert 0.85 < time.perf_counter() - started < 1
-    assert finding == Finding(
-        Status.UNHEALTHY,
-        "timeout",
-        f"{WHAT}: timed out before the response was complete (timeout 1 s)",
-    )
 
 
 @pytest.mark.asyncio
