@@ -8,6 +8,7 @@ import re
 import time
 import tracemalloc
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -616,24 +617,28 @@ async def test_configured_headers_never_follow_a_redirect_to_another_origin(
 # --- TLS ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("host", "trust"),
+    [
+        pytest.param(
+            "localhost",
+            lambda cert: {"ca_file": cert.cert_file},
+            id="signed-by-the-configured-ca-file",
+        ),
+        pytest.param("127.0.0.1", lambda cert: {"tls_verify": False}, id="without-verification"),
+    ],
+)
 @pytest.mark.asyncio
-async def test_certificate_signed_by_the_configured_ca_file_is_trusted(
-    https_target: HttpTarget, tls_certificate: Certificate, ctx: ProbeContext
+async def test_certificate_that_is_trusted_is_healthy(
+    https_target: HttpTarget,
+    tls_certificate: Certificate,
+    ctx: ProbeContext,
+    host: str,
+    trust: Callable[[Certificate], dict[str, Any]],
 ) -> None:
-    check = http_check(
-        url=https_target.url(PATH, host="localhost"), ca_file=tls_certificate.cert_file
-    )
+    check = http_check(url=https_target.url(PATH, host=host), **trust(tls_certificate))
 
     _, finding = await run_check(check, ctx)
-
-    assert finding == Finding(Status.HEALTHY, "ok", f"{WHAT} returned 200")
-
-
-@pytest.mark.asyncio
-async def test_tls_verify_off_accepts_an_untrusted_certificate(
-    https_target: HttpTarget, ctx: ProbeContext
-) -> None:
-    _, finding = await run_check(http_check(url=https_target.url(PATH), tls_verify=False), ctx)
 
     assert finding == Finding(Status.HEALTHY, "ok", f"{WHAT} returned 200")
 
