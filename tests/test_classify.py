@@ -779,138 +779,118 @@ def cond(**fields: Any) -> Condition:
     return Condition.model_validate(fields)
 
 
+def holds(test_id: str, conditions: list[Condition], *, body: bytes = DOC) -> Any:
+    """A row of conditions that all hold on ``body``."""
+    return pytest.param(conditions, body, None, id=test_id)
+
+
+def fails(
+    test_id: str,
+    conditions: list[Condition],
+    described: str,
+    *,
+    body: bytes = DOC,
+    status: Status = U,
+) -> Any:
+    """A row of conditions of which those ``described`` fail on ``body``, making it ``status``."""
+    return pytest.param(conditions, body, (status, described), id=test_id)
+
+
 @pytest.mark.parametrize(
     ("conditions", "body", "expected"),
     [
-        pytest.param([], b"anything", None, id="no-conditions"),
-        pytest.param([cond(json="status", equals="ok")], DOC, None, id="equals-string"),
-        pytest.param([cond(json="up", equals=True)], DOC, None, id="equals-true"),
-        pytest.param([cond(json="count", equals=1.0)], DOC, None, id="int-equals-float"),
-        pytest.param(
-            [cond(json="up", equals=1)],
-            DOC,
-            (U, "up == 1 (got true)"),
-            id="true-is-not-1",
-        ),
-        pytest.param(
-            [cond(json="count", equals=True)],
-            DOC,
-            (U, "count == True (got 1)"),
-            id="1-is-not-true",
-        ),
-        pytest.param(
-            [cond(json="text", equals=5)],
-            DOC,
-            (U, "text == 5 (got '5')"),
-            id="string-is-not-number",
-        ),
-        pytest.param([cond(json="items.1.id", equals="b")], DOC, None, id="list-index"),
-        pytest.param([cond(json="items.-1.id", equals="b")], DOC, None, id="negative-index"),
-        pytest.param(
+        holds("no-conditions", [], body=b"anything"),
+        holds("equals-string", [cond(json="status", equals="ok")]),
+        holds("equals-true", [cond(json="up", equals=True)]),
+        holds("int-equals-float", [cond(json="count", equals=1.0)]),
+        fails("true-is-not-1", [cond(json="up", equals=1)], "up == 1 (got true)"),
+        fails("1-is-not-true", [cond(json="count", equals=True)], "count == True (got 1)"),
+        fails("string-is-not-number", [cond(json="text", equals=5)], "text == 5 (got '5')"),
+        holds("list-index", [cond(json="items.1.id", equals="b")]),
+        holds("negative-index", [cond(json="items.-1.id", equals="b")]),
+        fails(
+            "index-out-of-range",
             [cond(json="items.2.id", equals="c")],
-            DOC,
-            (U, "items.2.id == 'c' (absent)"),
-            id="index-out-of-range",
+            "items.2.id == 'c' (absent)",
         ),
-        pytest.param([cond(json="lag", max=12.5)], DOC, None, id="max-is-inclusive"),
-        pytest.param([cond(json="lag", min=12.5)], DOC, None, id="min-is-inclusive"),
-        pytest.param(
-            [cond(json="lag", min=1, max=10)],
-            DOC,
-            (U, "lag >= 1 and <= 10 (got 12.5)"),
-            id="range-exceeded",
-        ),
-        pytest.param(
+        holds("max-is-inclusive", [cond(json="lag", max=12.5)]),
+        holds("min-is-inclusive", [cond(json="lag", min=12.5)]),
+        fails("range-exceeded", [cond(json="lag", min=1, max=10)], "lag >= 1 and <= 10 (got 12.5)"),
+        fails(
+            "string-is-not-a-number-for-bounds",
             [cond(json="text", min=1)],
-            DOC,
-            (U, "text >= 1 (got '5', not a number)"),
-            id="string-is-not-a-number-for-bounds",
+            "text >= 1 (got '5', not a number)",
         ),
-        pytest.param(
+        fails(
+            "bool-is-not-a-number-for-bounds",
             [cond(json="up", max=10)],
-            DOC,
-            (U, "up <= 10 (got true, not a number)"),
-            id="bool-is-not-a-number-for-bounds",
+            "up <= 10 (got true, not a number)",
         ),
-        pytest.param(
-            [cond(json="missing", min=1)],
-            DOC,
-            (U, "missing >= 1 (absent)"),
-            id="bound-on-absent-field",
-        ),
-        pytest.param([cond(json="nothing", present=True)], DOC, None, id="null-is-present"),
-        pytest.param([cond(json="gone", present=False)], DOC, None, id="absent-as-wanted"),
-        pytest.param(
+        fails("bound-on-absent-field", [cond(json="missing", min=1)], "missing >= 1 (absent)"),
+        holds("null-is-present", [cond(json="nothing", present=True)]),
+        holds("absent-as-wanted", [cond(json="gone", present=False)]),
+        fails(
+            "present-when-it-should-not-be",
             [cond(json="status", present=False)],
-            DOC,
-            (U, "status absent (present)"),
-            id="present-when-it-should-not-be",
+            "status absent (present)",
         ),
-        pytest.param(
+        fails(
+            "path-through-a-string",
             [cond(json="status.deep", present=True)],
-            DOC,
-            (U, "status.deep present (absent)"),
-            id="path-through-a-string",
+            "status.deep present (absent)",
         ),
-        pytest.param([cond(regex=r'"name":\s*"primary"')], DOC, None, id="regex-matches"),
-        pytest.param(
-            [cond(regex="^primary$")],
-            DOC,
-            (U, "body matches /^primary$/ (no match)"),
-            id="regex-fails",
-        ),
-        pytest.param([cond(regex="ok")], b"\xff\xfe ok \x00", None, id="regex-on-binary-body"),
-        pytest.param(
+        holds("regex-matches", [cond(regex=r'"name":\s*"primary"')]),
+        fails("regex-fails", [cond(regex="^primary$")], "body matches /^primary$/ (no match)"),
+        holds("regex-on-binary-body", [cond(regex="ok")], body=b"\xff\xfe ok \x00"),
+        fails(
+            "not-json",
             [cond(json="status", equals="ok")],
-            b"<html>ok</html>",
-            (U, "status == 'ok' (body is not JSON)"),
-            id="not-json",
+            "status == 'ok' (body is not JSON)",
+            body=b"<html>ok</html>",
         ),
-        pytest.param(
+        fails(
+            "not-utf8",
             [cond(json="status", equals="ok")],
-            b"\xff\xfe",
-            (U, "status == 'ok' (body is not JSON)"),
-            id="not-utf8",
+            "status == 'ok' (body is not JSON)",
+            body=b"\xff\xfe",
         ),
-        pytest.param(
+        fails(
+            "degraded-severity",
             [cond(json="lag", max=1, severity="degraded")],
-            DOC,
-            (D, "lag <= 1 (got 12.5)"),
-            id="degraded-severity",
+            "lag <= 1 (got 12.5)",
+            status=D,
         ),
-        pytest.param(
+        fails(
+            "worst-severity-lists-all-its-failures",
             [
                 cond(json="lag", max=1, severity="degraded"),
                 cond(json="status", equals="down"),
                 cond(json="count", min=2),
             ],
-            DOC,
-            (U, "status == 'down' (got 'ok'); count >= 2 (got 1)"),
-            id="worst-severity-lists-all-its-failures",
+            "status == 'down' (got 'ok'); count >= 2 (got 1)",
         ),
-        pytest.param(
+        fails(
+            "several-degraded",
             [cond(json="lag", max=1, severity="degraded"), cond(regex="zzz", severity="degraded")],
-            DOC,
-            (D, "lag <= 1 (got 12.5); body matches /zzz/ (no match)"),
-            id="several-degraded",
+            "lag <= 1 (got 12.5); body matches /zzz/ (no match)",
+            status=D,
         ),
-        pytest.param(
+        fails(
+            "named-condition",
             [cond(json="lag", max=1, name="replica lag")],
-            DOC,
-            (U, "replica lag (got 12.5)"),
-            id="named-condition",
+            "replica lag (got 12.5)",
         ),
-        pytest.param(
+        fails(
+            "nesting-deeper-than-the-parser-goes",
             [cond(json="status", equals="ok")],
-            b"[" * 200_000,
-            (U, "status == 'ok' (body is not JSON)"),
-            id="nesting-deeper-than-the-parser-goes",
+            "status == 'ok' (body is not JSON)",
+            body=b"[" * 200_000,
         ),
-        pytest.param(
+        fails(
+            "nan-is-not-within-bounds",
             [cond(json="lag", max=100)],
-            b'{"lag": NaN}',
-            (U, "lag <= 100 (got NaN, not a number)"),
-            id="nan-is-not-within-bounds",
+            "lag <= 100 (got NaN, not a number)",
+            body=b'{"lag": NaN}',
         ),
     ],
 )
