@@ -553,54 +553,66 @@ def test_env_overrides_one_component_key_and_keeps_the_rest(
     assert config.daemon.interval == 30.0
 
 
-@pytest.mark.parametrize(
-    ("timeout", "error"),
-    [
-        pytest.param("soon", "bad duration 'soon'", id="bad-value"),
-        pytest.param("45s", "timeout 45s is longer than interval 30s", id="breaks-a-cross-check"),
-    ],
-)
-def test_env_override_error_names_the_variable_not_a_file_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, timeout: str, error: str
-) -> None:
-    monkeypatch.setenv("HEALTHD_COMPONENTS__API__TIMEOUT", timeout)
-    path = write(tmp_path, BASE)
-
-    (problem,) = problems(path)
-
-    assert problem.startswith(
-        f"{path}: $HEALTHD_COMPONENTS__API__TIMEOUT: components.api.timeout: {error}"
-    )
-
-
-def test_file_errors_keep_their_line_while_another_key_is_overridden(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("HEALTHD_COMPONENTS__API__TIMEOUT", "1s")
-    path = write(tmp_path, BASE.replace('address = "db:5432"', 'address = "db"'))
-
-    (problem,) = problems(path)
-
-    assert problem.startswith(f"{path}:11: components.db.address: address 'db' must be host:port")
+_UPPER_API = '[components.API]\nkind = "http"\nurl = "http://api/"\n'
+_TIMEOUT = "HEALTHD_COMPONENTS__API__TIMEOUT"
 
 
 @pytest.mark.parametrize(
-    ("variable", "key"),
+    ("variable", "value", "toml", "expected"),
     [
+        pytest.param(
+            _TIMEOUT,
+            "soon",
+            BASE,
+            f"{{path}}: ${_TIMEOUT}: components.api.timeout: bad duration 'soon'",
+            id="bad-value-names-the-variable-not-a-file-line",
+        ),
+        pytest.param(
+            _TIMEOUT,
+            "45s",
+            BASE,
+            f"{{path}}: ${_TIMEOUT}: components.api.timeout: timeout 45s is longer than "
+            "interval 30s",
+            id="broken-cross-check-names-the-variable",
+        ),
+        pytest.param(
+            _TIMEOUT,
+            "1s",
+            BASE.replace('address = "db:5432"', 'address = "db"'),
+            "{path}:11: components.db.address: address 'db' must be host:port",
+            id="file-error-keeps-its-line-while-another-key-is-overridden",
+        ),
         # Variable names are case-insensitive: this makes a new component "api", not "API".
-        pytest.param("HEALTHD_COMPONENTS__API__TIMEOUT", "components.api", id="case-mismatch"),
-        pytest.param("HEALTHD_COMPONENTS__NEW__KIND", "components.new.url", id="env-only-table"),
+        pytest.param(
+            _TIMEOUT,
+            "1s",
+            _UPPER_API,
+            f"{{path}}: ${_TIMEOUT}: components.api: ",
+            id="component-made-by-a-case-mismatch-is-blamed-on-it",
+        ),
+        pytest.param(
+            "HEALTHD_COMPONENTS__NEW__KIND",
+            "http",
+            _UPPER_API,
+            "{path}: $HEALTHD_COMPONENTS__NEW__KIND: components.new.url: ",
+            id="component-made-by-an-env-only-table-is-blamed-on-it",
+        ),
     ],
 )
-def test_component_made_by_an_env_variable_is_blamed_on_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, key: str
+def test_an_error_under_env_overrides_names_where_it_came_from(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    value: str,
+    toml: str,
+    expected: str,
 ) -> None:
-    monkeypatch.setenv(variable, "http" if variable.endswith("KIND") else "1s")
-    path = write(tmp_path, '[components.API]\nkind = "http"\nurl = "http://api/"\n')
+    monkeypatch.setenv(variable, value)
+    path = write(tmp_path, toml)
 
     (problem,) = problems(path)
 
-    assert problem.startswith(f"{path}: ${variable}: {key}: ")
+    assert problem.startswith(expected.format(path=path))
 
 
 def test_healthd_config_variable_is_not_taken_for_a_key(
