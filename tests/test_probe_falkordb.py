@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
+from healthd.config import FalkorDbCheck
 from healthd.model import Failure, Observation, Status
 from healthd.probes.falkordb import assess, module_version
 from tests.daemon import run_daemon_once
@@ -26,10 +27,17 @@ _check = functools.partial(make_check, "falkordb", timeout=2.0)
 
 
 @pytest.fixture
-def password_env(monkeypatch: pytest.MonkeyPatch) -> str:
-    """FalkorDB's password in the environment, as a config references it."""
+def check_of(monkeypatch: pytest.MonkeyPatch) -> Callable[..., FalkorDbCheck]:
+    """A falkordb check of a server, its password referenced from the environment as a config
+    does, with ``overrides``."""
     monkeypatch.setenv("HEALTHD_TEST_FALKORDB_PASSWORD", FALKORDB_PASSWORD)
-    return "${env:HEALTHD_TEST_FALKORDB_PASSWORD}"
+
+    def check(server: RedisServer, **overrides: Any) -> FalkorDbCheck:
+        password = "${env:HEALTHD_TEST_FALKORDB_PASSWORD}"
+        built: FalkorDbCheck = _check(url=server.url(), password=password, **overrides)
+        return built
+
+    return check
 
 
 @pytest.fixture
@@ -64,9 +72,9 @@ def _probe_nodes(server: RedisServer, graph: str = "healthd_probe") -> int:
 
 @pytest.mark.asyncio
 async def test_healthy_falkordb_answers_a_graph_query(
-    falkordb: RedisServer, password_env: str
+    falkordb: RedisServer, check_of: Callable[..., FalkorDbCheck]
 ) -> None:
-    check = _check(url=falkordb.url(), password=password_env)
+    check = check_of(falkordb)
 
     observation, finding = await probe_once(check)
 
@@ -83,9 +91,9 @@ async def test_healthy_falkordb_answers_a_graph_query(
 
 @pytest.mark.asyncio
 async def test_probe_graph_is_created_once_however_often_and_concurrently_probed(
-    falkordb: RedisServer, password_env: str
+    falkordb: RedisServer, check_of: Callable[..., FalkorDbCheck]
 ) -> None:
-    check = _check(url=falkordb.url(), password=password_env)
+    check = check_of(falkordb)
     first, _ = await probe_once(check)
     assert first.facts["probe_graph"] == "created"
 
@@ -115,10 +123,12 @@ async def test_plain_redis_configured_as_falkordb_is_module_missing(
 
 
 @pytest.mark.asyncio
-async def test_broken_query_is_graph_query_failed(falkordb: RedisServer, password_env: str) -> None:
-    check = _check(url=falkordb.url(), password=password_env)
+async def test_broken_query_is_graph_query_failed(
+    falkordb: RedisServer, check_of: Callable[..., FalkorDbCheck]
+) -> None:
+    check = check_of(falkordb)
     await probe_once(check)  # creates the probe graph
-    broken = _check(url=falkordb.url(), password=password_env, query="THIS IS NOT CYPHER")
+    broken = check_of(falkordb, query="THIS IS NOT CYPHER")
 
     observation, finding = await probe_once(broken)
 
@@ -128,12 +138,11 @@ async def test_broken_query_is_graph_query_failed(falkordb: RedisServer, passwor
 
 @pytest.mark.asyncio
 async def test_slow_graph_query_is_stopped_by_falkordb_at_the_check_timeout(
-    falkordb: RedisServer, password_env: str
+    falkordb: RedisServer, check_of: Callable[..., FalkorDbCheck]
 ) -> None:
-    await probe_once(_check(url=falkordb.url(), password=password_env))  # creates the probe graph
-    slow = _check(
-        url=falkordb.url(),
-        password=password_env,
+    await probe_once(check_of(falkordb))  # creates the probe graph
+    slow = check_of(
+        falkordb,
         timeout=0.4,
         # Ten billion rows streamed from two small lists: endless in CPU, tiny in memory.
         query="UNWIND range(1, 100000) AS a UNWIND range(1, 100000) AS b RETURN count(b)",
@@ -154,9 +163,9 @@ async def test_slow_graph_query_is_stopped_by_falkordb_at_the_check_timeout(
 
 @pytest.mark.asyncio
 async def test_replica_is_never_written_to_and_reports_a_missing_probe_graph(
-    falkordb: RedisServer, falkordb_replica: RedisServer, password_env: str
+    falkordb: RedisServer, falkordb_replica: RedisServer, check_of: Callable[..., FalkorDbCheck]
 ) -> None:
-    on_replica = _check(url=falkordb_replica.url(), password=password_env, expect_role="replica")
+    on_replica = check_of(falkordb_replica, expect_role="replica")
 
     observation, finding = await probe_once(on_replica)
 
@@ -165,7 +174,7 @@ async def test_replica_is_never_written_to_and_reports_a_missing_probe_graph(
     assert _probe_nodes(falkordb_replica) == 0
 
     # Once the master has created it, the replica serves the probe graph read-only.
-    _, on_master = await probe_once(_check(url=falkordb.url(), password=password_env))
+    _, on_master = await probe_once(check_of(falkordb))
     assert on_master.status is Status.HEALTHY
     wait_until(lambda: _probe_nodes(falkordb_replica) == 1, what="the graph to replicate")
     _, finding = await probe_once(on_replica)
@@ -174,9 +183,9 @@ async def test_replica_is_never_written_to_and_reports_a_missing_probe_graph(
 
 @pytest.mark.asyncio
 async def test_falkordb_replica_where_master_is_expected_is_wrong_role(
-    falkordb_replica: RedisServer, password_env: str
+    falkordb_replica: RedisServer, check_of: Callable[..., FalkorDbCheck]
 ) -> None:
-    _, finding = await probe_once(_check(url=falkordb_replica.url(), password=password_env))
+    _, finding = await probe_once(check_of(falkordb_replica))
 
     assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "wrong_role")
 
