@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import socket
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +67,20 @@ def _named(interval: float, timeout: float | None = None, name: str = "x") -> di
     return {**_tcp(interval, timeout), "description": name}
 
 
-async def _run_until(scheduler: Scheduler, config: Config, done: anyio.Event, limit: float) -> None:
+@contextlib.asynccontextmanager
+async def _running(scheduler: Scheduler, config: Config, limit: float) -> AsyncIterator[None]:
+    """``scheduler.run(config)`` in the background while the block runs, cancelled at its end;
+    the whole must be over within ``limit`` seconds."""
     with anyio.fail_after(limit):
         async with anyio.create_task_group() as tg:
             tg.start_soon(scheduler.run, config)
-            await done.wait()
+            yield
             tg.cancel_scope.cancel()
+
+
+async def _run_until(scheduler: Scheduler, config: Config, done: anyio.Event, limit: float) -> None:
+    async with _running(scheduler, config, limit):
+        await done.wait()
 
 
 @pytest.mark.asyncio
@@ -159,14 +168,11 @@ async def test_hung_target_times_out_without_delaying_others(http_target: HttpTa
     # of up to a few hundred ms on a busy machine) happens before the hung check starts.
     scheduler = Scheduler(store, on_change=changed, startup_spread_seconds=1.0)
     started = anyio.current_time()
-    with anyio.fail_after(3):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(scheduler.run, config)
-            while not hung_done.is_set():
-                await anyio.sleep(0.01)
-                if (state := store.get("fast")) is not None:
-                    fast_results.append(state)
-            tg.cancel_scope.cancel()
+    async with _running(scheduler, config, 3):
+        while not hung_done.is_set():
+            await anyio.sleep(0.01)
+            if (state := store.get("fast")) is not None:
+                fast_results.append(state)
     elapsed = anyio.current_time() - started
     hung = store.get("hung")
     assert hung is not None
@@ -220,16 +226,13 @@ async def test_first_round_event_waits_for_every_check() -> None:
     store = StateStore()
     scheduler = Scheduler(store, probes=recorder.table)
     config = _config({"quick": _named(5, 1, "quick"), "slow": _named(5, 1, "slow")})
-    with anyio.fail_after(3):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(scheduler.run, config)
-            while store.get("quick") is None:
-                await anyio.sleep(0.005)
-            assert not scheduler.first_round_done.is_set()
-            release.set()
-            await scheduler.first_round_done.wait()
-            assert store.get("slow") is not None
-            tg.cancel_scope.cancel()
+    async with _running(scheduler, config, 3):
+        while store.get("quick") is None:
+            await anyio.sleep(0.005)
+        assert not scheduler.first_round_done.is_set()
+        release.set()
+        await scheduler.first_round_done.wait()
+        assert store.get("slow") is not None
 
 
 @pytest.mark.asyncio
@@ -263,11 +266,8 @@ async def test_cancelling_the_scheduler_cancels_probes_in_flight_promptly() -> N
 
     recorder = _Recorder(forever)
     scheduler = Scheduler(StateStore(), probes=recorder.table)
-    with anyio.fail_after(2):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(scheduler.run, _config({"a": _named(60, 60, "a")}))
-            await started.wait()
-            tg.cancel_scope.cancel()
+    async with _running(scheduler, _config({"a": _named(60, 60, "a")}), 2):
+        await started.wait()
     assert cancelled.is_set()
 
 
@@ -280,18 +280,15 @@ async def test_apply_keeps_unchanged_history_restarts_changed_and_drops_removed(
     store = StateStore()
     scheduler = Scheduler(store, probes=recorder.table)
     first = _config({"keep": _named(5, 1, "keep"), "drop": _named(5, 1, "drop")})
-    with anyio.fail_after(3):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(scheduler.run, first)
-            await scheduler.first_round_done.wait()
-            kept = store.get("keep")
-            scheduler.apply(_config({"keep": _named(5, 1, "keep"), "new": _named(5, 1, "new")}))
-            while store.get("new") is None:
-                await anyio.sleep(0.005)
-            assert store.get("keep") is kept
-            assert store.get("drop") is None
-            assert len(recorder.starts["keep"]) == 1
-            tg.cancel_scope.cancel()
+    async with _running(scheduler, first, 3):
+        await scheduler.first_round_done.wait()
+        kept = store.get("keep")
+        scheduler.apply(_config({"keep": _named(5, 1, "keep"), "new": _named(5, 1, "new")}))
+        while store.get("new") is None:
+            await anyio.sleep(0.005)
+        assert store.get("keep") is kept
+        assert store.get("drop") is None
+        assert len(recorder.starts["keep"]) == 1
 
 
 def test_phase_offset_is_stable_and_within_the_spread() -> None:
@@ -312,24 +309,21 @@ async def test_check_still_running_after_the_first_round_is_not_checked_then_tak
     recorder = _Recorder(slow_first)
     store = StateStore()
     scheduler = Scheduler(store, probes=recorder.table)
-    with anyio.fail_after(3):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(scheduler.run, _config({"a": _named(5, 2, "a")}))
-            while not recorder.starts.get("a"):
-                await anyio.sleep(0.005)
-            # The first round's bound ran out: "not checked" is reported, never silence or "ok".
-            assert scheduler.mark_unchecked(now=100.0) == ["a"]
-            placeholder = store.get("a")
-            assert placeholder is not None
-            assert (placeholder.status, placeholder.reason_code) == (
-                Status.UNHEALTHY,
-                "not_checked",
-            )
-            assert store.snapshot().overall is Status.DEGRADED  # not critical
-            release.set()
-            while (state := store.get("a")) is placeholder:
-                await anyio.sleep(0.005)
-            tg.cancel_scope.cancel()
+    async with _running(scheduler, _config({"a": _named(5, 2, "a")}), 3):
+        while not recorder.starts.get("a"):
+            await anyio.sleep(0.005)
+        # The first round's bound ran out: "not checked" is reported, never silence or "ok".
+        assert scheduler.mark_unchecked(now=100.0) == ["a"]
+        placeholder = store.get("a")
+        assert placeholder is not None
+        assert (placeholder.status, placeholder.reason_code) == (
+            Status.UNHEALTHY,
+            "not_checked",
+        )
+        assert store.snapshot().overall is Status.DEGRADED  # not critical
+        release.set()
+        while (state := store.get("a")) is placeholder:
+            await anyio.sleep(0.005)
     assert state is not None
     # The placeholder is no history: the first real result counts as it is, not "recovering".
     assert (state.status, state.reason_code) == (Status.HEALTHY, "ok")
