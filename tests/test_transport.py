@@ -132,30 +132,33 @@ async def test_body_without_length_is_read_until_the_server_closes(
         assert server.connections == 2  # a body ended by the close ends the connection too
 
 
+@pytest.mark.parametrize(
+    ("method", "response", "content"),
+    [
+        pytest.param(
+            "GET",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+            b"abcde",
+            id="chunked-body-is-joined",
+        ),
+        pytest.param(
+            "HEAD",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n",
+            b"",
+            id="head-response-ends-at-its-head",
+        ),
+    ],
+)
 @pytest.mark.asyncio
-async def test_chunked_body_is_joined_and_the_connection_reused(transport: ProbeTransport) -> None:
-    chunked = (
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
-    )
-    async with ScriptedServer(Say(chunked), Say()) as server:
-        first = await client(transport).get(server.url())
-        second = await client(transport).get(server.url())
-
-        assert first.content == b"abcde"
-        assert second.content == b"ok"
-        assert server.connections == 1
-
-
-@pytest.mark.asyncio
-async def test_head_response_ends_at_its_head_and_keeps_the_connection(
-    transport: ProbeTransport,
+async def test_a_response_read_to_its_end_keeps_the_connection(
+    transport: ProbeTransport, method: str, response: bytes, content: bytes
 ) -> None:
-    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n"
-    async with ScriptedServer(Say(head), Say()) as server:
-        first = await client(transport).head(server.url())
+    async with ScriptedServer(Say(response), Say()) as server:
+        first = await client(transport).request(method, server.url())
         second = await client(transport).get(server.url())
 
-        assert (first.status_code, first.content) == (200, b"")
+        assert (first.status_code, first.content) == (200, content)
         assert second.content == b"ok"
         assert server.connections == 1
 
