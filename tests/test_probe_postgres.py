@@ -7,6 +7,7 @@ import functools
 import os
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import anyio
 import psycopg
 import pytest
 
+from healthd.config import PostgresCheck
 from healthd.model import Failure, Finding, Observation, Status
 from healthd.probes import ProbeContext, SharedResources
 from healthd.probes import postgres as postgres_probe
@@ -34,11 +36,22 @@ _check = functools.partial(make_check, "postgres", timeout=2.0)
 # --- real servers ---------------------------------------------------------------------------
 
 
+@pytest.fixture
+def primary_check(pg_primary: PostgresServer) -> Callable[..., PostgresCheck]:
+    """A postgres check of the session's primary as the monitoring role, with ``overrides``."""
+
+    def check(**overrides: Any) -> PostgresCheck:
+        built: PostgresCheck = _check(dsn=pg_primary.dsn(user=PG_PROBE_USER), **overrides)
+        return built
+
+    return check
+
+
 @pytest.mark.asyncio
 async def test_healthy_primary_reports_role_connections_and_version(
-    pg_primary: PostgresServer,
+    primary_check: Callable[..., PostgresCheck],
 ) -> None:
-    observation, finding = await probe_once(_check(dsn=pg_primary.dsn(user=PG_PROBE_USER)))
+    observation, finding = await probe_once(primary_check())
 
     assert (finding.status, finding.reason_code) == (Status.HEALTHY, "ok")
     facts = observation.facts
@@ -55,8 +68,9 @@ async def test_healthy_primary_reports_role_connections_and_version(
 @pytest.mark.asyncio
 async def test_probe_connects_fresh_and_leaves_no_connection_behind(
     pg_primary: PostgresServer,
+    primary_check: Callable[..., PostgresCheck],
 ) -> None:
-    check = _check(dsn=pg_primary.dsn(user=PG_PROBE_USER))
+    check = primary_check()
     ctx = ProbeContext(SharedResources())
     for _ in range(3):
         _, finding = await run_check(check, ctx)
@@ -129,8 +143,9 @@ async def test_missing_database_is_unhealthy(pg_primary: PostgresServer) -> None
 @pytest.mark.asyncio
 async def test_exhausted_connection_slots_are_saturated_until_released(
     pg_primary: PostgresServer,
+    primary_check: Callable[..., PostgresCheck],
 ) -> None:
-    check = _check(dsn=pg_primary.dsn(user=PG_PROBE_USER))
+    check = primary_check()
     held: list[psycopg.Connection[Any]] = []
     try:
         # Fill every slot a non-superuser may take; the next connection is refused with 53300.
@@ -153,8 +168,10 @@ async def test_exhausted_connection_slots_are_saturated_until_released(
 
 
 @pytest.mark.asyncio
-async def test_saturation_above_threshold_is_degraded(pg_primary: PostgresServer) -> None:
-    check = _check(dsn=pg_primary.dsn(user=PG_PROBE_USER), degraded_saturation=0.8)
+async def test_saturation_above_threshold_is_degraded(
+    pg_primary: PostgresServer, primary_check: Callable[..., PostgresCheck]
+) -> None:
+    check = primary_check(degraded_saturation=0.8)
     # 15 held plus the probe make 16 of 17 usable slots: 94 %.
     with pg_primary.held_connections(15):
         observation, finding = await probe_once(check)
@@ -167,8 +184,10 @@ async def test_saturation_above_threshold_is_degraded(pg_primary: PostgresServer
 
 
 @pytest.mark.asyncio
-async def test_long_transaction_is_degraded_until_it_ends(pg_primary: PostgresServer) -> None:
-    check = _check(dsn=pg_primary.dsn(user=PG_PROBE_USER), degraded_transaction_age="1ms")
+async def test_long_transaction_is_degraded_until_it_ends(
+    pg_primary: PostgresServer, primary_check: Callable[..., PostgresCheck]
+) -> None:
+    check = primary_check(degraded_transaction_age="1ms")
     with psycopg.connect(pg_primary.dsn()) as conn:  # not autocommit: a transaction stays open
         conn.execute("SELECT txid_current()")
         observation, finding = await probe_once(check)
@@ -256,12 +275,14 @@ async def test_standby_not_accepting_connections_is_not_ready_until_hot(
 
 @pytest.mark.asyncio
 async def test_query_that_hangs_is_cut_at_the_deadline_and_its_session_ends(
-    pg_primary: PostgresServer, monkeypatch: pytest.MonkeyPatch
+    pg_primary: PostgresServer,
+    primary_check: Callable[..., PostgresCheck],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A server that accepts the session but never answers the query: psycopg, cancelled, would
     # spend up to 10 s asking the server to cancel; the deadline must still hold.
     monkeypatch.setattr(postgres_probe, "_STATE_QUERY", "SELECT pg_sleep(30)")
-    check = _check(dsn=pg_primary.dsn(user=PG_PROBE_USER), timeout=0.5)
+    check = primary_check(timeout=0.5)
 
     started = time.perf_counter()
     _, finding = await probe_once(check)
@@ -489,11 +510,11 @@ dsn = "{pg_primary.dsn(user=PG_PROBE_USER, dbname="nowhere")}"
 
 @pytest.mark.asyncio
 async def test_healthd_out_of_descriptors_is_its_own_trouble_not_the_databases(
-    pg_primary: PostgresServer,
+    primary_check: Callable[..., PostgresCheck],
 ) -> None:
     # libpq reports EMFILE as a message ("could not create socket: Too many open files"), not
     # as an OSError: it must still read as healthd's trouble, which keeps the last verdict.
-    check = _check(dsn=pg_primary.dsn(user=PG_PROBE_USER))
+    check = primary_check()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     held: list[int] = []
     try:
