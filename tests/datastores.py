@@ -51,6 +51,7 @@ __all__ = [
     "PostgresServer",
     "RedisServer",
     "falkordb",
+    "falkordb_replica",
     "falkordb_server",
     "pg_primary",
     "pg_primary_server",
@@ -635,3 +636,20 @@ def falkordb_server() -> Iterator[RedisServer]:
 
 
 falkordb = reset_per_test("falkordb_server", "FalkorDB, reset (and emptied) around each test.")
+
+
+@pytest.fixture
+def falkordb_replica(falkordb: RedisServer) -> Iterator[RedisServer]:
+    """A FalkorDB replica of the session's FalkorDB, linked and in sync; removed afterwards."""
+    replica = RedisServer(
+        "falkordb-replica",
+        falkordb.user,
+        password=FALKORDB_PASSWORD,
+        falkordb=True,
+        replica_of=falkordb,
+    )
+    replica.start()
+    wait_until(lambda: _link_up(replica), what="the FalkorDB replica's link")
+    yield replica
+    replica.stop()
+    shutil.rmtree(replica.data_dir, ignore_errors=True)

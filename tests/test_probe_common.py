@@ -1,6 +1,7 @@
 """What every kind that has it does the same way: a refused connection, a name that does not
-resolve, TLS that fails, a server killed and started again, a server frozen beside a healthy
-one, a setting the config rejects. One table per shape, a row per kind."""
+resolve, TLS that fails, a replica where a primary is expected, a server killed and started
+again, a server frozen beside a healthy one, a setting the config rejects. One table per shape,
+a row per kind."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from healthd.model import Status
-from tests.datastores import PG_PROBE_USER, REDIS_PASSWORD
+from tests.datastores import FALKORDB_PASSWORD, PG_PROBE_USER, REDIS_PASSWORD
 from tests.http_target import HttpTarget
 from tests.probing import make_check, probe_concurrently, probe_once, states_after
 from tests.services import serve_opik_ui
@@ -196,6 +197,63 @@ def test_a_setting_the_kind_cannot_use_is_rejected_naming_it(
 ) -> None:
     with pytest.raises(ValueError, match=problem):
         make_check(kind, **fields)
+
+
+@pytest.mark.parametrize(
+    ("kind", "replica", "target", "facts", "accepted_as"),
+    [
+        pytest.param(
+            "postgres",
+            "pg_standby",
+            lambda standby: {"dsn": standby.dsn(), "expect_role": "primary"},
+            {"in_recovery": True, "role": "standby"},
+            ("standby", "any"),
+            id="postgres-standby",
+        ),
+        pytest.param(
+            "redis",
+            "redis_replication",
+            lambda pair: {"url": pair[1].url(), "password": "${env:HEALTHD_TEST_REDIS_PASSWORD}"},
+            {"role": "replica"},
+            ("replica", "any"),
+            id="redis-replica",
+        ),
+        pytest.param(
+            "falkordb",
+            "falkordb_replica",
+            lambda replica: {
+                "url": replica.url(),
+                "password": "${env:HEALTHD_TEST_FALKORDB_PASSWORD}",
+            },
+            {"role": "replica"},
+            (),
+            id="falkordb-replica",
+        ),
+    ],
+)
+@pytest.mark.asyncio
+async def test_replica_where_a_primary_is_expected_is_wrong_role(
+    kind: str,
+    replica: str,
+    target: Callable[[Any], dict[str, Any]],
+    facts: dict[str, Any],
+    accepted_as: tuple[str, ...],
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HEALTHD_TEST_REDIS_PASSWORD", REDIS_PASSWORD)
+    monkeypatch.setenv("HEALTHD_TEST_FALKORDB_PASSWORD", FALKORDB_PASSWORD)
+    fields = target(request.getfixturevalue(replica))
+
+    observation, finding = await probe_once(make_check(kind, timeout=2, **fields))
+
+    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "wrong_role")
+    assert {key: observation.facts[key] for key in facts} == facts
+    for role in accepted_as:
+        _, as_role = await probe_once(
+            make_check(kind, timeout=2, **{**fields, "expect_role": role})
+        )
+        assert as_role.status is Status.HEALTHY, (role, as_role)
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import functools
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,28 +37,6 @@ def check_of(monkeypatch: pytest.MonkeyPatch) -> Callable[..., FalkorDbCheck]:
         return built
 
     return check
-
-
-@pytest.fixture
-def falkordb_replica(falkordb: RedisServer) -> Iterator[RedisServer]:
-    """A FalkorDB replica of the session's FalkorDB, linked and in sync."""
-    replica = RedisServer(
-        "falkordb-replica",
-        falkordb.user,
-        password=FALKORDB_PASSWORD,
-        falkordb=True,
-        replica_of=falkordb,
-    )
-    replica.start()
-    wait_until(lambda: _link_up(replica), what="the FalkorDB replica's link")
-    yield replica
-    replica.stop()
-    shutil.rmtree(replica.data_dir, ignore_errors=True)
-
-
-def _link_up(replica: RedisServer) -> bool:
-    with replica.client() as client:
-        return bool(client.info("replication").get("master_link_status") == "up")
 
 
 def _probe_nodes(server: RedisServer, graph: str = "healthd_probe") -> int:
@@ -179,15 +156,6 @@ async def test_replica_is_never_written_to_and_reports_a_missing_probe_graph(
     wait_until(lambda: _probe_nodes(falkordb_replica) == 1, what="the graph to replicate")
     _, finding = await probe_once(on_replica)
     assert (finding.status, finding.reason_code) == (Status.HEALTHY, "ok")
-
-
-@pytest.mark.asyncio
-async def test_falkordb_replica_where_master_is_expected_is_wrong_role(
-    falkordb_replica: RedisServer, check_of: Callable[..., FalkorDbCheck]
-) -> None:
-    _, finding = await probe_once(check_of(falkordb_replica))
-
-    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "wrong_role")
 
 
 @pytest.mark.asyncio

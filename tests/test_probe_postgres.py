@@ -198,21 +198,6 @@ async def test_long_transaction_is_degraded_until_it_ends(
         assert finding.status is Status.HEALTHY
 
 
-@pytest.mark.asyncio
-async def test_standby_where_primary_is_expected_is_wrong_role(
-    pg_standby: PostgresServer,
-) -> None:
-    observation, finding = await probe_once(_check(dsn=pg_standby.dsn(), expect_role="primary"))
-
-    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "wrong_role")
-    assert observation.facts["in_recovery"] is True
-    assert observation.facts["role"] == "standby"
-    _, as_standby = await probe_once(_check(dsn=pg_standby.dsn(), expect_role="standby"))
-    assert as_standby.status is Status.HEALTHY
-    _, as_any = await probe_once(_check(dsn=pg_standby.dsn(), expect_role="any"))
-    assert as_any.status is Status.HEALTHY
-
-
 def _replayed_everything(standby: PostgresServer) -> bool:
     rows = standby.execute(
         "SELECT pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn() "

@@ -265,18 +265,6 @@ async def test_clients_at_maxclients_are_degraded_and_refused_clients_saturated(
     assert finding.status is Status.HEALTHY
 
 
-@pytest.mark.asyncio
-async def test_replica_where_master_is_expected_is_wrong_role(
-    redis_replication: tuple[RedisServer, RedisServer], password_env: str
-) -> None:
-    _, replica = redis_replication
-
-    observation, finding = await probe_once(_check(url=replica.url(), password=password_env))
-
-    assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "wrong_role")
-    assert observation.facts["role"] == "replica"
-
-
 def _link_status(replica: RedisServer) -> str:
     with replica.client() as client:
         return str(client.info("replication")["master_link_status"])
