@@ -270,41 +270,42 @@ def _link_status(replica: RedisServer) -> str:
         return str(client.info("replication")["master_link_status"])
 
 
+@pytest.mark.parametrize(
+    ("serve_stale_data", "expected", "facts"),
+    [
+        pytest.param(
+            "yes",
+            (Status.DEGRADED, "master_link_down"),
+            {"master_link_status": "down"},
+            id="serving-stale-data-is-degraded",
+        ),
+        pytest.param(
+            "no", (Status.UNHEALTHY, "master_down"), {}, id="serving-no-stale-data-is-master-down"
+        ),
+    ],
+)
 @pytest.mark.asyncio
-async def test_replica_whose_master_is_gone_is_degraded_until_the_master_returns(
-    redis_replication: tuple[RedisServer, RedisServer], password_env: str
-) -> None:
-    master, replica = redis_replication
-    check = _check(url=replica.url(), password=password_env, expect_role="replica")
-    observation, finding = await probe_once(check)
-    assert finding.status is Status.HEALTHY
-    assert observation.facts["master_link_status"] == "up"
-
-    master.kill()
-    wait_until(lambda: _link_status(replica) == "down", what="the replica to notice")
-    observation, finding = await probe_once(check)
-    assert (finding.status, finding.reason_code) == (Status.DEGRADED, "master_link_down")
-    assert observation.facts["master_link_status"] == "down"
-
-    master.start()
-    wait_until(lambda: _link_status(replica) == "up", what="the replica to reconnect")
-    _, finding = await probe_once(check)
-    assert finding.status is Status.HEALTHY
-
-
-@pytest.mark.asyncio
-async def test_replica_serving_no_stale_data_without_its_master_is_master_down(
-    redis_replication: tuple[RedisServer, RedisServer], password_env: str
+async def test_replica_whose_master_is_gone_is_judged_by_what_it_serves_until_the_master_returns(
+    redis_replication: tuple[RedisServer, RedisServer],
+    password_env: str,
+    serve_stale_data: str,
+    expected: tuple[Status, str],
+    facts: dict[str, Any],
 ) -> None:
     master, replica = redis_replication
     check = _check(url=replica.url(), password=password_env, expect_role="replica")
     with replica.client() as client:
-        client.config_set("replica-serve-stale-data", "no")
+        client.config_set("replica-serve-stale-data", serve_stale_data)
     try:
+        observation, finding = await probe_once(check)
+        assert finding.status is Status.HEALTHY
+        assert observation.facts["master_link_status"] == "up"
+
         master.kill()
         wait_until(lambda: _link_status(replica) == "down", what="the replica to notice")
-        _, finding = await probe_once(check)
-        assert (finding.status, finding.reason_code) == (Status.UNHEALTHY, "master_down")
+        observation, finding = await probe_once(check)
+        assert (finding.status, finding.reason_code) == expected
+        assert {key: observation.facts[key] for key in facts} == facts
 
         master.start()
         wait_until(lambda: _link_status(replica) == "up", what="the replica to reconnect")
