@@ -37,6 +37,7 @@ __all__ = [
     "Healthd",
     "Message",
     "NotifySocket",
+    "credentials_env",
     "daemon_settings",
     "free_port",
     "healthd_cli",
@@ -347,6 +348,28 @@ class DaemonOutput:
     def everything(self) -> str:
         """All output in one string, for "this secret appears nowhere" assertions."""
         return "\n".join((self.status_text, self.metrics, self.logs, self.check_json))
+
+    def verdicts(self) -> dict[str, tuple[str, str]]:
+        """Each component's status and reason code, as the status file says them."""
+        return {
+            name: (state["status"], state["reason_code"])
+            for name, state in self.status["components"].items()
+        }
+
+    def shows_any(self, *secrets: str) -> list[str]:
+        """Those of ``secrets`` that appear anywhere in the output."""
+        everything = self.everything()
+        return [secret for secret in secrets if secret in everything]
+
+
+def credentials_env(tmp_path: Path, **credentials: str) -> dict[str, str]:
+    """A systemd credentials directory in ``tmp_path`` holding ``credentials`` (file name to
+    content); the environment that points healthd at it."""
+    directory = tmp_path / "credentials"
+    directory.mkdir(mode=0o700)
+    for name, value in credentials.items():
+        (directory / name).write_text(value)
+    return {"CREDENTIALS_DIRECTORY": str(directory)}
 
 
 def run_daemon_once(

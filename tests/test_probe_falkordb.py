@@ -13,7 +13,7 @@ import pytest
 from healthd.config import FalkorDbCheck
 from healthd.model import Failure, Observation, Status
 from healthd.probes.falkordb import assess, module_version
-from tests.daemon import run_daemon_once
+from tests.daemon import credentials_env, run_daemon_once
 from tests.datastores import (
     FALKORDB_PASSWORD,
     REDIS_PASSWORD,
@@ -284,10 +284,9 @@ def test_module_version_is_decoded(encoded: str | None, version: str | None) -> 
 def test_daemon_reports_falkordb_verdicts_without_showing_any_password(
     falkordb: RedisServer, redis_main: RedisServer, tmp_path: Path
 ) -> None:
-    credentials = tmp_path / "credentials"
-    credentials.mkdir(mode=0o700)
-    (credentials / "falkordb_password").write_text(FALKORDB_PASSWORD)
-    (credentials / "redis_password").write_text(REDIS_PASSWORD)
+    env = credentials_env(
+        tmp_path, falkordb_password=FALKORDB_PASSWORD, redis_password=REDIS_PASSWORD
+    )
     components = f"""
 [components.graph]
 kind = "falkordb"
@@ -300,12 +299,12 @@ url = "{redis_main.url()}"
 password = "${{credential:redis_password}}"
 """
 
-    out = run_daemon_once(tmp_path, components, {"CREDENTIALS_DIRECTORY": str(credentials)})
+    out = run_daemon_once(tmp_path, components, env)
 
-    states = out.status["components"]
-    assert (states["graph"]["status"], states["graph"]["reason_code"]) == ("healthy", "ok")
-    assert states["graph"]["details"]["graph_module_version"]
-    assert states["not_a_graph"]["reason_code"] == "module_missing"
+    assert out.verdicts() == {
+        "graph": ("healthy", "ok"),
+        "not_a_graph": ("unhealthy", "module_missing"),
+    }
+    assert out.status["components"]["graph"]["details"]["graph_module_version"]
     assert 'healthd_component_status{component="graph",kind="falkordb"} 0.0' in out.metrics
-    assert FALKORDB_PASSWORD not in out.everything()
-    assert REDIS_PASSWORD not in out.everything()
+    assert out.shows_any(FALKORDB_PASSWORD, REDIS_PASSWORD) == []

@@ -20,7 +20,7 @@ from healthd.model import Failure, Finding, Observation, Status
 from healthd.probes import ProbeContext, SharedResources
 from healthd.probes import postgres as postgres_probe
 from healthd.probes.postgres import assess, connect_timeout_seconds, failure_code
-from tests.daemon import run_daemon_once
+from tests.daemon import credentials_env, run_daemon_once
 from tests.datastores import (
     PG_PASSWORD,
     PG_PASSWORD_USER,
@@ -461,9 +461,6 @@ def test_connect_timeout_never_goes_below_psycopgs_two_second_floor() -> None:
 def test_daemon_reports_postgres_verdicts_without_showing_any_password(
     pg_primary: PostgresServer, tmp_path: Path
 ) -> None:
-    credentials = tmp_path / "credentials"
-    credentials.mkdir(mode=0o700)
-    (credentials / "postgres_password").write_text(PG_PASSWORD)
     wrong = "Wrong-pg-Password-4242"
     components = f"""
 [components.db]
@@ -479,18 +476,18 @@ dsn = "{pg_primary.url(PG_PASSWORD_USER, password="${env:HEALTHD_TEST_WRONG}")}"
 kind = "postgres"
 dsn = "{pg_primary.dsn(user=PG_PROBE_USER, dbname="nowhere")}"
 """
-    env = {"CREDENTIALS_DIRECTORY": str(credentials), "HEALTHD_TEST_WRONG": wrong}
+    env = {**credentials_env(tmp_path, postgres_password=PG_PASSWORD), "HEALTHD_TEST_WRONG": wrong}
 
     out = run_daemon_once(tmp_path, components, env)
 
-    states = out.status["components"]
-    assert (states["db"]["status"], states["db"]["reason_code"]) == ("healthy", "ok")
-    assert states["db"]["details"]["role"] == "primary"
-    assert states["db_wrong_password"]["reason_code"] == "auth_failed"
-    assert states["db_missing"]["reason_code"] == "database_missing"
+    assert out.verdicts() == {
+        "db": ("healthy", "ok"),
+        "db_wrong_password": ("unhealthy", "auth_failed"),
+        "db_missing": ("unhealthy", "database_missing"),
+    }
+    assert out.status["components"]["db"]["details"]["role"] == "primary"
     assert 'healthd_component_status{component="db",kind="postgres"} 0.0' in out.metrics
-    assert PG_PASSWORD not in out.everything()
-    assert wrong not in out.everything()
+    assert out.shows_any(PG_PASSWORD, wrong) == []
 
 
 @pytest.mark.asyncio
