@@ -34,6 +34,7 @@ __all__ = [
     "probe_concurrently",
     "probe_once",
     "run_check",
+    "shown_runs",
     "states_after",
 ]
 
@@ -159,3 +160,10 @@ def states_after(
         )
         states.append(previous)
     return states
+
+
+def shown_runs(secret: str, text: str, length: int = 4) -> list[str]:
+    """The runs of ``length`` characters of ``secret`` that ``text`` shows: a secret that was
+    cut, escaped or quoted in part still leaks through them. Empty when none shows."""
+    runs = {secret[i : i + length] for i in range(len(secret) - length + 1)}
+    return sorted(run for run in runs if run in text)

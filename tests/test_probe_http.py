@@ -19,7 +19,7 @@ from healthd.model import Finding, Observation, Status
 from healthd.probes import PROBES, ProbeContext, SharedResources
 from healthd.quoting import QUOTE_LIMIT
 from tests.http_target import Certificate, HttpTarget, Reply
-from tests.probing import make_check, run_check
+from tests.probing import make_check, run_check, shown_runs
 
 PATH = "/api/v1/health"
 WHAT = f"GET {PATH}"
@@ -859,10 +859,6 @@ async def test_gzip_bomb_is_body_too_large_with_bounded_memory(
 ECHOED_SECRETS = ["Zq7kP2mW9vL4xR8t", 'Ab\\cd"ef\\gh"ij12']
 
 
-def _runs(secret: str, length: int = 4) -> set[str]:
-    return {secret[i : i + length] for i in range(len(secret) - length + 1)}
-
-
 @pytest.mark.parametrize("secret", ECHOED_SECRETS, ids=["plain", "backslash-and-quote"])
 @pytest.mark.parametrize(
     "value",
@@ -893,7 +889,7 @@ async def test_condition_reason_never_quotes_an_echoed_secret(
     _, finding = await run_check(check, ctx)
 
     assert finding.reason_code == "condition_failed"
-    assert not [run for run in _runs(secret) if run in finding.reason], finding.reason
+    assert shown_runs(secret, finding.reason) == [], finding.reason
     quoted = finding.reason.split("(got ", 1)[1].removesuffix(")")
     assert len(quoted.strip("'")) <= QUOTE_LIMIT, quoted
     assert "<redact" in quoted  # redacted before the cut, which may fall inside the marker
