@@ -85,6 +85,13 @@ def _report(path: Path, since: float = T0 - 3600, until: float = T0 + 86400) -> 
         db.close()
 
 
+def _api_report(tmp_path: Path, since: float = T0 - 3600, until: float = T0 + 86400) -> Any:
+    """The report's entry for component "api", from the database in ``tmp_path``."""
+    api = _report(tmp_path / "history.db", since, until)["api"]
+    assert isinstance(api, dict)
+    return api
+
+
 def test_transitions_and_time_per_status_are_recorded(tmp_path: Path) -> None:
     recorder, _ = _history(tmp_path)
     run = _Run(recorder)
@@ -96,8 +103,7 @@ def test_transitions_and_time_per_status_are_recorded(tmp_path: Path) -> None:
         run.check("api", Status.HEALTHY, T0 + i)
     recorder.flush()
 
-    api = _report(tmp_path / "history.db")["api"]
-    assert isinstance(api, dict)
+    api = _api_report(tmp_path)
     # Time between two checks goes to the status reported during it: 10 s unhealthy of 30.
     assert api["seconds"] == {"healthy": 20.0, "degraded": 0.0, "unhealthy": 10.0, "maintenance": 0}
     assert api["uptime"] == pytest.approx(2 / 3)
@@ -117,10 +123,8 @@ def test_time_is_split_at_hour_boundaries_and_gaps_are_capped(tmp_path: Path) ->
     run.check("api", Status.UNHEALTHY, T0 + 1000)  # a stall: only 60 s (the cap) is checked
     recorder.flush()
 
-    before = _report(tmp_path / "history.db", T0 - 3600, T0)["api"]
-    during = _report(tmp_path / "history.db", T0, T0 + 3600)["api"]
-    assert isinstance(before, dict)
-    assert isinstance(during, dict)
+    before = _api_report(tmp_path, T0 - 3600, T0)
+    during = _api_report(tmp_path, T0, T0 + 3600)
     assert before["seconds"]["healthy"] == 10.0
     assert during["seconds"]["healthy"] == 80.0
 
@@ -139,8 +143,7 @@ def test_a_restart_keeps_history_and_repeats_no_transition(tmp_path: Path) -> No
     run.check("api", Status.HEALTHY, T0 + 101)
     second.close()
 
-    api = _report(tmp_path / "history.db")["api"]
-    assert isinstance(api, dict)
+    api = _api_report(tmp_path)
     changes = [(t["previous_status"], t["status"]) for t in api["transitions"]]
     assert changes == [(None, "healthy"), ("healthy", "unhealthy"), ("unhealthy", "healthy")]
     # Downtime of the daemon (T0+2 to T0+100) is neither up nor down.
@@ -205,8 +208,7 @@ def test_transitions_are_bounded_per_component(
     recorder.flush()
     recorder._next_prune = 0
     recorder.flush()
-    api = _report(tmp_path / "history.db")["api"]
-    assert isinstance(api, dict)
+    api = _api_report(tmp_path)
     assert api["transitions"][0]["at"] == "2025-11-24T16:00:15.000Z"
     assert len(api["transitions"]) == 5
 
@@ -257,8 +259,7 @@ def test_a_locked_database_fails_then_catches_up(
     with caplog.at_level(logging.INFO, logger="healthd.history"):
         recorder.flush()
     assert "being written again" in caplog.text
-    api = _report(tmp_path / "history.db")["api"]
-    assert isinstance(api, dict)
+    api = _api_report(tmp_path)
     assert api["checks"]["healthy"] == 3, "the rows pending during the lock were kept"
     assert run.last["api"].checked_at == T0 + 2
 
