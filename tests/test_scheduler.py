@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import math
@@ -408,3 +409,24 @@ async def test_client_timeouts_racing_the_deadline_never_end_a_check_loop() -> N
         frozen.close()
     assert behind() == []
     assert {store.get(name).reason_code for name in components} == {"timeout"}  # type: ignore[union-attr]
+
+
+@pytest.mark.asyncio
+async def test_idle_checks_hold_no_task_of_their_own() -> None:
+    # 300 checks every 60 s, spread over half a second: each run is over at once, so a few
+    # workers take them all in turn; a task per check would leave 300 tasks waiting.
+    async def instant(name: str) -> None:
+        return None
+
+    recorder = _Recorder(instant)
+    store = StateStore()
+    scheduler = Scheduler(store, probes=recorder.table, startup_spread_seconds=0.5)
+    config = _config({f"c{i}": _named(60, 1, f"c{i}") for i in range(300)})
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(scheduler.run, config)
+            await scheduler.first_round_done.wait()
+            tasks = len(asyncio.all_tasks())
+            tg.cancel_scope.cancel()
+    assert len(recorder.starts) == 300
+    assert tasks < 50, tasks

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import json
 import os
 import re
@@ -291,6 +292,33 @@ async def test_cancelled_request_closes_its_connection(http_target: HttpTarget) 
         assert _open_descriptors() == descriptors - 1
     finally:
         await transport.aclose()
+
+
+@pytest.mark.asyncio
+async def test_timed_out_connections_are_freed_without_the_garbage_collector(
+    http_target: HttpTarget,
+) -> None:
+    # 100 timeouts a second used to leave as many connection cycles (parser callbacks and
+    # transport pointing back at the connection) for the collector, whose passes held the loop.
+    http_target.route("/hang", Reply(action="hang"))
+    transport = ProbeTransport(ssl.create_default_context)
+    http = client(transport)
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(5):
+            with anyio.move_on_after(0.05):
+                await http.get(http_target.url("/hang"))
+        await anyio.sleep(0.01)  # the loop closes the aborted sockets on its next passes
+        gc.collect()
+        cycles = [type(o).__name__ for o in gc.garbage if type(o).__name__ == "_Connection"]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+        await transport.aclose()
+    assert cycles == []
 
 
 def _open_descriptors() -> int:
