@@ -64,6 +64,10 @@ class _Recorder:
         return {**PROBES, "tcp": ProbeKind(self.probe, tcp_probe.assess)}
 
 
+async def _at_once(name: str) -> None:
+    return None
+
+
 def _named(interval: float, timeout: float | None = None, name: str = "x") -> dict[str, Any]:
     return {**_tcp(interval, timeout), "description": name}
 
@@ -274,10 +278,7 @@ async def test_cancelling_the_scheduler_cancels_probes_in_flight_promptly() -> N
 
 @pytest.mark.asyncio
 async def test_apply_keeps_unchanged_history_restarts_changed_and_drops_removed() -> None:
-    async def quick(name: str) -> None:
-        return None
-
-    recorder = _Recorder(quick)
+    recorder = _Recorder(_at_once)
     store = StateStore()
     scheduler = Scheduler(store, probes=recorder.table)
     first = _config({"keep": _named(5, 1, "keep"), "drop": _named(5, 1, "drop")})
@@ -415,12 +416,8 @@ async def test_client_timeouts_racing_the_deadline_never_end_a_check_loop() -> N
 async def test_idle_checks_hold_no_task_of_their_own() -> None:
     # 300 checks every 60 s, spread over half a second: each run is over at once, so a few
     # workers take them all in turn; a task per check would leave 300 tasks waiting.
-    async def instant(name: str) -> None:
-        return None
-
-    recorder = _Recorder(instant)
-    store = StateStore()
-    scheduler = Scheduler(store, probes=recorder.table, startup_spread_seconds=0.5)
+    recorder = _Recorder(_at_once)
+    scheduler = Scheduler(StateStore(), probes=recorder.table, startup_spread_seconds=0.5)
     config = _config({f"c{i}": _named(60, 1, f"c{i}") for i in range(300)})
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
