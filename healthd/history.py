@@ -176,6 +176,7 @@ class History:
         self._components: tuple[str, ...] = ()
         self._max_gap: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._secrets_changed = False
         self._pending = _Pending()
         self._wake = threading.Event()
         self._stopping = False
@@ -189,7 +190,8 @@ class History:
         self._last_export = float("-inf")
         self._export_due = False
         self._export_seconds = 0.0
-        self._cache = ExportCache()
+        self._export = HistoryExport(redactor)
+        self._cache = self._export.cache
         self._next_prune = 0.0
 
     @classmethod
@@ -219,6 +221,8 @@ class History:
             }
             self._details = config.daemon.status_details
             self._retention = config.daemon.history_retention
+            # Entries were scrubbed with the secrets before the reload: render them afresh.
+            self._secrets_changed = True
 
     # --- the event loop's side ---------------------------------------------------------------
 
@@ -299,6 +303,9 @@ class History:
         with self._lock:
             pending, self._pending = self._pending, _Pending()
             components, details = self._components, self._details
+            secrets_changed, self._secrets_changed = self._secrets_changed, False
+        if secrets_changed:
+            self._export.forget_entries()
         now = self._clock()
         try:
             db = self._open()
@@ -320,8 +327,8 @@ class History:
             self._last_export, self._export_due = now, False
             started = time.monotonic()
             try:
-                doc = export_document(db, components, now, details=details, cache=self._cache)
-                write_atomic(self._export_path, _render(self._redactor.scrub_tree(doc)))
+                data = self._export.render(db, components, now, details=details)
+                write_atomic(self._export_path, data)
             except (sqlite3.Error, OSError) as exc:
                 self._failed(exc, _Pending())
             self._export_seconds = time.monotonic() - started
@@ -407,22 +414,22 @@ class History:
                     last_status[t.component] = t.status
                     self._cache.incidents.pop(self._ids[t.component], None)
                     recorded = True
-                db.executemany(
-                    _UPSERT_HOUR,
-                    [
-                        (self._component_id(db, name), hour, *map(int, row[:3]),
-                         *(round(s * 1000) for s in row[3:]))
-                        for (name, hour), row in pending.hours.items()
-                    ],
-                )  # fmt: skip
+                rows = [
+                    (self._component_id(db, name), hour, *map(int, row[:3]),
+                     *(round(s * 1000) for s in row[3:]))
+                    for (name, hour), row in pending.hours.items()
+                ]  # fmt: skip
+                db.executemany(_UPSERT_HOUR, rows)
         except BaseException:
             self._ids = ids  # ids inserted by the rolled-back transaction do not exist
             raise
         self._last_status = last_status
+        self._export.written(rows)
         return recorded
 
     def _prune(self, db: sqlite3.Connection, now: float) -> None:
         self._cache.incidents.clear()  # old transitions go; settled days stay as they were
+        self._export.forget_recent()  # a short retention may cut into the last two days
         cutoff = now - self._retention
         with db:
             db.execute("DELETE FROM hours WHERE hour < ?", (_hour(cutoff),))
@@ -629,7 +636,18 @@ def daily_uptime(
 
 def _day_shares(db: sqlite3.Connection, first_day: int, end_day: int) -> DailyCache:
     """Shares for days ``[first_day, end_day)``; every day in the range gets an entry."""
-    found: DailyCache = {day: {} for day in range(first_day, end_day)}
+    return {
+        day: {cid: share for cid, sums in found.items() if (share := _share(sums)) is not None}
+        for day, found in _day_sums(db, first_day, end_day).items()
+    }
+
+
+def _day_sums(
+    db: sqlite3.Connection, first_day: int, end_day: int
+) -> dict[int, dict[int, list[int]]]:
+    """Milliseconds up and checked for days ``[first_day, end_day)``, by day and component id;
+    every day in the range gets an entry."""
+    found: dict[int, dict[int, list[int]]] = {day: {} for day in range(first_day, end_day)}
     rows = db.execute(
         "SELECT hour / 86400, component_id, SUM(healthy_ms + degraded_ms),"
         " SUM(healthy_ms + degraded_ms + unhealthy_ms) FROM hours WHERE hour >= ? AND hour < ?"
@@ -637,9 +655,15 @@ def _day_shares(db: sqlite3.Connection, first_day: int, end_day: int) -> DailyCa
         (first_day * _DAY, end_day * _DAY),
     )
     for day, component_id, up_ms, checked_ms in rows:
-        if checked_ms > 0:
-            found[int(day)][component_id] = round(up_ms / checked_ms, 6)
+        found[int(day)][component_id] = [up_ms, checked_ms]
     return found
+
+
+def _share(sums: list[int] | None) -> float | None:
+    """A day's uptime share from its milliseconds up and checked, as ``_day_shares`` rounds it."""
+    if sums is None or sums[1] <= 0:
+        return None
+    return round(sums[0] / sums[1], 6)
 
 
 def export_document(
@@ -680,6 +704,135 @@ def export_document(
 
 def _render(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class HistoryExport:
+    """``history.json``, keeping each component's scrubbed entry until its uptime or its
+    incidents change, so an export renders only what changed.
+
+    Building, scrubbing and encoding the whole document took 0.8 s of CPU for 10,000
+    components, 50 ms of it in one ``json.dumps`` call that holds the GIL (and so the event
+    loop) throughout. Here an export reads the two days that still change, compares each
+    component's inputs with its last entry's and joins the entries. Once a day the window moves
+    and every entry is rendered again. The bytes equal
+    ``_render(redactor.scrub_tree(export_document(...)))``. Used from one thread at a time.
+
+    :param redactor: scrubs every entry; call ``forget_entries`` when its secrets change.
+    """
+
+    def __init__(self, redactor: Redactor | None = None) -> None:
+        #: Settled days and incident periods; the writer drops a component's periods when it
+        #: records a transition, which renders that component afresh.
+        self.cache = ExportCache()
+        self._redactor = redactor
+        self._first_day = -1
+        self._details = ""
+        #: Uptime shares of every day but the last two (which still change), by component id.
+        self._settled: dict[int, tuple[float | None, ...]] = {}
+        #: The last two days' milliseconds up and checked, by day and component id: read once
+        #: a day, then kept up to date from the rows the writer commits (``written``).
+        self._recent: dict[int, dict[int, list[int]]] | None = None
+        #: Per component: what its entry was rendered from, and the entry.
+        self._entries: dict[str, tuple[tuple[Any, ...], bytes]] = {}
+        #: How many components the last ``render`` had to render afresh.
+        self.rendered_components = 0
+
+    def forget_entries(self) -> None:
+        """Render every entry afresh next time (the redactor's secrets changed)."""
+        self._entries.clear()
+
+    def forget_recent(self) -> None:
+        """Read the last two days from the database again next time (rows were deleted)."""
+        self._recent = None
+
+    def written(self, rows: Iterable[tuple[int, ...]]) -> None:
+        """Count hourly rows just committed (``_UPSERT_HOUR``'s parameters) into the last two
+        days, as the database sums them."""
+        if self._recent is None:
+            return
+        recent = self._recent
+        for component_id, hour, _, _, _, healthy_ms, degraded_ms, unhealthy_ms, _ in rows:
+            day = recent.get(hour // _DAY)
+            if day is not None:
+                sums = day.setdefault(component_id, [0, 0])
+                sums[0] += healthy_ms + degraded_ms
+                sums[1] += healthy_ms + degraded_ms + unhealthy_ms
+
+    def render(
+        self, db: sqlite3.Connection, components: Iterable[str], now: float, *, details: str
+    ) -> bytes:
+        """``history.json`` for ``components`` at ``now``, compact UTF-8 JSON."""
+        today = int(now // _DAY)
+        first = today - EXPORT_DAYS + 1
+        if first != self._first_day or details != self._details:
+            # A new day: yesterday settled and the oldest day left the window.
+            _, shares = daily_uptime(db, now, cache=self.cache.daily)
+            self._settled = {cid: tuple(daily[:-2]) for cid, daily in shares.items()}
+            self._first_day, self._details = first, details
+            self._entries.clear()
+            self._recent = None
+        if self._recent is None:
+            self._recent = _day_sums(db, today - 1, today + 1)
+        yesterday, latest = self._recent[today - 1], self._recent[today]
+        ids: dict[str, int] = dict(db.execute("SELECT name, id FROM components").fetchall())
+        incidents = self.cache.incidents
+        previous, entries = self._entries, {}
+        fragments = []
+        for name in components:
+            cid = ids.get(name)
+            periods: list[_Period] = []
+            key: tuple[Any, ...] = ()
+            if cid is not None:
+                found = incidents.get(cid)
+                if found is None:
+                    found = incidents[cid] = _incident_periods(db, cid, EXPORT_INCIDENTS)
+                periods = found
+                # An incident still open lasts until now: its duration changes every export.
+                until = now if periods and periods[0]["end"] is None else None
+                key = (cid, _share(yesterday.get(cid)), _share(latest.get(cid)), periods, until)
+            cached = previous.get(name)
+            if cached is None or cached[0] != key:
+                cached = (key, self._entry(name, cid, key[1:3], periods, now))
+            entries[name] = cached
+            fragments.append(cached[1])
+        self.rendered_components = sum(
+            1 for name, entry in entries.items() if previous.get(name) is not entry
+        )
+        self._entries = entries
+        head: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "generated_at": iso_timestamp(now),
+            "days": EXPORT_DAYS,
+            "first_day": datetime.fromtimestamp(first * _DAY, UTC).strftime("%Y-%m-%d"),
+        }
+        if self._redactor is not None:
+            head = self._redactor.scrub_tree(head)
+        return b"".join((_dumps(head)[:-1], b',"components":{', b",".join(fragments), b"}}\n"))
+
+    def _entry(
+        self,
+        name: str,
+        cid: int | None,
+        recent: tuple[Any, ...],
+        periods: list[_Period],
+        now: float,
+    ) -> bytes:
+        daily: list[float | None] = [None] * EXPORT_DAYS
+        if cid is not None:
+            settled = self._settled.get(cid) or (None,) * (EXPORT_DAYS - 2)
+            daily = [*settled, *recent]
+        found = _format_incidents(periods, now)
+        if self._details != "full":
+            for incident in found:
+                del incident["reason"]
+        entry: dict[str, Any] = {name: {"daily_uptime": daily, "incidents": found}}
+        if self._redactor is not None:
+            entry = self._redactor.scrub_tree(entry)
+        return _dumps(entry)[1:-1]
 
 
 # --- ``healthd history`` -------------------------------------------------------------------

@@ -186,6 +186,57 @@ def test_history_json_has_daily_uptime_and_incidents(tmp_path: Path) -> None:
     assert new == {"daily_uptime": [None] * 90, "incidents": []}
 
 
+def test_history_json_renders_again_only_the_components_whose_history_changed(
+    tmp_path: Path,
+) -> None:
+    """An export renders a component's entry again only when its uptime share, its incidents
+    or an open incident's duration changed; the file is byte for byte the whole document."""
+    now = [T0 + 600]
+    redactor = Redactor([SECRET])
+    recorder = History(
+        tmp_path / "history.db",
+        StateStore(),
+        redactor,
+        retention_seconds=90 * 86400,
+        export_path=tmp_path / "history.json",
+        clock=lambda: now[0],
+    )
+    names = [f"c{i:02d}" for i in range(20)]
+    recorder._components = (*names, "new")
+    recorder._max_gap = dict.fromkeys(names, 60.0)
+    run = _Run(recorder)
+
+    def export() -> int:
+        recorder.flush()
+        db = history.open_read_only(tmp_path / "history.db")
+        try:
+            whole = history.export_document(db, recorder._components, now[0])
+        finally:
+            db.close()
+        assert (tmp_path / "history.json").read_bytes() == history._render(
+            redactor.scrub_tree(whole)
+        )
+        return recorder._export.rendered_components
+
+    for at in (T0, T0 + 30):
+        for name in names:
+            run.check(name, Status.HEALTHY, at)
+    run.check("c03", Status.UNHEALTHY, T0 + 40, reason=f"down, token {SECRET}")
+    assert export() == 21
+
+    now[0] += 60  # a round of checks that changes no share: only c03's open incident grew
+    for name in names:
+        run.check(name, Status.UNHEALTHY if name == "c03" else Status.HEALTHY, T0 + 60)
+    assert export() == 1
+
+    now[0] += 60  # c05 goes down: its share and incidents change
+    run.check("c05", Status.UNHEALTHY, T0 + 70)
+    assert export() == 2
+
+    now[0] += 86400  # a new day: the window moved, every entry is new
+    assert export() == 21
+
+
 def test_summary_mode_leaves_reasons_out_of_history_json(tmp_path: Path) -> None:
     recorder, _ = _history(tmp_path, details="summary")
     recorder._components = ("api",)
