@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 from healthd.config import CheckBase
 from healthd.findings import format_seconds
@@ -27,6 +27,7 @@ from healthd.model import (
     ComponentState,
     Finding,
     Histogram,
+    Maintenance,
     Observation,
     Status,
 )
@@ -244,6 +245,10 @@ class World:
     )
     #: Components in maintenance: the state marked so, by name.
     maintained: Mapping[str, ComponentState] = field(default_factory=lambda: _NOTHING)
+    #: Outside maintenance: how many components are unhealthy and critical, and how many are
+    #: not healthy; the verdict follows from these, so a change can be judged on its own.
+    critical_unhealthy: int = 0
+    troubled: int = 0
 
 
 def judge_world(
@@ -252,6 +257,7 @@ def judge_world(
     now: float,
     previous: World | None = None,
     windows: Sequence[Window] = (),
+    changed: AbstractSet[str] | None = None,
 ) -> World:
     """Judge every component together, from the states its checks left behind.
 
@@ -269,7 +275,21 @@ def judge_world(
     ``previous`` changes nothing in the result but its objects' identity: a judged state that
     did not change is the very object ``previous`` had, so renders can be cached per state.
     ``measured`` is kept in the result as it is given: pass a mapping nobody changes.
+
+    ``changed``, when given, names every component whose measured state (or presence) differs
+    from ``previous.measured``, with the same ``windows``: before ``previous.next_change_at``
+    only those are judged again, so a snapshot costs what changed, not every component. The
+    result is the same, except that ``next_change_at`` may come earlier than a full judgement
+    would put it (a full one runs then). Evidence is followed by full judgements only.
     """
+    if (
+        changed is not None
+        and previous is not None
+        and now < previous.next_change_at
+        and not previous.evidenced
+        and not any(state.evidence for name in changed if (state := measured.get(name)))
+    ):
+        return _judge_changes(measured, stale_after_seconds, now, previous, windows, changed)
     prev_measured = previous.measured if previous else _NOTHING
     prev_stale = previous.stale if previous else _NOTHING
     prev_judged = previous.components if previous else _NOTHING
@@ -299,11 +319,7 @@ def judge_world(
         elif deadline < next_change_at:
             next_change_at = deadline
         if (planned := in_maintenance.get(name)) is not None:
-            marked = prev_maintained.get(name)
-            unmarked = prev_stale.get(name) or prev_measured.get(name)
-            if marked is None or marked.maintenance != planned or unmarked is not state:
-                marked = dataclasses.replace(state, maintenance=planned)
-            maintained[name] = state = marked
+            maintained[name] = state = _marked(name, state, planned, previous)
         judged[name] = state
         if state is not prev_judged.get(name):
             differs.append(name)
@@ -341,26 +357,181 @@ def judge_world(
     if witnessed := [state.name for state in troubled if state.evidence]:
         evidenced = _append_evidence(judged, witnessed, prev_judged, prev_evidenced)
         differs.extend(witnessed)
-    verdict = overall(state for state in troubled if state.maintenance is None)
-    changed = (
-        previous is None
-        or verdict is not previous.overall
-        or len(judged) != len(prev_judged)
-        or any(judged[name] is not prev_judged.get(name) for name in differs)
-    )
+    counted = [state for state in troubled if state.maintenance is None]
+    critical = sum(1 for state in counted if state.critical and state.status is unhealthy_status)
+    verdict = _verdict(critical, len(counted))
     return World(
         measured,
         MappingProxyType(stale),
         MappingProxyType(judged),
         verdict,
         next_change_at,
-        changed,
+        _differs_from(previous, verdict, judged, differs),
         frozenset(unhealthy),
         dependencies,
         impact,
         evidenced,
         MappingProxyType(maintained),
+        critical,
+        len(counted),
     )
+
+
+def _marked(
+    name: str, state: ComponentState, planned: Maintenance, previous: World | None
+) -> ComponentState:
+    """``state`` marked as in ``planned`` maintenance; the previous world's object if that
+    was made from the same state for the same maintenance."""
+    marked = previous.maintained.get(name) if previous else None
+    unmarked = (previous.stale.get(name) or previous.measured.get(name)) if previous else None
+    if marked is None or marked.maintenance != planned or unmarked is not state:
+        marked = dataclasses.replace(state, maintenance=planned)
+    return marked
+
+
+def _verdict(critical_unhealthy: int, troubled: int) -> Status:
+    """``overall`` from the counts of components outside maintenance."""
+    if critical_unhealthy:
+        return Status.UNHEALTHY
+    return Status.DEGRADED if troubled else Status.HEALTHY
+
+
+def _differs_from(
+    previous: World | None,
+    verdict: Status,
+    judged: Mapping[str, ComponentState],
+    candidates: Iterable[str],
+) -> bool:
+    """Whether the verdict, or any judged state among ``candidates`` (every name whose state
+    may differ), is not what ``previous`` had."""
+    if previous is None or verdict is not previous.overall:
+        return True
+    before = previous.components
+    return len(judged) != len(before) or any(
+        judged.get(name) is not before.get(name) for name in candidates
+    )
+
+
+def _counts(state: ComponentState | None) -> tuple[int, int]:
+    """What one judged base state adds to ``World.critical_unhealthy`` and ``World.troubled``."""
+    if state is None or state.maintenance is not None or state.status is Status.HEALTHY:
+        return 0, 0
+    return (1 if state.critical and state.status is Status.UNHEALTHY else 0), 1
+
+
+def _judge_changes(
+    measured: Mapping[str, ComponentState],
+    stale_after_seconds: Mapping[str, float],
+    now: float,
+    previous: World,
+    windows: Sequence[Window],
+    changed: AbstractSet[str],
+) -> World:
+    """``judge_world`` for a world where only ``changed`` differs from ``previous`` and no
+    bound (staleness, a maintenance boundary) has passed: the work is the changed components,
+    and the components whose root causes changed with them."""
+    in_maintenance = maintenance_windows(windows, now)[0] if windows else {}
+    judged = _copied(previous.components)
+    stale = _copied(previous.stale)
+    maintained = _copied(previous.maintained)
+    unhealthy = set(previous.unhealthy)
+    dependencies = dict(previous.dependencies)
+    critical, troubled = previous.critical_unhealthy, previous.troubled
+    next_change_at = previous.next_change_at
+    graph_changed = False
+    for name in changed:
+        before = _base(previous, name)
+        lost = _counts(before)
+        critical, troubled = critical - lost[0], troubled - lost[1]
+        stale.pop(name, None)
+        maintained.pop(name, None)
+        was_unhealthy = name in unhealthy
+        unhealthy.discard(name)
+        needs = dependencies.pop(name, ())
+        state = measured.get(name)
+        if state is None:
+            judged.pop(name, None)
+            graph_changed |= was_unhealthy or bool(needs)
+            continue
+        limit = stale_after_seconds[name]
+        deadline = state.checked_at + limit
+        if now > deadline:
+            variant = previous.stale.get(name)
+            if variant is None or previous.measured.get(name) is not state:
+                variant = stale_state(state, limit)
+            stale[name] = state = variant
+        elif deadline < next_change_at:
+            next_change_at = deadline
+        if (planned := in_maintenance.get(name)) is not None:
+            maintained[name] = state = _marked(name, state, planned, previous)
+        judged[name] = state
+        gained = _counts(state)
+        critical, troubled = critical + gained[0], troubled + gained[1]
+        if state.status is Status.UNHEALTHY:
+            unhealthy.add(name)
+        if state.depends_on:
+            dependencies[name] = state.depends_on
+        graph_changed |= was_unhealthy != (name in unhealthy) or needs != state.depends_on
+    impact = previous.root_causes
+    reconsider: set[str] = set(changed)
+    if graph_changed:
+        impact = _NOTHING_NEEDED
+        if unhealthy and dependencies:
+            found = root_causes(dependencies, unhealthy)
+            impact = {name: tuple(sorted(causes)) for name, causes in found.items()}
+        reconsider.update(previous.root_causes, impact)
+    for name in reconsider:
+        base = _base_in(name, maintained, stale, measured)
+        if base is None:
+            continue
+        impacted_by = impact.get(name)
+        judged[name] = base
+        if impacted_by is not None and base.status is not Status.HEALTHY:
+            prior = previous.components.get(name)
+            if not (
+                prior is not None
+                and prior.impacted_by == impacted_by
+                and _base(previous, name) is base
+            ):
+                prior = dataclasses.replace(base, impacted_by=impacted_by)
+            judged[name] = prior
+    verdict = _verdict(critical, troubled)
+    return World(
+        measured,
+        MappingProxyType(stale),
+        MappingProxyType(judged),
+        verdict,
+        next_change_at,
+        _differs_from(previous, verdict, judged, reconsider),
+        frozenset(unhealthy),
+        dependencies,
+        impact,
+        _NOTHING_EVIDENCED,
+        MappingProxyType(maintained),
+        critical,
+        troubled,
+    )
+
+
+def _copied(mapping: Mapping[str, ComponentState]) -> dict[str, ComponentState]:
+    """A dict with ``mapping``'s items. World's mappings are ``MappingProxyType`` over dicts,
+    whose ``copy()`` is one C-level dict copy: 0.05 ms for 10,000 items, ``dict(proxy)`` 1 ms."""
+    copy = getattr(mapping, "copy", None)
+    return dict(mapping) if copy is None else cast(dict[str, ComponentState], copy())
+
+
+def _base(world: World, name: str) -> ComponentState | None:
+    """A component's judged state before impact and evidence, in ``world``."""
+    return _base_in(name, world.maintained, world.stale, world.measured)
+
+
+def _base_in(
+    name: str,
+    maintained: Mapping[str, ComponentState],
+    stale: Mapping[str, ComponentState],
+    measured: Mapping[str, ComponentState],
+) -> ComponentState | None:
+    return maintained.get(name) or stale.get(name) or measured.get(name)
 
 
 def _append_evidence(

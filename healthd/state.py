@@ -46,6 +46,10 @@ class StateStore:
         #: Bumped under the lock on every change; ``_measured_version`` on component changes.
         self._version = 0
         self._measured_version = 0
+        #: Components recorded or removed since the last judgement; when ``_rejudge`` is set
+        #: (at first, and when the windows change) every component is judged again.
+        self._changed: set[str] = set()
+        self._rejudge = True
         # The last judgement, and the versions it saw; only touched under ``_judge_lock``, which
         # serialises snapshots (the metrics thread and the event loop both take them).
         self._judge_lock = threading.Lock()
@@ -64,6 +68,7 @@ class StateStore:
         with self._lock:
             self._components[state.name] = state
             self._stale_after[state.name] = stale_after_seconds
+            self._changed.add(state.name)
             self._progress_at = state.checked_at
             self._version += 1
             self._measured_version += 1
@@ -72,6 +77,7 @@ class StateStore:
         """Replace the maintenance windows (the config's and the CLI's together)."""
         with self._lock:
             self._windows = windows
+            self._rejudge = True
             self._version += 1
             self._measured_version += 1
 
@@ -93,6 +99,7 @@ class StateStore:
         with self._lock:
             self._components.pop(name, None)
             self._stale_after.pop(name, None)
+            self._changed.add(name)
             self._version += 1
             self._measured_version += 1
 
@@ -190,22 +197,45 @@ class StateStore:
         )
 
     def snapshot(self) -> Snapshot:
-        """A frozen picture of everything, as ``classify.judge_world`` judges it now."""
+        """A frozen picture of everything, as ``classify.judge_world`` judges it now.
+
+        Between stale bounds, only the components recorded since the last snapshot are judged
+        again, and the lock is held for as long as it takes to collect them: a scrape of
+        10,000 components after one change costs that change, not 10,000 judgements.
+        """
         with self._judge_lock:
             now = self._clock()
             previous = self._world
+            changes: dict[str, tuple[ComponentState | None, float | None]] | None = None
             with self._lock:
                 version = self._version
                 measured_version = self._measured_version
                 daemon = self._daemon_stats()
                 measured: dict[str, ComponentState] | None = None
-                if previous is None or measured_version != self._seen_measured_version:
+                if previous is None or self._rejudge:
                     measured = dict(self._components)
                     self._limits = dict(self._stale_after)
+                elif measured_version != self._seen_measured_version:
+                    changes = {
+                        name: (self._components.get(name), self._stale_after.get(name))
+                        for name in self._changed
+                    }
+                self._changed = set()
+                self._rejudge = False
                 windows = self._windows
             world = previous
             if measured is not None:
                 world = judge_world(measured, self._limits, now, previous, windows)
+            elif changes is not None and previous is not None:
+                measured = dict(previous.measured)
+                for name, (state, limit) in changes.items():
+                    if state is None or limit is None:
+                        measured.pop(name, None)
+                        self._limits.pop(name, None)
+                    else:
+                        measured[name] = state
+                        self._limits[name] = limit
+                world = judge_world(measured, self._limits, now, previous, windows, set(changes))
             elif previous is not None and now >= previous.next_change_at:
                 world = judge_world(previous.measured, self._limits, now, previous, windows)
             assert world is not None

@@ -24,6 +24,7 @@ from healthd.classify import (
 from healthd.config import Condition
 from healthd.exporters.metrics import exposition
 from healthd.findings import failed, format_seconds, judge_conditions, worst
+from healthd.maintenance import Window
 from healthd.model import ComponentState, Failure, Finding, Observation, Status
 from healthd.probes import PROBES, ProbeContext
 from healthd.scheduler import Scheduler
@@ -689,6 +690,88 @@ def test_crossing_a_stale_bound_is_a_change_and_the_stale_variant_is_kept() -> N
     assert crossed.overall is U
     assert not later.changed
     assert later.components["api"] is crossed.components["api"]
+
+
+class _CountingStates(dict[str, ComponentState]):
+    """Measured states that count how many of them a judgement looks at."""
+
+    looked_at = 0
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.looked_at += 1
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> ComponentState:
+        self.looked_at += 1
+        return super().__getitem__(key)
+
+    def items(self) -> Any:
+        self.looked_at += len(self)
+        return super().items()
+
+
+def test_a_judgement_of_one_change_among_ten_thousand_looks_at_that_change_only() -> None:
+    states = {f"c{i:05d}": member(f"c{i:05d}", critical=i % 10 == 0) for i in range(10_000)}
+    limits = dict.fromkeys(states, LIMIT)
+    before = judge_world(states, limits, 1000.0)
+    changed = _CountingStates(states)
+    changed["c00042"] = member("c00042", U, checked_at=1001.0)
+
+    after = judge_world(changed, limits, 1001.0, before, changed={"c00042"})
+
+    assert changed.looked_at <= 5
+    assert after.overall is D  # a non-critical failure
+    assert after.components["c00042"] is changed["c00042"]
+    assert after.components["c00041"] is before.components["c00041"]
+    assert after.changed
+
+
+def test_judging_only_the_changes_gives_what_judging_everything_gives() -> None:
+    """Random worlds (dependency chains, critical components, maintenance, staleness), each
+    judged after a few changes both ways: the same states, root causes and verdict."""
+    rng = random.Random(7)
+    names = [f"n{i:02d}" for i in range(30)]
+    window = Window(("n03", "n07", "n11"), "upgrade", "config", 900.0, 5000.0)
+    for _ in range(200):
+        windows = (window,) if rng.random() < 0.3 else ()
+        now = 1000.0
+        states = {
+            name: member(
+                name,
+                rng.choice((H, H, H, D, U)),
+                critical=rng.random() < 0.3,
+                depends_on=tuple(rng.sample(names[i + 1 :], min(2, len(names) - i - 1))),
+            )
+            for i, name in enumerate(names)
+        }
+        limits = dict.fromkeys(names, LIMIT)
+        previous = judge_world(states, limits, now, None, windows)
+        for _ in range(5):
+            now += 1.0
+            states = dict(states)
+            changed = set(rng.sample(names, rng.randint(1, 4)))
+            for name in changed:
+                if rng.random() < 0.1:
+                    states.pop(name, None)
+                    continue
+                old = states.get(name) or member(name)
+                states[name] = replace(old, status=rng.choice((H, D, U)), checked_at=now)
+            for name in changed - states.keys():
+                limits.pop(name, None)
+            limits.update(dict.fromkeys(states, LIMIT))
+            fast = judge_world(states, limits, now, previous, windows, changed)
+            full = judge_world(states, limits, now, previous, windows)
+            assert dict(fast.components) == dict(full.components)
+            assert (fast.overall, fast.changed) == (full.overall, full.changed)
+            assert (fast.unhealthy, dict(fast.root_causes)) == (
+                full.unhealthy,
+                dict(full.root_causes),
+            )
+            assert fast.next_change_at <= full.next_change_at
+            for name, state in full.components.items():
+                if state is previous.components.get(name):
+                    assert fast.components[name] is state
+            previous = fast
 
 
 # --- latency --------------------------------------------------------------------------------
