@@ -35,6 +35,20 @@ def test_bench_renders_only_changed_components_and_prints_the_table() -> None:
     assert all(re.search(r"re-rendered 10 (of 200 components|entries)", row) for row in rows), rows
 
 
+def test_bench_history_row_exports_at_both_sizes() -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--only", "history", "--scale", "0.01", "--rounds", "2"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| history.json")]
+    # Healthy components checked between exports keep their entries: none is rendered again.
+    assert [re.search(r"at (\d+) components", row).group(1) for row in rows] == ["10", "100"]  # type: ignore[union-attr]
+    assert all("rendered 0 entries in the last" in row for row in rows), rows
+
+
 def test_bench_rejects_an_unknown_row() -> None:
     result = subprocess.run(
         [sys.executable, str(BENCH), "--only", "nope"], capture_output=True, text=True, check=False
