@@ -489,7 +489,7 @@ def _history_row(count: int, rounds: int, work: Path) -> Row:
             reason="GET /health: connection refused", latency_seconds=0.01, checked_at=at,
             since=at, last_success_at=None, consecutive_failures=0, consecutive_successes=0,
         )  # fmt: skip
-        recorder.observe(last.get(name), state)
+        recorder.check_completed(last.get(name), state)
         last[name] = state
 
     start = now[0] - 2 * 86400
