@@ -310,16 +310,9 @@ def judge_world(
     differs: list[str] = []
     for name, state in measured.items():
         limit = stale_after_seconds[name]
-        deadline = state.checked_at + limit
-        if now > deadline:
-            variant = prev_stale.get(name)
-            if variant is None or prev_measured.get(name) is not state:
-                variant = stale_state(state, limit)
-            stale[name] = state = variant
-        elif deadline < next_change_at:
+        if now <= (deadline := state.checked_at + limit) < next_change_at:
             next_change_at = deadline
-        if (planned := in_maintenance.get(name)) is not None:
-            maintained[name] = state = _marked(name, state, planned, previous)
+        state = _base_state(name, state, limit, now, in_maintenance, previous, stale, maintained)
         judged[name] = state
         if state is not prev_judged.get(name):
             differs.append(name)
@@ -375,6 +368,29 @@ def judge_world(
         critical,
         len(counted),
     )
+
+
+def _base_state(
+    name: str,
+    state: ComponentState,
+    limit_seconds: float,
+    now: float,
+    in_maintenance: Mapping[str, Maintenance],
+    previous: World | None,
+    stale: dict[str, ComponentState],
+    maintained: dict[str, ComponentState],
+) -> ComponentState:
+    """A measured state as judged before impact and evidence: stale past its bound, marked in
+    maintenance (and filed in ``stale`` and ``maintained``); the previous world's objects where
+    they were made from the same state."""
+    if now > state.checked_at + limit_seconds:
+        variant = previous.stale.get(name) if previous else None
+        if variant is None or (previous and previous.measured.get(name)) is not state:
+            variant = stale_state(state, limit_seconds)
+        stale[name] = state = variant
+    if (planned := in_maintenance.get(name)) is not None:
+        maintained[name] = state = _marked(name, state, planned, previous)
+    return state
 
 
 def _marked(
@@ -454,16 +470,9 @@ def _judge_changes(
             graph_changed |= was_unhealthy or bool(needs)
             continue
         limit = stale_after_seconds[name]
-        deadline = state.checked_at + limit
-        if now > deadline:
-            variant = previous.stale.get(name)
-            if variant is None or previous.measured.get(name) is not state:
-                variant = stale_state(state, limit)
-            stale[name] = state = variant
-        elif deadline < next_change_at:
+        if now <= (deadline := state.checked_at + limit) < next_change_at:
             next_change_at = deadline
-        if (planned := in_maintenance.get(name)) is not None:
-            maintained[name] = state = _marked(name, state, planned, previous)
+        state = _base_state(name, state, limit, now, in_maintenance, previous, stale, maintained)
         judged[name] = state
         gained = _counts(state)
         critical, troubled = critical + gained[0], troubled + gained[1]
@@ -497,19 +506,18 @@ def _judge_changes(
             judged[name] = prior
     verdict = _verdict(critical, troubled)
     return World(
-        measured,
-        MappingProxyType(stale),
-        MappingProxyType(judged),
-        verdict,
-        next_change_at,
-        _differs_from(previous, verdict, judged, reconsider),
-        frozenset(unhealthy),
-        dependencies,
-        impact,
-        _NOTHING_EVIDENCED,
-        MappingProxyType(maintained),
-        critical,
-        troubled,
+        measured=measured,
+        stale=MappingProxyType(stale),
+        components=MappingProxyType(judged),
+        overall=verdict,
+        next_change_at=next_change_at,
+        changed=_differs_from(previous, verdict, judged, reconsider),
+        unhealthy=frozenset(unhealthy),
+        dependencies=dependencies,
+        root_causes=impact,
+        maintained=MappingProxyType(maintained),
+        critical_unhealthy=critical,
+        troubled=troubled,
     )
 
 
