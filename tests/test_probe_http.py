@@ -529,11 +529,12 @@ async def test_redirect_is_followed_and_counted(http_target: HttpTarget, ctx: Pr
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("interval", ["10s", "60s"], ids=["kept-request", "request-built-per-run"])
 async def test_redirect_is_followed_on_every_run_without_sending_anything_twice(
-    http_target: HttpTarget, ctx: ProbeContext
+    http_target: HttpTarget, ctx: ProbeContext, interval: str
 ) -> None:
     http_target.route("/old", Reply.redirect(PATH, status=301))
-    check = http_check(url=http_target.url("/old"))
+    check = http_check(url=http_target.url("/old"), interval=interval)
 
     for _ in range(3):
         observation, finding = await run_check(check, ctx)
@@ -544,11 +545,12 @@ async def test_redirect_is_followed_on_every_run_without_sending_anything_twice(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("interval", ["10s", "60s"], ids=["kept-request", "request-built-per-run"])
 async def test_target_that_starts_redirecting_later_is_followed(
-    http_target: HttpTarget, ctx: ProbeContext
+    http_target: HttpTarget, ctx: ProbeContext, interval: str
 ) -> None:
     http_target.route(PATH, Reply(body=b"ok"))
-    check = http_check(url=http_target.url(PATH))
+    check = http_check(url=http_target.url(PATH), interval=interval)
     for _ in range(2):
         observation, _ = await run_check(check, ctx)
         assert "redirects" not in observation.facts
