@@ -387,11 +387,11 @@ def _collect_as_the_daemon_does() -> None:
     times the daemon does not have."""
     import gc
 
-    from healthd.daemon import GC_YOUNG_THRESHOLD
+    from healthd.daemon import GC_THRESHOLDS
 
     gc.collect()
     gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def row_metrics(count: int, rounds: int) -> list[Row]:
