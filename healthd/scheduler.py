@@ -1,7 +1,10 @@
 """The scheduler: drift-free, deadline-bound, and blind to protocols.
 
 Each check starts at ``t0 + offset + k * interval``; the offset is a deterministic jitter from
-the component's name, which staggers the first round and keeps the phase of every later one.
+the component's name. The first round is staggered over ``startup_spread`` (1 ms per check by
+default, so first verdicts come quickly); from the second run on, each check keeps its phase
+within its whole interval, so that 10,000 checks every minute start evenly through the minute
+instead of in a burst of ten seconds each round.
 A check's next start is scheduled only when its run ends, so a check can never overlap itself,
 and a probe that overruns its interval skips the ticks it missed instead of bunching them up.
 
@@ -117,6 +120,9 @@ class _Check:
     next_start: float
     #: Loop time of the last completed check; the watchdog reads it to judge progress.
     last_completed: float
+    #: Added once, after the first run: from the phase within the start-up spread to the
+    #: phase within the whole interval (the same fraction of each).
+    phase_shift: float = 0.0
     #: The scope of the run in flight, ``None`` between runs.
     scope: anyio.CancelScope | None = None
     #: Removed or replaced by a reload: its pending start is dropped, its run cancelled.
@@ -234,7 +240,8 @@ class Scheduler:
         start = anyio.current_time()
         for name, check in wanted.items():
             if name not in self._running:
-                offset = phase_offset(name, check.interval_seconds, spread)
+                interval = check.interval_seconds
+                offset = phase_offset(name, interval, spread)
                 entry = _Check(
                     name,
                     check,
@@ -242,6 +249,7 @@ class Scheduler:
                     ProbeContext(self._shared, name),
                     next_start=start + offset,
                     last_completed=start,
+                    phase_shift=phase_offset(name, interval, interval) - offset,
                 )
                 self._running[name] = entry
                 self._schedule(entry)
@@ -315,7 +323,9 @@ class Scheduler:
         entry.last_completed = now
         self._first_round_complete(entry.name)
         interval = entry.check.interval_seconds
-        next_start = entry.next_start + interval
+        # Less than one interval, once: no gap between two runs reaches two intervals.
+        next_start = entry.next_start + interval + entry.phase_shift
+        entry.phase_shift = 0.0
         if next_start <= now:
             # Overran (or the loop was stalled): keep the phase, skip missed ticks.
             next_start += math.ceil((now - next_start) / interval) * interval

@@ -427,3 +427,33 @@ async def test_idle_checks_hold_no_task_of_their_own() -> None:
             tg.cancel_scope.cancel()
     assert len(recorder.starts) == 300
     assert tasks < 50, tasks
+
+
+@pytest.mark.asyncio
+async def test_the_first_round_is_quick_and_later_rounds_spread_over_the_interval() -> None:
+    # 200 checks every 2 s, their first round within 50 ms: later rounds must not repeat that
+    # burst every interval, but start evenly through it, each keeping its own phase.
+    done = anyio.Event()
+    interval, count = 2.0, 200
+
+    async def record(name: str) -> None:
+        if sum(len(starts) >= 2 for starts in recorder.starts.values()) == count:
+            done.set()
+
+    recorder = _Recorder(record)
+    scheduler = Scheduler(StateStore(), probes=recorder.table, startup_spread_seconds=0.05)
+    config = _config({f"c{i}": _named(interval, 1, f"c{i}") for i in range(count)})
+    await _run_until(scheduler, config, done, limit=15)
+    first = [starts[0] for starts in recorder.starts.values()]
+    second = [starts[1] for starts in recorder.starts.values()]
+    origin = min(first)
+    assert max(first) - origin < 0.05 + 0.05  # the spread, and a busy loop's latency
+    # In the second round, the starts cover the interval: each tenth of it holds some.
+    tenths = {int((start - origin - interval) / interval * 10) for start in second}
+    assert tenths >= set(range(10)), sorted(tenths)
+    # No gap between a check's first two runs reaches two intervals (staleness is three).
+    assert all(0 < b - a < 2 * interval for a, b in zip(first, second, strict=True))
+    # From then on each check keeps its phase: the phase within the interval is its name's.
+    for name, starts in recorder.starts.items():
+        expected = origin + phase_offset(name, interval, interval)
+        assert abs((starts[1] - expected) - interval) < 0.1, name
