@@ -65,6 +65,7 @@ from healthd.config_values import (
     bind_address,
     parse_address,
     parse_duration,
+    same_port,
 )
 from healthd.maintenance import Window, parse_weekly
 from healthd.secrets import UnreadableFile, collect_secrets, read_capped
@@ -294,8 +295,14 @@ class Config(BaseSettings):
                 if witness not in self.components:
                     raise ValueError(f"components.{name}.evidence: no component named {witness!r}")
         _reject_cycles(self.components)
-        if any(check.kind == "heartbeat" for check in self.components.values()):
-            _reject_shared_port(self.daemon)
+        daemon = self.daemon
+        if any(check.kind == "heartbeat" for check in self.components.values()) and (
+            same_port(daemon.metrics_address, daemon.push_address)
+        ):
+            raise ValueError(
+                f"daemon.push_address: {daemon.push_address} takes the port of metrics_address "
+                f"{daemon.metrics_address}; heartbeats need a port of their own"
+            )
         for index, planned in enumerate(self.maintenance):
             for name in planned.components:
                 if name not in self.components:
@@ -348,22 +355,6 @@ def _mark_env_text(value: Any) -> Any:
     if isinstance(value, list):
         return [_mark_env_text(v) for v in value]
     return value
-
-
-def _reject_shared_port(daemon: DaemonConfig) -> None:
-    # Caught here rather than as "address in use" at start, after the config was accepted.
-    # "::" listens on IPv4 too (Linux's default dual stack); "0.0.0.0" on every IPv4 address.
-    metrics_family, metrics_host, metrics_port = bind_address(daemon.metrics_address)
-    push_family, push_host, push_port = bind_address(daemon.push_address)
-    same_family = metrics_family == push_family
-    if metrics_port == push_port and (
-        "::" in (metrics_host, push_host)
-        or (same_family and (metrics_host == push_host or "0.0.0.0" in (metrics_host, push_host)))
-    ):
-        raise ValueError(
-            f"daemon.push_address: {daemon.push_address} takes the port of metrics_address "
-            f"{daemon.metrics_address}; heartbeats need a port of their own"
-        )
 
 
 def _reject_cycles(checks: Mapping[str, CheckBase]) -> None:

@@ -182,6 +182,20 @@ def bind_address(value: str) -> tuple[socket.AddressFamily, str, int]:
     raise ValueError(f"host {host!r} cannot be bound: {problem}")
 
 
+def same_port(first: str, second: str) -> bool:
+    """Whether listeners on two bind addresses would take the same port.
+
+    ``::`` listens on IPv4 too (Linux's default dual stack); ``0.0.0.0`` on every IPv4 address.
+    """
+    first_family, first_host, first_port = bind_address(first)
+    second_family, second_host, second_port = bind_address(second)
+    hosts = (first_host, second_host)
+    return first_port == second_port and (
+        "::" in hosts
+        or (first_family == second_family and (first_host == second_host or "0.0.0.0" in hosts))
+    )
+
+
 def _address(value: str) -> str:
     parse_address(value)
     return value
