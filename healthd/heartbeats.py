@@ -37,7 +37,7 @@ from healthd.config import (
     parse_address,
 )
 from healthd.exporters.status_file import write_atomic
-from healthd.listener import HttpListener, Reply, request_header
+from healthd.listener import HttpListener, ListenerLimits, Reply, request_header
 from healthd.secrets import UnreadableFile, read_capped
 
 log = logging.getLogger("healthd.heartbeats")
@@ -226,14 +226,10 @@ class PushServer(HttpListener):
         *,
         idle_timeout_seconds: float = 5.0,
     ) -> None:
-        super().__init__(
-            host,
-            port,
-            name="push",
-            logger=log,
-            idle_timeout_seconds=idle_timeout_seconds,
-            max_body_bytes=MAX_PING_BODY_BYTES,
+        limits = ListenerLimits(
+            idle_timeout_seconds=idle_timeout_seconds, max_body_bytes=MAX_PING_BODY_BYTES
         )
+        super().__init__(host, port, name="push", logger=log, limits=limits)
         self._store = store
         self._routes = (dict(tokens), dict(elsewhere or {}))
 

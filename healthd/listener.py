@@ -37,11 +37,27 @@ class Reply:
     head: bool = False
 
 
+@dataclass(frozen=True)
+class ListenerLimits:
+    """What one client may cost a listener: connections held, time to send a request or read
+    an answer, and the size of a request's head and body (0: a body is never read)."""
+
+    max_connections: int = 64
+    idle_timeout_seconds: float = 5.0
+    write_timeout_seconds: float = 10.0
+    max_head_bytes: int = 8192
+    max_body_bytes: int = 0
+
+
+DEFAULT_LIMITS = ListenerLimits()
+
+
 class HttpListener:
     """Answers HTTP requests from one thread running its own asyncio event loop.
 
     Binding happens in the constructor, so a busy address fails fast, before any check runs.
-    A hostile or careless client can cost healthd little: at most ``max_connections`` are held
+    A hostile or careless client can cost healthd little (``ListenerLimits``): at most
+    ``max_connections`` are held
     (a new one evicts the one that has waited longest for a request, or is closed at once when
     every slot is busy answering), a connection that has not sent a complete request (head,
     and body where bodies are read) within ``idle_timeout_seconds`` of opening or of its
@@ -67,19 +83,11 @@ class HttpListener:
         *,
         name: str,
         logger: logging.Logger,
-        max_connections: int = 64,
-        idle_timeout_seconds: float = 5.0,
-        write_timeout_seconds: float = 10.0,
-        max_head_bytes: int = 8192,
-        max_body_bytes: int = 0,
+        limits: ListenerLimits = DEFAULT_LIMITS,
     ) -> None:
         self._name = name
         self._log = logger
-        self._max_connections = max_connections
-        self._idle_timeout = idle_timeout_seconds
-        self._write_timeout = write_timeout_seconds
-        self._max_head_bytes = max_head_bytes
-        self._max_body_bytes = max_body_bytes
+        self._limits = limits
         self._connections: dict[int, _Connection] = {}
         # Those waiting for a request head, longest-waiting first: the next to evict.
         self._waiting: dict[int, _Connection] = {}
@@ -143,7 +151,7 @@ class HttpListener:
         yet is only watched for data (no transport, no task); one whose whole request head has
         already arrived is marked busy at once, so the rest of the batch cannot evict it."""
         loop = self._loop
-        for _ in range(self._max_connections):
+        for _ in range(self._limits.max_connections):
             try:
                 sock, _ = self._socket.accept()
             except BlockingIOError:
@@ -158,13 +166,13 @@ class HttpListener:
                 continue  # the client gave up while queued (ECONNABORTED and the like)
             sock.setblocking(False)
             try:
-                first = sock.recv(self._max_head_bytes + 1)
+                first = sock.recv(self._limits.max_head_bytes + 1)
             except BlockingIOError:
                 first = b""
             except OSError:
                 sock.close()
                 continue
-            if len(self._connections) >= self._max_connections and not self._evict_one():
+            if len(self._connections) >= self._limits.max_connections and not self._evict_one():
                 sock.close()
                 continue
             connection = _Connection(sock, loop.time())
@@ -177,7 +185,9 @@ class HttpListener:
                 # By descriptor number: given the socket, asyncio formats its repr each time.
                 loop.add_reader(connection.key, self._readable, connection)
                 connection.timer = loop.call_at(
-                    connection.waiting_since + self._idle_timeout, self._drop, connection
+                    connection.waiting_since + self._limits.idle_timeout_seconds,
+                    self._drop,
+                    connection,
                 )
 
     def _readable(self, connection: _Connection) -> None:
@@ -186,7 +196,7 @@ class HttpListener:
         if connection.timer is not None:
             connection.timer.cancel()
         try:
-            data = connection.sock.recv(self._max_head_bytes + 1)
+            data = connection.sock.recv(self._limits.max_head_bytes + 1)
         except OSError:
             data = b""
         if not data:
@@ -239,7 +249,7 @@ class HttpListener:
             await self._converse(connection, first, reader, writer)
             # Flush what is buffered, within the write timeout.
             writer.close()
-            async with asyncio.timeout(self._write_timeout):
+            async with asyncio.timeout(self._limits.write_timeout_seconds):
                 await writer.wait_closed()
         except (OSError, TimeoutError, h11.ProtocolError):
             # Hang-ups, resets, timeouts and garbage are the client's business: it is closed.
@@ -269,7 +279,7 @@ class HttpListener:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
-        http = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head_bytes)
+        http = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.max_head_bytes)
         if first:  # (an empty one would tell h11 the client has closed)
             http.receive_data(first)
         while True:
@@ -278,7 +288,7 @@ class HttpListener:
                 self._unwait(connection)
                 if request is None:
                     return
-                if self._max_body_bytes:
+                if self._limits.max_body_bytes:
                     body = await self._body(http, request, reader, connection.waiting_since)
                 else:
                     body = b""
@@ -297,7 +307,9 @@ class HttpListener:
                 )  # fmt: skip
                 return
             # Where bodies are not read, a request with one is answered, then closed.
-            close = not self._max_body_bytes and not isinstance(http.next_event(), h11.EndOfMessage)
+            close = not self._limits.max_body_bytes and not isinstance(
+                http.next_event(), h11.EndOfMessage
+            )
             reply = self._answer(request, body)
             headers = [*reply.headers, ("Connection", "close")] if close else list(reply.headers)
             await self._send(
@@ -314,7 +326,7 @@ class HttpListener:
     ) -> h11.Request | None:
         """The next request head, or ``None`` when the client closed; it must be complete
         within the idle timeout from ``since`` (loop time): idle and slowloris alike."""
-        async with asyncio.timeout_at(since + self._idle_timeout):
+        async with asyncio.timeout_at(since + self._limits.idle_timeout_seconds):
             while True:
                 event = http.next_event()
                 if event is h11.NEED_DATA:
@@ -330,18 +342,22 @@ class HttpListener:
         """The request's body, complete within the idle timeout from ``since``; ``None`` when
         it is larger than ``max_body_bytes`` (a declared length too large is not read)."""
         declared = request_header(request, b"content-length")
-        if declared.isascii() and declared.isdigit() and int(declared) > self._max_body_bytes:
+        if (
+            declared.isascii()
+            and declared.isdigit()
+            and int(declared) > self._limits.max_body_bytes
+        ):
             return None
         chunks: list[bytes] = []
         size = 0
-        async with asyncio.timeout_at(since + self._idle_timeout):
+        async with asyncio.timeout_at(since + self._limits.idle_timeout_seconds):
             while True:
                 event = http.next_event()
                 if event is h11.NEED_DATA:
                     http.receive_data(await reader.read(2**16))
                 elif isinstance(event, h11.Data):
                     size += len(event.data)
-                    if size > self._max_body_bytes:
+                    if size > self._limits.max_body_bytes:
                         return None
                     chunks.append(bytes(event.data))
                 elif isinstance(event, h11.EndOfMessage):
@@ -371,7 +387,7 @@ class HttpListener:
             # Passed through, not joined: no copy of a large exposition.
             writer.writelines(http.send_with_data_passthrough(h11.Data(data=body)) or [])
         writer.write(http.send(h11.EndOfMessage()) or b"")
-        async with asyncio.timeout(self._write_timeout):
+        async with asyncio.timeout(self._limits.write_timeout_seconds):
             await writer.drain()
 
 

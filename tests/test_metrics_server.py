@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from healthd.exporters.metrics import MetricsServer
+from healthd.listener import ListenerLimits
 from healthd.model import ComponentState
 from healthd.state import StateStore
 from tests.daemon import daemon_settings, free_port, running_healthd, write_config
@@ -55,7 +56,11 @@ def store() -> StateStore:
 @pytest.fixture
 def server(store: StateStore) -> Iterator[MetricsServer]:
     server = MetricsServer(
-        "127.0.0.1", 0, store.snapshot, "1.2.3", max_connections=8, idle_timeout_seconds=0.5
+        "127.0.0.1",
+        0,
+        store.snapshot,
+        "1.2.3",
+        limits=ListenerLimits(max_connections=8, idle_timeout_seconds=0.5),
     )
     server.start()
     yield server

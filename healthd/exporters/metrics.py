@@ -11,6 +11,7 @@ its own thread: if the event loop ever wedges, scrapes still answer, and the sta
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -24,7 +25,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString
 
 from healthd.exporters._fragments import FragmentCache
-from healthd.listener import HttpListener, Reply, request_header
+from healthd.listener import DEFAULT_LIMITS, HttpListener, ListenerLimits, Reply, request_header
 from healthd.model import ComponentState, Histogram, Snapshot, Status
 
 log = logging.getLogger("healthd.metrics")
@@ -363,23 +364,13 @@ class MetricsServer(HttpListener):
         source: Callable[[], Snapshot],
         version: str,
         *,
-        max_connections: int = 64,
-        idle_timeout_seconds: float = 5.0,
-        write_timeout_seconds: float = 10.0,
-        max_head_bytes: int = 8192,
+        limits: ListenerLimits = DEFAULT_LIMITS,
         gzip_level: int = 1,
         check_duration_histogram: bool = True,
     ) -> None:
-        super().__init__(
-            host,
-            port,
-            name="metrics",
-            logger=log,
-            max_connections=max_connections,
-            idle_timeout_seconds=idle_timeout_seconds,
-            write_timeout_seconds=write_timeout_seconds,
-            max_head_bytes=max_head_bytes,
-        )
+        # Scrapes carry no body: one is never read.
+        limits = dataclasses.replace(limits, max_body_bytes=0)
+        super().__init__(host, port, name="metrics", logger=log, limits=limits)
         self._source = source
         self._version = version
         self._renderer = Exposition(version, check_duration_histogram=check_duration_histogram)

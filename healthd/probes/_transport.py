@@ -43,6 +43,7 @@ import select
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import cast
 
 import httptools
@@ -641,23 +642,15 @@ def _failure(conn: _Connection, request: httpx.Request, disconnected: str) -> ht
     return httpx.RemoteProtocolError(disconnected, request=request)
 
 
+@dataclass(slots=True, eq=False)
 class _Body(httpx.AsyncByteStream):
     """A response's body as it arrives; closing it early closes the connection."""
 
-    __slots__ = ("_conn", "_done", "_request", "_timeout", "_transport")
-
-    def __init__(
-        self,
-        transport: ProbeTransport,
-        conn: _Connection,
-        request: httpx.Request,
-        timeout: float | None,
-    ) -> None:
-        self._transport = transport
-        self._conn = conn
-        self._request = request
-        self._timeout = timeout
-        self._done = False
+    _transport: ProbeTransport
+    _conn: _Connection
+    _request: httpx.Request
+    _timeout: float | None
+    _done: bool = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
