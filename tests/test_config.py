@@ -857,32 +857,30 @@ def test_a_value_of_the_wrong_type_is_one_problem_not_one_per_union_member(
     assert expected in problem
 
 
+_HEARTBEAT = 'kind = "heartbeat"\nperiod = "1h"'
+_TCP = 'kind = "tcp"\naddress = "127.0.0.1:80"'
+
+
 @pytest.mark.parametrize(
-    ("metrics", "push", "clash"),
+    ("metrics", "push", "component", "clash"),
     [
-        ("127.0.0.1:9469", "127.0.0.1:9469", True),
-        ("0.0.0.0:9469", "127.0.0.1:9469", True),
-        ("[::]:9469", "127.0.0.1:9469", True),
-        ("localhost:9469", "127.0.0.1:9469", True),
-        ("127.0.0.1:9469", "127.0.0.1:9470", False),
-        ("127.0.0.1:9469", "[::1]:9469", False),
+        ("127.0.0.1:9469", "127.0.0.1:9469", _HEARTBEAT, True),
+        ("0.0.0.0:9469", "127.0.0.1:9469", _HEARTBEAT, True),
+        ("[::]:9469", "127.0.0.1:9469", _HEARTBEAT, True),
+        ("localhost:9469", "127.0.0.1:9469", _HEARTBEAT, True),
+        ("127.0.0.1:9469", "127.0.0.1:9470", _HEARTBEAT, False),
+        ("127.0.0.1:9469", "[::1]:9469", _HEARTBEAT, False),
+        # No heartbeat, no push listener: the address is never bound.
+        ("127.0.0.1:9469", "127.0.0.1:9469", _TCP, False),
     ],
 )
 def test_heartbeats_need_a_port_of_their_own(
-    tmp_path: Path, metrics: str, push: str, clash: bool
+    tmp_path: Path, metrics: str, push: str, component: str, clash: bool
 ) -> None:
-    path = write(
-        tmp_path,
-        f"""
-        [daemon]
-        metrics_address = "{metrics}"
-        push_address = "{push}"
-
-        [components.nightly]
-        kind = "heartbeat"
-        period = "1h"
-        grace = "5m"
-        """,
+    path = tmp_path / "healthd.toml"
+    path.write_text(
+        f'[daemon]\nmetrics_address = "{metrics}"\npush_address = "{push}"\n\n'
+        f"[components.job]\n{component}\n"
     )
     if clash:
         assert problems(path) == [
@@ -891,19 +889,3 @@ def test_heartbeats_need_a_port_of_their_own(
         ]
     else:
         assert load(path).daemon.push_address == push
-
-
-def test_the_push_port_is_free_to_share_without_heartbeats(tmp_path: Path) -> None:
-    # No heartbeat, no push listener: the address is never bound.
-    path = write(
-        tmp_path,
-        """
-        [daemon]
-        push_address = "127.0.0.1:9469"
-
-        [components.web]
-        kind = "tcp"
-        address = "127.0.0.1:80"
-        """,
-    )
-    assert load(path).daemon.push_address == "127.0.0.1:9469"
