@@ -21,8 +21,6 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    # Two malloc arenas, as in the systemd unit (docs/performance.md: 37-60 MiB less RSS).
-    MALLOC_ARENA_MAX=2 \
     # Inside a container the metrics port must listen beyond loopback to be published.
     HEALTHD_DAEMON__METRICS_ADDRESS=0.0.0.0:9469 \
     HEALTHD_CONFIG=/etc/healthd/healthd.toml \

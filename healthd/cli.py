@@ -434,8 +434,11 @@ def _run(path: Path, config: Config, redactor: Redactor) -> int:
         Daemon,
         MetricsAddressInUse,
         raise_descriptor_limit,
+        return_large_buffers,
         stall_file_from_env,
     )
+
+    return_large_buffers()
 
     async def run() -> None:
         route_asyncio_to_logging(OncePerKind())

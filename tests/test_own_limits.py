@@ -247,3 +247,38 @@ def test_thread_exceptions_warnings_and_asyncio_reports_go_through_the_formatter
     assert any("careful" in m for m in messages), messages
     assert any("in a finalizer" in e.get("exception", "") for e in entries), entries
     assert any("Task exception was never retrieved" in m for m in messages), messages
+
+
+_SCRAPES = """
+import re, sys
+from healthd.daemon import return_large_buffers
+
+def rss_mib():
+    return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) // 1024
+
+print(return_large_buffers())
+kept = []
+before = rss_mib()
+for i in range(20):
+    text = bytes(10 * 1024 * 1024)  # a scrape's text at 10,000 components
+    kept.append(bytes(1000 + i))  # something small that outlives it
+    del text
+print(rss_mib() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_a_freed_scrape_text_goes_back_to_the_system() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    fixed, grown = subprocess.run(
+        [sys.executable, "-c", _SCRAPES], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert fixed == "True"
+    # Without the fixed threshold glibc keeps one such buffer in the heap (10 MiB here).
+    assert int(grown) < 5, f"{grown} MiB kept after 20 freed 10 MiB buffers"
+    # An operator's own MALLOC_MMAP_THRESHOLD_ is left as it is.
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    kept = subprocess.run(
+        [sys.executable, "-c", _SCRAPES], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert kept[0] == "False"
