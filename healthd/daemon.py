@@ -146,7 +146,7 @@ class Daemon:
                 f"cannot listen on metrics_address {config.daemon.metrics_address}: "
                 f"{exc.strerror or exc}"
             ) from None
-        # Only with a heartbeat to receive: no port is opened for nothing.
+        # Only with a heartbeat to receive, or to send to its shard: no port opened for nothing.
         self.push: PushServer | None = None
         elsewhere = heartbeat_shards(config)
         if tokens or elsewhere:

@@ -85,12 +85,12 @@ def heartbeat_shards(config: Config) -> dict[str, str]:
     A job that pings this instance for one of them is told where to ping instead (421): a
     ping kept here would never reach the instance that judges it.
     """
-    index, shards = config.daemon.shard_numbers()
+    local = config.checks()
+    _, shards = config.daemon.shard_numbers()
     return {
-        name: f"{owner}/{shards}"
+        name: f"{shard_module.shard_of(name, shards)}/{shards}"
         for name, check in config.components.items()
-        if isinstance(check, HeartbeatCheck)
-        and (owner := shard_module.shard_of(name, shards)) != index
+        if isinstance(check, HeartbeatCheck) and name not in local
     }
 
 
