@@ -702,12 +702,13 @@ def export_document(
     }
 
 
-def _render(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
-
-
 def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _render(doc: dict[str, Any]) -> bytes:
+    """The whole document at once: what ``HistoryExport.render`` must equal, byte for byte."""
+    return _dumps(doc) + b"\n"
 
 
 class HistoryExport:
@@ -782,6 +783,7 @@ class HistoryExport:
         incidents = self.cache.incidents
         previous, entries = self._entries, {}
         fragments = []
+        self.rendered_components = 0
         for name in components:
             cid = ids.get(name)
             periods: list[_Period] = []
@@ -797,11 +799,9 @@ class HistoryExport:
             cached = previous.get(name)
             if cached is None or cached[0] != key:
                 cached = (key, self._entry(name, cid, key[1:3], periods, now))
+                self.rendered_components += 1
             entries[name] = cached
             fragments.append(cached[1])
-        self.rendered_components = sum(
-            1 for name, entry in entries.items() if previous.get(name) is not entry
-        )
         self._entries = entries
         head: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
