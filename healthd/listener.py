@@ -57,14 +57,13 @@ class HttpListener:
 
     Binding happens in the constructor, so a busy address fails fast, before any check runs.
     A hostile or careless client can cost healthd little (``ListenerLimits``): at most
-    ``max_connections`` are held
-    (a new one evicts the one that has waited longest for a request, or is closed at once when
-    every slot is busy answering), a connection that has not sent a complete request (head,
-    and body where bodies are read) within ``idle_timeout_seconds`` of opening or of its
-    previous answer is closed (idle keep-alive and slowloris alike), a head longer than
-    ``max_head_bytes`` is refused, and an answer not read within ``write_timeout_seconds`` is
-    dropped. HTTP/1.1 connections are kept alive between requests; HTTP/1.0 ones are closed
-    after the answer.
+    ``max_connections`` are held (a new one evicts the one that has waited longest for a
+    request, or is closed at once when every slot is busy answering), a connection that has
+    not sent a complete request (head, and body where bodies are read) within
+    ``idle_timeout_seconds`` of opening or of its previous answer is closed (idle keep-alive
+    and slowloris alike), a head longer than ``max_head_bytes`` is refused, and an answer not
+    read within ``write_timeout_seconds`` is dropped. HTTP/1.1 connections are kept alive
+    between requests; HTTP/1.0 ones are closed after the answer.
 
     With ``max_body_bytes`` 0, a request body is never read: the request is answered, then the
     connection closed. Otherwise bodies up to that size are read and handed to ``_answer``; a
