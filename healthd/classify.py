@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Any, cast
 
 from healthd.config import CheckBase
-from healthd.findings import format_seconds
+from healthd.findings import above_limit, format_seconds
 from healthd.maintenance import Window
 from healthd.maintenance import active as maintenance_windows
 from healthd.model import (
@@ -47,17 +47,16 @@ def judge(
 
 def check_latency(check: CheckBase, observation: Observation, finding: Finding) -> Finding:
     """Turn a healthy finding degraded when the check took longer than ``degraded_latency``."""
-    limit = check.degraded_latency
-    if finding.status is not Status.HEALTHY or limit is None:
+    if finding.status is not Status.HEALTHY:
         return finding
-    if observation.latency_seconds <= limit:
-        return finding
-    return Finding(
-        Status.DEGRADED,
+    slow = above_limit(
+        observation.latency_seconds,
+        check.degraded_latency,
         "slow",
-        f"{finding.reason}, but took {format_seconds(observation.latency_seconds)} "
-        f"(limit {format_seconds(limit)})",
+        "{reason}, but took {value} (limit {limit})",
+        facts={"reason": finding.reason},
     )
+    return slow or finding
 
 
 # --- hysteresis ----------------------------------------------------------------------------
