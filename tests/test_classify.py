@@ -796,6 +796,13 @@ def test_judging_only_the_changes_gives_what_judging_everything_gives() -> None:
             Finding(D, "slow", "GET / returned 200, but took 300 ms (limit 250 ms)"),
             id="milliseconds",
         ),
+        pytest.param(
+            Finding(H, "ok", 'GET / returned {"up": 1}'),
+            2.0,
+            "1s",
+            Finding(D, "slow", 'GET / returned {"up": 1}, but took 2 s (limit 1 s)'),
+            id="braces-in-the-reason-are-text",
+        ),
         pytest.param(OK, 99.0, None, OK, id="no-limit"),
         pytest.param(FAIL, 5.0, "1s", FAIL, id="failure-keeps-its-reason"),
         pytest.param(SLOW, 5.0, "1s", SLOW, id="degraded-keeps-its-reason"),
