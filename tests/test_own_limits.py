@@ -282,3 +282,13 @@ def test_a_freed_scrape_text_goes_back_to_the_system() -> None:
         [sys.executable, "-c", _SCRAPES], env=env, capture_output=True, text=True, check=True
     ).stdout.split()
     assert kept[0] == "False"
+
+
+def test_httpx_s_command_line_is_never_imported() -> None:
+    # rich and click are installed here (MLflow brings them), so httpx would import its CLI.
+    script = "import healthd.cli, healthd.probes.http, httpx, sys; print(sorted(m for m in "
+    script += "('rich', 'click', 'pygments', 'httpx._main') if sys.modules.get(m)), httpx.main)"
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.startswith("[] <function main"), out
