@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
+from healthd.exporters._fragments import FragmentCache
 from healthd.exporters.metrics import Exposition, MetricsServer, exposition
 from healthd.model import ComponentState, Histogram, Status
 from healthd.state import StateStore
@@ -262,6 +265,39 @@ def test_a_scrape_renders_only_the_components_whose_state_changed(store: StateSt
     store.record(_state("backup", "tcp", Status.HEALTHY), stale_after_seconds=60)
     assert renderer.render(store.snapshot()) == exposition(store.snapshot(), "1.2.3")
     assert renderer.rendered_components == 1
+
+
+def test_cached_columns_are_what_a_fresh_render_gives_through_any_changes() -> None:
+    # Fragments of every length, empty ones included, while components change, come and go.
+    rng = random.Random(7)
+    renders = 0
+
+    def render(name: str, state: ComponentState) -> tuple[bytes, ...]:
+        nonlocal renders
+        renders += 1
+        size = state.consecutive_failures
+        return (f"{name}:{size};".encode(), b"x" * size, b"" if size % 3 else name.encode())
+
+    def fresh(world: dict[str, ComponentState]) -> list[bytes]:
+        rows = [render(name, world[name]) for name in sorted(world)]
+        return [b"".join(column) for column in zip(*rows, strict=True)] if rows else [b""] * 3
+
+    cache = FragmentCache(render, 3)
+    world: dict[str, ComponentState] = {}
+    for _ in range(300):
+        for _ in range(rng.randrange(4)):
+            name = f"c{rng.randrange(40):02d}"
+            if rng.random() < 0.2:
+                world.pop(name, None)
+            else:
+                size = rng.randrange(6)
+                world[name] = dataclasses.replace(
+                    _state(name, "tcp", Status.HEALTHY), consecutive_failures=size
+                )
+        renders = 0
+        columns = list(cache.update(world))
+        assert cache.rendered_components == renders
+        assert columns == fresh(world)
 
 
 def test_the_per_component_histogram_is_a_config_choice(store: StateStore) -> None:

@@ -216,9 +216,9 @@ class Exposition:
         self._version = version
         self._headers = _component_headers(check_duration_histogram)
         self._lock = threading.Lock()
-        # One row per component: its pieces of every family, in the families' order.
-        self._rows: FragmentCache[tuple[bytes, ...]] = FragmentCache(
-            functools.partial(_fragments, histogram=check_duration_histogram), ()
+        # One column per family: every component's samples of it, in name order.
+        self._rows = FragmentCache(
+            functools.partial(_fragments, histogram=check_duration_histogram), len(self._headers)
         )
 
     @property
@@ -228,19 +228,24 @@ class Exposition:
 
     def render(self, snapshot: Snapshot) -> bytes:
         """healthd's metrics for ``snapshot`` in the Prometheus text format (0.0.4)."""
-        with self._lock:
-            rows = self._rows.update(snapshot.components)
-            # One join per family, then one of the families: each C call holds the GIL (and so
-            # the event loop) for a few megabytes at most, not for every fragment at once.
-            columns = zip(*rows, strict=True) if rows else ((),) * len(self._headers)
-            parts: list[bytes] = []
-            for header, column in zip(self._headers, columns, strict=True):
-                parts += (header, b"".join(column))
-        out = _Writer()
-        _overall(out, snapshot)
-        _daemon(out, snapshot, self._version)
-        parts.append(out.text())
+        parts: list[bytes] = []
+        self.write(snapshot, parts.append)
         return b"".join(parts)
+
+    def write(self, snapshot: Snapshot, out: Callable[[bytes], object]) -> None:
+        """Hand ``render``'s text to ``out`` in pieces of at most one family each, so that a
+        compressor never needs the whole text at once."""
+        with self._lock:
+            # Each column is one family's samples for every component, kept whole: a family
+            # is one C call, holding the GIL (and so the event loop) for a megabyte at most.
+            columns = self._rows.update(snapshot.components)
+            for header, column in zip(self._headers, columns, strict=True):
+                out(header)
+                out(column)
+        tail = _Writer()
+        _overall(tail, snapshot)
+        _daemon(tail, snapshot, self._version)
+        out(tail.text())
 
 
 def exposition(snapshot: Snapshot, version: str, *, check_duration_histogram: bool = True) -> bytes:
@@ -376,39 +381,33 @@ class MetricsServer(HttpListener):
         self._renderer = Exposition(version, check_duration_histogram=check_duration_histogram)
         self._process = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self._process)
-        self._cache_lock = threading.Lock()
-        self._cache: tuple[int, bytes] = (-1, b"")
+        self._gzip_lock = threading.Lock()
         self._gzip_level = gzip_level
-        self._gzip_cache: tuple[bytes, bytes, Any] | None = None
+        self._gzip_cache: tuple[int, bytes, Any] | None = None
 
     def exposition(self) -> bytes:
-        """The text format for the current snapshot, rendered at most once per version."""
-        text = self._snapshot_text()
-        return text + generate_latest(self._process)
+        """The text format for the current snapshot. Not kept: Prometheus asks for gzip, and
+        the text of 10,000 components is 10 MB that would sit in memory between scrapes."""
+        return self._renderer.render(self._source()) + generate_latest(self._process)
 
     def exposition_gzip(self) -> bytes:
         """``exposition()``, gzip-compressed. The snapshot's part is compressed once per
-        rendered text; each scrape compresses only the few process metrics after it."""
-        text = self._snapshot_text()
-        cached = self._gzip_cache
-        if cached is None or cached[0] is not text:
-            compressor = zlib.compressobj(self._gzip_level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-            cached = (text, compressor.compress(text), compressor)
-            self._gzip_cache = cached
+        snapshot version, family by family; each scrape compresses only the few process
+        metrics after it."""
+        snapshot = self._source()
+        with self._gzip_lock:
+            cached = self._gzip_cache
+            if cached is None or cached[0] != snapshot.version:
+                compressor = zlib.compressobj(self._gzip_level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+                parts: list[bytes] = []
+                self._renderer.write(snapshot, lambda text: parts.append(compressor.compress(text)))
+                cached = (snapshot.version, b"".join(parts), compressor)
+                self._gzip_cache = cached
         _, prefix, compressor = cached
         # A copy of the compressor holds the state after the snapshot's text, so the result
         # is one gzip member (some clients read only the first) with the right CRC and length.
         tail = compressor.copy()
         return prefix + tail.compress(generate_latest(self._process)) + tail.flush()
-
-    def _snapshot_text(self) -> bytes:
-        snapshot = self._source()
-        with self._cache_lock:
-            version, text = self._cache
-            if version != snapshot.version:
-                text = self._renderer.render(snapshot)
-                self._cache = (snapshot.version, text)
-        return text
 
     def _answer(self, request: h11.Request, body: bytes) -> Reply:
         method = request.method.decode("ascii", "replace")

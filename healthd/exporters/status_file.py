@@ -124,7 +124,8 @@ class StatusDocument:
         self._redactor = redactor
         self._details = details
         self._lock = threading.Lock()
-        self._entries: FragmentCache[bytes] = FragmentCache(self._fragment, b"")
+        # One column: every component's entry followed by a comma.
+        self._entries = FragmentCache(self._fragment, 1)
 
     @property
     def rendered_components(self) -> int:
@@ -134,17 +135,18 @@ class StatusDocument:
     def render(self, snapshot: Snapshot) -> bytes:
         """The document for ``snapshot``, compact UTF-8 JSON with a trailing newline."""
         with self._lock:
-            body = b",".join(self._entries.update(snapshot.components))
+            (entries,) = self._entries.update(snapshot.components)
         head = _head(snapshot)
         if self._redactor is not None:
             head = self._redactor.scrub_tree(head)
+        body = memoryview(entries)[:-1]  # without the last entry's comma
         return b"".join((_dumps(head)[:-1], b',"components":{', body, b"}}\n"))
 
-    def _fragment(self, name: str, state: ComponentState) -> bytes:
+    def _fragment(self, name: str, state: ComponentState) -> tuple[bytes]:
         entry = {name: _component(state, self._details)}
         if self._redactor is not None:
             entry = self._redactor.scrub_tree(entry)
-        return _dumps(entry)[1:-1]
+        return (_dumps(entry)[1:-1] + b",",)
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
