@@ -23,7 +23,7 @@ import httpx
 from healthd.config import HttpCheck, ServiceCheckBase
 from healthd.findings import OK, failed, format_seconds, judge_conditions
 from healthd.model import Failure, Finding, Observation, Status
-from healthd.probes._context import ProbeContext
+from healthd.probes._context import Lease, ProbeContext
 from healthd.probes._errors import CLIENT_TIMEOUT_SHARE, network_failure
 from healthd.probes._transport import KEEPALIVE_IDLE_SECONDS, ProbeTransport
 from healthd.quoting import quote
@@ -91,8 +91,8 @@ def build_client(
         )
         return client, transport
 
-    (client, transport), give_back = ctx.shared.lease(key, create, _close_client)
-    return ProbeClient(client, transport, give_back, keep_requests=keep_alive)
+    (client, transport), lease = ctx.shared.lease(key, create, _close_client)
+    return ProbeClient(client, transport, lease, keep_requests=keep_alive)
 
 
 async def _close_client(pair: tuple[httpx.AsyncClient, ProbeTransport]) -> None:
@@ -144,17 +144,20 @@ class ProbeClient:
     #: Prepared requests kept per check; a preset sends at most a handful.
     _MAX_PREPARED = 32
 
+    # One per check: slotted, it costs 0.1 KiB rather than 0.4 with an instance dict.
+    __slots__ = ("_keep_requests", "_lease", "_plain_key", "_prepared", "_transport", "client")
+
     def __init__(
         self,
         client: httpx.AsyncClient,
         transport: httpx.AsyncBaseTransport,
-        give_back: Callable[[], Awaitable[None]] | None = None,
+        lease: Lease | None = None,
         *,
         keep_requests: bool = True,
     ) -> None:
         self.client = client
         self._transport = transport
-        self._give_back = give_back
+        self._lease = lease
         self._keep_requests = keep_requests
         self._prepared: dict[tuple[Any, ...], _Prepared] = {}
         #: Without kept requests: the last request known not to redirect, so that it goes
@@ -223,10 +226,10 @@ class ProbeClient:
     async def aclose(self) -> None:
         """Give the shared client back; the last check to hold it closes it."""
         self._prepared.clear()
-        if self._give_back is None:
+        if self._lease is None:
             await self.client.aclose()
         else:
-            await self._give_back()
+            await self._lease.give_back()
 
 
 @dataclass(slots=True)
