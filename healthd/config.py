@@ -135,7 +135,7 @@ class DaemonConfig(Strict):
     timeout: Duration = 5.0
     #: ``None``: sized from the checks (``scheduler.concurrency_limit``).
     max_concurrency: int | None = Field(default=None, ge=1, le=10_000)
-    #: ``None``: 1 ms per check (``scheduler.startup_spread``).
+    #: ``None``: 1 ms per check, 2 ms beyond 1,000 (``scheduler.startup_spread``).
     startup_spread: Duration | None = None
     #: At least this long between two status file writes, however many components change.
     status_file_min_interval: Duration = 1.0

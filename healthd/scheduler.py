@@ -1,10 +1,10 @@
 """The scheduler: drift-free, deadline-bound, and blind to protocols.
 
 Each check starts at ``t0 + offset + k * interval``; the offset is a deterministic jitter from
-the component's name. The first round is staggered over ``startup_spread`` (1 ms per check by
-default, so first verdicts come quickly); from the second run on, each check keeps its phase
-within its whole interval, so that 10,000 checks every minute start evenly through the minute
-instead of in a burst of ten seconds each round.
+the component's name. The first round is staggered over ``startup_spread`` (1 ms per check,
+2 ms beyond 1,000, by default, so first verdicts come quickly); from the second run on, each
+check keeps its phase within its whole interval, so that 10,000 checks every minute start
+evenly through the minute instead of in a burst each round.
 A check's next start is scheduled only when its run ends, so a check can never overlap itself,
 and a probe that overruns its interval skips the ticks it missed instead of bunching them up.
 
@@ -72,8 +72,15 @@ def wakeup_granularity(interval_seconds: float) -> float:
 #: targets beyond the config's own share, still finds a free slot.
 CONCURRENCY_HEADROOM = 2.0
 CONCURRENCY_FLOOR = 64
-#: The default first round starts this many checks a second, about what one core can probe.
+#: The default first round starts this many checks a second for its first thousand checks: a
+#: second's burst of short probes is absorbed, and a fleet of 1,000 is ready in about 1.5 s.
 STARTUP_CHECKS_PER_SECOND = 1000.0
+#: ... and this many beyond: the rate one core sustains for first runs, which build each
+#: check's client and request and so cost about 1 ms of CPU at 10,000 checks. At 1,000 a
+#: second the first round of 10,000 kept the loop saturated (10.5 s of CPU in 11.2 s), probes
+#: queued by the thousand (2,000-6,700 tasks) and RSS peaked at 134-167 MiB, a high-water mark
+#: the heap kept; at 500 a second, 80 tasks and 111-115 MiB (2026-11-30, docs/performance.md).
+LARGE_STARTUP_CHECKS_PER_SECOND = 500.0
 
 
 def concurrency_limit(config: Config) -> int:
@@ -92,11 +99,14 @@ def concurrency_limit(config: Config) -> int:
 
 
 def startup_spread(config: Config) -> float:
-    """``startup_spread`` if set, else 1 ms per check: a first round of 10 checks starts within
-    10 ms, one of 1,000 within a second, and no burst exceeds what one core can probe."""
+    """``startup_spread`` if set, else 1 ms per check for the first 1,000 and 2 ms for each
+    beyond: a first round of 10 checks starts within 10 ms, one of 1,000 within a second, one
+    of 10,000 within 19 s, and no burst exceeds what one core can probe."""
     if config.daemon.startup_spread is not None:
         return config.daemon.startup_spread
-    return len(config.checks()) / STARTUP_CHECKS_PER_SECOND
+    checks = len(config.checks())
+    small = min(checks, int(STARTUP_CHECKS_PER_SECOND))
+    return small / STARTUP_CHECKS_PER_SECOND + (checks - small) / LARGE_STARTUP_CHECKS_PER_SECOND
 
 
 def stale_after(check: CheckBase) -> float:

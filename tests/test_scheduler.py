@@ -344,10 +344,15 @@ def test_default_concurrency_has_a_slot_for_every_hung_check_with_headroom() -> 
     assert concurrency_limit(_config({"a": _tcp(1.0)}, max_concurrency=7)) == 7
 
 
-def test_default_startup_spread_is_a_millisecond_per_check() -> None:
-    assert startup_spread(
-        _config({f"c{i}": _tcp(1.0) for i in range(10)}, startup_spread=None)
-    ) == (0.01)
+def test_default_startup_spread_is_a_millisecond_per_check_then_two() -> None:
+    def spread(checks: int) -> float:
+        checks_ = {f"c{i}": _tcp(60.0) for i in range(checks)}
+        return startup_spread(_config(checks_, startup_spread=None))
+
+    assert spread(10) == 0.01
+    assert spread(1000) == 1.0
+    # Beyond a thousand, first runs come at the rate one core sustains.
+    assert spread(3000) == 5.0
     assert startup_spread(_config({"a": _tcp(1.0)}, startup_spread=2.0)) == 2.0
 
 
