@@ -176,9 +176,6 @@ class Daemon:
                     self.push.start()
                     self.push.persist_soon()
                     log.info("heartbeat pings on http://%s:%d/ping/NAME", *self.push.address)
-                # Modules and the config first, so that collections during the first round do
-                # not walk them; then what the first round built.
-                _freeze_startup_objects()
                 tg.start_soon(self.scheduler.run, self._config)
                 tg.start_soon(self._serve_control)
                 await self._first_round()
