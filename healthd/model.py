@@ -101,6 +101,11 @@ class Histogram:
         return Histogram(self.upper_bounds, tuple(counts), self.sum + value)
 
 
+#: The ``durations`` of every state while they are not exported (``check_duration_histogram``
+#: off): one shared empty histogram, rendered as zeros if the export is switched on by a reload.
+UNTRACKED_DURATIONS = Histogram.empty(DURATION_BUCKETS_SECONDS)
+
+
 @dataclass(frozen=True, slots=True)
 class Maintenance:
     """Planned maintenance a component is in: until when (Unix seconds), why, and who said so

@@ -197,6 +197,8 @@ class Scheduler:
         self._on_change = on_change
         self._on_result = on_result
         self._running: dict[str, _Check] = {}
+        #: Whether states keep each check's latency histogram: only when it is exported.
+        self._track_durations = True
         #: (wake-up time, tie-breaker, check): every check's next start.
         self._due: list[tuple[float, int, _Check]] = []
         self._sequence = itertools.count()
@@ -232,7 +234,7 @@ class Scheduler:
         """
         tg = self._task_group
         assert tg is not None, "apply() needs run() to be running"
-        self._limiter.total_tokens = self._max_concurrency or concurrency_limit(config)
+        self._follow(config)
         spread = startup_spread(config) if self._spread is None else self._spread
         wanted = config.checks()
         for kind in {check.kind for check in wanted.values()}:
@@ -263,6 +265,11 @@ class Scheduler:
                 )
                 self._running[name] = entry
                 self._schedule(entry)
+
+    def _follow(self, config: Config) -> None:
+        """Take the settings that come from each config applied rather than from a check."""
+        self._limiter.total_tokens = self._max_concurrency or concurrency_limit(config)
+        self._track_durations = config.daemon.check_duration_histogram
 
     def lagging(self, now: float, grace_seconds: float) -> list[str]:
         """Checks that have not completed within two intervals and a timeout: a stuck loop."""
@@ -388,6 +395,7 @@ class Scheduler:
             finding=finding,
             observation=observation,
             now=self._clock(),
+            track_durations=self._track_durations,
         )
         self._store.record(state, stale_after_seconds=stale_after(check))
         if self._on_result is not None:
@@ -459,7 +467,7 @@ class Scheduler:
                 with anyio.CancelScope(shield=True):
                     await ctx.aclose()
 
-        self._limiter.total_tokens = self._max_concurrency or concurrency_limit(config)
+        self._follow(config)
         async with anyio.create_task_group() as tg:
             for name, check in config.checks().items():
                 tg.start_soon(one, name, check)

@@ -25,7 +25,15 @@ from healthd.config import Condition
 from healthd.exporters.metrics import exposition
 from healthd.findings import failed, format_seconds, judge_conditions, worst
 from healthd.maintenance import Window
-from healthd.model import ComponentState, Failure, Finding, Observation, Status
+from healthd.model import (
+    DURATION_BUCKETS_SECONDS,
+    UNTRACKED_DURATIONS,
+    ComponentState,
+    Failure,
+    Finding,
+    Observation,
+    Status,
+)
 from healthd.probes import PROBES, ProbeContext
 from healthd.scheduler import Scheduler
 from healthd.state import StateStore
@@ -49,12 +57,13 @@ def replay(
     *,
     latencies: Sequence[float] | None = None,
     start: float = 1000.0,
+    tracked: Sequence[bool] | None = None,
+    previous: ComponentState | None = None,
     **policy: Any,
 ) -> list[ComponentState]:
     """Feed findings one by one, 10 s apart, and return every state along the way."""
     the_check = check(**policy)
     states: list[ComponentState] = []
-    previous = None
     for i, finding in enumerate(findings):
         latency = latencies[i] if latencies else 0.01
         previous = next_state(
@@ -64,6 +73,7 @@ def replay(
             finding=finding,
             observation=Observation(latency, facts={"step": i}),
             now=start + 10 * i,
+            track_durations=tracked[i] if tracked else True,
         )
         states.append(previous)
     return states
@@ -219,6 +229,22 @@ def test_every_latency_lands_in_the_histogram() -> None:
     assert bounds[10.0] == 3
     assert durations.buckets[-1] == 4  # +Inf
     assert states[-1].latency_seconds == 20.0
+
+
+def test_durations_not_exported_are_one_shared_empty_histogram() -> None:
+    # Off (check_duration_histogram = false, the default), then switched on by a reload.
+    states = replay(
+        [OK, FAIL, OK, OK], latencies=[0.003, 7.0, 0.25, 20.0], tracked=[False, False, True, True]
+    )
+    assert states[0].durations is states[1].durations is UNTRACKED_DURATIONS
+    assert UNTRACKED_DURATIONS.count == 0
+    assert UNTRACKED_DURATIONS.upper_bounds == DURATION_BUCKETS_SECONDS
+    # Tracking starts from empty: the two observations made while on.
+    assert states[-1].durations.count == 2
+    assert states[-1].durations.sum == pytest.approx(20.25)
+    # And stops again without keeping a copy per state.
+    off = replay([OK], tracked=[False], previous=states[-1])
+    assert off[0].durations is UNTRACKED_DURATIONS
 
 
 def test_state_carries_identity_and_details_of_the_latest_observation() -> None:
