@@ -737,14 +737,19 @@ class HistoryExport:
         #: The last two days' milliseconds up and checked, by day and component id: read once
         #: a day, then kept up to date from the rows the writer commits (``written``).
         self._recent: dict[int, dict[int, list[int]]] | None = None
-        #: Per component: what its entry was rendered from, and the entry.
-        self._entries: dict[str, tuple[tuple[Any, ...], bytes]] = {}
+        #: Per component: what its entry was rendered from, and the entry as its JSON key
+        #: (with the colon) and its JSON value.
+        self._entries: dict[str, tuple[tuple[Any, ...], bytes, bytes]] = {}
+        #: Every distinct entry value, once: components with the same days and incidents (a
+        #: healthy fleet, mostly) share one, where each kept a 0.5 KiB copy.
+        self._values: dict[bytes, bytes] = {}
         #: How many components the last ``render`` had to render afresh.
         self.rendered_components = 0
 
     def forget_entries(self) -> None:
         """Render every entry afresh next time (the redactor's secrets changed)."""
         self._entries.clear()
+        self._values.clear()
 
     def forget_recent(self) -> None:
         """Read the last two days from the database again next time (rows were deleted)."""
@@ -782,7 +787,7 @@ class HistoryExport:
         ids: dict[str, int] = dict(db.execute("SELECT name, id FROM components").fetchall())
         incidents = self.cache.incidents
         previous, entries = self._entries, {}
-        fragments = []
+        fragments: list[bytes] = []
         self.rendered_components = 0
         for name in components:
             cid = ids.get(name)
@@ -798,11 +803,15 @@ class HistoryExport:
                 key = (cid, _share(yesterday.get(cid)), _share(latest.get(cid)), periods, until)
             cached = previous.get(name)
             if cached is None or cached[0] != key:
-                cached = (key, self._entry(name, cid, key[1:3], periods, now))
+                cached = (key, *self._entry(name, cid, key[1:3], periods, now))
                 self.rendered_components += 1
             entries[name] = cached
-            fragments.append(cached[1])
+            fragments += (cached[1], cached[2], b",")
         self._entries = entries
+        if len(self._values) > 2 * len(entries) + 64:
+            self._values = {value: value for _, _, value in entries.values()}
+        if fragments:
+            fragments.pop()  # the last entry's comma
         head: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "generated_at": iso_timestamp(now),
@@ -811,7 +820,7 @@ class HistoryExport:
         }
         if self._redactor is not None:
             head = self._redactor.scrub_tree(head)
-        return b"".join((_dumps(head)[:-1], b',"components":{', b",".join(fragments), b"}}\n"))
+        return b"".join((_dumps(head)[:-1], b',"components":{', *fragments, b"}}\n"))
 
     def _entry(
         self,
@@ -820,7 +829,8 @@ class HistoryExport:
         recent: tuple[Any, ...],
         periods: list[_Period],
         now: float,
-    ) -> bytes:
+    ) -> tuple[bytes, bytes]:
+        """One component's entry: its JSON key with the colon, and its (shared) JSON value."""
         daily: list[float | None] = [None] * EXPORT_DAYS
         if cid is not None:
             settled = self._settled.get(cid) or (None,) * (EXPORT_DAYS - 2)
@@ -832,7 +842,9 @@ class HistoryExport:
         entry: dict[str, Any] = {name: {"daily_uptime": daily, "incidents": found}}
         if self._redactor is not None:
             entry = self._redactor.scrub_tree(entry)
-        return _dumps(entry)[1:-1]
+        ((key, value),) = entry.items()
+        rendered = _dumps(value)
+        return _dumps(key) + b":", self._values.setdefault(rendered, rendered)
 
 
 # --- ``healthd history`` -------------------------------------------------------------------

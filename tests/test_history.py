@@ -223,6 +223,9 @@ def test_history_json_renders_again_only_the_components_whose_history_changed(
             run.check(name, Status.HEALTHY, at)
     run.check("c03", Status.UNHEALTHY, T0 + 40, reason=f"down, token {SECRET}")
     assert export() == 21
+    # Entries alike are kept once: the healthy ones, c03, and "new" (never checked).
+    values = [value for _, _, value in recorder._export._entries.values()]
+    assert len({id(value) for value in values}) == len(set(values)) == 3
 
     now[0] += 60  # a round of checks that changes no share: only c03's open incident grew
     for name in names:
