@@ -737,8 +737,8 @@ class HistoryExport:
         #: The last two days' milliseconds up and checked, by day and component id: read once
         #: a day, then kept up to date from the rows the writer commits (``written``).
         self._recent: dict[int, dict[int, list[int]]] | None = None
-        #: Per component: what its entry was rendered from, and the entry as its JSON key
-        #: (with the colon) and its JSON value.
+        #: Per component: what its entry was rendered from, and the entry as a comma, its JSON
+        #: key and a colon, then its JSON value.
         self._entries: dict[str, tuple[tuple[Any, ...], bytes, bytes]] = {}
         #: Every distinct entry value, once: components with the same days and incidents (a
         #: healthy fleet, mostly) share one, where each kept a 0.5 KiB copy.
@@ -806,12 +806,12 @@ class HistoryExport:
                 cached = (key, *self._entry(name, cid, key[1:3], periods, now))
                 self.rendered_components += 1
             entries[name] = cached
-            fragments += (cached[1], cached[2], b",")
+            fragments += cached[1:]
         self._entries = entries
         if len(self._values) > 2 * len(entries) + 64:
             self._values = {value: value for _, _, value in entries.values()}
         if fragments:
-            fragments.pop()  # the last entry's comma
+            fragments[0] = fragments[0][1:]  # no comma before the first entry
         head: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "generated_at": iso_timestamp(now),
@@ -830,7 +830,7 @@ class HistoryExport:
         periods: list[_Period],
         now: float,
     ) -> tuple[bytes, bytes]:
-        """One component's entry: its JSON key with the colon, and its (shared) JSON value."""
+        """One component's entry: a comma, its JSON key and a colon; its (shared) JSON value."""
         daily: list[float | None] = [None] * EXPORT_DAYS
         if cid is not None:
             settled = self._settled.get(cid) or (None,) * (EXPORT_DAYS - 2)
@@ -844,7 +844,7 @@ class HistoryExport:
             entry = self._redactor.scrub_tree(entry)
         ((key, value),) = entry.items()
         rendered = _dumps(value)
-        return _dumps(key) + b":", self._values.setdefault(rendered, rendered)
+        return b"," + _dumps(key) + b":", self._values.setdefault(rendered, rendered)
 
 
 # --- ``healthd history`` -------------------------------------------------------------------
