@@ -73,7 +73,7 @@ def wakeup_granularity(interval_seconds: float) -> float:
 CONCURRENCY_HEADROOM = 2.0
 CONCURRENCY_FLOOR = 64
 #: The default first round starts this many checks a second for its first thousand checks: a
-#: second's burst of short probes is absorbed, and a fleet of 1,000 is ready in about 1.5 s.
+#: second's burst of short probes is absorbed, and a fleet of 1,000 is ready in under 2 s.
 STARTUP_CHECKS_PER_SECOND = 1000.0
 #: ... and this many beyond: the rate one core sustains for first runs, which build each
 #: check's client and request and so cost about 1 ms of CPU at 10,000 checks. At 1,000 a

@@ -18,7 +18,7 @@ import anyio
 import pytest
 
 from healthd.config import Config
-from healthd.model import ComponentState, Observation, Status
+from healthd.model import UNTRACKED_DURATIONS, ComponentState, Observation, Status
 from healthd.probes import PROBES, ProbeContext, ProbeKind
 from healthd.probes import tcp as tcp_probe
 from healthd.scheduler import Scheduler, concurrency_limit, phase_offset, startup_spread
@@ -238,6 +238,23 @@ async def test_first_round_event_waits_for_every_check() -> None:
         release.set()
         await scheduler.first_round_done.wait()
         assert store.get("slow") is not None
+
+
+@pytest.mark.asyncio
+async def test_states_keep_latencies_only_while_the_config_exports_them() -> None:
+    store = StateStore()
+    scheduler = Scheduler(store, probes=_Recorder(_at_once).table)
+    components = {"a": _named(5, 1, "a")}
+    for exported in (True, True, False):
+        await scheduler.run_round(_config(components, check_duration_histogram=exported))
+    state = store.get("a")
+    assert state is not None
+    assert state.durations is UNTRACKED_DURATIONS
+    # Switched on again (a reload, say): counted from empty.
+    await scheduler.run_round(_config(components, check_duration_histogram=True))
+    state = store.get("a")
+    assert state is not None
+    assert state.durations.count == 1
 
 
 @pytest.mark.asyncio
