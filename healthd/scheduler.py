@@ -78,7 +78,7 @@ STARTUP_CHECKS_PER_SECOND = 1000.0
 #: ... and this many beyond: the rate one core sustains for first runs, which build each
 #: check's client and request and so cost about 1 ms of CPU at 10,000 checks. At 1,000 a
 #: second the first round of 10,000 kept the loop saturated (10.5 s of CPU in 11.2 s), probes
-#: queued by the thousand (2,000-6,700 tasks) and RSS peaked at 134-167 MiB, a high-water mark
+#: queued by the thousand (2,200-6,700 tasks) and RSS peaked at 134-167 MiB, a high-water mark
 #: the heap kept; at 500 a second, 80 tasks and 111-115 MiB (2026-11-30, docs/performance.md).
 LARGE_STARTUP_CHECKS_PER_SECOND = 500.0
 
