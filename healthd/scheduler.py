@@ -464,8 +464,7 @@ class Scheduler:
             try:
                 await self.run_once(name, check, self._probes[check.kind], ctx)
             finally:
-                with anyio.CancelScope(shield=True):
-                    await ctx.aclose()
+                await _close(ctx)
 
         self._follow(config)
         async with anyio.create_task_group() as tg:
