@@ -342,9 +342,7 @@ def judge_world(
             if base is None or base.status is healthy_status:
                 continue
             prior = prev_evidenced[name][0] if name in prev_evidenced else prev_judged.get(name)
-            prior_base = (
-                prev_maintained.get(name) or prev_stale.get(name) or prev_measured.get(name)
-            )
+            prior_base = _base_in(name, prev_maintained, prev_stale, prev_measured)
             if prior is not None and prior.impacted_by == impacted_by and prior_base is base:
                 judged[name] = prior
             else:
@@ -354,9 +352,8 @@ def judge_world(
     if witnessed := [state.name for state in troubled if state.evidence]:
         evidenced = _append_evidence(judged, witnessed, prev_judged, prev_evidenced)
         differs.extend(witnessed)
-    counted = [state for state in troubled if state.maintenance is None]
-    critical = sum(1 for state in counted if state.critical and state.status is unhealthy_status)
-    verdict = _verdict(critical, len(counted))
+    critical, counted = _tally(troubled)
+    verdict = _verdict(critical, counted)
     return World(
         measured,
         MappingProxyType(stale),
@@ -370,7 +367,7 @@ def judge_world(
         evidenced,
         MappingProxyType(maintained),
         critical,
-        len(counted),
+        counted,
     )
 
 
@@ -437,6 +434,15 @@ def _counts(state: ComponentState | None) -> tuple[int, int]:
     if state is None or state.maintenance is not None or state.status is Status.HEALTHY:
         return 0, 0
     return (1 if state.critical and state.status is Status.UNHEALTHY else 0), 1
+
+
+def _tally(states: Iterable[ComponentState]) -> tuple[int, int]:
+    """``_counts`` summed over ``states``: critical and unhealthy, and not healthy."""
+    critical = troubled = 0
+    for state in states:
+        adds = _counts(state)
+        critical, troubled = critical + adds[0], troubled + adds[1]
+    return critical, troubled
 
 
 def _judge_changes(
@@ -635,11 +641,6 @@ def _upwards(dependents: Mapping[str, Sequence[str]], starts: Iterable[str]) -> 
 
 def overall(states: Iterable[ComponentState]) -> Status:
     """Unhealthy if a critical component is; degraded if any is degraded, or a non-critical one
-    is unhealthy; healthy otherwise (including when there are no components)."""
-    verdict = Status.HEALTHY
-    for state in states:
-        if state.status is Status.UNHEALTHY and state.critical:
-            return Status.UNHEALTHY
-        if state.status is not Status.HEALTHY:
-            verdict = Status.DEGRADED
-    return verdict
+    is unhealthy; healthy otherwise (including when there are no components). Components in
+    maintenance are left out, as ``judge_world`` leaves them out."""
+    return _verdict(*_tally(states))
