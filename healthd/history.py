@@ -28,7 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from healthd.config import Config, DetailLevel
-from healthd.exporters.status_file import iso_timestamp, write_atomic
+from healthd.exporters.status_file import (
+    compact_json,
+    iso_timestamp,
+    render_with_components,
+    write_atomic,
+)
 from healthd.model import ComponentState, Status
 from healthd.secrets import Redactor
 from healthd.state import STALE_INTERVALS, StateStore
@@ -693,22 +698,17 @@ def export_document(
             for incident in found:
                 del incident["reason"]
         out[name] = {"daily_uptime": daily or [None] * EXPORT_DAYS, "incidents": found}
+    return {**_head(now, first), "components": out}
+
+
+def _head(now: float, first_day_at: float) -> dict[str, Any]:
+    """Everything in ``history.json`` before its components."""
     return {
         "schema_version": SCHEMA_VERSION,
         "generated_at": iso_timestamp(now),
         "days": EXPORT_DAYS,
-        "first_day": datetime.fromtimestamp(first, UTC).strftime("%Y-%m-%d"),
-        "components": out,
+        "first_day": datetime.fromtimestamp(first_day_at, UTC).strftime("%Y-%m-%d"),
     }
-
-
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def _render(doc: dict[str, Any]) -> bytes:
-    """The whole document at once: what ``HistoryExport.render`` must equal, byte for byte."""
-    return _dumps(doc) + b"\n"
 
 
 class HistoryExport:
@@ -720,7 +720,8 @@ class HistoryExport:
     loop) throughout. Here an export reads the two days that still change, compares each
     component's inputs with its last entry's and joins the entries. Once a day the window moves
     and every entry is rendered again. The bytes equal
-    ``_render(redactor.scrub_tree(export_document(...)))``. Used from one thread at a time.
+    ``status_file.render(redactor.scrub_tree(export_document(...)))``. Used from one thread at
+    a time.
 
     :param redactor: scrubs every entry; call ``forget_entries`` when its secrets change.
     """
@@ -812,15 +813,10 @@ class HistoryExport:
             self._values = {value: value for _, _, value in entries.values()}
         if fragments:
             fragments[0] = fragments[0][1:]  # no comma before the first entry
-        head: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
-            "generated_at": iso_timestamp(now),
-            "days": EXPORT_DAYS,
-            "first_day": datetime.fromtimestamp(first * _DAY, UTC).strftime("%Y-%m-%d"),
-        }
+        head = _head(now, first * _DAY)
         if self._redactor is not None:
             head = self._redactor.scrub_tree(head)
-        return b"".join((_dumps(head)[:-1], b',"components":{', *fragments, b"}}\n"))
+        return render_with_components(head, fragments)
 
     def _entry(
         self,
@@ -843,8 +839,8 @@ class HistoryExport:
         if self._redactor is not None:
             entry = self._redactor.scrub_tree(entry)
         ((key, value),) = entry.items()
-        rendered = _dumps(value)
-        return b"," + _dumps(key) + b":", self._values.setdefault(rendered, rendered)
+        rendered = compact_json(value)
+        return b"," + compact_json(key) + b":", self._values.setdefault(rendered, rendered)
 
 
 # --- ``healthd history`` -------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from healthd import history
+from healthd.exporters import status_file
 from healthd.history import History
 from healthd.model import ComponentState, Status
 from healthd.secrets import Redactor
@@ -213,7 +214,7 @@ def test_history_json_renders_again_only_the_components_whose_history_changed(
             whole = history.export_document(db, recorder._components, now[0])
         finally:
             db.close()
-        assert (tmp_path / "history.json").read_bytes() == history._render(
+        assert (tmp_path / "history.json").read_bytes() == status_file.render(
             redactor.scrub_tree(whole)
         )
         return recorder._export.rendered_components

@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 import threading
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -101,11 +102,18 @@ def _component(state: ComponentState, details: DetailLevel) -> dict[str, Any]:
 
 def render(doc: dict[str, Any]) -> bytes:
     """Compact UTF-8 JSON with a trailing newline."""
-    return _dumps(doc) + b"\n"
+    return compact_json(doc) + b"\n"
 
 
-def _dumps(value: Any) -> bytes:
+def compact_json(value: Any) -> bytes:
+    """``value`` as compact UTF-8 JSON, as every file healthd writes has it."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def render_with_components(head: dict[str, Any], entries: Iterable[bytes | memoryview]) -> bytes:
+    """``render({**head, "components": {...}})`` from the components' entries already encoded
+    (``"name":{...}``, comma-separated): what incremental exports join."""
+    return b"".join((compact_json(head)[:-1], b',"components":{', *entries, b"}}\n"))
 
 
 class StatusDocument:
@@ -139,14 +147,13 @@ class StatusDocument:
         head = _head(snapshot)
         if self._redactor is not None:
             head = self._redactor.scrub_tree(head)
-        body = memoryview(entries)[:-1]  # without the last entry's comma
-        return b"".join((_dumps(head)[:-1], b',"components":{', body, b"}}\n"))
+        return render_with_components(head, (memoryview(entries)[:-1],))  # no trailing comma
 
     def _fragment(self, name: str, state: ComponentState) -> tuple[bytes]:
         entry = {name: _component(state, self._details)}
         if self._redactor is not None:
             entry = self._redactor.scrub_tree(entry)
-        return (_dumps(entry)[1:-1] + b",",)
+        return (compact_json(entry)[1:-1] + b",",)
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
