@@ -138,10 +138,11 @@ async def test_intervals_do_not_drift_over_many_runs() -> None:
     phase_errors = [s - (phase + t * interval) for s, t in zip(starts, ticks, strict=True)]
     # Every start sits on the grid phase + k * interval, late only by event-loop latency. A
     # drifting loop (sleeping "interval" after each run) would add the probe times up, and its
-    # starts would land all over the grid (errors spread across +-interval/2 = 20 ms).
+    # starts would land all over the grid: errors spread evenly across +-interval/2 (20 ms), so
+    # its median error would be near 10 ms. The median is the test, not a high percentile: on a
+    # loaded 2-core machine a few starts are late by the machine's own latency, drift or not.
     errors = sorted(abs(e) for e in phase_errors)
     assert errors[len(errors) // 2] < 0.003, phase_errors
-    assert errors[int(len(errors) * 0.9)] < 0.008, phase_errors
     # A tick is skipped only if the machine stalled; nearly all of them are kept.
     assert ticks[-1] - (runs - 1) <= 2, ticks
 
