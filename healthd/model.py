@@ -173,9 +173,7 @@ class DaemonStats:
 
     started_at: float
     scheduler_last_progress_at: float | None = None
-    lateness: Histogram = field(
-        default_factory=lambda: Histogram.empty((0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0))
-    )
+    lateness: Histogram = field(default_factory=_daemon_histogram)
     event_loop_lag: Histogram = field(default_factory=_daemon_histogram)
     status_file_write_duration: Histogram = field(default_factory=_daemon_histogram)
     status_file_last_write_at: float | None = None
