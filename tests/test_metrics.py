@@ -18,7 +18,7 @@ from prometheus_client.samples import Sample
 
 from healthd.exporters._fragments import FragmentCache
 from healthd.exporters.metrics import Exposition, MetricsServer, exposition
-from healthd.model import ComponentState, Histogram, Status
+from healthd.model import DAEMON_BUCKETS_SECONDS, ComponentState, Histogram, Status
 from healthd.state import StateStore
 
 NOW = 1_800_000_000.0
@@ -171,6 +171,26 @@ def test_critical_unhealthy_component_makes_overall_down(store: StateStore) -> N
         server.stop()
     assert _value(samples, "healthd_overall_status") == 2
     assert _value(samples, "healthd_overall_up") == 0
+
+
+def test_healthd_own_timing_histograms_resolve_the_millisecond_goals(
+    server: MetricsServer, store: StateStore
+) -> None:
+    # Lateness, loop lag and status-file writes have goals of a few milliseconds: without a bound
+    # between 1 and 5 ms, histogram_quantile interpolates a p99 near 5 ms across the whole bucket.
+    store.check_started(0.004)
+    store.loop_lag(0.0007)
+    _, samples = _scrape(server)
+    bounds = [*(repr(b) for b in DAEMON_BUCKETS_SECONDS), "+Inf"]
+    for name in (
+        "healthd_scheduler_lateness_seconds",
+        "healthd_event_loop_lag_seconds",
+        "healthd_status_file_write_duration_seconds",
+    ):
+        assert [s.labels["le"] for s in samples[f"{name}_bucket"]] == bounds, name
+    assert _value(samples, "healthd_scheduler_lateness_seconds_bucket", le="0.0025") == 0
+    assert _value(samples, "healthd_scheduler_lateness_seconds_bucket", le="0.005") == 1
+    assert _value(samples, "healthd_event_loop_lag_seconds_bucket", le="0.001") == 1
 
 
 def test_removed_component_series_disappear(server: MetricsServer, store: StateStore) -> None:
