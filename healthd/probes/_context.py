@@ -23,8 +23,8 @@ class SharedResources:
 
     def __init__(self) -> None:
         self._ssl: dict[tuple[bool, Path | None], ssl.SSLContext] = {}
-        #: Leased resources by key: the resource, its closer and how many hold it.
-        self._leases: dict[Hashable, list[Any]] = {}
+        #: Leased resources by key.
+        self._leases: dict[Hashable, _Shared] = {}
         #: The pings jobs pushed, for the ``heartbeat`` kind; ``None`` outside the daemon.
         self.heartbeats: PingStore | None = None
 
@@ -52,9 +52,9 @@ class SharedResources:
         """
         entry = self._leases.get(key)
         if entry is None:
-            entry = self._leases[key] = [factory(), close, 0, key]
-        entry[2] += 1
-        resource: T = entry[0]
+            entry = self._leases[key] = _Shared(factory(), close, key)
+        entry.holders += 1
+        resource: T = entry.resource
         return resource, Lease(self, entry)
 
     @property
@@ -63,17 +63,31 @@ class SharedResources:
         return len(self._leases)
 
 
+class _Shared:
+    """One leased resource: its closer, the key it was first leased under, how many hold it."""
+
+    __slots__ = ("close", "holders", "key", "resource")
+
+    def __init__(
+        self, resource: Any, close: Callable[[Any], Awaitable[None]], key: Hashable
+    ) -> None:
+        self.resource = resource
+        self.close = close
+        self.key = key
+        self.holders = 0
+
+
 class Lease:
     """One holder's share of a resource from ``SharedResources.lease``.
 
-    Slotted, and holding the key the resource was first leased under, so that each of 10,000
+    Slotted, and pointing at the shared entry, which keeps the key, so that each of 10,000
     holders costs a small object rather than a closure with its cells and its own copy of the
     key (about 0.4 KiB each).
     """
 
     __slots__ = ("_entry", "_owner")
 
-    def __init__(self, owner: SharedResources, entry: list[Any]) -> None:
+    def __init__(self, owner: SharedResources, entry: _Shared) -> None:
         self._owner: SharedResources | None = owner
         self._entry = entry
 
@@ -83,11 +97,10 @@ class Lease:
         if owner is None:
             return
         self._owner = None
-        entry[2] -= 1
-        key = entry[3]
-        if entry[2] == 0 and owner._leases.get(key) is entry:
-            del owner._leases[key]
-            await entry[1](entry[0])
+        entry.holders -= 1
+        if entry.holders == 0 and owner._leases.get(entry.key) is entry:
+            del owner._leases[entry.key]
+            await entry.close(entry.resource)
 
 
 class ProbeContext:
