@@ -228,11 +228,11 @@ class Exposition:
 
     def render(self, snapshot: Snapshot) -> bytes:
         """healthd's metrics for ``snapshot`` in the Prometheus text format (0.0.4)."""
-        parts: list[bytes] = []
+        parts: list[bytes | bytearray] = []
         self.write(snapshot, parts.append)
         return b"".join(parts)
 
-    def write(self, snapshot: Snapshot, out: Callable[[bytes], object]) -> None:
+    def write(self, snapshot: Snapshot, out: Callable[[bytes | bytearray], object]) -> None:
         """Hand ``render``'s text to ``out`` in pieces of at most one family each, so that a
         compressor never needs the whole text at once."""
         with self._lock:
