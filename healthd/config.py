@@ -228,14 +228,13 @@ def _with_daemon_defaults(
     daemon = info.data.get("daemon")
     if daemon is None:
         return components  # [daemon] is invalid, and says so; the config fails either way
-    # In place: the dict is validation's own, and a check replaced as we go is freed at once,
-    # rather than every check being held twice until the end (11 MB at 10,000 components).
-    for name, check in components.items():
+    # Set in place, as a frozen dataclass's ``__post_init__`` would: the checks are
+    # validation's own, made a moment ago and seen by nothing else yet.
+    for check in components.values():
         interval = check.interval or daemon.interval
         timeout = check.timeout or min(daemon.timeout, interval)
-        if (interval, timeout) != (check.interval, check.timeout):
-            update = {"interval": interval, "timeout": timeout}
-            components[name] = check.model_copy(update=update)
+        object.__setattr__(check, "interval", interval)
+        object.__setattr__(check, "timeout", timeout)
     return components
 
 

@@ -20,6 +20,7 @@ from pydantic import (
     ValidationInfo,
     model_validator,
 )
+from pydantic.dataclasses import dataclass
 
 from healthd.config_values import (
     NO_HEADERS,
@@ -45,7 +46,14 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class CheckBase(Strict):
+#: How every check kind is declared: a frozen, slotted pydantic dataclass that rejects keys
+#: it does not know. Slots rather than a ``BaseModel``: a model keeps a dict of every field
+#: and a set of those given, 1.1 KB a check against 0.25 KB, 9 MiB at 10,000 checks.
+_CHECK = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CHECK)
+class CheckBase:
     """Settings every check kind shares. ``None`` means: take the ``[daemon]`` default."""
 
     kind: str
@@ -165,6 +173,7 @@ def _status_ranges(value: Any) -> Any:
 StatusRanges = Annotated[tuple[tuple[int, int], ...], BeforeValidator(_status_ranges)]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CHECK)
 class HttpCheck(CheckBase):
     """An HTTP(S) request whose status, latency and body decide the verdict."""
 
@@ -185,6 +194,7 @@ class HttpCheck(CheckBase):
 # --- tcp ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CHECK)
 class TcpCheck(CheckBase):
     """A TCP connect (optionally a TLS handshake) to ``address``."""
 
@@ -222,6 +232,7 @@ def _postgres_dsn(dsn: Templated) -> Templated:
     return dsn
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CHECK)
 class PostgresCheck(CheckBase):
     """A fresh PostgreSQL connection: ``SELECT 1``, then role, saturation, lag and transactions.
 
@@ -251,6 +262,7 @@ def _redis_url(url: Templated) -> Templated:
     return url
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CHECK)
 class RedisCheckBase(CheckBase):
     """Settings shared by ``redis`` and the kinds built on it: ``PING``, then ``INFO``.
 
@@ -269,12 +281,14 @@ class RedisCheckBase(CheckBase):
     ca_file: CaFile = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CHECK)
 class RedisCheck(RedisCheckBase):
     """A Redis server: reachable, in the expected role, persisting, and not out of room."""
 
     kind: Literal["redis"] = "redis"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CHECK)
 class FalkorDbCheck(RedisCheckBase):
     """Everything a ``redis`` check does, plus proof that the graph module answers queries.
 
@@ -292,6 +306,7 @@ class FalkorDbCheck(RedisCheckBase):
 # --- service presets ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CHECK)
 class ServiceCheckBase(CheckBase):
     """Settings every service preset shares: the service's base URL and how to reach it.
 
@@ -307,6 +322,7 @@ class ServiceCheckBase(CheckBase):
     max_body_bytes: int = Field(default=256 * 1024, ge=0)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CHECK)
 class ApiCheck(ServiceCheckBase):
     """The platform's FastAPI service: ``/health`` for liveness, then its own health report,
     whose ``agents_available`` must reach ``expected_agents``."""
@@ -323,6 +339,7 @@ def _host_header(host: str) -> str:
     return host
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CHECK)
 class MlflowCheck(ServiceCheckBase):
     """An MLflow tracking server: ``/health`` for liveness, ``/version`` for details, and an
     experiment search that proves the backend store works.
@@ -347,6 +364,7 @@ class MlflowCheck(ServiceCheckBase):
         return self
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CHECK)
 class BentomlCheck(ServiceCheckBase):
     """A BentoML service: ``/livez`` for liveness, ``/readyz`` for readiness and, when
     ``metrics`` is on, the share of 5xx responses between two probes from ``/metrics``."""
@@ -361,6 +379,7 @@ class BentomlCheck(ServiceCheckBase):
     min_requests: int = Field(default=20, ge=1)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CHECK)
 class OpikCheck(ServiceCheckBase):
     """Opik: the backend at ``url`` (``:8080``) and, when ``ui_url`` is set, the UI and the
     backend as the UI proxies it (``:5173``)."""
@@ -374,6 +393,7 @@ class OpikCheck(ServiceCheckBase):
     ui_ping_path: RequestPath = "/api/is-alive/ping"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CHECK)
 class SupabaseCheck(ServiceCheckBase):
     """Supabase through its Kong gateway: GoTrue's health and PostgREST, optionally Storage and
     one table read.
@@ -408,6 +428,7 @@ def _unit_name(value: str) -> str:
     return value
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CHECK)
 class SystemdCheck(CheckBase):
     """A systemd unit's state, result and restarts, read with ``systemctl show``."""
 
@@ -441,6 +462,7 @@ _Unhealthy = AfterValidator(_no_milder_than_degraded)
 _Percent = Annotated[float, Field(ge=0, le=100)]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CHECK)
 class HostCheck(CheckBase):
     """This machine: disk usage of ``disk_paths``, available memory and pressure stalls.
 
@@ -461,6 +483,7 @@ class HostCheck(CheckBase):
 # --- heartbeat -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CHECK)
 class HeartbeatCheck(CheckBase):
     """A job that reports to healthd (``POST /ping/NAME`` on ``push_address``) every
     ``period``, at most ``grace`` late, and runs no longer than ``max_runtime``.
@@ -502,5 +525,5 @@ CheckConfig = Annotated[
 
 #: The ``kind`` values the union accepts, read from the models themselves.
 KINDS = frozenset(
-    model.model_fields["kind"].default for model in get_args(get_args(CheckConfig)[0])
+    model.__pydantic_fields__["kind"].default for model in get_args(get_args(CheckConfig)[0])
 )

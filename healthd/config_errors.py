@@ -207,7 +207,7 @@ def _described(
         # Cross-field checks run on the whole model; their message starts with the key at fault.
         if not loc and (keyed := re.match(r"^([\w.-]+): (.*)$", message, re.S)):
             loc, message = keyed.group(1).split("."), keyed.group(2)
-        if item["type"] == "extra_forbidden":
+        if item["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             message = "unknown key"
         elif item["type"] == "union_tag_invalid":
             tag = (item.get("ctx") or {}).get("tag", item["input"])

@@ -25,7 +25,7 @@ from typing import Literal
 
 import h11
 import httpx
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from healthd import shard as shard_module
 from healthd.config import (
@@ -355,7 +355,7 @@ def ping_target(path: Path, name: str) -> PingTarget:
             if os.environ.get("HEALTHD_DAEMON__PUSH_ADDRESS")
             else {k: v for k, v in daemon.items() if k == "push_address"}
         )
-        check = HeartbeatCheck.model_validate(entry)
+        check = TypeAdapter(HeartbeatCheck).validate_python(entry)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         key = ".".join(str(part) for part in first["loc"])

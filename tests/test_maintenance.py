@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -174,7 +175,7 @@ UP = Finding(Status.HEALTHY, "ok", "connected")
 
 
 def measured(name: str, finding: Finding, now: float, **extra: Any) -> ComponentState:
-    check = CHECK.model_copy(update=extra)
+    check = dataclasses.replace(CHECK, **extra)
     return next_state(
         None, name=name, check=check, finding=finding, observation=Observation(0.01), now=now
     )
