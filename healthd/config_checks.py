@@ -49,6 +49,9 @@ class Strict(BaseModel):
 #: How every check kind is declared: a frozen, slotted pydantic dataclass that rejects keys
 #: it does not know. Slots rather than a ``BaseModel``: a model keeps a dict of every field
 #: and a set of those given, 1.1 KB a check against 0.25 KB, 9 MiB at 10,000 checks.
+#: A field whose default is a ``Field(...)`` says ``kw_only=True`` itself: pydantic ignores the
+#: decorator's for it and would validate it before every other field, out of the order that
+#: ``_no_milder_than_degraded`` relies on.
 _CHECK = ConfigDict(extra="forbid")
 
 
@@ -61,17 +64,17 @@ class CheckBase:
     interval: Duration | None = None
     timeout: Duration | None = None
     degraded_latency: Duration | None = None
-    failure_threshold: int = Field(default=3, ge=1)
-    recovery_threshold: int = Field(default=2, ge=1)
+    failure_threshold: int = Field(default=3, ge=1, kw_only=True)
+    recovery_threshold: int = Field(default=2, ge=1, kw_only=True)
     #: Flapping: unhealthy once ``flap_threshold`` of the last ``flap_window`` checks failed.
-    flap_window: int = Field(default=10, ge=0, le=1000)
-    flap_threshold: float = Field(default=0.5, gt=0, le=1)
+    flap_window: int = Field(default=10, ge=0, le=1000, kw_only=True)
+    flap_threshold: float = Field(default=0.5, gt=0, le=1, kw_only=True)
     depends_on: tuple[str, ...] = ()
     #: Components whose reasons are appended to this one's while it is not healthy.
     evidence: tuple[str, ...] = ()
     description: str = ""
     #: The availability objective (share of good checks), exported for the SLO burn-rate rules.
-    slo: float | None = Field(default=None, gt=0, lt=1)
+    slo: float | None = Field(default=None, gt=0, lt=1, kw_only=True)
 
     @property
     def interval_seconds(self) -> float:
@@ -180,15 +183,15 @@ class HttpCheck(CheckBase):
     kind: Literal["http"] = "http"
     url: HttpUrl
     method: Literal["GET", "HEAD", "POST", "PUT", "OPTIONS"] = "GET"
-    headers: HttpHeaders = Field(default_factory=lambda: NO_HEADERS)
+    headers: HttpHeaders = Field(default_factory=lambda: NO_HEADERS, kw_only=True)
     body: Templated | None = None
     expected_status: StatusRanges = ((200, 399),)
     conditions: tuple[Condition, ...] = ()
     tls_verify: Flag = True
     ca_file: CaFile = None
     follow_redirects: Flag = True
-    max_redirects: int = Field(default=5, ge=0, le=30)
-    max_body_bytes: int = Field(default=1 << 20, ge=0)
+    max_redirects: int = Field(default=5, ge=0, le=30, kw_only=True)
+    max_body_bytes: int = Field(default=1 << 20, ge=0, kw_only=True)
 
 
 # --- tcp ----------------------------------------------------------------------------------
@@ -298,9 +301,9 @@ class FalkorDbCheck(RedisCheckBase):
     """
 
     kind: Literal["falkordb"] = "falkordb"
-    graph: str = Field(default="healthd_probe", min_length=1)
+    graph: str = Field(default="healthd_probe", min_length=1, kw_only=True)
     query: str = "RETURN 1"
-    degraded_waiting_queries: int = Field(default=5, ge=1)
+    degraded_waiting_queries: int = Field(default=5, ge=1, kw_only=True)
 
 
 # --- service presets ----------------------------------------------------------------------
@@ -316,10 +319,10 @@ class ServiceCheckBase(CheckBase):
     """
 
     url: HttpUrl
-    headers: HttpHeaders = Field(default_factory=lambda: NO_HEADERS)
+    headers: HttpHeaders = Field(default_factory=lambda: NO_HEADERS, kw_only=True)
     tls_verify: Flag = True
     ca_file: CaFile = None
-    max_body_bytes: int = Field(default=256 * 1024, ge=0)
+    max_body_bytes: int = Field(default=256 * 1024, ge=0, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=_CHECK)
@@ -330,7 +333,7 @@ class ApiCheck(ServiceCheckBase):
     kind: Literal["api"] = "api"
     liveness_path: RequestPath = "/health"
     health_path: RequestPath = "/api/v1/health"
-    expected_agents: int = Field(default=11, ge=0)
+    expected_agents: int = Field(default=11, ge=0, kw_only=True)
 
 
 def _host_header(host: str) -> str:
@@ -376,7 +379,7 @@ class BentomlCheck(ServiceCheckBase):
     metrics_path: RequestPath = "/metrics"
     degraded_error_rate: Ratio = 0.05
     #: Fewer requests than this between two probes say nothing about an error rate.
-    min_requests: int = Field(default=20, ge=1)
+    min_requests: int = Field(default=20, ge=1, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=_CHECK)
@@ -409,8 +412,8 @@ class SupabaseCheck(ServiceCheckBase):
     rest_path: RequestPath = "/rest/v1/"
     storage: Flag = False
     storage_path: RequestPath = "/storage/v1/status"
-    table: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    select: str = Field(default="*", pattern=r"^[A-Za-z0-9_*,]+$")
+    table: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", kw_only=True)
+    select: str = Field(default="*", pattern=r"^[A-Za-z0-9_*,]+$", kw_only=True)
 
 
 # --- the unit and the host ----------------------------------------------------------------
@@ -435,7 +438,7 @@ class SystemdCheck(CheckBase):
     kind: Literal["systemd"] = "systemd"
     unit: Annotated[str, AfterValidator(_unit_name)]
     restart_window: Duration = 600.0
-    max_restarts: int = Field(default=3, ge=1, le=10_000)
+    max_restarts: int = Field(default=3, ge=1, le=10_000, kw_only=True)
 
 
 def _absolute_paths(paths: tuple[str, ...]) -> tuple[str, ...]:
@@ -473,11 +476,17 @@ class HostCheck(CheckBase):
     disk_paths: Annotated[tuple[str, ...], AfterValidator(_absolute_paths)] = ("/",)
     degraded_disk_usage: Share = 0.85
     # Validated even when left out, so that a raised degraded threshold is checked against it.
-    unhealthy_disk_usage: Annotated[Share, _Unhealthy] = Field(0.95, validate_default=True)
+    unhealthy_disk_usage: Annotated[Share, _Unhealthy] = Field(
+        0.95, validate_default=True, kw_only=True
+    )
     degraded_memory_available: Share = 0.15
-    unhealthy_memory_available: Annotated[Share, _Unhealthy] = Field(0.05, validate_default=True)
+    unhealthy_memory_available: Annotated[Share, _Unhealthy] = Field(
+        0.05, validate_default=True, kw_only=True
+    )
     degraded_pressure: _Percent = 20.0
-    unhealthy_pressure: Annotated[_Percent, _Unhealthy] = Field(50.0, validate_default=True)
+    unhealthy_pressure: Annotated[_Percent, _Unhealthy] = Field(
+        50.0, validate_default=True, kw_only=True
+    )
 
 
 # --- heartbeat -----------------------------------------------------------------------------
@@ -495,9 +504,9 @@ class HeartbeatCheck(CheckBase):
 
     kind: Literal["heartbeat"] = "heartbeat"
     interval: Duration | None = 1.0
-    failure_threshold: int = Field(default=1, ge=1)
-    recovery_threshold: int = Field(default=1, ge=1)
-    flap_window: int = Field(default=0, ge=0, le=1000)
+    failure_threshold: int = Field(default=1, ge=1, kw_only=True)
+    recovery_threshold: int = Field(default=1, ge=1, kw_only=True)
+    flap_window: int = Field(default=0, ge=0, le=1000, kw_only=True)
     period: Period
     grace: Period = 60.0
     max_runtime: Period | None = None

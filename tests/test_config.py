@@ -6,8 +6,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import pytest
 from pydantic import ValidationError
@@ -837,6 +838,32 @@ def test_config_kinds_and_the_probe_table_are_the_same_set() -> None:
     # A kind without a probe would pass validate and then crash run; a probe without a kind
     # could never be configured.
     assert kinds == set(PROBES)
+
+
+def test_every_kind_validates_its_fields_in_the_order_declared() -> None:
+    # Validators read earlier fields (an unhealthy threshold its degraded one); pydantic
+    # validates a dataclass's ``Field(...)`` defaults first unless they are keyword-only.
+    import dataclasses
+
+    from pydantic import TypeAdapter
+
+    def validated_order(schema: Any) -> list[str] | None:
+        if isinstance(schema, dict):
+            if schema.get("type") == "dataclass-args":
+                return [field["name"] for field in schema["fields"]]
+            children: Iterable[Any] = schema.values()
+        elif isinstance(schema, list):
+            children = schema
+        else:
+            return None
+        for child in children:
+            if (found := validated_order(child)) is not None:
+                return found
+        return None
+
+    for model in get_args(get_args(CheckConfig)[0]):
+        declared = [field.name for field in dataclasses.fields(model)]
+        assert validated_order(TypeAdapter(model).core_schema) == declared, model.__name__
 
 
 @pytest.mark.parametrize(
