@@ -79,6 +79,12 @@ def test_document_has_the_contracted_shape() -> None:
     assert status_file.render(doc).endswith(b"}\n")
 
 
+def test_a_status_label_is_one_string_however_often_it_is_asked_for() -> None:
+    # Every component's cached entry holds its status label: one shared string, not a copy each.
+    assert [status.label for status in Status] == ["healthy", "degraded", "unhealthy"]
+    assert all(status.label is status.label for status in Status)
+
+
 def test_document_scrubs_secrets_and_names_the_root_causes_of_an_impacted_component() -> None:
     store = StateStore(clock=lambda: 1_795_000_001.0)
     store.record(
