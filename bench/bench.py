@@ -359,13 +359,15 @@ def _store(count: int):  # type: ignore[no-untyped-def]
 
     store = StateStore()
     durations = Histogram.empty(DURATION_BUCKETS_SECONDS).observe(0.001).observe(0.02)
+    # As in the daemon, a check that keeps its status keeps the time of its last change.
+    since = time.time() - 3600
 
     def state(i: int, changes: int) -> ComponentState:
         now = time.time()
         return ComponentState(
             name=f"c{i:05d}", kind="http", critical=i % 10 == 0, status=Status.HEALTHY,
             reason_code="ok", reason="GET /health returned 200", latency_seconds=0.001 * changes,
-            checked_at=now, since=now - 3600, last_success_at=now, consecutive_failures=0,
+            checked_at=now, since=since, last_success_at=now, consecutive_failures=0,
             consecutive_successes=changes, details={"http_status": 200, "body_bytes": 2},
             checks_total={"success": 10 + changes, "timeout": 1}, durations=durations,
         )  # fmt: skip

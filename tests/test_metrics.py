@@ -18,7 +18,13 @@ from prometheus_client.samples import Sample
 
 from healthd.exporters._fragments import FragmentCache
 from healthd.exporters.metrics import Exposition, MetricsServer, exposition
-from healthd.model import DAEMON_BUCKETS_SECONDS, ComponentState, Histogram, Status
+from healthd.model import (
+    DAEMON_BUCKETS_SECONDS,
+    ComponentState,
+    Histogram,
+    Maintenance,
+    Status,
+)
 from healthd.state import StateStore
 
 NOW = 1_800_000_000.0
@@ -287,7 +293,8 @@ def test_a_scrape_renders_only_the_components_whose_state_changed(store: StateSt
     assert renderer.rendered_components == 1
 
 
-def test_cached_columns_are_what_a_fresh_render_gives_through_any_changes() -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["text", "packed"])
+def test_cached_columns_are_what_a_fresh_render_gives_through_any_changes(packed: bool) -> None:
     # Fragments of every length, empty ones included, while components change, come and go.
     rng = random.Random(7)
     renders = 0
@@ -302,7 +309,7 @@ def test_cached_columns_are_what_a_fresh_render_gives_through_any_changes() -> N
         rows = [render(name, world[name]) for name in sorted(world)]
         return [b"".join(column) for column in zip(*rows, strict=True)] if rows else [b""] * 3
 
-    cache = FragmentCache(render, 3)
+    cache = FragmentCache(render, 3, packed=packed)
     world: dict[str, ComponentState] = {}
     for _ in range(300):
         for _ in range(rng.randrange(4)):
@@ -318,6 +325,46 @@ def test_cached_columns_are_what_a_fresh_render_gives_through_any_changes() -> N
         columns = list(cache.update(world))
         assert cache.rendered_components == renders
         assert columns == fresh(world)
+
+
+@pytest.mark.parametrize("histogram", [False, True], ids=["no_histogram", "histogram"])
+def test_a_cached_render_is_a_fresh_one_whatever_field_of_a_state_changes(
+    store: StateStore, histogram: bool
+) -> None:
+    # The settled families are re-rendered only when the fields they read change: a field
+    # they read but that test left out would keep an old sample. Change every field at random.
+    rng = random.Random(11)
+    names = [f"c{i}" for i in range(12)]
+    changes = {
+        "kind": lambda: rng.choice(["http", "tcp"]),
+        "critical": lambda: rng.random() < 0.5,
+        "status": lambda: rng.choice(list(Status)),
+        "reason_code": lambda: rng.choice(["ok", "timeout", "connection_refused"]),
+        "latency_seconds": lambda: rng.choice([0.001, 0.25, 2.5]),
+        "checked_at": lambda: NOW + rng.randrange(100),
+        "since": lambda: NOW - rng.randrange(100),
+        "last_success_at": lambda: rng.choice([None, NOW - rng.randrange(100)]),
+        "consecutive_failures": lambda: rng.randrange(4),
+        "checks_total": lambda: {"success": rng.randrange(9), "timeout": rng.randrange(3)},
+        "durations": lambda: Histogram.empty((0.1, 1.0)).observe(rng.random()),
+        "impacted_by": lambda: tuple(rng.sample(names, rng.randrange(3))),
+        "maintenance": lambda: rng.choice([None, Maintenance(NOW + 60, "upgrade", "cli")]),
+    }
+    read = {field.name for field in dataclasses.fields(ComponentState)} - set(changes)
+    # What the exports never show, or show in the status file alone.
+    assert read == {
+        "name", "reason", "consecutive_successes", "details", "depends_on", "flap_history",
+        "last_failure", "evidence",
+    }  # fmt: skip
+    world = {name: _state(name, "http", Status.HEALTHY) for name in names}
+    cached = Exposition("1", check_duration_histogram=histogram)
+    base = store.snapshot()
+    for _ in range(400):
+        name, field = rng.choice(names), rng.choice(list(changes))
+        world[name] = dataclasses.replace(world[name], **{field: changes[field]()})
+        snapshot = dataclasses.replace(base, components=dict(world))
+        expected = exposition(snapshot, "1", check_duration_histogram=histogram)
+        assert cached.render(snapshot) == expected, field
 
 
 def test_the_per_component_histogram_is_a_config_choice(store: StateStore) -> None:
