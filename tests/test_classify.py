@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -244,6 +244,29 @@ def test_durations_not_exported_are_one_shared_empty_histogram() -> None:
     # And stops again without keeping a copy per state.
     off = replay([OK], tracked=[False], previous=states[-1])
     assert off[0].durations is UNTRACKED_DURATIONS
+
+
+def test_states_with_the_same_details_share_one_read_only_mapping() -> None:
+    def details(facts: dict[str, Any]) -> Mapping[str, Any]:
+        state = next_state(
+            None, name="db", check=check(), finding=OK, observation=Observation(0.01, facts=facts),
+            now=5.0,
+        )  # fmt: skip
+        return state.details
+
+    shared = details({"http_status": 200, "body_bytes": 2})
+    assert details({"http_status": 200, "body_bytes": 2}) is shared
+    assert dict(shared) == {"http_status": 200, "body_bytes": 2, "failure_share": 0.0}
+    with pytest.raises(TypeError):
+        shared["http_status"] = 500  # type: ignore[index]
+    # Values that compare equal but show differently are never shared.
+    alike = [{"x": 1}, {"x": 1.0}, {"x": True}, {"x": 0.0}, {"x": -0.0}, {"x": "1"}]
+    shown = [details(facts)["x"] for facts in alike]
+    assert [(type(value), repr(value)) for value in shown] == [
+        (type(facts["x"]), repr(facts["x"])) for facts in alike
+    ]
+    # Nor are details that hold more than plain values.
+    assert details({"paths": ["/"]}) is not details({"paths": ["/"]})
 
 
 def test_state_carries_identity_and_details_of_the_latest_observation() -> None:
