@@ -21,7 +21,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -555,7 +555,7 @@ def incidents(
     return _format_incidents(_incident_periods(db, component_id, limit), now)
 
 
-def _incident_periods(db: sqlite3.Connection, component_id: int, limit: int) -> list[_Period]:
+def _incident_periods(db: sqlite3.Connection, component_id: int, limit: int) -> tuple[_Period, ...]:
     rows = db.execute(
         "SELECT at, status, reason_code, reason FROM transitions WHERE component_id = ?"
         " AND maintenance = 0 ORDER BY at DESC, id DESC LIMIT ?",
@@ -577,10 +577,12 @@ def _incident_periods(db: sqlite3.Connection, component_id: int, limit: int) -> 
             open_.update(reason_code=reason_code, reason=reason)
     if open_ is not None:
         found.append(open_)
-    return list(reversed(found[-limit:]))
+    # A tuple: most components have no incident, and every empty tuple is the same object
+    # (an empty list each took 0.5 MiB at 10,000 components).
+    return tuple(reversed(found[-limit:]))
 
 
-def _format_incidents(periods: list[_Period], now: float) -> list[dict[str, Any]]:
+def _format_incidents(periods: Sequence[_Period], now: float) -> list[dict[str, Any]]:
     result = []
     for entry in periods:
         start, finish = entry["start"], entry["end"]
@@ -608,7 +610,7 @@ class ExportCache:
     component that recorded no transition since (the writer drops those that did)."""
 
     daily: DailyCache = field(default_factory=dict)
-    incidents: dict[int, list[_Period]] = field(default_factory=dict)
+    incidents: dict[int, tuple[_Period, ...]] = field(default_factory=dict)
 
 
 #: Uptime shares of whole days by day number (Unix days) and component id, kept between
@@ -792,7 +794,7 @@ class HistoryExport:
         self.rendered_components = 0
         for name in components:
             cid = ids.get(name)
-            periods: list[_Period] = []
+            periods: tuple[_Period, ...] = ()
             key: tuple[Any, ...] = ()
             if cid is not None:
                 found = incidents.get(cid)
@@ -823,7 +825,7 @@ class HistoryExport:
         name: str,
         cid: int | None,
         recent: tuple[Any, ...],
-        periods: list[_Period],
+        periods: tuple[_Period, ...],
         now: float,
     ) -> tuple[bytes, bytes]:
         """One component's entry: a comma, its JSON key and a colon; its (shared) JSON value."""

@@ -353,6 +353,8 @@ class Scheduler:
         if name in self._first_round_pending:
             self._first_round_pending.discard(name)
             if not self._first_round_pending:
+                # An emptied set keeps its table (0.5 MiB for 10,000 names): let it go.
+                self._first_round_pending = set()
                 self.first_round_done.set()
 
     async def run_once(
