@@ -145,7 +145,7 @@ class ProbeClient:
     _MAX_PREPARED = 32
 
     # One per check: slotted, it costs 0.1 KiB rather than 0.4 with an instance dict.
-    __slots__ = ("_keep_requests", "_lease", "_plain_key", "_prepared", "_transport", "client")
+    __slots__ = ("_lease", "_plain_key", "_prepared", "_transport", "client")
 
     def __init__(
         self,
@@ -158,8 +158,8 @@ class ProbeClient:
         self.client = client
         self._transport = transport
         self._lease = lease
-        self._keep_requests = keep_requests
-        self._prepared: dict[tuple[Any, ...], _Prepared] = {}
+        # Only for a check that keeps its requests: most of a large fleet does not.
+        self._prepared: dict[tuple[Any, ...], _Prepared] | None = {} if keep_requests else None
         #: Without kept requests: the last request known not to redirect, so that it goes
         #: straight to the transport too. Through ``client.send`` a response and its stream
         #: point at each other, about 35 objects per probe left to the garbage collector.
@@ -182,15 +182,16 @@ class ProbeClient:
         """The request for these arguments, built on first use (or every time, for a check
         that does not keep its requests)."""
         key = (method, url, tuple(headers.items()) if headers else (), content, _json_key(json))
-        if not self._keep_requests:
+        kept = self._prepared
+        if kept is None:
             request = self._build(method, url, headers, content, json)
             return _Prepared(request, False if key == self._plain_key else None, key)
-        prepared = self._prepared.get(key)
+        prepared = kept.get(key)
         if prepared is None:
-            if len(self._prepared) >= self._MAX_PREPARED:
-                self._prepared.clear()
+            if len(kept) >= self._MAX_PREPARED:
+                kept.clear()
             request = self._build(method, url, headers, content, json)
-            prepared = self._prepared[key] = _Prepared(request)
+            prepared = kept[key] = _Prepared(request)
         return prepared
 
     def _build(
@@ -225,7 +226,7 @@ class ProbeClient:
 
     async def aclose(self) -> None:
         """Give the shared client back; the last check to hold it closes it."""
-        self._prepared.clear()
+        self._prepared = None if self._prepared is None else {}
         if self._lease is None:
             await self.client.aclose()
         else:
