@@ -1,6 +1,7 @@
-"""One pydantic model per check kind, joined in ``CheckConfig``, a union discriminated on ``kind``.
+"""One pydantic dataclass per check kind, joined in ``CheckConfig``, a union discriminated on
+``kind``.
 
-Every model forbids unknown keys and carries its defaults. A new kind needs its model here and
+Every kind forbids unknown keys and carries its defaults. A new kind needs its class here and
 a member in ``CheckConfig``, a row in ``probes.PROBES`` (a test holds the two to the same set),
 and its section in docs/probes.md; ``healthd.config`` reads the kinds from the union.
 """
