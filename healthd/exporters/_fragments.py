@@ -88,8 +88,7 @@ class FragmentCache:
         # Arrays, not lists: 130,000 int objects at once left pymalloc's arenas scattered.
         starts = [array("Q", itertools.accumulate(lengths, initial=0)) for lengths in self._lengths]
         old = [memoryview(self._unpack(column)) for column in self._columns]
-        new: list[bytes | bytearray] = []
-        texts = [bytearray() for _ in old]
+        texts: list[bytes | bytearray] = [bytearray() for _ in old]
         after = 0  # the first row not yet copied or rendered
         for row in changed:
             name = self._names[row]
@@ -103,9 +102,8 @@ class FragmentCache:
         for column, view in enumerate(old):
             texts[column] += view[starts[column][after] :]
             view.release()
-            new.append(texts[column])
         self._columns = [self._pack(text) for text in texts]
-        return new
+        return texts
 
     def _reorder(self, components: Mapping[str, ComponentState]) -> None:
         """Components came or went: lay the rows out again, keeping every cached fragment."""
@@ -124,7 +122,7 @@ class FragmentCache:
             old.release()
             self._lengths[column] = array("I", (0 if row is None else lengths[row] for row in kept))
 
-    def _pack(self, text: bytearray) -> bytes | bytearray:
+    def _pack(self, text: bytes | bytearray) -> bytes | bytearray:
         return zlib.compress(text, 1) if self._packed else text
 
     def _unpack(self, column: bytes | bytearray) -> bytes | bytearray:
