@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import random
 import re
 import shutil
 import threading
@@ -16,10 +18,10 @@ import anyio.to_thread
 import httpx
 import pytest
 
-from healthd.config import DaemonConfig
+from healthd.config import DaemonConfig, DetailLevel
 from healthd.exporters import status_file
 from healthd.exporters.status_writer import StatusFileWriter
-from healthd.model import ComponentState, Snapshot, Status
+from healthd.model import ComponentState, Maintenance, Snapshot, Status
 from healthd.secrets import Redactor
 from healthd.state import StateStore
 from tests.daemon import free_port, running_healthd
@@ -128,6 +130,59 @@ def test_only_changed_entries_are_rendered_again() -> None:
     snapshot = store.snapshot()
     assert document.render(snapshot) == status_file.render(status_file.document(snapshot, redactor))
     assert document.rendered_components == 1
+
+
+@pytest.mark.parametrize("details", ["full", "summary"])
+def test_an_entry_refreshed_after_a_check_is_the_whole_entry_rendered_afresh(
+    details: DetailLevel,
+) -> None:
+    # A check that keeps the status rewrites only the entry's end (``_check_fields``): change
+    # every field at random, secrets and their quoted forms included, and compare the file
+    # with one rendered whole.
+    rng = random.Random(5)
+    secret = "s3cr3t-value"
+    names = [f"c{i}" for i in range(8)]
+    now = time.time()
+    texts = ["connected", f"login {secret} refused", 'said "no" \\ twice', "caf\u00e9 \u2603"]
+    changes = {
+        "kind": lambda: rng.choice(["http", "tcp"]),
+        "critical": lambda: rng.random() < 0.5,
+        "status": lambda: rng.choice(list(Status)),
+        "reason_code": lambda: rng.choice(["ok", "timeout"]),
+        "reason": lambda: rng.choice(texts),
+        "latency_seconds": lambda: rng.choice([0.001, 0.25, 2.5, 1 / 3]),
+        "checked_at": lambda: now + rng.random() * 100,
+        "since": lambda: now - rng.randrange(100),
+        "last_success_at": lambda: rng.choice([None, now - rng.randrange(100)]),
+        "consecutive_failures": lambda: rng.randrange(4),
+        "details": lambda: rng.choice([{}, {"http_status": 200}, {"body": rng.choice(texts)}]),
+        "impacted_by": lambda: tuple(rng.sample(names, rng.randrange(3))),
+        "maintenance": lambda: rng.choice([None, Maintenance(now + 60, secret, "cli")]),
+    }
+    world = {name: _state(name) for name in names}
+    redactor = Redactor([secret])
+    document = status_file.StatusDocument(redactor, details)
+    base = StateStore(clock=lambda: now).snapshot()
+    refreshed = 0
+    for _ in range(400):
+        name = rng.choice(names)
+        # Mostly what a check changes while the status holds; now and then anything at all.
+        if rng.random() < 0.7:
+            fields = {
+                "checked_at": now + rng.random() * 100,
+                "latency_seconds": rng.random(),
+                "consecutive_failures": rng.randrange(4),
+            }
+            refreshed += 1
+        else:
+            field = rng.choice(list(changes))
+            fields = {field: changes[field]()}
+        world[name] = dataclasses.replace(world[name], **fields)
+        snapshot = dataclasses.replace(base, components=dict(world))
+        rendered = document.render(snapshot)
+        assert rendered == status_file.render(status_file.document(snapshot, redactor, details))
+        assert secret.encode() not in rendered
+    assert refreshed > 200
 
 
 def test_a_dependency_turning_unhealthy_re_renders_its_dependents() -> None:

@@ -14,6 +14,11 @@ from collections.abc import Callable, Mapping
 
 from healthd.model import ComponentState
 
+#: ``refresh(name, old, new, old_fragments)``: see ``FragmentCache``.
+Refresh = Callable[
+    [str, ComponentState, ComponentState, tuple[memoryview, ...]], tuple[bytes, ...] | None
+]
+
 
 class FragmentCache:
     """Each component's fragments, in name order, rendered by ``render(name, state)`` only when
@@ -32,6 +37,9 @@ class FragmentCache:
     :param packed: keep the columns zlib-compressed between updates, for columns that seldom
         change: a reader pays to unpack them (2 ms a megabyte), an update that changes them
         to pack them again (3 ms a megabyte), and memory holds a twentieth of the text.
+    :param refresh: ``refresh(name, old, new, old_fragments)`` gives the new fragments made
+        from the old ones, or ``None`` to render afresh: for renders most of whose text
+        outlives a check, so that a check changes only its own few fields.
     """
 
     def __init__(
@@ -41,10 +49,12 @@ class FragmentCache:
         *,
         same: Callable[[ComponentState, ComponentState], bool] | None = None,
         packed: bool = False,
+        refresh: Refresh | None = None,
     ) -> None:
         self._render = render
         self._same = same
         self._packed = packed
+        self._refresh = refresh
         self._names: list[str] = []
         self._states: list[ComponentState | None] = []
         self._columns: list[bytes | bytearray] = [self._pack(bytearray()) for _ in range(columns)]
@@ -92,8 +102,17 @@ class FragmentCache:
         after = 0  # the first row not yet copied or rendered
         for row in changed:
             name = self._names[row]
-            state = self._states[row] = components[name]
-            for column, fragment in enumerate(self._render(name, state)):
+            previous, state = self._states[row], components[name]
+            self._states[row] = state
+            fragments = None
+            if previous is not None and self._refresh is not None:
+                olds = tuple(
+                    view[at[row] : at[row + 1]] for view, at in zip(old, starts, strict=True)
+                )
+                fragments = self._refresh(name, previous, state, olds)
+            if fragments is None:
+                fragments = self._render(name, state)
+            for column, fragment in enumerate(fragments):
                 at = starts[column]
                 texts[column] += old[column][at[after] : at[row]]
                 texts[column] += fragment
