@@ -389,13 +389,26 @@ class Redactor:
         """Scrub every string inside a JSON-like tree."""
         if self._state is None:
             return value
+        return self._scrub_tree(value)
+
+    def _scrub_tree(self, value: Any) -> Any:
+        # Numbers and None by exact type first: history.json's 90 daily shares per component
+        # made a million ABC checks (Mapping) at 10,000 components, 2.7 s of a first export.
+        if type(value) in _ATOMS:
+            return value
         if isinstance(value, str):
             return self.scrub(value)
         if isinstance(value, Mapping):
-            return {self.scrub(str(k)): self.scrub_tree(v) for k, v in value.items()}
+            return {self.scrub(str(k)): self._scrub_tree(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
-            return [self.scrub_tree(v) for v in value]
+            if _ATOMS.issuperset(map(type, value)):
+                return list(value)  # a list of numbers, looked at in C
+            return [self._scrub_tree(v) for v in value]
         return value
+
+
+#: Values ``scrub_tree`` passes through as they are: nothing in them can hold a secret.
+_ATOMS = frozenset({int, float, bool, type(None)})
 
 
 @functools.lru_cache(maxsize=1024)
