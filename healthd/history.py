@@ -332,7 +332,7 @@ class History:
             self._last_export, self._export_due = now, False
             started = time.monotonic()
             try:
-                data = self._export.render(db, components, now, details=details)
+                data = self._export.render(db, components, now, details=details, ids=self._ids)
                 write_atomic(self._export_path, data)
             except (sqlite3.Error, OSError) as exc:
                 self._failed(exc, _Pending())
@@ -746,6 +746,9 @@ class HistoryExport:
         #: Every distinct entry value, once: components with the same days and incidents (a
         #: healthy fleet, mostly) share one, where each kept a 0.5 KiB copy.
         self._values: dict[bytes, bytes] = {}
+        #: Component ids with hourly rows committed since the last ``render``: only theirs
+        #: (and open incidents, and those with a new transition) can have changed.
+        self._touched: set[int] = set()
         #: How many components the last ``render`` had to render afresh.
         self.rendered_components = 0
 
@@ -761,6 +764,7 @@ class HistoryExport:
     def written(self, rows: Iterable[tuple[int, ...]]) -> None:
         """Count hourly rows just committed (``_UPSERT_HOUR``'s parameters) into the last two
         days, as the database sums them."""
+        self._touched.update(row[0] for row in rows)
         if self._recent is None:
             return
         recent = self._recent
@@ -772,9 +776,19 @@ class HistoryExport:
                 sums[1] += healthy_ms + degraded_ms + unhealthy_ms
 
     def render(
-        self, db: sqlite3.Connection, components: Iterable[str], now: float, *, details: str
+        self,
+        db: sqlite3.Connection,
+        components: Iterable[str],
+        now: float,
+        *,
+        details: str,
+        ids: Mapping[str, int] | None = None,
     ) -> bytes:
-        """``history.json`` for ``components`` at ``now``, compact UTF-8 JSON."""
+        """``history.json`` for ``components`` at ``now``, compact UTF-8 JSON.
+
+        :param ids: the components table (name to id) if the caller keeps it, as the writer
+            does; read from ``db`` otherwise.
+        """
         today = int(now // _DAY)
         first = today - EXPORT_DAYS + 1
         if first != self._first_day or details != self._details:
@@ -784,15 +798,26 @@ class HistoryExport:
             self._first_day, self._details = first, details
             self._entries.clear()
             self._recent = None
+        # With the last two days read afresh, every share may have moved.
+        touched: set[int] | None = self._touched if self._recent is not None else None
+        self._touched = set()
         if self._recent is None:
             self._recent = _day_sums(db, today - 1, today + 1)
         yesterday, latest = self._recent[today - 1], self._recent[today]
-        ids: dict[str, int] = dict(db.execute("SELECT name, id FROM components").fetchall())
         incidents = self.cache.incidents
         previous, entries = self._entries, {}
         fragments: list[bytes] = []
         self.rendered_components = 0
         for name in components:
+            cached = previous.get(name)
+            if cached is not None and touched is not None and self._unchanged(cached[0], touched):
+                # No rows, no transition and no open incident since: its inputs are as they
+                # were (looking at every key instead took 45 ms at 10,000 components).
+                entries[name] = cached
+                fragments += cached[1:]
+                continue
+            if ids is None:
+                ids = dict(db.execute("SELECT name, id FROM components").fetchall())
             cid = ids.get(name)
             periods: tuple[_Period, ...] = ()
             key: tuple[Any, ...] = ()
@@ -804,7 +829,6 @@ class HistoryExport:
                 # An incident still open lasts until now: its duration changes every export.
                 until = now if periods and periods[0]["end"] is None else None
                 key = (cid, _share(yesterday.get(cid)), _share(latest.get(cid)), periods, until)
-            cached = previous.get(name)
             if cached is None or cached[0] != key:
                 cached = (key, *self._entry(name, cid, key[1:3], periods, now))
                 self.rendered_components += 1
@@ -819,6 +843,14 @@ class HistoryExport:
         if self._redactor is not None:
             head = self._redactor.scrub_tree(head)
         return render_with_components(head, fragments)
+
+    def _unchanged(self, key: tuple[Any, ...], touched: set[int]) -> bool:
+        """Whether an entry rendered from ``key`` still stands: the component had an id, no
+        rows since, no open incident (whose duration grows), and the same incidents."""
+        if not key:
+            return False
+        cid, _, _, periods, until = key
+        return until is None and cid not in touched and self.cache.incidents.get(cid) is periods
 
     def _entry(
         self,
