@@ -749,6 +749,8 @@ class HistoryExport:
         #: Component ids with hourly rows committed since the last ``render``: only theirs
         #: (and open incidents, and those with a new transition) can have changed.
         self._touched: set[int] = set()
+        #: Incident-free values by their days: see ``_entry``.
+        self._plain: dict[tuple[tuple[Any, ...], tuple[Any, ...]], bytes] = {}
         #: How many components the last ``render`` had to render afresh.
         self.rendered_components = 0
 
@@ -756,6 +758,7 @@ class HistoryExport:
         """Render every entry afresh next time (the redactor's secrets changed)."""
         self._entries.clear()
         self._values.clear()
+        self._plain.clear()
 
     def forget_recent(self) -> None:
         """Read the last two days from the database again next time (rows were deleted)."""
@@ -797,6 +800,7 @@ class HistoryExport:
             self._settled = {cid: tuple(daily[:-2]) for cid, daily in shares.items()}
             self._first_day, self._details = first, details
             self._entries.clear()
+            self._plain.clear()
             self._recent = None
         # With the last two days read afresh, every share may have moved.
         touched: set[int] | None = self._touched if self._recent is not None else None
@@ -861,20 +865,48 @@ class HistoryExport:
         now: float,
     ) -> tuple[bytes, bytes]:
         """One component's entry: a comma, its JSON key and a colon; its (shared) JSON value."""
-        daily: list[float | None] = [None] * EXPORT_DAYS
+        settled: tuple[float | None, ...] = (None,) * (EXPORT_DAYS - 2)
         if cid is not None:
-            settled = self._settled.get(cid) or (None,) * (EXPORT_DAYS - 2)
-            daily = [*settled, *recent]
+            settled = self._settled.get(cid) or settled
+        else:
+            recent = (None, None)
+        name_key = self._scrub(name)
+        if periods:
+            value = self._value(settled, recent, periods, now)
+        else:
+            # Without incidents, components with the same days share one value: rendered once
+            # (a healthy fleet's first export, 10,000 values scrubbed and encoded, otherwise).
+            plain = self._plain.get((settled, recent))
+            if plain is None:
+                if len(self._plain) >= _PLAIN_VALUES:
+                    self._plain.clear()
+                plain = self._plain[settled, recent] = self._value(settled, recent, (), now)
+            value = plain
+        return b"," + compact_json(name_key) + b":", value
+
+    def _value(
+        self,
+        settled: tuple[float | None, ...],
+        recent: tuple[Any, ...],
+        periods: tuple[_Period, ...],
+        now: float,
+    ) -> bytes:
         found = _format_incidents(periods, now)
         if self._details != "full":
             for incident in found:
                 del incident["reason"]
-        entry: dict[str, Any] = {name: {"daily_uptime": daily, "incidents": found}}
-        if self._redactor is not None:
-            entry = self._redactor.scrub_tree(entry)
-        ((key, value),) = entry.items()
-        rendered = compact_json(value)
-        return b"," + compact_json(key) + b":", self._values.setdefault(rendered, rendered)
+        rendered = compact_json(
+            self._scrub({"daily_uptime": [*settled, *recent], "incidents": found})
+        )
+        return self._values.setdefault(rendered, rendered)
+
+    def _scrub(self, value: Any) -> Any:
+        return value if self._redactor is None else self._redactor.scrub_tree(value)
+
+
+#: At most this many incident-free values are remembered by their days (a cache: when full,
+#: it starts again).
+_PLAIN_VALUES = 4096
 
 
 # --- ``healthd history`` -------------------------------------------------------------------
