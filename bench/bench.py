@@ -17,7 +17,10 @@ the two render rows, which time the exporters in-process on a store of N compone
 - ``history``: one ``history.json`` export at 1,000 and 10,000 components, the first after
   start (every entry rendered) and the later ones (only what changed);
 - ``memory``: RSS and open descriptors of 10,000 checks every 60 s;
-- ``ready``: start to READY for 10 and for 1,000 components.
+- ``ready``: start to READY for 10 and for 1,000 components;
+- ``floor``: how late a bare Python process, sleeping 1 ms at a time, wakes on this machine:
+  the part of the lateness and hold rows that no program can go under (a virtual machine's
+  vCPU is descheduled now and then).
 
 Usage::
 
@@ -52,7 +55,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_http import _cpu_seconds, _free_port, _probes, _quantile, _target
 
-ROWS = ("cpu", "lateness", "hold", "metrics", "status", "history", "memory", "ready")
+ROWS = ("cpu", "lateness", "hold", "metrics", "status", "history", "memory", "ready", "floor")
 
 
 @dataclass
@@ -526,6 +529,36 @@ def _history_row(count: int, rounds: int, work: Path) -> Row:
     )
 
 
+_SLEEPER = textwrap.dedent("""
+    import sys, time
+    end = time.perf_counter() + float(sys.argv[1])
+    late = []
+    while time.perf_counter() < end:
+        started = time.perf_counter()
+        time.sleep(0.001)
+        late.append(time.perf_counter() - started - 0.001)
+    late.sort()
+    print(len(late), late[int(len(late) * 0.99)], late[-1], sum(s > 0.005 for s in late))
+""")
+
+
+def row_floor(seconds: float) -> list[Row]:
+    """A process that does nothing but sleep 1 ms at a time, alone: how late the machine
+    itself wakes a program."""
+    out = subprocess.run(
+        [sys.executable, "-c", _SLEEPER, str(seconds)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    count, p99, longest, over = int(out[0]), float(out[1]), float(out[2]), int(out[3])
+    return [
+        Row(
+            f"the machine's floor: a bare process sleeping 1 ms at a time for {seconds:.0f} s",
+            f"wakes late by p99 {_ms(p99)}, at most {_ms(longest)}; {over} of {count} "
+            "wake-ups more than 5 ms late",
+            "context for the lateness and hold rows",
+        )
+    ]
+
+
 def row_ready(work: Path, base: str, counts: list[int], runs: int) -> list[Row]:
     rows = []
     for count in counts:
@@ -585,6 +618,8 @@ def main() -> None:
             rows += row_status(scaled(10_000), args.rounds, work)
         if "history" in only:
             rows += row_history([scaled(1000), scaled(10_000)], min(args.rounds, 20), work)
+        if "floor" in only:
+            rows += row_floor(args.seconds)
         if only & {"cpu", "lateness", "hold", "memory", "ready"}:
             with _target(work) as (base, label):
                 if label != "nginx":
