@@ -194,8 +194,8 @@ class StatusDocument:
         self, name: str, old: ComponentState, new: ComponentState, olds: tuple[memoryview, ...]
     ) -> tuple[bytes] | None:
         """A check that kept the status: the old entry up to its per-check fields, and those
-        encoded afresh; half the cost of the whole entry with secrets to scrub, and details
-        that are the very same object are copied (docs/performance.md)."""
+        encoded afresh, ``details`` copied when they are the very same object. A fifth of the
+        cost of the whole entry with secrets to scrub, half without (docs/performance.md)."""
         if not _same_until_checked(old, new):
             return None
         entry = bytes(olds[0])
