@@ -185,6 +185,29 @@ def test_an_entry_refreshed_after_a_check_is_the_whole_entry_rendered_afresh(
     assert refreshed > 200
 
 
+@pytest.mark.parametrize("secrets", [("reason", "latency_ms"), ("source", "latency_ms")])
+def test_secrets_that_redact_keys_alike_leave_entries_rendered_whole(
+    secrets: tuple[str, str],
+) -> None:
+    # Both keys read "<redacted>": merged into one when both are the entry's, or met first
+    # inside "maintenance". Either way the end of an entry cannot be found by its first
+    # per-check key, and the file must still be the whole document.
+    store = StateStore(clock=lambda: 1_764_000_000.0)
+    planned = Maintenance(1_764_003_600.0, "upgrade", "cli")
+    state = _state("c001", maintenance=planned)
+    store.record(state, stale_after_seconds=3600)
+    redactor = Redactor(secrets)
+    document = status_file.StatusDocument(redactor)
+    document.render(store.snapshot())
+    # What a check changes while the status holds, and nothing else.
+    checked = dataclasses.replace(state, latency_seconds=0.5, checked_at=state.checked_at + 1)
+    store.record(checked, stale_after_seconds=3600)
+    snapshot = store.snapshot()
+    rendered = document.render(snapshot)
+    assert rendered == status_file.render(status_file.document(snapshot, redactor))
+    assert b"latency_ms" not in rendered
+
+
 def test_a_dependency_turning_unhealthy_re_renders_its_dependents() -> None:
     store = StateStore()
     store.record(_state("db"), stale_after_seconds=3600)

@@ -8,6 +8,7 @@ fsync it, rename it over the old one, then fsync the directory so the rename sur
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -21,7 +22,7 @@ from typing import Any
 
 from healthd.config import DetailLevel
 from healthd.exporters._fragments import FragmentCache
-from healthd.model import ComponentState, Snapshot, Status
+from healthd.model import ComponentState, Maintenance, Snapshot, Status
 from healthd.secrets import Redactor
 
 SCHEMA_VERSION = 1
@@ -172,7 +173,16 @@ class StatusDocument:
         # Each per-check field's key as it stands in an entry: scrubbed, as every key is.
         fields = _check_fields(_PLACEHOLDER, details)
         self._keys = {key: b"," + compact_json(self._scrub(key)) + b":" for key in fields}
-        self._first_key = self._keys[next(iter(fields))]
+        first = next(iter(fields))
+        self._first_key = self._keys[first]
+        # Secrets can make keys read alike: two of an entry's keys are then merged, as
+        # ``scrub_tree`` merges a dict's keys, or another key reads as the first per-check one.
+        # Either way an entry's end cannot be told by its keys, and entries are rendered whole.
+        top = [*_settled_fields(_PLACEHOLDER_IN_FULL, details), *fields]
+        nested = _settled_fields(_PLACEHOLDER_IN_FULL, "full")["maintenance"]
+        read = {key: self._scrub(key) for key in {*top, *nested}}
+        merged = len({read[key] for key in top}) < len(top)
+        self._whole = merged or any(read[key] == read[first] for key in read if key != first)
 
     @property
     def rendered_components(self) -> int:
@@ -187,6 +197,10 @@ class StatusDocument:
         return render_with_components(head, (memoryview(entries)[:-1],))  # no trailing comma
 
     def _fragment(self, name: str, state: ComponentState) -> tuple[bytes]:
+        if self._whole:
+            return (
+                compact_json(self._scrub({name: _component(state, self._details)}))[1:-1] + b",",
+            )
         settled = compact_json(self._scrub({name: _settled_fields(state, self._details)}))
         return (b"".join((memoryview(settled)[1:-2], self._tail(state), b"},")),)
 
@@ -196,7 +210,7 @@ class StatusDocument:
         """A check that kept the status: the old entry up to its per-check fields, and those
         encoded afresh, ``details`` copied when they are the very same object. A fifth of the
         cost of the whole entry with secrets to scrub, half without (docs/performance.md)."""
-        if not _same_until_checked(old, new):
+        if self._whole or not _same_until_checked(old, new):
             return None
         entry = bytes(olds[0])
         # The first unescaped occurrence: keys before it are fixed, and strings are escaped.
@@ -230,12 +244,15 @@ class StatusDocument:
         return value if self._redactor is None else self._redactor.scrub_tree(value)
 
 
-#: A state to learn the per-check fields' keys from.
+#: States to learn an entry's keys from: the per-check ones, and every settled one.
 _PLACEHOLDER = ComponentState(
     name="", kind="", critical=False, status=Status.HEALTHY, reason_code="", reason="",
     latency_seconds=0.0, checked_at=0.0, since=0.0, last_success_at=None,
     consecutive_failures=0, consecutive_successes=0,
 )  # fmt: skip
+_PLACEHOLDER_IN_FULL = dataclasses.replace(
+    _PLACEHOLDER, impacted_by=("",), maintenance=Maintenance(0.0, "", "")
+)
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
