@@ -65,7 +65,7 @@ def wakeup_granularity(interval_seconds: float) -> float:
     with 1,000 timers a second; a 10 ms grid cut that to 14 us per check. But the checks of
     one wake-up start one after another, so a coarse grid makes the last of a batch late:
     at 1,000 checks a second a 5 ms grid halved the p99 start lateness of a 10 ms one, for
-    about 8% more CPU per probe (docs/performance.md). The rounding never accumulates,
+    about 10% more CPU per probe (docs/performance.md). The rounding never accumulates,
     because the next start is computed from the exact one.
     """
     return min(MAX_WAKEUP_GRANULARITY_SECONDS, interval_seconds / 50)
