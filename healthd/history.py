@@ -732,7 +732,8 @@ class HistoryExport:
         #: Settled days and incident periods; the writer drops a component's periods when it
         #: records a transition, which renders that component afresh.
         self.cache = ExportCache()
-        self._redactor = redactor
+        # Without secrets a redactor scrubs nothing and costs one check.
+        self._scrub = (redactor if redactor is not None else Redactor()).scrub_tree
         self._first_day = -1
         self._details = ""
         #: Uptime shares of every day but the last two (which still change), by component id.
@@ -785,12 +786,11 @@ class HistoryExport:
         now: float,
         *,
         details: str,
-        ids: Mapping[str, int] | None = None,
+        ids: Mapping[str, int],
     ) -> bytes:
         """``history.json`` for ``components`` at ``now``, compact UTF-8 JSON.
 
-        :param ids: the components table (name to id) if the caller keeps it, as the writer
-            does; read from ``db`` otherwise.
+        :param ids: the components table, name to id, as the writer keeps it.
         """
         today = int(now // _DAY)
         first = today - EXPORT_DAYS + 1
@@ -820,8 +820,6 @@ class HistoryExport:
                 entries[name] = cached
                 fragments += cached[1:]
                 continue
-            if ids is None:
-                ids = dict(db.execute("SELECT name, id FROM components").fetchall())
             cid = ids.get(name)
             periods: tuple[_Period, ...] = ()
             key: tuple[Any, ...] = ()
@@ -843,10 +841,7 @@ class HistoryExport:
             self._values = {value: value for _, _, value in entries.values()}
         if fragments:
             fragments[0] = fragments[0][1:]  # no comma before the first entry
-        head = _head(now, first * _DAY)
-        if self._redactor is not None:
-            head = self._redactor.scrub_tree(head)
-        return render_with_components(head, fragments)
+        return render_with_components(self._scrub(_head(now, first * _DAY)), fragments)
 
     def _unchanged(self, key: tuple[Any, ...], touched: set[int]) -> bool:
         """Whether an entry rendered from ``key`` still stands: the component had an id, no
@@ -899,9 +894,6 @@ class HistoryExport:
             self._scrub({"daily_uptime": [*settled, *recent], "incidents": found})
         )
         return self._values.setdefault(rendered, rendered)
-
-    def _scrub(self, value: Any) -> Any:
-        return value if self._redactor is None else self._redactor.scrub_tree(value)
 
 
 #: At most this many incident-free values are remembered by their days (a cache: when full,
