@@ -146,19 +146,12 @@ class Daemon:
                 f"cannot listen on metrics_address {config.daemon.metrics_address}: "
                 f"{exc.strerror or exc}"
             ) from None
-        # Only with a heartbeat to receive, or to send to its shard: no port opened for nothing.
         self.push: PushServer | None = None
-        elsewhere = heartbeat_shards(config)
-        if tokens or elsewhere:
-            host, port = parse_address(config.daemon.push_address)
-            try:
-                self.push = PushServer(host, port, self.pings, tokens, elsewhere)
-            except OSError as exc:
-                self.metrics.stop()
-                raise PushAddressInUse(
-                    f"cannot listen on push_address {config.daemon.push_address}: "
-                    f"{exc.strerror or exc}"
-                ) from None
+        try:
+            self.push = self._push_server(config)
+        except PushAddressInUse:
+            self.metrics.stop()
+            raise
 
     async def run(self) -> None:
         """Run until SIGTERM or SIGINT; then cancel probes and write the last status."""
@@ -313,8 +306,20 @@ class Daemon:
                 return False
             if new.daemon.metrics_address != self._config.daemon.metrics_address:
                 log.warning("metrics_address changed; it takes effect at the next restart")
+            try:
+                # Bound before anything changes: a busy port keeps the running config whole.
+                opened = None if self.push is not None else self._push_server(new)
+            except PushAddressInUse as exc:
+                log.error("reload failed, keeping the running config: %s", exc)
+                self.store.config_loaded(False, self._clock())
+                return False
             self._redactor.replace(new.secrets())
             self._reload_heartbeats(new)
+            if opened is not None:
+                self.push = opened
+                opened.start()
+                opened.persist_soon()
+                log.info("heartbeat pings on http://%s:%d/ping/NAME", *opened.address)
             self._config = new
             self.scheduler.apply(new)
             self.history.configure(new)
@@ -340,10 +345,19 @@ class Daemon:
                 log.warning("push_address changed; it takes effect at the next restart")
             self.push.configure(tokens, heartbeat_shards(new))
             self.push.persist_soon()
-        elif tokens:
-            log.warning(
-                "the first heartbeat was added; its push listener starts at the next restart"
-            )
+
+    def _push_server(self, config: Config) -> PushServer | None:
+        """The push listener, bound, if ``config`` has a heartbeat to receive or to send on
+        to its shard: no port is opened for nothing."""
+        tokens, elsewhere = heartbeat_tokens(config), heartbeat_shards(config)
+        if not (tokens or elsewhere):
+            return None
+        address = config.daemon.push_address
+        try:
+            return PushServer(*parse_address(address), self.pings, tokens, elsewhere)
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise PushAddressInUse(f"cannot listen on push_address {address}: {reason}") from None
 
 
 def _slo_objectives(config: Config) -> dict[str, float]:

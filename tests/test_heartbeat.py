@@ -498,6 +498,58 @@ def test_a_reload_takes_the_new_token_at_once(tmp_path: Path) -> None:
         assert daemon.post("/ping/cleanup").status_code == 403
 
 
+def _reloaded(healthd: Healthd, timeout: float = 15) -> None:
+    """Send SIGHUP and wait for the reload's own READY=1 (the first was the start's)."""
+    healthd.signal(signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while sum(m.get("READY") == "1" for m in healthd.messages) < 2:
+        assert time.monotonic() < deadline, "the reload never finished"
+        time.sleep(0.05)
+
+
+def _without_heartbeats(tmp_path: Path, push_port: int, metrics_port: int) -> tuple[Path, str]:
+    """A config with no heartbeat, and the text of the same with one added."""
+    config = _daemon_config(tmp_path, push_port, metrics_port)
+    daemon = config.read_text().split("[components.cleanup]")[0]
+    config.write_text(daemon + '[components.up]\nkind = "tcp"\naddress = "127.0.0.1:1"\n')
+    return config, config.read_text() + '[components.added]\nkind = "heartbeat"\nperiod = "1h"\n'
+
+
+def test_a_reload_that_adds_the_first_heartbeat_opens_the_push_port(tmp_path: Path) -> None:
+    push_port = free_port()
+    config, with_heartbeat = _without_heartbeats(tmp_path, push_port, free_port())
+    with running_healthd(config, ready=True) as healthd:
+        with pytest.raises(httpx.ConnectError):
+            httpx.post(f"http://127.0.0.1:{push_port}/ping/added", timeout=5)
+        config.write_text(with_heartbeat)
+        _reloaded(healthd)
+        assert httpx.post(f"http://127.0.0.1:{push_port}/ping/added", timeout=5).status_code == 200
+        assert f"heartbeat pings on http://127.0.0.1:{push_port}/ping/NAME" in healthd.log()
+
+
+def test_a_reload_whose_push_port_is_busy_keeps_the_running_config(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        push_port = taken.getsockname()[1]
+        metrics_port = free_port()
+        config, with_heartbeat = _without_heartbeats(tmp_path, push_port, metrics_port)
+        with running_healthd(config, ready=True) as healthd:
+            config.write_text(with_heartbeat)
+            _reloaded(healthd)
+            log = healthd.log()
+            metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+            assert healthd.popen.poll() is None
+    assert (
+        "reload failed, keeping the running config: "
+        f"cannot listen on push_address 127.0.0.1:{push_port}"
+    ) in log
+    assert "healthd_config_last_reload_successful 0.0" in metrics
+    assert 'component="added"' not in metrics
+    assert 'component="up"' in metrics
+    assert "Traceback" not in log
+
+
 def _closed_without_answer(sock: socket.socket) -> bool:
     try:
         return sock.recv(100) == b""
