@@ -23,7 +23,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from healthd import __version__
+from healthd import __version__, pacing
 from healthd import config as config_module
 from healthd.config import Config, ConfigError, parse_address
 from healthd.control import WINDOWS_FILE_NAME, AdHocWindows, answer, serve
@@ -158,6 +158,7 @@ class Daemon:
         previous_switch_interval = sys.getswitchinterval()
         previous_gc_thresholds = gc.get_threshold()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
+        pacing.enable()
         self.history.start()
         try:
             async with anyio.create_task_group() as tg:
@@ -201,6 +202,7 @@ class Daemon:
             if self.push is not None:
                 self.push.stop()
             self._notifier.close()
+            pacing.disable()
             sys.setswitchinterval(previous_switch_interval)
             gc.set_threshold(*previous_gc_thresholds)
 

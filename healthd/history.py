@@ -35,6 +35,7 @@ from healthd.exporters.status_file import (
     write_atomic,
 )
 from healthd.model import ComponentState, Status
+from healthd.pacing import pacer
 from healthd.secrets import Redactor
 from healthd.state import STALE_INTERVALS, StateStore
 
@@ -419,11 +420,11 @@ class History:
                     last_status[t.component] = t.status
                     self._cache.incidents.pop(self._ids[t.component], None)
                     recorded = True
-                rows = [
-                    (self._component_id(db, name), hour, *map(int, row[:3]),
-                     *(round(s * 1000) for s in row[3:]))
-                    for (name, hour), row in pending.hours.items()
-                ]  # fmt: skip
+                pace, rows = pacer(), []
+                for (name, hour), row in pending.hours.items():
+                    pace()
+                    rows.append((self._component_id(db, name), hour, *map(int, row[:3]),
+                                 *(round(s * 1000) for s in row[3:])))  # fmt: skip
                 db.executemany(_UPSERT_HOUR, rows)
         except BaseException:
             self._ids = ids  # ids inserted by the rolled-back transaction do not exist
@@ -812,7 +813,9 @@ class HistoryExport:
         previous, entries = self._entries, {}
         fragments: list[bytes] = []
         self.rendered_components = 0
+        pace = pacer()
         for name in components:
+            pace()
             cached = previous.get(name)
             if cached is not None and touched is not None and self._unchanged(cached[0], touched):
                 # No rows, no transition and no open incident since: its inputs are as they

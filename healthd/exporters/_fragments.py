@@ -13,6 +13,7 @@ from array import array
 from collections.abc import Callable, Mapping
 
 from healthd.model import ComponentState
+from healthd.pacing import pacer
 
 #: ``refresh(name, old, new, old_fragments)``: see ``FragmentCache``.
 Refresh = Callable[
@@ -100,7 +101,9 @@ class FragmentCache:
         old = [memoryview(self._unpack(column)) for column in self._columns]
         texts: list[bytes | bytearray] = [bytearray() for _ in old]
         after = 0  # the first row not yet copied or rendered
+        pace = pacer()
         for row in changed:
+            pace()
             name = self._names[row]
             previous, state = self._states[row], components[name]
             self._states[row] = state

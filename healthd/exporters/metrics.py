@@ -28,6 +28,7 @@ from prometheus_client.utils import floatToGoString
 from healthd.exporters._fragments import FragmentCache
 from healthd.listener import DEFAULT_LIMITS, HttpListener, ListenerLimits, Reply, request_header
 from healthd.model import ComponentState, Histogram, Snapshot, Status
+from healthd.pacing import pacer
 
 log = logging.getLogger("healthd.metrics")
 
@@ -299,7 +300,9 @@ class Exposition:
                 True: self._settled.update(snapshot.components),
                 False: self._fresh.update(snapshot.components),
             }
+            pace = pacer()
             for header, settled, column in self._families:
+                pace()
                 out(header)
                 out(columns[settled][column])
         tail = _Writer()

@@ -1,0 +1,173 @@
+"""Worker threads pause between slices of a render so that the event loop's thread gets the
+GIL back (``healthd.pacing``): who is paced, when, and that every export's render is.
+
+The clock is a fake one that moves on every reading, so a slice ends after a known number of
+steps, whatever the machine's speed; the effect on start lateness is a bench row
+(``bench/bench.py --only lateness``), not a timed test."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from healthd import pacing
+from healthd.exporters.metrics import Exposition
+from healthd.exporters.status_file import StatusDocument
+from healthd.history import History
+from healthd.model import ComponentState, DaemonStats, Snapshot, Status
+from healthd.secrets import Redactor
+from healthd.state import StateStore
+
+#: How far the fake clock moves at each reading: a tenth of a slice.
+STEP_SECONDS = pacing.SLICE_SECONDS / 10
+
+
+class _Clock:
+    """``time`` as ``healthd.pacing`` sees it: readings step on, and pauses are recorded."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.rests: list[float] = []
+        self._lock = threading.Lock()
+
+    def perf_counter(self) -> float:
+        with self._lock:
+            self.now += STEP_SECONDS
+            return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.rests.append(seconds)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Clock]:
+    fake = _Clock()
+    monkeypatch.setattr(
+        pacing, "time", SimpleNamespace(perf_counter=fake.perf_counter, sleep=fake.sleep)
+    )
+    yield fake
+    pacing.disable()
+
+
+def _in_worker(job: Callable[[], object]) -> None:
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            job()
+        except BaseException as exc:  # re-raised on the test's thread
+            failures.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if failures:
+        raise failures[0]
+
+
+def _pace_times(count: int) -> None:
+    pace = pacing.pacer()
+    for _ in range(count):
+        pace()
+
+
+def test_a_worker_rests_once_per_slice(clock: _Clock) -> None:
+    pacing.enable()
+    # Each call reads the clock once (a step); a slice is ten steps.
+    _in_worker(lambda: _pace_times(95))
+    assert len(clock.rests) == 9
+    assert set(clock.rests) == {pacing.REST_SECONDS}
+
+
+def test_the_loops_own_thread_never_rests(clock: _Clock) -> None:
+    pacing.enable()
+    _pace_times(100)
+    assert clock.rests == []
+    assert pacing.pacer() is pacing.pacer()  # the shared no-op: nothing to keep per job
+
+
+def test_nothing_rests_while_pacing_is_off(clock: _Clock) -> None:
+    _in_worker(lambda: _pace_times(100))
+    pacing.enable()
+    pacing.disable()
+    _in_worker(lambda: _pace_times(100))
+    assert clock.rests == []
+
+
+def _state(name: str, checked_at: float) -> ComponentState:
+    return ComponentState(
+        name=name, kind="http", critical=False, status=Status.HEALTHY, reason_code="ok",
+        reason="GET /health returned 200", latency_seconds=0.012, checked_at=checked_at,
+        since=1_795_000_000.0, last_success_at=checked_at, consecutive_failures=0,
+        consecutive_successes=3, details={"http_status": 200},
+    )  # fmt: skip
+
+
+def _snapshot(count: int, checked_at: float) -> Snapshot:
+    components = {f"c{i:03d}": _state(f"c{i:03d}", checked_at) for i in range(count)}
+    return Snapshot(1, checked_at, Status.HEALTHY, components, DaemonStats(checked_at))
+
+
+def _status_file(checked_at: float) -> object:
+    return StatusDocument().render(_snapshot(200, checked_at))
+
+
+def _metrics(checked_at: float) -> object:
+    return Exposition("1").render(_snapshot(200, checked_at))
+
+
+def _history_export(tmp_path: Path) -> Callable[[float], object]:
+    store = StateStore()
+    recorder = History(
+        tmp_path / "history.db",
+        store,
+        Redactor(),
+        retention_seconds=86400,
+        export_path=tmp_path / "history.json",
+        clock=lambda: 1_795_000_100.0,
+    )
+    for i in range(200):
+        recorder.check_completed(None, _state(f"c{i:03d}", 1_795_000_000.0))
+
+    def export(checked_at: float) -> object:
+        recorder.flush()
+        recorder.close()
+        with sqlite3.connect(tmp_path / "history.db") as db:
+            return db.execute("SELECT count(*) FROM components").fetchone()
+
+    return export
+
+
+@pytest.mark.parametrize("export", ["status_file", "metrics", "history"])
+def test_every_export_rests_in_a_worker_and_never_on_the_loop(
+    export: str, clock: _Clock, tmp_path: Path
+) -> None:
+    renders: dict[str, Callable[[float], object]] = {
+        "status_file": _status_file,
+        "metrics": _metrics,
+        "history": _history_export(tmp_path),
+    }
+    render = renders[export]
+    pacing.enable()
+    render(1_795_000_001.0)
+    assert clock.rests == [], "the loop's thread rested"
+    if export == "history":
+        render = _history_export(tmp_path / "worker")
+    _in_worker(lambda: render(1_795_000_002.0))
+    assert len(clock.rests) >= 10, f"{export} rendered 200 components without resting"
+
+
+def test_a_scrape_with_nothing_to_render_still_rests_between_families(clock: _Clock) -> None:
+    # A family's text is a megabyte at 10,000 components: joining and compressing the cached
+    # columns alone is work enough to make room for the loop between them.
+    renderer, snapshot = Exposition("1"), _snapshot(200, 1_795_000_001.0)
+    renderer.render(snapshot)
+    pacing.enable()
+    _in_worker(lambda: renderer.render(snapshot))
+    assert renderer.rendered_components == 0
+    assert len(clock.rests) >= 1
