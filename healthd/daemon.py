@@ -158,7 +158,6 @@ class Daemon:
         previous_switch_interval = sys.getswitchinterval()
         previous_gc_thresholds = gc.get_threshold()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
-        pacing.enable()
         self.history.start()
         try:
             async with anyio.create_task_group() as tg:
@@ -175,6 +174,9 @@ class Daemon:
                 await self._first_round()
                 await self.status_writer.write()
                 _freeze_startup_objects()
+                # From here a late check is an untrue one: renders beside the loop make room
+                # for it. Before READY, the first round and the first write want to finish.
+                pacing.enable()
                 self.metrics.start()
                 host, port = self.metrics.address
                 snapshot = self.store.snapshot()

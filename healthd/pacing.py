@@ -10,8 +10,8 @@ bare release: a thread that lets the GIL go and asks again at once nearly always
 before the waiting loop thread has woken.
 
 A render's CPU time is unchanged; its wall time grows by at most ``REST_SECONDS`` for every
-``SLICE_SECONDS`` of work. Nothing is paced until the daemon's event loop runs (``enable``),
-and the loop's own thread never is.
+``SLICE_SECONDS`` of work. Nothing is paced until the daemon has finished its first round
+(``enable``), and the loop's own thread never is.
 """
 
 from __future__ import annotations

@@ -13,15 +13,22 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import anyio
+import anyio.to_thread
 import pytest
 
+from healthd import config as config_module
 from healthd import pacing
+from healthd.daemon import Daemon
 from healthd.exporters.metrics import Exposition
 from healthd.exporters.status_file import StatusDocument
 from healthd.history import History
 from healthd.model import ComponentState, DaemonStats, Snapshot, Status
 from healthd.secrets import Redactor
 from healthd.state import StateStore
+from healthd.watchdog import Notifier
+from tests.daemon import daemon_settings, write_config
+from tests.http_target import TcpTarget
 
 #: How far the fake clock moves at each reading: a tenth of a slice.
 STEP_SECONDS = pacing.SLICE_SECONDS / 10
@@ -171,3 +178,27 @@ def test_a_scrape_with_nothing_to_render_still_rests_between_families(clock: _Cl
     _in_worker(lambda: renderer.render(snapshot))
     assert renderer.rendered_components == 0
     assert len(clock.rests) >= 1
+
+
+@pytest.mark.asyncio
+async def test_the_daemon_paces_once_ready_and_not_after_it_stops(
+    tmp_path: Path, tcp_target: TcpTarget
+) -> None:
+    components = {"db": {"kind": "tcp", "address": tcp_target.address}}
+    path = write_config(tmp_path / "healthd.toml", daemon_settings(tmp_path), components)
+    daemon = Daemon(path, config_module.load(path), Redactor(), notifier=Notifier(environ={}))
+    unpaced = pacing.pacer()
+
+    async def worker_paces() -> bool:
+        return await anyio.to_thread.run_sync(pacing.pacer) is not unpaced
+
+    assert not await worker_paces()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(daemon.run)
+        with anyio.fail_after(15):
+            while not await worker_paces():
+                await anyio.sleep(0.02)
+        assert (tmp_path / "status.json").exists(), "paced before the first write"
+        assert pacing.pacer() is unpaced, "the loop's own thread is paced"
+        tg.cancel_scope.cancel()
+    assert not await worker_paces()
