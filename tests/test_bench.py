@@ -55,3 +55,16 @@ def test_bench_rejects_an_unknown_row() -> None:
     )
     assert result.returncode == 2
     assert "unknown rows: nope" in result.stderr
+
+
+def test_the_gil_convoy_bench_runs_each_mode_and_prints_a_row_for_each() -> None:
+    convoy = BENCH.with_name("gil_convoy.py")
+    result = subprocess.run(
+        [sys.executable, str(convoy), "--seconds", "0.3", "--runs", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    rows = [line.split(" | ")[1] for line in result.stdout.splitlines() if line.startswith("| 1 ")]
+    assert rows == ["no thread", "unpaced thread", "paced thread"], result.stdout
