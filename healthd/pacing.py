@@ -3,11 +3,11 @@
 Only one thread runs Python at a time. The event loop lets the GIL go at every ``epoll_wait``
 and socket call, and while an export thread renders, each of those costs the loop up to the
 switch interval (1 ms) to get it back: dozens of waits in one render, a GIL convoy. At 1,000
-checks a second, the status file's and history's renders made the p99 start lateness 16-21 ms
-on a machine whose bare wake-ups were never more than 3.9 ms late; with a pause of 0.2 ms
-after every 0.5 ms of work, 4.8-7.2 ms (docs/performance.md). A pause is a real sleep, not a
-bare release: a thread that lets the GIL go and asks again at once nearly always wins it back
-before the waiting loop thread has woken.
+checks a second, the status file's and history's renders made the p99 start lateness 9-22 ms
+on a machine whose bare wake-ups were never more than 4 ms late; with a pause of 0.2 ms after
+every 0.5 ms of work, 4.8-8.4 ms in the same hour (docs/performance.md). A pause is a real
+sleep, not a bare release: a thread that lets the GIL go and asks again at once nearly always
+wins it back before the waiting loop thread has woken.
 
 A render's CPU time is unchanged; its wall time grows by at most ``REST_SECONDS`` for every
 ``SLICE_SECONDS`` of work. Nothing is paced until the daemon has finished its first round
