@@ -186,8 +186,12 @@ def _histogram(text: str, name: str) -> dict[float, float]:
     }
 
 
-def _delta(before: dict[float, float], after: dict[float, float]) -> dict[float, float]:
-    return {bound: after[bound] - before.get(bound, 0.0) for bound in after}
+def _delta(before: str, after: str, name: str) -> dict[float, float]:
+    """Histogram ``name``'s buckets gained between two scrapes."""
+    earlier = _histogram(before, name)
+    return {
+        bound: count - earlier.get(bound, 0.0) for bound, count in _histogram(after, name).items()
+    }
 
 
 def _longest(buckets: dict[float, float]) -> float:
@@ -313,14 +317,8 @@ def row_lateness(work: Path, base: str, rate: float, seconds: float) -> list[Row
             before = healthd.scrape()
             time.sleep(seconds)
             after = healthd.scrape()
-    late = _delta(
-        _histogram(before, "healthd_scheduler_lateness_seconds"),
-        _histogram(after, "healthd_scheduler_lateness_seconds"),
-    )
-    lag = _delta(
-        _histogram(before, "healthd_event_loop_lag_seconds"),
-        _histogram(after, "healthd_event_loop_lag_seconds"),
-    )
+    late = _delta(before, after, "healthd_scheduler_lateness_seconds")
+    lag = _delta(before, after, "healthd_event_loop_lag_seconds")
     return [
         Row(
             f"start lateness p99, {count} checks/s with {hanging} hanging until timeout",
@@ -352,10 +350,7 @@ def rows_fleet(
         rss_kib = int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))  # type: ignore[union-attr]
         descriptors = len(os.listdir(f"/proc/{pid}/fd"))
     if hold:
-        lag = _delta(
-            _histogram(before, "healthd_event_loop_lag_seconds"),
-            _histogram(after, "healthd_event_loop_lag_seconds"),
-        )
+        lag = _delta(before, after, "healthd_event_loop_lag_seconds")
         rows.append(
             Row(
                 f"longest hold of the event loop, {count} components, /metrics scraped every 1 s",
@@ -364,10 +359,7 @@ def rows_fleet(
                 "<= 5 ms",
             )
         )
-        writes = _delta(
-            _histogram(before, "healthd_status_file_write_duration_seconds"),
-            _histogram(after, "healthd_status_file_write_duration_seconds"),
-        )
+        writes = _delta(before, after, "healthd_status_file_write_duration_seconds")
         rows.append(
             Row(
                 f"status file write, {count} components, wall time in the daemon's own histogram",
