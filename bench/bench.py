@@ -338,9 +338,9 @@ def rows_fleet(
     work: Path, base: str, count: int, seconds: float, hold: bool, memory: bool
 ) -> list[Row]:
     """One daemon with ``count`` checks every 60 s: the loop's longest hold while /metrics is
-    scraped every second, then RSS and descriptors. Memory settles once every check has run
-    twice (a check's first state is frozen with start-up's objects, its later ones are not),
-    so read after two intervals, not one."""
+    scraped every second, then RSS and descriptors. Read after two intervals, not one: RSS
+    still rises by a few MiB while every check runs for the second time, and that round is
+    what showed a snapshot kept since READY (docs/performance.md)."""
     rows = []
     with _daemon(work, ['interval = "60s"'], _http_components(count, base)) as healthd:
         before = healthd.scrape()

@@ -29,6 +29,10 @@ from typing import Any
 
 import pytest
 
+from healthd import config as config_module
+from healthd.daemon import Daemon
+from healthd.secrets import Redactor
+from healthd.watchdog import Notifier
 from tests.serving import closed_after
 
 __all__ = [
@@ -121,6 +125,14 @@ def write_config(path: Path, daemon: Mapping[str, Any], components: Mapping[str,
         lines.extend(f"{k} = {_toml_value(v)}" for k, v in settings.items())
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def in_process_daemon(directory: Path, address: str) -> Daemon:
+    """A ``Daemon`` for the test's own event loop: one ``tcp`` check of ``address``, its
+    config and files in ``directory``, and no service manager to notify."""
+    components = {"db": {"kind": "tcp", "address": address}}
+    path = write_config(directory / "healthd.toml", daemon_settings(directory), components)
+    return Daemon(path, config_module.load(path), Redactor(), notifier=Notifier(environ={}))
 
 
 # --- the service manager's side ----------------------------------------------------------------

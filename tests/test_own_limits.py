@@ -19,15 +19,17 @@ import anyio
 import httpx
 import pytest
 
-from healthd import config as config_module
-from healthd.daemon import Daemon
 from healthd.model import ComponentState, Snapshot
 from healthd.probes._errors import network_failure
 from healthd.scheduler import Scheduler
-from healthd.secrets import Redactor
 from healthd.state import StateStore
-from healthd.watchdog import Notifier
-from tests.daemon import daemon_settings, free_port, running_healthd, write_config
+from tests.daemon import (
+    daemon_settings,
+    free_port,
+    in_process_daemon,
+    running_healthd,
+    write_config,
+)
 from tests.http_target import TcpTarget
 
 # --- mapping, in-process -----------------------------------------------------------------------
@@ -305,10 +307,8 @@ async def test_the_running_daemon_keeps_no_snapshot_of_its_start(
     tmp_path: Path, tcp_target: TcpTarget
 ) -> None:
     # The run frame lives as long as the daemon: a snapshot kept there pinned every
-    # first-round state, and once every check had run again, 10,000 checks held 7 MiB twice.
-    components = {"db": {"kind": "tcp", "address": tcp_target.address}}
-    path = write_config(tmp_path / "healthd.toml", daemon_settings(tmp_path), components)
-    daemon = Daemon(path, config_module.load(path), Redactor(), notifier=Notifier(environ={}))
+    # first-round state, 7 MiB at 10,000 checks once every check had run again.
+    daemon = in_process_daemon(tmp_path, tcp_target.address)
     run = daemon.run()
 
     async def running() -> None:

@@ -16,17 +16,14 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from healthd import config as config_module
 from healthd import pacing
-from healthd.daemon import Daemon
 from healthd.exporters.metrics import Exposition
 from healthd.exporters.status_file import StatusDocument
 from healthd.history import History
 from healthd.model import ComponentState, DaemonStats, Snapshot, Status
 from healthd.secrets import Redactor
 from healthd.state import StateStore
-from healthd.watchdog import Notifier
-from tests.daemon import daemon_settings, write_config
+from tests.daemon import in_process_daemon
 from tests.http_target import TcpTarget
 
 #: How far the fake clock moves at each reading: a tenth of a slice.
@@ -178,9 +175,7 @@ def test_a_scrape_with_nothing_to_render_still_rests_between_families(clock: _Cl
 async def test_the_daemon_paces_once_ready_and_not_after_it_stops(
     tmp_path: Path, tcp_target: TcpTarget
 ) -> None:
-    components = {"db": {"kind": "tcp", "address": tcp_target.address}}
-    path = write_config(tmp_path / "healthd.toml", daemon_settings(tmp_path), components)
-    daemon = Daemon(path, config_module.load(path), Redactor(), notifier=Notifier(environ={}))
+    daemon = in_process_daemon(tmp_path, tcp_target.address)
     unpaced = pacing.pacer()
 
     async def worker_paces() -> bool:
