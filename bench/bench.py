@@ -642,7 +642,7 @@ def main() -> None:
         parser.error(f"unknown rows: {', '.join(sorted(unknown))}")
 
     def scaled(n: float) -> int:
-        return max(1, round(n * args.scale))
+        return max(1, round(n * float(args.scale)))
 
     rows = _Rows()
     with tempfile.TemporaryDirectory(prefix="healthd-bench-") as tmp:

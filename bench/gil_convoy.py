@@ -23,7 +23,7 @@ from healthd import pacing
 try:
     import uvloop
 except ImportError:  # the standard loop shows the same convoy
-    uvloop = None
+    uvloop = None  # type: ignore[assignment]
 
 
 def _burn(seconds: float) -> None:

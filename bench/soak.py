@@ -53,9 +53,10 @@ def _free_port() -> int:
 
 
 class _Frozen(asyncio.Protocol):
-    held: ClassVar[collections.deque[asyncio.BaseTransport]] = collections.deque()
+    held: ClassVar[collections.deque[asyncio.WriteTransport]] = collections.deque()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
         self.transport = transport
         self.held.append(transport)
         if len(self.held) > _FROZEN_MAX:
@@ -70,6 +71,7 @@ class _Resetting(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         sock = transport.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        assert isinstance(transport, asyncio.WriteTransport)
         transport.abort()
 
 
