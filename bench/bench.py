@@ -194,11 +194,6 @@ def _delta(before: str, after: str, name: str) -> dict[float, float]:
     }
 
 
-def _counted(text: str, name: str) -> float:
-    """Counter ``name`` summed over all its series."""
-    return sum(float(value) for value in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
-
-
 def _longest(buckets: dict[float, float]) -> float:
     """The upper bound of the highest bucket that gained an observation."""
     previous = 0.0
@@ -356,7 +351,7 @@ def rows_fleet(
         status = Path(f"/proc/{pid}/status").read_text()
         rss_kib = int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))  # type: ignore[union-attr]
         descriptors = len(os.listdir(f"/proc/{pid}/fd"))
-    runs = _counted(after, "healthd_checks_total") / count
+    runs = _probes(after) / count
     if hold:
         lag = _delta(before, after, "healthd_event_loop_lag_seconds")
         rows.append(
