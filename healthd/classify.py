@@ -164,7 +164,9 @@ def next_state(
         consecutive_failures=failures,
         consecutive_successes=successes,
         details=_shared_details(facts),
-        checks_total=MappingProxyType(checks_total),
+        # A plain dict, read-only by its type: of str keys and int values, it is never tracked
+        # by the collector, where a ``MappingProxyType`` per state was (docs/performance.md).
+        checks_total=checks_total,
         durations=durations,
         depends_on=check.depends_on,
         evidence=check.evidence,

@@ -742,9 +742,10 @@ class HistoryExport:
         #: The last two days' milliseconds up and checked, by day and component id: read once
         #: a day, then kept up to date from the rows the writer commits (``written``).
         self._recent: dict[int, dict[int, list[int]]] | None = None
-        #: Per component: what its entry was rendered from, and the entry as a comma, its JSON
-        #: key and a colon, then its JSON value.
-        self._entries: dict[str, tuple[tuple[Any, ...], bytes, bytes]] = {}
+        #: Per component, one flat tuple: the fields its entry was rendered from (none without
+        #: an id), then the entry as a comma, its JSON key and a colon, then its JSON value. Flat,
+        #: because a tuple holding the key's tuple stayed in the collector's sight for minutes.
+        self._entries: dict[str, tuple[Any, ...]] = {}
         #: Every distinct entry value, once: components with the same days and incidents (a
         #: healthy fleet, mostly) share one, where each kept a 0.5 KiB copy.
         self._values: dict[bytes, bytes] = {}
@@ -817,11 +818,11 @@ class HistoryExport:
         for name in components:
             pace()
             cached = previous.get(name)
-            if cached is not None and touched is not None and self._unchanged(cached[0], touched):
+            if cached is not None and touched is not None and self._unchanged(cached, touched):
                 # No rows, no transition and no open incident since: its inputs are as they
                 # were (looking at every key instead took 45 ms at 10,000 components).
                 entries[name] = cached
-                fragments += cached[1:]
+                fragments += cached[-2:]
                 continue
             cid = ids.get(name)
             periods: tuple[_Period, ...] = ()
@@ -834,24 +835,24 @@ class HistoryExport:
                 # An incident still open lasts until now: its duration changes every export.
                 until = now if periods and periods[0]["end"] is None else None
                 key = (cid, _share(yesterday.get(cid)), _share(latest.get(cid)), periods, until)
-            if cached is None or cached[0] != key:
-                cached = (key, *self._entry(name, cid, key[1:3], periods, now))
+            if cached is None or cached[:-2] != key:
+                cached = (*key, *self._entry(name, cid, key[1:3], periods, now))
                 self.rendered_components += 1
             entries[name] = cached
-            fragments += cached[1:]
+            fragments += cached[-2:]
         self._entries = entries
         if len(self._values) > 2 * len(entries) + 64:
-            self._values = {value: value for _, _, value in entries.values()}
+            self._values = {entry[-1]: entry[-1] for entry in entries.values()}
         if fragments:
             fragments[0] = fragments[0][1:]  # no comma before the first entry
         return render_with_components(self._scrub(_head(now, first * _DAY)), fragments)
 
-    def _unchanged(self, key: tuple[Any, ...], touched: set[int]) -> bool:
-        """Whether an entry rendered from ``key`` still stands: the component had an id, no
-        rows since, no open incident (whose duration grows), and the same incidents."""
-        if not key:
-            return False
-        cid, _, _, periods, until = key
+    def _unchanged(self, entry: tuple[Any, ...], touched: set[int]) -> bool:
+        """Whether a cached entry still stands: the component had an id, no rows since, no
+        open incident (whose duration grows), and the same incidents."""
+        if len(entry) == 2:
+            return False  # rendered without an id: no key before its fragments
+        cid, periods, until = entry[0], entry[3], entry[4]
         return until is None and cid not in touched and self.cache.incidents.get(cid) is periods
 
     def _entry(

@@ -202,8 +202,11 @@ class Scheduler:
         self._running: dict[str, _Check] = {}
         #: Whether states keep each check's latency histogram: only when it is exported.
         self._track_durations = True
-        #: (wake-up time, tie-breaker, check): every check's next start.
-        self._due: list[tuple[float, int, _Check]] = []
+        #: Every check's next start: (wake-up time, sequence number) in a heap, and the check
+        #: by its number in ``_pending``. The collector stops tracking a tuple of numbers at
+        #: once; one holding the check stayed in its sight until the start (docs/performance.md).
+        self._due: list[tuple[float, int]] = []
+        self._pending: dict[int, _Check] = {}
         self._sequence = itertools.count()
         self._idle: deque[_Worker] = deque()
         self._dispatch_at = math.inf
@@ -288,7 +291,9 @@ class Scheduler:
     def _schedule(self, entry: _Check) -> None:
         granularity = wakeup_granularity(entry.check.interval_seconds)
         wake_at = math.ceil(entry.next_start / granularity) * granularity
-        heapq.heappush(self._due, (wake_at, next(self._sequence), entry))
+        sequence = next(self._sequence)
+        self._pending[sequence] = entry
+        heapq.heappush(self._due, (wake_at, sequence))
         if wake_at < self._dispatch_at:
             self._dispatch_wake.set()
 
@@ -298,7 +303,8 @@ class Scheduler:
         while True:
             now = anyio.current_time()
             while due and due[0][0] <= now:
-                wake_at, _, entry = heapq.heappop(due)
+                wake_at, sequence = heapq.heappop(due)
+                entry = self._pending.pop(sequence)
                 if entry.removed:
                     continue
                 if self._idle:
