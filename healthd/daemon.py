@@ -15,6 +15,7 @@ import resource
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -158,11 +159,13 @@ class Daemon:
         previous_switch_interval = sys.getswitchinterval()
         previous_gc_thresholds = gc.get_threshold()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
+        pauses = CollectorPauses()
+        gc.callbacks.append(pauses)
         self.history.start()
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._handle_signals, tg.cancel_scope)
-                tg.start_soon(measure_loop_lag, self.store, LOOP_LAG_PERIOD_SECONDS)
+                tg.start_soon(measure_loop_lag, self.store, LOOP_LAG_PERIOD_SECONDS, pauses)
                 self.status_writer.prepare()
                 if self.push is not None:
                     # At once: a job that finishes while the first round runs is heard.
@@ -210,6 +213,7 @@ class Daemon:
             pacing.disable()
             sys.setswitchinterval(previous_switch_interval)
             gc.set_threshold(*previous_gc_thresholds)
+            gc.callbacks.remove(pauses)
 
     async def _first_round(self) -> None:
         checks = self._config.checks().values()
@@ -371,14 +375,48 @@ def _slo_objectives(config: Config) -> dict[str, float]:
     return {name: c.slo for name, c in config.checks().items() if c.slo is not None}
 
 
-async def measure_loop_lag(store: StateStore, period_seconds: float) -> None:
+class CollectorPauses:
+    """Times every collection of the cyclic garbage collector, as a ``gc.callbacks`` entry.
+
+    A collection holds the GIL, so in whichever thread it runs the event loop waits as long;
+    the lag sampler sees a hold of H ms only with a chance of H over its period, this sees
+    them all. The callback runs inside the collection, where the collecting thread may hold
+    the store's lock, so it only queues each pause; ``drain`` hands them over from the loop.
+    Collections never overlap (one thread at a time holds the GIL), hence one start time.
+    """
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        # A deque appends under the GIL alone; bounded, in case nobody drains it.
+        self._pauses: deque[tuple[int, float]] = deque(maxlen=4096)
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self._pauses.append((info["generation"], time.perf_counter() - self._started))
+
+    def drain(self) -> list[tuple[int, float]]:
+        """The pauses since the last call, oldest first."""
+        pauses = []
+        while self._pauses:
+            pauses.append(self._pauses.popleft())
+        return pauses
+
+
+async def measure_loop_lag(
+    store: StateStore, period_seconds: float, pauses: CollectorPauses | None = None
+) -> None:
     """Sleep ``period_seconds`` at a time and count how late each wake-up came: anything that
-    holds the event loop (a long synchronous call, a collection, a render) shows here."""
+    holds the event loop (a long synchronous call, a collection, a render) shows here. Each
+    wake-up also hands the collector's ``pauses`` to the store."""
     expected = anyio.current_time() + period_seconds
     while True:
         await anyio.sleep_until(expected)
         now = anyio.current_time()
         store.loop_lag(max(0.0, now - expected))
+        if pauses is not None:
+            store.gc_paused(pauses.drain())
         expected = now + period_seconds
 
 

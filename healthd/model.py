@@ -201,13 +201,15 @@ def _daemon_histogram() -> Histogram:
 
 @dataclass(frozen=True, slots=True)
 class DaemonStats:
-    """healthd's own health: scheduler progress, event loop lag, status file writes and config
-    reloads."""
+    """healthd's own health: scheduler progress, event loop lag and collector pauses, status
+    file writes and config reloads."""
 
     started_at: float
     scheduler_last_progress_at: float | None = None
     lateness: Histogram = field(default_factory=_daemon_histogram)
     event_loop_lag: Histogram = field(default_factory=_daemon_histogram)
+    #: How long each collection of the cyclic garbage collector took, by generation (0-2).
+    gc_pauses: tuple[Histogram, ...] = field(default_factory=lambda: (_daemon_histogram(),) * 3)
     status_file_write_duration: Histogram = field(default_factory=_daemon_histogram)
     status_file_last_write_at: float | None = None
     status_file_write_failures_total: int = 0

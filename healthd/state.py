@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from healthd.classify import World, judge_world
 from healthd.maintenance import Window, covers
@@ -43,6 +43,7 @@ class StateStore:
         self._progress_at: float | None = None
         self._lateness = self._daemon.lateness
         self._lag = self._daemon.event_loop_lag
+        self._gc_pauses = list(self._daemon.gc_pauses)
         #: Bumped under the lock on every change; ``_measured_version`` on component changes.
         self._version = 0
         self._measured_version = 0
@@ -108,6 +109,12 @@ class StateStore:
         much wrong."""
         with self._lock:
             self._lag = self._lag.observe(seconds)
+
+    def gc_paused(self, pauses: Iterable[tuple[int, float]]) -> None:
+        """Count collections of the cyclic garbage collector: (generation, seconds) each."""
+        with self._lock:
+            for generation, seconds in pauses:
+                self._gc_pauses[generation] = self._gc_pauses[generation].observe(seconds)
 
     def probe_failed(self, reason: str) -> None:
         """Count a check healthd could not run: ``probe_error`` (a bug in healthd) or
@@ -194,6 +201,7 @@ class StateStore:
             scheduler_last_progress_at=self._progress_at,
             lateness=self._lateness,
             event_loop_lag=self._lag,
+            gc_pauses=tuple(self._gc_pauses),
         )
 
     def snapshot(self) -> Snapshot:

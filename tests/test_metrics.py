@@ -197,6 +197,25 @@ def test_healthd_own_timing_histograms_resolve_the_millisecond_goals(
     assert _value(samples, "healthd_scheduler_lateness_seconds_bucket", le="0.0025") == 0
     assert _value(samples, "healthd_scheduler_lateness_seconds_bucket", le="0.005") == 1
     assert _value(samples, "healthd_event_loop_lag_seconds_bucket", le="0.001") == 1
+    for generation in "012":
+        gc_bounds = [
+            s.labels["le"]
+            for s in samples["healthd_gc_pause_seconds_bucket"]
+            if s.labels["generation"] == generation
+        ]
+        assert gc_bounds == bounds, generation
+
+
+def test_collector_pauses_are_a_histogram_by_generation(
+    server: MetricsServer, store: StateStore
+) -> None:
+    store.gc_paused([(0, 0.0004), (1, 0.012), (0, 0.0009)])
+    _, samples = _scrape(server)
+    counts = {s.labels["generation"]: s.value for s in samples["healthd_gc_pause_seconds_count"]}
+    assert counts == {"0": 2, "1": 1, "2": 0}
+    assert _value(samples, "healthd_gc_pause_seconds_sum", generation="0") == pytest.approx(0.0013)
+    assert _value(samples, "healthd_gc_pause_seconds_bucket", generation="1", le="0.01") == 0
+    assert _value(samples, "healthd_gc_pause_seconds_bucket", generation="1", le="0.025") == 1
 
 
 def test_removed_component_series_disappear(server: MetricsServer, store: StateStore) -> None:

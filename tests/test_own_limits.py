@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from healthd.classify import next_state, stale_state, unchecked_state
+from healthd.daemon import CollectorPauses
 from healthd.model import ComponentState, Finding, Observation, Snapshot, Status
 from healthd.probes._errors import network_failure
 from healthd.scheduler import Scheduler
@@ -377,12 +378,14 @@ async def test_what_each_check_keeps_until_its_next_run_is_out_of_the_collector_
     # At 10,000 checks, each run's state, the mapping proxy of its counts and its place in the
     # scheduler's heap filled the collector's middle generation (with history.json's entries,
     # test_history.py): one collection walked 35,000 objects and held the loop for 10-14 ms.
+    callbacks = list(gc.callbacks)
     daemon = in_process_daemon(tmp_path, tcp_target.address)
     async with anyio.create_task_group() as tg:
         tg.start_soon(daemon.run)
         with anyio.fail_after(15):
             while not daemon._ready:
                 await anyio.sleep(0.01)
+        timed = [c for c in gc.callbacks if isinstance(c, CollectorPauses)]
         gc.collect()
         kept = [
             daemon.store.get("db"),
@@ -392,3 +395,27 @@ async def test_what_each_check_keeps_until_its_next_run_is_out_of_the_collector_
         tg.cancel_scope.cancel()
     assert len(kept) == 3
     assert [type(o).__name__ for o in kept if gc.is_tracked(o)] == []
+    # While it ran, every collection was timed; once it stopped, none is.
+    assert len(timed) == 1
+    assert gc.callbacks == callbacks
+
+
+def test_every_collection_is_timed_by_its_generation() -> None:
+    pauses = CollectorPauses()
+    gc.callbacks.append(pauses)
+    try:
+        gc.collect(0)
+        gc.collect(2)
+    finally:
+        gc.callbacks.remove(pauses)
+    drained = pauses.drain()
+    # The two asked for, and any the allocations between them set off.
+    assert [generation for generation, _ in drained][-2:] == [0, 2]
+    assert all(0 <= seconds < 5 for _, seconds in drained)
+    assert pauses.drain() == []
+    store = StateStore()
+    store.gc_paused(drained)
+    counts = [histogram.count for histogram in store.daemon().gc_pauses]
+    assert counts[0] >= 1
+    assert counts[2] >= 1
+    assert sum(counts) == len(drained)

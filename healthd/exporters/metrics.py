@@ -376,6 +376,14 @@ def _daemon(out: _Writer, snapshot: Snapshot, version: str) -> None:
         else:
             out.sample(name, "", value)
     out.family(
+        "healthd_gc_pause_seconds",
+        "histogram",
+        "How long each collection of Python's cyclic garbage collector took, by generation; "
+        "in whichever thread, it held the event loop as long.",
+    )
+    for generation, pauses in enumerate(daemon.gc_pauses):
+        out.histogram("healthd_gc_pause_seconds", f'generation="{generation}"', pauses)
+    out.family(
         "healthd_component_slo_objective",
         "gauge",
         "The component's availability objective: the share of checks that should succeed.",
