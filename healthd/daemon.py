@@ -161,6 +161,10 @@ class Daemon:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
         pauses = CollectorPauses()
         gc.callbacks.append(pauses)
+        # Modules, the config and every check's settings live as long as the daemon: out of
+        # the collector's sight before the first round, whose full collections walked them
+        # all, 24-54 ms each at 10,000 checks (docs/performance.md).
+        _freeze_startup_objects()
         self.history.start()
         try:
             async with anyio.create_task_group() as tg:
@@ -177,6 +181,8 @@ class Daemon:
                 await self._first_round()
                 await self.status_writer.write()
                 _freeze_startup_objects()
+                # Counted now, before READY: a collection is timed when the sampler next wakes.
+                self.store.gc_paused(pauses.drain())
                 # From here a late check is an untrue one: renders beside the loop make room
                 # for it. Before READY, the first round and the first write want to finish.
                 pacing.enable()
@@ -409,11 +415,16 @@ async def measure_loop_lag(
 ) -> None:
     """Sleep ``period_seconds`` at a time and count how late each wake-up came: anything that
     holds the event loop (a long synchronous call, a collection, a render) shows here. Each
-    wake-up also hands the collector's ``pauses`` to the store."""
-    expected = anyio.current_time() + period_seconds
+    wake-up also hands the collector's ``pauses`` to the store.
+
+    Timed by ``perf_counter``, not the loop's clock: uvloop's counts whole milliseconds, so a
+    lag read 0, 1, 2 ms..., and one of 5 ms, a hair over by float rounding, fell in the 10 ms
+    bucket. The loop's own timer rounding now shows as the fraction of a millisecond it is.
+    """
+    expected = time.perf_counter() + period_seconds
     while True:
-        await anyio.sleep_until(expected)
-        now = anyio.current_time()
+        await anyio.sleep(max(0.0, expected - time.perf_counter()))
+        now = time.perf_counter()
         store.loop_lag(max(0.0, now - expected))
         if pauses is not None:
             store.gc_paused(pauses.drain())
@@ -421,13 +432,13 @@ async def measure_loop_lag(
 
 
 def _freeze_startup_objects() -> None:
-    """Move everything alive after start-up out of the garbage collector's sight.
+    """Move everything alive now out of the garbage collector's sight: before the first round
+    (modules, the config) and after it (one HTTP client per check, the first states).
 
-    Modules, config models and one HTTP client per check make a large heap that never becomes
-    garbage, yet every full collection walked it: with 1,000 checks a second, 17 full
-    collections in 25 s paused the event loop for up to 185 ms each (1.8 s in all), and every
-    probe in flight counted the pause as latency. What is created later is collected less
-    often than Python's default (see ``GC_THRESHOLDS``).
+    They make a large heap that never becomes garbage, yet every full collection walked it:
+    with 1,000 checks a second, 17 full collections in 25 s paused the event loop for up to
+    185 ms each (1.8 s in all), and every probe in flight counted the pause as latency. What
+    is created later is collected less often than Python's default (see ``GC_THRESHOLDS``).
     """
     gc.collect()
     gc.freeze()
