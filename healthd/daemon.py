@@ -159,13 +159,13 @@ class Daemon:
         previous_switch_interval = sys.getswitchinterval()
         previous_gc_thresholds = gc.get_threshold()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
+        self.history.start()
         pauses = CollectorPauses()
         gc.callbacks.append(pauses)
         # Modules, the config and every check's settings live as long as the daemon: out of
         # the collector's sight before the first round, whose full collections walked them
         # all, 24-54 ms each at 10,000 checks (docs/performance.md).
         _freeze_startup_objects()
-        self.history.start()
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._handle_signals, tg.cancel_scope)
