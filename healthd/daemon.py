@@ -411,7 +411,7 @@ class CollectorPauses:
 
 
 async def measure_loop_lag(
-    store: StateStore, period_seconds: float, pauses: CollectorPauses | None = None
+    store: StateStore, period_seconds: float, pauses: CollectorPauses
 ) -> None:
     """Sleep ``period_seconds`` at a time and count how late each wake-up came: anything that
     holds the event loop (a long synchronous call, a collection, a render) shows here. Each
@@ -426,8 +426,7 @@ async def measure_loop_lag(
         await anyio.sleep(max(0.0, expected - time.perf_counter()))
         now = time.perf_counter()
         store.loop_lag(max(0.0, now - expected))
-        if pauses is not None:
-            store.gc_paused(pauses.drain())
+        store.gc_paused(pauses.drain())
         expected = now + period_seconds
 
 
