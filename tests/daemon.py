@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from healthd import config as config_module
@@ -50,6 +51,7 @@ __all__ = [
     "run_daemon_once",
     "running_healthd",
     "scrape",
+    "until_ready",
     "write_config",
     "write_toml",
 ]
@@ -133,6 +135,14 @@ def in_process_daemon(directory: Path, address: str) -> Daemon:
     components = {"db": {"kind": "tcp", "address": address}}
     path = write_config(directory / "healthd.toml", daemon_settings(directory), components)
     return Daemon(path, config_module.load(path), Redactor(), notifier=Notifier(environ={}))
+
+
+async def until_ready(daemon: Daemon, timeout_seconds: float = 15) -> None:
+    """Return once an ``in_process_daemon`` running in this loop has become ready (its first
+    round done, its status file written, READY sent); fail after ``timeout_seconds``."""
+    with anyio.fail_after(timeout_seconds):
+        while not daemon._ready:
+            await anyio.sleep(0.01)
 
 
 # --- the service manager's side ----------------------------------------------------------------

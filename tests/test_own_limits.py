@@ -32,6 +32,7 @@ from tests.daemon import (
     free_port,
     in_process_daemon,
     running_healthd,
+    until_ready,
     write_config,
 )
 from tests.http_target import TcpTarget
@@ -321,9 +322,7 @@ async def test_the_running_daemon_keeps_no_snapshot_of_its_start(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(running)
-        with anyio.fail_after(15):
-            while not daemon._ready:
-                await anyio.sleep(0.01)
+        await until_ready(daemon)
         assert run.cr_frame is not None
         kept = {
             name: type(value).__name__
@@ -382,9 +381,7 @@ async def test_what_each_check_keeps_until_its_next_run_is_out_of_the_collector_
     daemon = in_process_daemon(tmp_path, tcp_target.address)
     async with anyio.create_task_group() as tg:
         tg.start_soon(daemon.run)
-        with anyio.fail_after(15):
-            while not daemon._ready:
-                await anyio.sleep(0.01)
+        await until_ready(daemon)
         timed = [c for c in gc.callbacks if isinstance(c, CollectorPauses)]
         # Both full collections of start-up, before the first round and after it, are counted
         # by READY, not at the sampler's next tick, after it.
