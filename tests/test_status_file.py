@@ -153,8 +153,15 @@ def test_concurrent_reader_never_sees_a_partial_file(fast_dir: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o644
 
 
-def test_failed_write_keeps_the_last_good_file_and_leaves_no_temp_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pieces", [False, True], ids=["whole", "pieces"])
+def test_failed_write_keeps_the_last_good_file_and_leaves_no_temp_file(
+    tmp_path: Path, pieces: bool
+) -> None:
     path = tmp_path / "status.json"
+    # In pieces, as the status writer hands them over, the first fits and a later one fails.
+    payload: bytes | list[bytes | memoryview] = (
+        [b"x" * 512, memoryview(b"y" * 100_000), b"\n"] if pieces else b"x" * 100_000
+    )
     status_file.write_atomic(path, b'{"good": true}\n')
     # A real kernel refusal: a file-size limit makes write() fail with EFBIG, as a full disk
     # makes it fail with ENOSPC. SIGXFSZ would kill the process, so ignore it meanwhile.
@@ -163,7 +170,7 @@ def test_failed_write_keeps_the_last_good_file_and_leaves_no_temp_file(tmp_path:
     resource.setrlimit(resource.RLIMIT_FSIZE, (1024, old_limit[1]))
     try:
         with pytest.raises(OSError, match="too large") as failure:
-            status_file.write_atomic(path, b"x" * 100_000)
+            status_file.write_atomic(path, payload)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
         signal.signal(signal.SIGXFSZ, old_handler)

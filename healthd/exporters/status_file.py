@@ -15,7 +15,7 @@ import math
 import os
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -137,19 +137,34 @@ def render(doc: dict[str, Any]) -> bytes:
 #: What ``json.dumps(value, separators=(",", ":"), ensure_ascii=False)`` builds on every call
 #: (a fifth of the cost of a status file entry), built once: encoding keeps no state in it.
 _COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-#: How ``_COMPACT`` writes a string (json's C function), for the fields of a hot path.
-_encode_string = json.encoder.encode_basestring
+#: json's C encoder as ``_COMPACT.encode`` makes it afresh on every call (1.1 of its 2.7 us
+#: for an entry's per-check fields), made once. Without the cycle check: what healthd encodes
+#: is trees it built. ``None`` where json has no C speedups.
+_ENCODE: Callable[[Any, int], Iterable[str]] | None = None
+if (_make_encoder := getattr(json.encoder, "c_make_encoder", None)) is not None:
+    _ENCODE = _make_encoder(
+        None, _COMPACT.default, json.encoder.encode_basestring, None, ":", ",", False, False, True
+    )
 
 
 def compact_json(value: Any) -> bytes:
     """``value`` as compact UTF-8 JSON, as every file healthd writes has it."""
-    return _COMPACT.encode(value).encode()
+    if _ENCODE is None:
+        return _COMPACT.encode(value).encode()
+    return "".join(_ENCODE(value, 0)).encode()
 
 
 def render_with_components(head: dict[str, Any], entries: Iterable[bytes | memoryview]) -> bytes:
     """``render({**head, "components": {...}})`` from the components' entries already encoded
     (``"name":{...}``, comma-separated): what incremental exports join."""
-    return b"".join((compact_json(head)[:-1], b',"components":{', *entries, b"}}\n"))
+    return b"".join(parts_with_components(head, entries))
+
+
+def parts_with_components(
+    head: dict[str, Any], entries: Iterable[bytes | memoryview]
+) -> tuple[bytes | memoryview, ...]:
+    """``render_with_components`` in the pieces it joins: to write without joining them."""
+    return (compact_json(head)[:-1] + b',"components":{', *entries, b"}}\n")
 
 
 class StatusDocument:
@@ -171,11 +186,10 @@ class StatusDocument:
         self._lock = threading.Lock()
         # One column: every component's entry followed by a comma.
         self._entries = FragmentCache(self._fragment, 1, refresh=self._refresh)
-        # Each per-check field's key as it stands in an entry: scrubbed, as every key is.
+        # The first per-check field's key as it stands in an entry: scrubbed, as every key is.
         fields = _check_fields(_PLACEHOLDER, details)
-        self._keys = {key: b"," + compact_json(self._scrub(key)) + b":" for key in fields}
         first = next(iter(fields))
-        self._first_key = self._keys[first]
+        self._first_key = b"," + compact_json(self._scrub(first)) + b":"
         # Secrets can make keys read alike: two of an entry's keys are then merged, as
         # ``scrub_tree`` merges a dict's keys, or another key reads as the first per-check one.
         # Either way an entry's end cannot be told by its keys, and entries are rendered whole.
@@ -192,10 +206,16 @@ class StatusDocument:
 
     def render(self, snapshot: Snapshot) -> bytes:
         """The document for ``snapshot``, compact UTF-8 JSON with a trailing newline."""
+        return b"".join(self.render_parts(snapshot))
+
+    def render_parts(self, snapshot: Snapshot) -> tuple[bytes | memoryview, ...]:
+        """``render`` in pieces, to be written as they are: joined, the 3 MB of 10,000
+        components cost the running daemon 1.8 ms, most of it faulting in fresh pages. The
+        pieces stay as they are: a later render makes new ones."""
         with self._lock:
             (entries,) = self._entries.update(snapshot.components)
         head = self._scrub(_head(snapshot))
-        return render_with_components(head, (memoryview(entries)[:-1],))  # no trailing comma
+        return parts_with_components(head, (memoryview(entries)[:-1],))  # no trailing comma
 
     def _fragment(self, name: str, state: ComponentState) -> tuple[bytes]:
         if self._whole:
@@ -209,37 +229,20 @@ class StatusDocument:
         self, name: str, old: ComponentState, new: ComponentState, olds: tuple[memoryview, ...]
     ) -> tuple[bytes] | None:
         """A check that kept the status: the old entry up to its per-check fields, and those
-        encoded afresh, ``details`` copied when they are the very same object. A fifth of the
-        cost of the whole entry with secrets to scrub, half without (docs/performance.md)."""
+        encoded afresh. A fifth of the cost of the whole entry with secrets to scrub, half
+        without (docs/performance.md)."""
         if self._whole or not _same_until_checked(old, new):
             return None
-        entry = bytes(olds[0])
+        entry = olds[0]
         # The first unescaped occurrence: keys before it are fixed, and strings are escaped.
-        at = entry.find(self._first_key)
+        at = bytes(entry).find(self._first_key)
         if at < 0:
             return None
-        details = None
-        if new.details is old.details and (key := self._keys.get("details")) is not None:
-            # The last field: its old text runs to the entry's closing "},".
-            details = memoryview(entry)[entry.index(key, at) + len(key) : -2]
-        return (b"".join((memoryview(entry)[:at], self._tail(new, details), b"},")),)
+        return (b"".join((entry[:at], self._tail(new), b"},")),)
 
-    def _tail(self, state: ComponentState, details: memoryview | None = None) -> bytes:
-        """``_check_fields`` encoded field by field, as ``compact_json`` would, and scrubbed."""
-        parts: list[bytes | memoryview] = []
-        for key, value in _check_fields(state, self._details).items():
-            parts.append(self._keys[key])
-            if key == "details" and details is not None:
-                parts.append(details)
-            elif value is None:
-                parts.append(b"null")
-            elif type(value) is int or (type(value) is float and math.isfinite(value)):
-                parts.append(repr(value).encode())  # json's own form for both
-            elif type(value) is str:
-                parts.append(_encode_string(self._scrub(value)).encode())
-            else:
-                parts.append(compact_json(self._scrub(value)))
-        return b"".join(parts)
+    def _tail(self, state: ComponentState) -> bytes:
+        """``_check_fields`` scrubbed and encoded, each led by a comma."""
+        return b"," + compact_json(self._scrub(_check_fields(state, self._details)))[1:-1]
 
 
 #: States to learn an entry's keys from: the per-check ones, and every settled one.
@@ -253,8 +256,9 @@ _PLACEHOLDER_IN_FULL = dataclasses.replace(
 )
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old file or the new one, whole.
+def write_atomic(path: Path, data: bytes | Iterable[bytes | memoryview], mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data``, or its pieces in turn, so that readers see the old file
+    or the new one, whole.
 
     Raises ``OSError`` on failure (a missing directory included), after removing its temp
     file; the old file is untouched.
@@ -265,7 +269,10 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as tmp:
-            tmp.write(data)
+            if isinstance(data, bytes):
+                tmp.write(data)
+            else:
+                tmp.writelines(data)
             tmp.flush()
             os.fchmod(tmp.fileno(), mode)
             os.fsync(tmp.fileno())

@@ -115,7 +115,7 @@ class StatusFileWriter:
         snapshot = self._store.snapshot()
         path = self._config.status_file
         try:
-            status_file.write_atomic(path, self._document.render(snapshot))
+            status_file.write_atomic(path, self._document.render_parts(snapshot))
         except OSError as exc:
             duration = time.perf_counter() - started
             if self._last_ok:
