@@ -137,13 +137,15 @@ def render(doc: dict[str, Any]) -> bytes:
 #: What ``json.dumps(value, separators=(",", ":"), ensure_ascii=False)`` builds on every call
 #: (a fifth of the cost of a status file entry), built once: encoding keeps no state in it.
 _COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+#: How ``_COMPACT`` writes a string (json's C function), for the fields of a hot path.
+_encode_string = json.encoder.encode_basestring
 #: json's C encoder as ``_COMPACT.encode`` makes it afresh on every call (1.1 of its 2.7 us
-#: for an entry's per-check fields), made once. Without the cycle check: what healthd encodes
-#: is trees it built. ``None`` where json has no C speedups.
+#: for a small dict), made once. Without the cycle check: what healthd encodes is trees it
+#: built. ``None`` where json has no C speedups.
 _ENCODE: Callable[[Any, int], Iterable[str]] | None = None
 if (_make_encoder := getattr(json.encoder, "c_make_encoder", None)) is not None:
     _ENCODE = _make_encoder(
-        None, _COMPACT.default, json.encoder.encode_basestring, None, ":", ",", False, False, True
+        None, _COMPACT.default, _encode_string, None, ":", ",", False, False, True
     )
 
 
@@ -186,10 +188,11 @@ class StatusDocument:
         self._lock = threading.Lock()
         # One column: every component's entry followed by a comma.
         self._entries = FragmentCache(self._fragment, 1, refresh=self._refresh)
-        # The first per-check field's key as it stands in an entry: scrubbed, as every key is.
+        # Each per-check field's key as it stands in an entry: scrubbed, as every key is.
         fields = _check_fields(_PLACEHOLDER, details)
+        self._keys = {key: b"," + compact_json(self._scrub(key)) + b":" for key in fields}
         first = next(iter(fields))
-        self._first_key = b"," + compact_json(self._scrub(first)) + b":"
+        self._first_key = self._keys[first]
         # Secrets can make keys read alike: two of an entry's keys are then merged, as
         # ``scrub_tree`` merges a dict's keys, or another key reads as the first per-check one.
         # Either way an entry's end cannot be told by its keys, and entries are rendered whole.
@@ -229,20 +232,37 @@ class StatusDocument:
         self, name: str, old: ComponentState, new: ComponentState, olds: tuple[memoryview, ...]
     ) -> tuple[bytes] | None:
         """A check that kept the status: the old entry up to its per-check fields, and those
-        encoded afresh. A fifth of the cost of the whole entry with secrets to scrub, half
-        without (docs/performance.md)."""
+        encoded afresh, ``details`` copied when they are the very same object. A fifth of the
+        cost of the whole entry with secrets to scrub, half without (docs/performance.md)."""
         if self._whole or not _same_until_checked(old, new):
             return None
-        entry = olds[0]
+        entry = bytes(olds[0])
         # The first unescaped occurrence: keys before it are fixed, and strings are escaped.
-        at = bytes(entry).find(self._first_key)
+        at = entry.find(self._first_key)
         if at < 0:
             return None
-        return (b"".join((entry[:at], self._tail(new), b"},")),)
+        details = None
+        if new.details is old.details and (key := self._keys.get("details")) is not None:
+            # The last field: its old text runs to the entry's closing "},".
+            details = memoryview(entry)[entry.index(key, at) + len(key) : -2]
+        return (b"".join((memoryview(entry)[:at], self._tail(new, details), b"},")),)
 
-    def _tail(self, state: ComponentState) -> bytes:
-        """``_check_fields`` scrubbed and encoded, each led by a comma."""
-        return b"," + compact_json(self._scrub(_check_fields(state, self._details)))[1:-1]
+    def _tail(self, state: ComponentState, details: memoryview | None = None) -> bytes:
+        """``_check_fields`` encoded field by field, as ``compact_json`` would, and scrubbed."""
+        parts: list[bytes | memoryview] = []
+        for key, value in _check_fields(state, self._details).items():
+            parts.append(self._keys[key])
+            if key == "details" and details is not None:
+                parts.append(details)
+            elif value is None:
+                parts.append(b"null")
+            elif type(value) is int or (type(value) is float and math.isfinite(value)):
+                parts.append(repr(value).encode())  # json's own form for both
+            elif type(value) is str:
+                parts.append(_encode_string(self._scrub(value)).encode())
+            else:
+                parts.append(compact_json(self._scrub(value)))
+        return b"".join(parts)
 
 
 #: States to learn an entry's keys from: the per-check ones, and every settled one.
