@@ -59,8 +59,8 @@ class FragmentCache:
         self._refresh = refresh
         self._names: list[str] = []
         self._states: list[ComponentState | None] = []
-        # The components' names in the order their mapping last gave them, unless that is
-        # name order (``_sorted``), and for each row where its component stands in that order.
+        # Unless the mapping gives them in name order (``_sorted``): the components' names in
+        # the order it last gave them, and for each row where its component stands in that order.
         self._order: list[str] = []
         self._at = array("I")
         self._sorted = True
@@ -103,10 +103,10 @@ class FragmentCache:
             if len(order) != len(names) or not all(name in components for name in names):
                 self._reorder(components)
             row_of = {name: at for at, name in enumerate(order)}
-            self._at = array("I", map(row_of.__getitem__, self._names))
+            at_rows = array("I", map(row_of.__getitem__, self._names))
             # The mapping already iterates in name order (a common case): nothing more to keep.
-            self._sorted = all(itertools.starmap(eq, enumerate(self._at)))
-            self._order = [] if self._sorted else order
+            self._sorted = all(itertools.starmap(eq, enumerate(at_rows)))
+            self._order, self._at = ([], array("I")) if self._sorted else (order, at_rows)
         values = list(components.values())
         return values if self._sorted else list(map(values.__getitem__, self._at))
 
